@@ -1,0 +1,170 @@
+"""The broker connection of a service: connect with backoff, declare, publish with confirms."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+import aio_pika
+import aiormq.exceptions
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from relay.broker.topology import StageName, Topology, declare
+
+log = structlog.get_logger(__name__)
+
+# What a publish or a declare raises when the broker is away or refuses the message.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.AMQPException,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not take the message; nothing may be counted as published."""
+
+
+class Broker:
+    """One robust connection and one confirming channel, opened at start, closed at stop.
+
+    The service starts even when the broker is down: `connect()` keeps trying in the
+    background and `ready` says whether messages can be published.
+    """
+
+    def __init__(self, url: str, topology: Topology, publish_timeout: float) -> None:
+        self.url = url
+        self.topology = topology
+        self._publish_timeout = publish_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[StageName, AbstractExchange] = {}
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = 0.0
+
+    @property
+    def ready(self) -> bool:
+        """True while the connection and the publishing channel are open."""
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The connection, once established (workers open their consuming channels on it)."""
+        return self._connection
+
+    def start(self) -> None:
+        """Start connecting in the background."""
+        self._task = asyncio.create_task(self._connect_forever(), name="broker-connect")
+
+    async def wait_connected(self) -> None:
+        """Wait until the first connection is up (callers bound the wait)."""
+        await self._connected.wait()
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._connect_once()
+                return
+            except BROKER_ERRORS as error:
+                log.warning("broker_connect_failed", error=str(error), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _connect_once(self) -> None:
+        connection = await aio_pika.connect_robust(self.url, timeout=10)
+        try:
+            channel = await self._open_channel(connection)
+            self._exchanges = await declare(channel, self.topology)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel = connection, channel
+        self._connected.set()
+        log.info("broker_connected", prefix=self.topology.prefix)
+
+    @staticmethod
+    async def _open_channel(connection: AbstractRobustConnection) -> AbstractChannel:
+        return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+    def _renew_channel_soon(self) -> None:
+        """Replace the publishing channel after a nack, at most once a second.
+
+        RabbitMQ 3.10 keeps a channel that a quorum queue refused (reject-publish) blocked
+        for that queue even after the queue has room again; a new channel is not.
+        """
+        now = asyncio.get_running_loop().time()
+        if (self._renewing and not self._renewing.done()) or now - self._renewed_at < 1.0:
+            return
+        self._renewed_at = now
+        self._renewing = asyncio.create_task(self._renew_channel(), name="broker-renew-channel")
+
+    async def _renew_channel(self) -> None:
+        if self._connection is None or self._channel is None:
+            return
+        try:
+            channel = await self._open_channel(self._connection)
+            exchanges = {
+                stage: await channel.get_exchange(self.topology.exchange(stage), ensure=False)
+                for stage in self._exchanges
+            }
+        except BROKER_ERRORS as error:
+            log.warning("broker_channel_renew_failed", error=str(error))
+            return
+        old, self._channel, self._exchanges = self._channel, channel, exchanges
+        with contextlib.suppress(*BROKER_ERRORS):
+            await old.close()
+        log.info("broker_channel_renewed")
+
+    async def publish(
+        self,
+        stage: StageName,
+        partition: int,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm, or raise BrokerUnavailable."""
+        if not self.ready:
+            raise BrokerUnavailable("not connected to the broker")
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            message_id=message_id,
+            headers=dict(headers or {}),
+        )
+        exchange = self._exchanges[stage]
+        try:
+            # A publish on a connection that died silently can hang: always bound it.
+            async with asyncio.timeout(self._publish_timeout):
+                await exchange.publish(
+                    message, routing_key=self.topology.routing_key(partition), mandatory=True
+                )
+        except aio_pika.exceptions.DeliveryError as error:
+            self._renew_channel_soon()
+            raise BrokerUnavailable(f"refused by the broker: {error}") from error
+        except BROKER_ERRORS as error:
+            raise BrokerUnavailable(f"{type(error).__name__}: {error}") from error
+
+    async def close(self) -> None:
+        """Stop connecting and close the connection."""
+        for task in (self._task, self._renewing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._connection is not None:
+            await self._connection.close()

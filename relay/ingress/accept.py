@@ -1,0 +1,163 @@
+"""Accepting an inbound message exactly once: record, publish with confirm, then mark.
+
+The store row is written first in `pending` state with a lease; the publish follows; a
+confirm marks it `queued`, and only then does the caller get its 200. A failed publish
+deletes what the request wrote, so a 503 leaves nothing accepted. A crash between the
+commit and the confirm leaves a `pending` row whose lease runs out: the outbox sweeper
+(or the next retry of the same messageId) claims it and publishes it. Concurrent
+duplicates wait for the first request's outcome instead of publishing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import structlog
+
+from relay.broker import Broker, BrokerUnavailable, partition_of
+from relay.errors import Conflict, Unavailable
+from relay.metrics import Metrics
+from relay.models import InboundEnvelope, InboundRequest, MessageBundle, dump_json, utcnow
+from relay.store import Accepted, PendingMessage, Store
+
+log = structlog.get_logger(__name__)
+
+_POLL_FIRST, _POLL_MAX = 0.005, 0.2
+
+
+class Acceptor:
+    """Records and queues inbound messages; one per ingress, shared by its handlers."""
+
+    def __init__(
+        self, store: Store, broker: Broker, metrics: Metrics, lease: float, wait: float
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._metrics = metrics
+        self._lease = timedelta(seconds=lease)
+        # How long a duplicate waits for the first request's publish before answering 503.
+        self._wait = wait
+
+    async def accept(
+        self, integration_id: str, request: InboundRequest, request_id: str | None
+    ) -> MessageBundle:
+        """The message's objects once it is queued; Conflict or Unavailable otherwise."""
+        for _ in range(3):
+            accepted = await self._store.accept_incoming(
+                integration_id, request, utcnow() + self._lease, request_id
+            )
+            if accepted.fingerprint != request.fingerprint():
+                self._metrics.inbound.labels("conflict").inc()
+                raise Conflict(
+                    "messageId was already used with a different body",
+                    details={"messageId": request.messageId},
+                )
+            if accepted.created:
+                return await self._publish_or_discard(integration_id, accepted, request_id)
+            settled = await self._settle_existing(integration_id, accepted, request_id)
+            if settled is not None:
+                self._metrics.inbound.labels("duplicate").inc()
+                return settled
+            # The first attempt failed and was discarded: this request tries afresh.
+        raise Unavailable("the message could not be accepted; send it again")
+
+    async def _publish_or_discard(
+        self, integration_id: str, accepted: Accepted, request_id: str | None
+    ) -> MessageBundle:
+        try:
+            await self.publish(integration_id, accepted.bundle, accepted.text, request_id)
+        except BrokerUnavailable as error:
+            self._metrics.inbound.labels("unavailable").inc()
+            log.warning("publish_failed", error=str(error))
+            # Shielded: a cancelled request must not leave a half-accepted message behind.
+            await asyncio.shield(self._store.discard_pending(accepted))
+            raise Unavailable(
+                "the broker cannot take the message now; send it again",
+                headers={"Retry-After": "1"},
+            ) from error
+        await asyncio.shield(self._store.mark_queued(accepted.bundle.message.id))
+        self._metrics.inbound.labels("accepted").inc()
+        return accepted.bundle
+
+    async def _settle_existing(
+        self, integration_id: str, accepted: Accepted, request_id: str | None
+    ) -> MessageBundle | None:
+        """Wait until another request's publish of this message is settled.
+
+        The bundle once queued; None if that publish failed and the row was discarded.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait
+        pause = _POLL_FIRST
+        current: Accepted | None = accepted
+        while current is not None and current.state == "pending":
+            if await self._take_over(current):
+                return await self._publish_or_discard(integration_id, current, request_id)
+            if loop.time() >= deadline:
+                raise Unavailable(
+                    "the message is still being accepted; send it again",
+                    headers={"Retry-After": "1"},
+                )
+            # The other request may run in another process: the store is the only shared view.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX)
+            message = current.bundle.message
+            current = await self._store.find_incoming(integration_id, message.tags.id)
+        return current.bundle if current is not None else None
+
+    async def _take_over(self, accepted: Accepted) -> bool:
+        """Claim a pending message whose publisher died (its lease ran out)."""
+        now = utcnow()
+        if accepted.lease_until is None or accepted.lease_until >= now:
+            return False
+        return await self._store.claim_pending(accepted.bundle.message.id, now, now + self._lease)
+
+    async def publish(
+        self, integration_id: str, bundle: MessageBundle, text: str, request_id: str | None
+    ) -> None:
+        """Put the message on its inbound partition and wait for the confirm."""
+        envelope = InboundEnvelope(
+            integrationId=integration_id,
+            text=text,
+            bundle=bundle,
+            acceptedAt=utcnow(),
+            requestId=request_id,
+        )
+        partition = partition_of(bundle.conversation.id, self._broker.topology.partitions)
+        with self._metrics.publish_latency.labels("inbound").time():
+            await self._broker.publish(
+                "inbound",
+                partition,
+                dump_json(envelope),
+                message_id=bundle.message.id,
+                headers={"x-request-id": request_id or ""},
+            )
+        self._metrics.published.labels("inbound").inc()
+
+    async def sweep_outbox(self, limit: int = 100) -> int:
+        """Publish pending messages whose lease ran out; how many were queued."""
+        now = utcnow()
+        stale = await self._store.claim_stale_pending(now, now + self._lease, limit)
+        queued = 0
+        for pending in stale:
+            queued += await self._republish(pending)
+        return queued
+
+    async def _republish(self, pending: PendingMessage) -> int:
+        message = pending.bundle.message
+        try:
+            await self.publish(
+                pending.integration_id, pending.bundle, pending.text, pending.request_id
+            )
+        except BrokerUnavailable as error:
+            # Left pending: the lease just taken runs out and a later sweep tries again.
+            log.warning("outbox_publish_failed", message_id=message.id, error=str(error))
+            return 0
+        await asyncio.shield(self._store.mark_queued(message.id))
+        log.info(
+            "outbox_published",
+            message_id=message.id,
+            conversation_id=pending.bundle.conversation.id,
+        )
+        return 1

@@ -1,0 +1,100 @@
+"""`create_app(settings)`: the ingress application, its resources and its routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import structlog
+from aiohttp import web
+
+from relay.broker import Broker, BrokerUnavailable, Topology
+from relay.ingress.accept import Acceptor
+from relay.ingress.directory import Directory
+from relay.ingress.handlers import WebhookHandler
+from relay.ingress.openapi import openapi_handler
+from relay.ingress.ratelimit import RateLimiter
+from relay.metrics import Metrics
+from relay.service import (
+    METRICS_KEY,
+    READINESS_KEY,
+    broker_check,
+    create_service_app,
+    store_check,
+)
+from relay.settings import Settings
+from relay.store import Store, open_store
+
+log = structlog.get_logger(__name__)
+
+STORE_KEY = web.AppKey("store", Store)
+BROKER_KEY = web.AppKey("broker", Broker)
+ACCEPTOR_KEY = web.AppKey("acceptor", Acceptor)
+HANDLER_KEY = web.AppKey("webhook_handler", WebhookHandler)
+
+
+def topology_of(settings: Settings) -> Topology:
+    """The queue topology the settings describe."""
+    return Topology(prefix=settings.queue_prefix, partitions=settings.partitions)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    """The ingress: `POST /webhooks/{integrationId}` plus the service routes."""
+    app = create_service_app(metrics or Metrics(), [], client_max_size=settings.max_body_bytes)
+    app.cleanup_ctx.append(_resources(settings))
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_post("/webhooks/{integrationId}", post_message)
+    return app
+
+
+async def post_message(request: web.Request) -> web.Response:
+    """Route to the webhook handler built at start-up."""
+    return await request.app[HANDLER_KEY].post_message(request)
+
+
+def _resources(
+    settings: Settings,
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = await open_store(settings.database_url)
+        broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+        broker.start()
+        acceptor = Acceptor(
+            store,
+            broker,
+            app[METRICS_KEY],
+            settings.outbox_lease,
+            wait=settings.publish_timeout + 2,
+        )
+        app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
+        app[HANDLER_KEY] = WebhookHandler(
+            Directory(store, settings.auth_cache_seconds),
+            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+            acceptor,
+        )
+        app[READINESS_KEY].extend([("broker", broker_check(broker)), ("store", store_check(store))])
+        sweeper = asyncio.create_task(_sweep_forever(acceptor, settings.outbox_interval))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await broker.close()
+            await store.close()
+
+    return lambda app: resources(app)
+
+
+async def _sweep_forever(acceptor: Acceptor, interval: float) -> None:
+    """Publish what a crashed ingress left pending (see `relay.ingress.accept`)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await acceptor.sweep_outbox()
+        except (BrokerUnavailable, OSError) as error:
+            log.warning("outbox_sweep_failed", error=str(error))
+        except Exception:
+            log.exception("outbox_sweep_failed")

@@ -1,0 +1,50 @@
+"""Prometheus metrics of a service, in a registry of its own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Every metric Relay exports; each service creates one and serves it on `/metrics`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "relay_http_requests",
+            "HTTP requests served, by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "relay_http_request_seconds",
+            "Time to answer an HTTP request.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.publish_latency = Histogram(
+            "relay_publish_seconds",
+            "Publish to the broker until its confirm.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.published = Counter(
+            "relay_messages_published",
+            "Messages confirmed by the broker, by stage.",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.inbound = Counter(
+            "relay_inbound_messages",
+            "Inbound messages by outcome (accepted, duplicate, conflict, unavailable).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)

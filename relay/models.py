@@ -1,0 +1,150 @@
+"""Every wire format and queue envelope, in one place.
+
+Field names here are the wire names (camelCase), because these models *are* the contract
+of DESIGN.md; they are reused by the ingress, the workers, the CLI and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(
+        lambda value: value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        return_type=str,
+    ),
+]
+CallerId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MessageType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Direction = Literal["incoming", "outgoing"]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class InboundRequest(BaseModel):
+    """Body of `POST /webhooks/{integrationId}`: a user's message from the back end."""
+
+    # strict: a number is not silently turned into a string id.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    userId: CallerId
+    messageId: CallerId
+    conversationId: CallerId
+    type: MessageType
+    text: Annotated[str, StringConstraints(min_length=1)]
+    payload: dict[str, Any] | None = None
+
+    def normalized_payload(self) -> dict[str, Any]:
+        """The payload as stored: missing becomes `{"text": text}`; `text` added if absent."""
+        payload = dict(self.payload or {})
+        payload.setdefault("text", self.text)
+        return payload
+
+    def fingerprint(self) -> str:
+        """A digest of what defines the message: tells a retry from a conflicting reuse."""
+        canonical = json.dumps(
+            {
+                "userId": self.userId,
+                "conversationId": self.conversationId,
+                "type": self.type,
+                "text": self.text,
+                "payload": self.normalized_payload(),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Tags(BaseModel):
+    """The caller's own id of an object."""
+
+    id: str
+
+
+class _Entity(BaseModel):
+    id: str
+    createdAt: Timestamp
+    updatedAt: Timestamp
+    tags: Tags
+
+
+class User(_Entity):
+    """A user as answered by the ingress."""
+
+
+class Conversation(_Entity):
+    """A conversation as answered by the ingress."""
+
+
+class Message(_Entity):
+    """A message as answered by the ingress; `conversationId`/`userId` are relay ids."""
+
+    type: str
+    payload: dict[str, Any]
+    direction: Direction
+    conversationId: str
+    userId: str
+
+
+class MessageBundle(BaseModel):
+    """The `200` answer of the ingress: the created (or existing) objects."""
+
+    user: User
+    conversation: Conversation
+    message: Message
+
+
+class ErrorDetail(BaseModel):
+    """The inner object of every error answer."""
+
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorDetail
+
+
+class InboundEnvelope(BaseModel):
+    """What the ingress puts on the inbound stage for the bot worker (versioned)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["inbound.message"] = "inbound.message"
+    version: Literal[1] = 1
+    integrationId: str
+    text: str
+    bundle: MessageBundle
+    acceptedAt: Timestamp
+    requestId: str | None = None
+
+
+class WebhookResponse(BaseModel):
+    """Body POSTed to the back end's response endpoint, one bot response per call."""
+
+    type: str
+    payload: Any
+    conversationId: str
+    botpressUserId: str
+    botpressMessageId: str
+    botpressConversationId: str
+    sequence: int = Field(ge=0)
+
+
+def dump_json(model: BaseModel) -> bytes:
+    """Compact JSON bytes of a wire model."""
+    return model.model_dump_json().encode()

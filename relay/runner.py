@@ -1,0 +1,47 @@
+"""Run a service until SIGTERM or SIGINT, then stop it gracefully within a bound."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+
+async def wait_for_stop() -> str:
+    """Block until SIGTERM or SIGINT; the signal's name."""
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stopped.done():
+            stopped.set_result(sig.name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await stopped
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve `app` until a stop signal; in-flight requests get `shutdown_timeout` to finish."""
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log=None
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("listening", url=f"http://{host}:{port}")
+        name = await wait_for_stop()
+        log.info("stopping", signal=name)
+    finally:
+        # Stops accepting, waits for in-flight handlers, then closes store and broker.
+        await runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,78 @@
+"""One frozen configuration for every Relay service, read from `RELAY_*` variables and `.env`."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Settings(BaseSettings):
+    """Relay configuration. Built once in `main()` and passed down; never read at import time."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "sqlite:///relay.db"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str = ""
+    bot: str = "echo"
+    bot_url: str = ""
+    allowed_endpoint_networks: Annotated[list[Network], NoDecode] = Field(default_factory=list)
+
+    queue_prefix: str = Field(default="relay", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    partitions: int = Field(default=8, ge=1, le=256)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    publish_timeout: float = Field(default=5.0, gt=0)
+    # A pending (unconfirmed) inbound message older than this is taken over by the outbox sweeper.
+    outbox_lease: float = Field(default=30.0, gt=0)
+    outbox_interval: float = Field(default=5.0, gt=0)
+    rate_limit_per_second: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
+    shutdown_timeout: float = Field(default=15.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("allowed_endpoint_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:// or postgresql://")
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @model_validator(mode="after")
+    def _default_public_url(self) -> Settings:
+        if not self.public_url:
+            object.__setattr__(self, "public_url", f"http://{self.http_host}:{self.http_port}")
+        object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+        return self
+
+
+def describe_error(error: ValidationError) -> str:
+    """Render a settings validation error as one line per bad variable."""
+    lines = ["invalid configuration:"]
+    for item in error.errors():
+        name = "RELAY_" + "_".join(str(part) for part in item["loc"][:1]).upper()
+        lines.append(f"  {name}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The store's interface and its records; SQL lives in the implementations beside this file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from relay.models import InboundRequest, MessageBundle
+
+TokenKind = Literal["integration", "bot"]
+MessageState = Literal["pending", "queued"]
+
+
+class IntegrationRecord(BaseModel):
+    """An integration: one back end with its response endpoint and signing secret."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    response_url: str
+    signing_secret: str
+    created_at: datetime
+    disabled_at: datetime | None = None
+
+
+class TokenRecord(BaseModel):
+    """A token's metadata; the token itself is never stored, only its hash."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    integration_id: str
+    kind: TokenKind
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The outcome of recording an inbound message.
+
+    `created` is true when this call wrote the message; otherwise the message existed and
+    `fingerprint` tells whether the caller sent the same body. `state` is `pending` until the
+    broker confirmed the publish.
+    """
+
+    bundle: MessageBundle
+    text: str
+    fingerprint: str
+    state: MessageState
+    created: bool
+    lease_until: datetime | None
+    created_user: bool = False
+    created_conversation: bool = False
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """An inbound message whose publish was never confirmed (the outbox)."""
+
+    integration_id: str
+    bundle: MessageBundle
+    text: str
+    request_id: str | None
+
+
+class Store(Protocol):
+    """Persistent state of the relay. Implemented for SQLite and PostgreSQL."""
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def create_integration(
+        self, name: str, response_url: str, signing_secret: str
+    ) -> IntegrationRecord:
+        """Create an integration."""
+
+    async def get_integration(self, integration_id: str) -> IntegrationRecord | None:
+        """One integration, or None."""
+
+    async def list_integrations(self) -> list[IntegrationRecord]:
+        """All integrations, oldest first."""
+
+    async def create_token(
+        self, integration_id: str, kind: TokenKind, token_hash: str, prefix: str
+    ) -> TokenRecord:
+        """Record a token by its hash."""
+
+    async def active_token_hashes(self, integration_id: str, kind: TokenKind) -> list[str]:
+        """Hashes of the integration's tokens of that kind that are not revoked."""
+
+    async def list_tokens(self, integration_id: str) -> list[TokenRecord]:
+        """Every token of an integration, revoked ones included."""
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token; False if there is no such active token."""
+
+    async def accept_incoming(
+        self,
+        integration_id: str,
+        request: InboundRequest,
+        lease_until: datetime,
+        request_id: str | None,
+    ) -> Accepted:
+        """Record an inbound message once per (integration, messageId), in `pending` state.
+
+        Writes user, conversation and message in one transaction, or nothing when the
+        messageId exists already (then the existing objects are returned).
+        """
+
+    async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
+        """The inbound message with that caller messageId, or None."""
+
+    async def mark_queued(self, message_id: str) -> None:
+        """The broker confirmed the message: it is accepted for good."""
+
+    async def discard_pending(self, accepted: Accepted) -> None:
+        """Undo `accept_incoming` after a failed publish: drop what it created."""
+
+    async def claim_pending(self, message_id: str, now: datetime, lease_until: datetime) -> bool:
+        """Take over a pending message whose lease expired; True if this caller got it."""
+
+    async def claim_stale_pending(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> list[PendingMessage]:
+        """Claim pending messages whose lease expired (a crash between commit and publish)."""

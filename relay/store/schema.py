@@ -1,0 +1,101 @@
+"""Versioned schema, written once for both dialects.
+
+Each entry of `MIGRATIONS` is one schema version; append, never edit a released entry.
+`{ts}` is the timestamp type of the dialect.
+"""
+
+from __future__ import annotations
+
+from relay.store.driver import Driver
+
+_TYPES = {
+    "postgresql": {"ts": "TIMESTAMPTZ"},
+    "sqlite": {"ts": "TEXT"},
+}
+
+_V1 = """
+CREATE TABLE integrations (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    response_url TEXT NOT NULL,
+    signing_secret TEXT NOT NULL,
+    created_at {ts} NOT NULL,
+    disabled_at {ts}
+);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    created_at {ts} NOT NULL,
+    revoked_at {ts}
+);
+CREATE INDEX tokens_integration ON tokens (integration_id, kind);
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+    external_id TEXT NOT NULL,
+    created_at {ts} NOT NULL,
+    updated_at {ts} NOT NULL,
+    UNIQUE (integration_id, external_id)
+);
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+    external_id TEXT NOT NULL,
+    created_at {ts} NOT NULL,
+    updated_at {ts} NOT NULL,
+    UNIQUE (integration_id, external_id)
+);
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY,
+    integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+    external_id TEXT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    direction TEXT NOT NULL,
+    type TEXT NOT NULL,
+    text TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    lease_until {ts},
+    request_id TEXT,
+    created_at {ts} NOT NULL,
+    updated_at {ts} NOT NULL,
+    UNIQUE (integration_id, external_id)
+);
+CREATE INDEX messages_conversation ON messages (conversation_id);
+CREATE INDEX messages_user ON messages (user_id);
+CREATE INDEX messages_pending ON messages (state, lease_until);
+"""
+
+MIGRATIONS_TEMPLATE: list[str] = [_V1]
+
+
+def migrations(dialect: str) -> list[str]:
+    """The migration scripts for one dialect, in version order."""
+    types = _TYPES[dialect]
+    return [script.format(**types) for script in MIGRATIONS_TEMPLATE]
+
+
+def statements(script: str) -> list[str]:
+    """Split a migration script into statements (the scripts hold no literal semicolons)."""
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
+async def apply_migrations(driver: Driver) -> int:
+    """Bring the schema to the latest version, once, under the driver's lock; the version."""
+    scripts = migrations(driver.dialect)
+    async with driver.transaction() as conn:
+        if driver.migration_lock:
+            await conn.execute(driver.migration_lock)
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+        row = await conn.fetchone("SELECT max(version) AS v FROM schema_version")
+        current = int((row or {}).get("v") or 0)
+        for version, script in enumerate(scripts[current:], start=current + 1):
+            for statement in statements(script):
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_version (version) VALUES (?)", version)
+    return len(scripts)

@@ -1,0 +1,355 @@
+"""The store's logic and SQL, shared by both dialects through the `Driver` interface."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+from datetime import datetime
+
+from relay.models import (
+    Conversation,
+    InboundRequest,
+    Message,
+    MessageBundle,
+    Tags,
+    User,
+    utcnow,
+)
+from relay.store.base import (
+    Accepted,
+    IntegrationRecord,
+    PendingMessage,
+    TokenKind,
+    TokenRecord,
+)
+from relay.store.driver import Conn, Driver, Row
+
+_BUNDLE_SELECT = """
+SELECT m.id, m.external_id, m.type, m.text, m.payload, m.direction, m.fingerprint, m.state,
+       m.lease_until, m.created_at, m.updated_at, m.integration_id, m.request_id,
+       u.id AS u_id, u.external_id AS u_ext, u.created_at AS u_created, u.updated_at AS u_updated,
+       c.id AS c_id, c.external_id AS c_ext, c.created_at AS c_created, c.updated_at AS c_updated
+FROM messages m
+JOIN users u ON u.id = m.user_id
+JOIN conversations c ON c.id = m.conversation_id
+"""
+
+
+class _Raced(Exception):
+    """Another transaction inserted the same messageId first."""
+
+
+def new_id() -> str:
+    """A relay id."""
+    return str(uuid.uuid4())
+
+
+def _bundle(row: Row) -> MessageBundle:
+    return MessageBundle(
+        user=User(
+            id=row["u_id"],
+            createdAt=row["u_created"],
+            updatedAt=row["u_updated"],
+            tags=Tags(id=row["u_ext"]),
+        ),
+        conversation=Conversation(
+            id=row["c_id"],
+            createdAt=row["c_created"],
+            updatedAt=row["c_updated"],
+            tags=Tags(id=row["c_ext"]),
+        ),
+        message=Message(
+            id=row["id"],
+            createdAt=row["created_at"],
+            updatedAt=row["updated_at"],
+            tags=Tags(id=row["external_id"] or row["id"]),
+            type=row["type"],
+            payload=json.loads(row["payload"]),
+            direction=row["direction"],
+            conversationId=row["c_id"],
+            userId=row["u_id"],
+        ),
+    )
+
+
+def _accepted(row: Row, created: bool = False) -> Accepted:
+    lease = row["lease_until"]
+    return Accepted(
+        bundle=_bundle(row),
+        text=row["text"],
+        fingerprint=row["fingerprint"],
+        state=row["state"],
+        created=created,
+        lease_until=datetime.fromisoformat(lease) if isinstance(lease, str) else lease,
+    )
+
+
+class SqlStore:
+    """`Store` over a `Driver`; every statement here runs on SQLite and PostgreSQL."""
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+
+    @property
+    def dialect(self) -> str:
+        """`sqlite` or `postgresql`."""
+        return self._driver.dialect
+
+    async def ping(self) -> None:
+        async with self._driver.connection() as conn:
+            await conn.fetchone("SELECT 1 AS ok")
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+    # -- integrations and tokens ------------------------------------------------------------
+
+    async def create_integration(
+        self, name: str, response_url: str, signing_secret: str
+    ) -> IntegrationRecord:
+        record = IntegrationRecord(
+            id=new_id(),
+            name=name,
+            response_url=response_url,
+            signing_secret=signing_secret,
+            created_at=utcnow(),
+        )
+        async with self._driver.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO integrations (id, name, response_url, signing_secret, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                record.id,
+                record.name,
+                record.response_url,
+                record.signing_secret,
+                record.created_at,
+            )
+        return record
+
+    async def get_integration(self, integration_id: str) -> IntegrationRecord | None:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone("SELECT * FROM integrations WHERE id = ?", integration_id)
+        return IntegrationRecord.model_validate(row) if row else None
+
+    async def list_integrations(self) -> list[IntegrationRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall("SELECT * FROM integrations ORDER BY created_at, id")
+        return [IntegrationRecord.model_validate(row) for row in rows]
+
+    async def create_token(
+        self, integration_id: str, kind: TokenKind, token_hash: str, prefix: str
+    ) -> TokenRecord:
+        record = TokenRecord(
+            id="tok_" + uuid.uuid4().hex[:16],
+            integration_id=integration_id,
+            kind=kind,
+            prefix=prefix,
+            created_at=utcnow(),
+        )
+        async with self._driver.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO tokens (id, integration_id, kind, token_hash, prefix, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                record.id,
+                integration_id,
+                kind,
+                token_hash,
+                prefix,
+                record.created_at,
+            )
+        return record
+
+    async def active_token_hashes(self, integration_id: str, kind: TokenKind) -> list[str]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT token_hash FROM tokens"
+                " WHERE integration_id = ? AND kind = ? AND revoked_at IS NULL",
+                integration_id,
+                kind,
+            )
+        return [row["token_hash"] for row in rows]
+
+    async def list_tokens(self, integration_id: str) -> list[TokenRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT * FROM tokens WHERE integration_id = ? ORDER BY created_at, id",
+                integration_id,
+            )
+        return [TokenRecord.model_validate(row) for row in rows]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        async with self._driver.transaction() as conn:
+            changed = await conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                utcnow(),
+                token_id,
+            )
+        return changed == 1
+
+    # -- inbound messages -------------------------------------------------------------------
+
+    async def accept_incoming(
+        self,
+        integration_id: str,
+        request: InboundRequest,
+        lease_until: datetime,
+        request_id: str | None,
+    ) -> Accepted:
+        existing = await self.find_incoming(integration_id, request.messageId)
+        if existing is not None:
+            return existing
+        try:
+            async with self._driver.transaction() as conn:
+                return await self._insert_incoming(
+                    conn, integration_id, request, lease_until, request_id
+                )
+        except _Raced:
+            # The rollback undid our user/conversation rows too; the winner's stand.
+            found = await self.find_incoming(integration_id, request.messageId)
+            assert found is not None, "a raced insert must be visible after the winner commits"
+            return found
+
+    async def _insert_incoming(
+        self,
+        conn: Conn,
+        integration_id: str,
+        request: InboundRequest,
+        lease_until: datetime,
+        request_id: str | None,
+    ) -> Accepted:
+        now = utcnow()
+        user_id, user_created = await _get_or_create(
+            conn, "users", integration_id, request.userId, now
+        )
+        conv_id, conv_created = await _get_or_create(
+            conn, "conversations", integration_id, request.conversationId, now
+        )
+        message_id = new_id()
+        inserted = await conn.fetchone(
+            "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
+            " direction, type, text, payload, fingerprint, state, lease_until, request_id,"
+            " created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
+            " ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id",
+            message_id,
+            integration_id,
+            request.messageId,
+            conv_id,
+            user_id,
+            request.type,
+            request.text,
+            json.dumps(request.normalized_payload()),
+            request.fingerprint(),
+            lease_until,
+            request_id,
+            now,
+            now,
+        )
+        if inserted is None:
+            raise _Raced
+        row = await conn.fetchone(_BUNDLE_SELECT + " WHERE m.id = ?", message_id)
+        assert row is not None
+        return replace(
+            _accepted(row, created=True),
+            created_user=user_created,
+            created_conversation=conv_created,
+        )
+
+    async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                _BUNDLE_SELECT + " WHERE m.integration_id = ? AND m.external_id = ?",
+                integration_id,
+                message_id,
+            )
+        return _accepted(row) if row else None
+
+    async def mark_queued(self, message_id: str) -> None:
+        async with self._driver.transaction() as conn:
+            await conn.execute(
+                "UPDATE messages SET state = 'queued', lease_until = NULL WHERE id = ?",
+                message_id,
+            )
+
+    async def discard_pending(self, accepted: Accepted) -> None:
+        bundle = accepted.bundle
+        async with self._driver.transaction() as conn:
+            await conn.execute(
+                "DELETE FROM messages WHERE id = ? AND state = 'pending'", bundle.message.id
+            )
+            # Only rows this request created, and only if nothing else came to use them since.
+            if accepted.created_conversation:
+                await conn.execute(
+                    "DELETE FROM conversations WHERE id = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM messages WHERE conversation_id = ?)",
+                    bundle.conversation.id,
+                    bundle.conversation.id,
+                )
+            if accepted.created_user:
+                await conn.execute(
+                    "DELETE FROM users WHERE id = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM messages WHERE user_id = ?)",
+                    bundle.user.id,
+                    bundle.user.id,
+                )
+
+    async def claim_pending(self, message_id: str, now: datetime, lease_until: datetime) -> bool:
+        async with self._driver.transaction() as conn:
+            changed = await conn.execute(
+                "UPDATE messages SET lease_until = ?"
+                " WHERE id = ? AND state = 'pending' AND lease_until < ?",
+                lease_until,
+                message_id,
+                now,
+            )
+        return changed == 1
+
+    async def claim_stale_pending(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> list[PendingMessage]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                _BUNDLE_SELECT + " WHERE m.state = 'pending' AND m.lease_until < ?"
+                " ORDER BY m.created_at LIMIT ?",
+                now,
+                limit,
+            )
+        claimed = []
+        for row in rows:
+            # A conditional update per row: whichever ingress wins it publishes it.
+            if await self.claim_pending(row["id"], now, lease_until):
+                claimed.append(
+                    PendingMessage(
+                        integration_id=row["integration_id"],
+                        bundle=_bundle(row),
+                        text=row["text"],
+                        request_id=row["request_id"],
+                    )
+                )
+        return claimed
+
+
+async def _get_or_create(
+    conn: Conn, table: str, integration_id: str, external_id: str, now: datetime
+) -> tuple[str, bool]:
+    """The id of the user/conversation with that caller id, created if missing."""
+    select = f"SELECT id FROM {table} WHERE integration_id = ? AND external_id = ?"
+    row = await conn.fetchone(select, integration_id, external_id)
+    if row is not None:
+        return str(row["id"]), False
+    inserted = await conn.fetchone(
+        f"INSERT INTO {table} (id, integration_id, external_id, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (integration_id, external_id) DO NOTHING"
+        " RETURNING id",
+        new_id(),
+        integration_id,
+        external_id,
+        now,
+        now,
+    )
+    if inserted is not None:
+        return str(inserted["id"]), True
+    row = await conn.fetchone(select, integration_id, external_id)
+    assert row is not None, "a conflicting insert is visible once it committed"
+    return str(row["id"]), False

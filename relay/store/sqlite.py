@@ -1,0 +1,104 @@
+"""SQLite driver (aiosqlite): the one-machine default.
+
+One connection, serialized by a lock: SQLite has a single writer anyway, and a shared
+connection must not interleave one task's statements into another task's transaction.
+WAL lets other processes read while this one writes; busy_timeout lets several processes
+(separately run services on one machine) share the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relay.store.driver import Row
+
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    # FULL: a reply or an accepted message must survive power loss, not only a crash.
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a `sqlite:///relative` or `sqlite:////absolute` URL."""
+    path = url.removeprefix("sqlite://")
+    return path[1:] if path.startswith("/") else path
+
+
+def to_db(value: Any) -> Any:
+    """Timestamps as fixed-width UTC text, so comparing strings compares times."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    return value
+
+
+class _SqliteConn:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        async with self._db.execute(sql, [to_db(a) for a in args]) as cursor:
+            row = await cursor.fetchone()
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        async with self._db.execute(sql, [to_db(a) for a in args]) as cursor:
+            rows = await cursor.fetchall()
+        return [dict(row) for row in rows]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._db.execute(sql, [to_db(a) for a in args]) as cursor:
+            return cursor.rowcount
+
+
+class SqliteDriver:
+    """The `Driver` for a SQLite file."""
+
+    dialect: str = "sqlite"
+    migration_lock: str | None = None  # BEGIN IMMEDIATE already excludes other writers
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._conn = _SqliteConn(db)
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str) -> SqliteDriver:
+        """Open (and create) the database file of `url`."""
+        path = sqlite_path(url)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        for pragma in _PRAGMAS:
+            await db.execute(pragma)
+        return cls(db)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_SqliteConn]:
+        async with self._lock:
+            # IMMEDIATE takes the write lock up front: no deadlock on a read-to-write upgrade.
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[_SqliteConn]:
+        async with self._lock:
+            yield self._conn
+
+    async def close(self) -> None:
+        await self._db.close()

@@ -1,0 +1,109 @@
+"""Fixtures: real RabbitMQ and real stores, isolated per test module.
+
+Each module gets its own queue prefix (its own exchanges and queues, deleted afterwards)
+and its own database: a fresh SQLite file, or a fresh PostgreSQL schema (dropped
+afterwards). Store-backed fixtures are parametrized so every such test runs on both.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from relay.broker import Topology
+from relay.broker.topology import delete
+from relay.settings import Settings
+from relay.store import SqlStore, open_store
+from relay.store.postgres import split_schema
+from tests.helpers import Ingress, Queues, start_ingress
+from tests.services import postgres_url, rabbitmq_url
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    with rabbitmq_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    with postgres_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def queue_prefix() -> str:
+    return "test-" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        path: Path = tmp_path_factory.mktemp("db") / "relay.db"
+        yield f"sqlite:///{path}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    yield f"{server}?schema={schema}"
+    dsn, _ = split_schema(server)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+async def store(database_url: str) -> AsyncIterator[SqlStore]:
+    opened = await open_store(database_url)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture(scope="module")
+def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        amqp_url=amqp_url,
+        database_url=database_url,
+        queue_prefix=queue_prefix,
+        partitions=4,
+        auth_cache_seconds=0,
+        rate_limit_per_second=0,
+        publish_timeout=2.0,
+        outbox_interval=0.2,
+        outbox_lease=2.0,
+    )
+
+
+@pytest.fixture(scope="module")
+async def amqp(amqp_url: str, queue_prefix: str) -> AsyncIterator[AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(amqp_url)
+    yield connection
+    async with connection.channel() as channel:
+        await delete(channel, Topology(prefix=queue_prefix, partitions=4))
+    await connection.close()
+
+
+@pytest.fixture(scope="module")
+async def ingress(settings: Settings) -> AsyncIterator[Ingress]:
+    async with start_ingress(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def queues(amqp: AbstractRobustConnection, settings: Settings) -> Queues:
+    """The module's queues, emptied before the test so it sees only its own messages."""
+    inspector = Queues(amqp, Topology(prefix=settings.queue_prefix, partitions=settings.partitions))
+    await inspector.take("inbound")
+    return inspector

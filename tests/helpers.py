@@ -1,0 +1,134 @@
+"""Test helpers: a running ingress, queue inspection, integrations, and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiohttp.test_utils import TestServer
+
+from relay import admin
+from relay.broker import StageName, Topology, declare
+from relay.ingress.app import BROKER_KEY, create_app
+from relay.settings import Settings
+from relay.store import Store
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+) -> T:
+    """Poll `probe` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Ingress:
+    """A running ingress on 127.0.0.1 and a client session to it."""
+
+    url: str
+    http: aiohttp.ClientSession
+    server: TestServer
+
+    async def post(
+        self,
+        integration_id: str,
+        token: str | None,
+        body: Any,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """POST a message; the status and the JSON answer."""
+        sent = dict(headers or {})
+        if token is not None:
+            sent.setdefault("Authorization", f"Bearer {token}")
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with self.http.post(
+            f"{self.url}/webhooks/{integration_id}", data=data, headers=sent
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
+
+@contextlib.asynccontextmanager
+async def start_ingress(settings: Settings) -> AsyncIterator[Ingress]:
+    """Run `create_app(settings)` on a free port until the block ends."""
+    app = create_app(settings)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    await asyncio.wait_for(app[BROKER_KEY].wait_connected(), 15)
+    async with aiohttp.ClientSession() as http:
+        yield Ingress(f"http://127.0.0.1:{server.port}", http, server)
+    await server.close()
+
+
+class Queues:
+    """Reads what the relay put on its queues (consuming it)."""
+
+    def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
+        self._connection = connection
+        self._topology = topology
+
+    async def take(self, stage: StageName) -> list[dict[str, Any]]:
+        """Every message now on the stage's partitions, removed; each with its `_partition`."""
+        taken: list[dict[str, Any]] = []
+        async with self._connection.channel() as channel:
+            await declare(channel, self._topology)
+            for partition in range(self._topology.partitions):
+                bodies = await self._drain(channel, self._topology.queue(stage, partition))
+                taken += [{**body, "_partition": partition} for body in bodies]
+        return taken
+
+    @staticmethod
+    async def _drain(channel: AbstractChannel, name: str) -> list[dict[str, Any]]:
+        # Single-active-consumer quorum queues refuse basic.get: consume what is there.
+        queue = await channel.declare_queue(name, passive=True)
+        count = queue.declaration_result.message_count or 0
+        bodies: list[dict[str, Any]] = []
+        if not count:
+            return bodies
+        async with asyncio.timeout(10), queue.iterator() as messages:
+            async for incoming in messages:
+                await incoming.ack()
+                bodies.append({**json.loads(incoming.body), "_message_id": incoming.message_id})
+                if len(bodies) == count:
+                    break
+        return bodies
+
+
+async def make_integration(store: Store, settings: Settings, name: str = "test") -> tuple[str, str]:
+    """A new integration and a token for it: (integration id, token)."""
+    view = await admin.create_integration(
+        store, settings, name, "http://127.0.0.1:9/r", verify=False
+    )
+    token, _ = await admin.create_token(store, view["id"], "integration")
+    return view["id"], token
+
+
+def message(n: int | str = 1, **overrides: Any) -> dict[str, Any]:
+    """A valid inbound message body."""
+    body: dict[str, Any] = {
+        "userId": "user-1",
+        "messageId": f"msg-{n}",
+        "conversationId": "conv-1",
+        "type": "text",
+        "text": f"hello {n}",
+    }
+    body.update(overrides)
+    return body

@@ -1,0 +1,295 @@
+"""The `relay` command as a user runs it: admin commands, bad configuration, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from relay.settings import Settings
+from relay.store import SqlStore
+from tests.helpers import eventually, message
+from tests.proxy import Proxy
+
+RELAY = [sys.executable, "-m", "relay.cli"]
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def relay(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Run:
+    """Run one `relay` command against the module's database and broker."""
+    process = await asyncio.create_subprocess_exec(
+        *RELAY,
+        *args,
+        env=relay_env(settings, env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode())
+
+
+def relay_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        {
+            "RELAY_DATABASE_URL": settings.database_url,
+            "RELAY_AMQP_URL": settings.amqp_url,
+            "RELAY_QUEUE_PREFIX": settings.queue_prefix,
+            "RELAY_PARTITIONS": str(settings.partitions),
+            "RELAY_AUTH_CACHE_SECONDS": "0",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Receiver:
+    """A real HTTP endpoint on 127.0.0.1 that records what it is sent."""
+
+    url: str
+    status: list[int]
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    statuses = [200]
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        got.append((dict(request.headers), await request.read()))
+        return web.Response(status=statuses[0])
+
+    app = web.Application()
+    app.router.add_post("/responses", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield Receiver(f"http://127.0.0.1:{port}/responses", statuses, got)
+    await runner.cleanup()
+
+
+async def test_integrations_create_checks_the_endpoint_with_a_signed_test_event(
+    settings: Settings, receiver: Receiver
+):
+    run = await relay(
+        settings, "integrations", "create", "--name", "shop", "--response-url", receiver.url
+    )
+    assert run.code == 0, run.err
+    created = json.loads(run.out)
+    assert set(created) == {"id", "name", "webhookUrl", "signingSecret"}
+    assert created["webhookUrl"] == f"http://127.0.0.1:8080/webhooks/{created['id']}"
+    [(headers, body)] = receiver.received
+    lowered = {k.lower(): v for k, v in headers.items()}
+    assert Webhook(created["signingSecret"]).verify(body, lowered) == {
+        "type": "test",
+        "payload": "test",
+    }
+    listed = await relay(settings, "integrations", "list", "--json")
+    assert created["id"] in [item["id"] for item in json.loads(listed.out)]
+    table = await relay(settings, "integrations", "list")
+    assert created["id"] in table.out
+    assert "responseUrl" in table.out.splitlines()[0]
+
+
+async def test_integrations_create_refuses_an_endpoint_that_fails(
+    settings: Settings, receiver: Receiver
+):
+    receiver.status[0] = 500
+    run = await relay(
+        settings, "integrations", "create", "--name", "broken", "--response-url", receiver.url
+    )
+    assert run.code == 1
+    assert "answered 500" in run.err
+    assert run.out == ""
+    listed = json.loads((await relay(settings, "integrations", "list", "--json")).out)
+    assert "broken" not in [item["name"] for item in listed]
+
+
+async def test_integrations_create_refuses_an_unreachable_endpoint_unless_told(settings: Settings):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    url = f"http://127.0.0.1:{port}/nothing"
+    run = await relay(settings, "integrations", "create", "--name", "n", "--response-url", url)
+    assert run.code == 1
+    assert "did not answer" in run.err
+    run = await relay(
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        "n",
+        "--response-url",
+        url,
+        "--no-verify",
+        env={"RELAY_PUBLIC_URL": "https://relay.example.com/"},
+    )
+    assert run.code == 0
+    assert json.loads(run.out)["webhookUrl"].startswith("https://relay.example.com/webhooks/")
+    bad = await relay(
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        "n",
+        "--response-url",
+        "ftp://x",
+        "--no-verify",
+    )
+    assert bad.code == 1
+    assert "http://" in bad.err
+
+
+async def test_tokens_create_list_and_revoke(settings: Settings, store: SqlStore):
+    created = json.loads(
+        (
+            await relay(
+                settings,
+                "integrations",
+                "create",
+                "--name",
+                "t",
+                "--response-url",
+                "http://127.0.0.1:9/x",
+                "--no-verify",
+            )
+        ).out
+    )
+    run = await relay(settings, "tokens", "create", "--integration", created["id"])
+    assert run.code == 0
+    token = run.out.strip()
+    assert token.startswith("rly_")
+    assert "shown once" in run.err
+    as_json = await relay(
+        settings, "tokens", "create", "--integration", created["id"], "--kind", "bot", "--json"
+    )
+    bot = json.loads(as_json.out)
+    assert bot["kind"] == "bot"
+    assert bot["token"].startswith("rly_")
+    listed = json.loads(
+        (await relay(settings, "tokens", "list", "--integration", created["id"], "--json")).out
+    )
+    assert {item["kind"] for item in listed} == {"integration", "bot"}
+    assert token not in json.dumps(listed)
+    assert token[:8] in [item["prefix"] for item in listed]
+
+    revoke = await relay(settings, "tokens", "revoke", bot["id"])
+    assert revoke.code == 0
+    assert await store.active_token_hashes(created["id"], "bot") == []
+    again = await relay(settings, "tokens", "revoke", bot["id"])
+    assert again.code == 1
+    missing = await relay(settings, "tokens", "create", "--integration", "nope")
+    assert missing.code == 1
+    assert "no integration" in missing.err
+
+
+async def test_bad_configuration_is_refused_with_a_clear_message(settings: Settings):
+    run = await relay(settings, "ingress", env={"RELAY_HTTP_PORT": "eighty"})
+    assert run.code == 2
+    assert "invalid configuration" in run.err
+    assert "RELAY_HTTP_PORT" in run.err
+    assert "Traceback" not in run.err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
+    settings: Settings, amqp_url: str
+):
+    # The broker link goes through a proxy we can stall, so a request is surely in flight.
+    target = urlsplit(amqp_url)
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    creds = target.netloc.rsplit("@", 1)[0] + "@"
+    port = free_port()
+    env = {
+        "RELAY_HTTP_PORT": str(port),
+        "RELAY_PUBLISH_TIMEOUT": "2",
+        "RELAY_AMQP_URL": urlunsplit(target._replace(netloc=creds + proxy.url_host)),
+    }
+    created = json.loads(
+        (
+            await relay(
+                settings,
+                "integrations",
+                "create",
+                "--name",
+                "s",
+                "--response-url",
+                "http://x/",
+                "--no-verify",
+            )
+        ).out
+    )
+    token = (await relay(settings, "tokens", "create", "--integration", created["id"])).out
+    process = await asyncio.create_subprocess_exec(
+        *RELAY,
+        "ingress",
+        env=relay_env(settings, env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"{base}/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await eventually(ready, timeout=30)
+            proxy.blackhole = True
+            request = asyncio.create_task(
+                http.post(
+                    f"{base}/webhooks/{created['id']}",
+                    json=message(1),
+                    headers={"Authorization": f"Bearer {token.strip()}"},
+                )
+            )
+
+            async def publishing() -> bool:  # the handler is waiting on the broker
+                return proxy.swallowed > 0
+
+            await eventually(publishing)
+            process.send_signal(signal.SIGTERM)
+            response = await asyncio.wait_for(request, 10)
+            # the handler ran to its end: a clean 503 (publish timed out), not a reset
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "unavailable"
+        code = await asyncio.wait_for(process.wait(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await proxy.stop()
+    output = (await process.stdout.read()).decode()  # type: ignore[union-attr]
+    assert code == 0, output
+    assert '"event": "stopped"' in output

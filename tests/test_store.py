@@ -1,0 +1,191 @@
+"""The store contract, run on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from relay.auth import hash_token
+from relay.models import InboundRequest, utcnow
+from relay.settings import Settings
+from relay.store import SqlStore, open_store
+from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
+from tests.helpers import make_integration, message
+
+
+def inbound(n: int | str = 1, **overrides: object) -> InboundRequest:
+    return InboundRequest.model_validate(message(n, **overrides))
+
+
+def lease(seconds: float = 30) -> object:
+    return utcnow() + timedelta(seconds=seconds)
+
+
+async def test_migrations_are_idempotent_and_versioned(store: SqlStore, database_url: str):
+    again = await open_store(database_url)  # a second process starting on the same schema
+    try:
+        assert await apply_migrations(again._driver) == len(MIGRATIONS_TEMPLATE)
+        async with again._driver.connection() as conn:
+            rows = await conn.fetchall("SELECT version FROM schema_version ORDER BY version")
+        assert [r["version"] for r in rows] == list(range(1, len(MIGRATIONS_TEMPLATE) + 1))
+    finally:
+        await again.close()
+
+
+async def test_integrations_round_trip(store: SqlStore):
+    created = await store.create_integration("shop", "https://example.test/hook", "whsec_abc")
+    assert await store.get_integration(created.id) == created
+    assert created in await store.list_integrations()
+    assert await store.get_integration("missing") is None
+
+
+async def test_tokens_are_stored_only_as_hashes(store: SqlStore):
+    integration = await store.create_integration("t", "https://example.test/h", "whsec_x")
+    token = "rly_secret-value-never-stored"
+    record = await store.create_token(integration.id, "integration", hash_token(token), token[:8])
+    async with store._driver.connection() as conn:
+        rows = await conn.fetchall("SELECT * FROM tokens WHERE id = ?", record.id)
+    assert rows
+    assert token not in str(rows)
+    assert rows[0]["token_hash"] == hash_token(token)
+    assert await store.active_token_hashes(integration.id, "integration") == [hash_token(token)]
+    assert await store.active_token_hashes(integration.id, "bot") == []
+
+
+async def test_revoked_tokens_are_not_active(store: SqlStore):
+    integration = await store.create_integration("t", "https://example.test/h", "whsec_x")
+    record = await store.create_token(integration.id, "bot", hash_token("a"), "a")
+    assert await store.revoke_token(record.id) is True
+    assert await store.revoke_token(record.id) is False
+    assert await store.active_token_hashes(integration.id, "bot") == []
+    [listed] = await store.list_tokens(integration.id)
+    assert listed.revoked_at is not None
+
+
+async def test_accept_creates_user_conversation_and_message_once(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    first = await store.accept_incoming(integration_id, inbound(1), lease(), "req-1")
+    assert first.created
+    assert first.created_user
+    assert first.created_conversation
+    assert first.state == "pending"
+    bundle = first.bundle
+    assert bundle.user.tags.id == "user-1"
+    assert bundle.conversation.tags.id == "conv-1"
+    assert bundle.message.tags.id == "msg-1"
+    assert bundle.message.payload == {"text": "hello 1"}
+    assert bundle.message.direction == "incoming"
+    assert bundle.message.conversationId == bundle.conversation.id
+
+    again = await store.accept_incoming(integration_id, inbound(1), lease(), "req-2")
+    assert not again.created
+    assert again.bundle == first.bundle
+
+    second = await store.accept_incoming(integration_id, inbound(2), lease(), None)
+    assert second.created
+    assert not second.created_user
+    assert not second.created_conversation
+    assert second.bundle.user.id == bundle.user.id
+
+
+async def test_message_ids_are_scoped_per_integration(store: SqlStore, settings: Settings):
+    a, _ = await make_integration(store, settings)
+    b, _ = await make_integration(store, settings)
+    in_a = await store.accept_incoming(a, inbound(1), lease(), None)
+    in_b = await store.accept_incoming(b, inbound(1), lease(), None)
+    assert in_a.created
+    assert in_b.created
+    assert in_a.bundle.message.id != in_b.bundle.message.id
+    assert in_a.bundle.user.id != in_b.bundle.user.id
+
+
+async def test_concurrent_duplicates_create_exactly_one_message(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    results = await asyncio.gather(
+        *[store.accept_incoming(integration_id, inbound("same"), lease(), None) for _ in range(50)]
+    )
+    assert sum(r.created for r in results) == 1
+    assert len({r.bundle.message.id for r in results}) == 1
+    async with store._driver.connection() as conn:
+        rows = await conn.fetchall(
+            "SELECT id FROM messages WHERE integration_id = ?", integration_id
+        )
+        users = await conn.fetchall("SELECT id FROM users WHERE integration_id = ?", integration_id)
+    assert len(rows) == 1
+    assert len(users) == 1
+
+
+async def test_mark_queued_settles_the_message(store: SqlStore, settings: Settings):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
+    await store.mark_queued(accepted.bundle.message.id)
+    found = await store.find_incoming(integration_id, "msg-1")
+    assert found is not None
+    assert found.state == "queued"
+    assert found.lease_until is None
+    assert found.bundle == accepted.bundle
+
+
+async def test_discard_removes_everything_the_request_created(store: SqlStore, settings: Settings):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
+    await store.discard_pending(accepted)
+    assert await store.find_incoming(integration_id, "msg-1") is None
+    async with store._driver.connection() as conn:
+        for table in ("users", "conversations", "messages"):
+            rows = await conn.fetchall(
+                f"SELECT id FROM {table} WHERE integration_id = ?", integration_id
+            )
+            assert rows == [], table
+
+
+async def test_discard_keeps_rows_that_other_messages_use(store: SqlStore, settings: Settings):
+    integration_id, _ = await make_integration(store, settings)
+    kept = await store.accept_incoming(integration_id, inbound(1), lease(), None)
+    await store.mark_queued(kept.bundle.message.id)
+    # A new conversation for the same user: only the conversation is this request's own.
+    dropped = await store.accept_incoming(
+        integration_id, inbound(2, conversationId="conv-2"), lease(), None
+    )
+    assert dropped.created_conversation
+    assert not dropped.created_user
+    await store.discard_pending(dropped)
+    assert await store.find_incoming(integration_id, "msg-1") is not None
+    async with store._driver.connection() as conn:
+        convs = await conn.fetchall(
+            "SELECT external_id FROM conversations WHERE integration_id = ?", integration_id
+        )
+    assert [c["external_id"] for c in convs] == ["conv-1"]
+
+
+async def test_discard_never_removes_a_queued_message(store: SqlStore, settings: Settings):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
+    await store.mark_queued(accepted.bundle.message.id)
+    await store.discard_pending(accepted)
+    assert await store.find_incoming(integration_id, "msg-1") is not None
+
+
+async def test_claims_only_pending_messages_whose_lease_expired(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    live = await store.accept_incoming(integration_id, inbound(1), lease(30), None)
+    stale = await store.accept_incoming(integration_id, inbound(2), lease(-1), "req-stale")
+    done = await store.accept_incoming(integration_id, inbound(3), lease(-1), None)
+    await store.mark_queued(done.bundle.message.id)
+    now = utcnow()
+    assert not await store.claim_pending(live.bundle.message.id, now, now + timedelta(60))
+
+    claimed = await store.claim_stale_pending(now, now + timedelta(seconds=60), 100)
+    mine = [c for c in claimed if c.integration_id == integration_id]
+    assert [c.bundle.message.id for c in mine] == [stale.bundle.message.id]
+    assert mine[0].request_id == "req-stale"
+    assert mine[0].text == "hello 2"
+    # The claim renewed the lease: nobody else takes it now.
+    again = await store.claim_stale_pending(utcnow(), utcnow() + timedelta(seconds=60), 100)
+    assert stale.bundle.message.id not in [c.bundle.message.id for c in again]

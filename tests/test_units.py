@@ -1,0 +1,209 @@
+"""Plain functions with no I/O: auth, rate limiting, models, settings, partitioning, signing."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from standardwebhooks import Webhook
+
+from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
+from relay.broker import Topology, partition_of
+from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.models import InboundRequest, Message, Tags
+from relay.settings import Settings, describe_error
+from relay.signing import signature_headers
+from relay.store.postgres import numbered, split_schema
+from relay.store.sqlite import sqlite_path, to_db
+from tests.helpers import message
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer abc", "abc"),
+        ("BEARER  abc ", "abc"),
+        (None, None),
+        ("", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+        ("Basic abc", None),
+        ("Bearer a b", None),
+        ("abc", None),
+    ],
+)
+def test_bearer_token(header: str | None, token: str | None):
+    assert bearer_token(header) == token
+
+
+def test_token_matches_any_active_hash_only():
+    token = new_token()
+    assert token.startswith("rly_")
+    assert len(token) > 40
+    hashes = [hash_token("other"), hash_token(token)]
+    assert token_matches(token, hashes)
+    assert not token_matches("wrong", hashes)
+    assert not token_matches(None, hashes)
+    assert not token_matches(token, [])
+    assert not token_matches("", [hash_token("")])
+
+
+def test_signing_secret_is_standard_webhooks():
+    secret = new_signing_secret()
+    assert secret.startswith("whsec_")
+    Webhook(secret)  # decodes
+
+
+def test_rate_limiter_allows_bursts_then_refills():
+    now = [0.0]
+    limiter = RateLimiter(rate=2, burst=3, clock=lambda: now[0])
+    assert [limiter.check("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limiter.check("a")
+    assert wait == pytest.approx(0.5)
+    assert limiter.check("b") == 0.0  # buckets are per integration
+    now[0] = 0.5
+    assert limiter.check("a") == 0.0
+    assert limiter.check("a") > 0
+    assert retry_after(0.2) == "1"
+    assert retry_after(2.1) == "3"
+
+
+def test_rate_limit_zero_disables_it():
+    limiter = RateLimiter(rate=0, burst=1)
+    assert all(limiter.check("a") == 0 for _ in range(1000))
+
+
+def test_payload_defaulting_and_fingerprint():
+    plain = InboundRequest.model_validate(message(1))
+    assert plain.normalized_payload() == {"text": "hello 1"}
+    with_payload = InboundRequest.model_validate(message(1, payload={"imageUrl": "u"}))
+    assert with_payload.normalized_payload() == {"imageUrl": "u", "text": "hello 1"}
+    own_text = InboundRequest.model_validate(message(1, payload={"text": "mine"}))
+    assert own_text.normalized_payload() == {"text": "mine"}
+    # the fingerprint follows the normalized message, not the byte layout
+    explicit = InboundRequest.model_validate(message(1, payload={"text": "hello 1"}))
+    assert explicit.fingerprint() == plain.fingerprint()
+    assert with_payload.fingerprint() != plain.fingerprint()
+    assert InboundRequest.model_validate(message(2)).fingerprint() != plain.fingerprint()
+
+
+def test_inbound_request_is_strict():
+    with pytest.raises(ValidationError):
+        InboundRequest.model_validate(message(1, userId=5))
+    with pytest.raises(ValidationError):
+        InboundRequest.model_validate(message(1, payload=[1]))
+    # unknown fields are ignored, as a Botpress back end may send more
+    assert InboundRequest.model_validate(message(1, extra="x")).messageId == "msg-1"
+
+
+def test_timestamps_are_iso_utc_with_milliseconds():
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    item = Message(
+        id="m",
+        createdAt=at,
+        updatedAt=at,
+        tags=Tags(id="x"),
+        type="text",
+        payload={},
+        direction="incoming",
+        conversationId="c",
+        userId="u",
+    )
+    assert json.loads(item.model_dump_json())["createdAt"] == "2026-01-02T03:04:05.678Z"
+
+
+def test_partitions_are_stable_and_spread():
+    assert partition_of("conversation-1", 8) == partition_of("conversation-1", 8)
+    spread = {partition_of(f"c{n}", 8) for n in range(200)}
+    assert spread == set(range(8))
+    names = Topology("relay", 2).queue_names()
+    assert names == [
+        "relay.inbound.0",
+        "relay.inbound.1",
+        "relay.inbound.dead",
+        "relay.outbound.0",
+        "relay.outbound.1",
+        "relay.outbound.dead",
+    ]
+
+
+def test_signature_headers_verify_with_standardwebhooks():
+    old, new = new_signing_secret(), new_signing_secret()
+    body = b'{"type":"text"}'
+    at = datetime.now(UTC)
+    headers = signature_headers([new, old], "msg_1", body, at)
+    assert headers["webhook-id"] == "msg_1"
+    assert headers["webhook-timestamp"] == str(int(at.timestamp()))
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        assert Webhook(secret).verify(body, headers) == {"type": "text"}
+
+
+def test_settings_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    defaults = Settings()
+    assert defaults.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert defaults.database_url == "sqlite:///relay.db"
+    assert defaults.http_port == 8080
+    assert defaults.public_url == "http://127.0.0.1:8080"
+    assert defaults.bot == "echo"
+    monkeypatch.setenv("RELAY_HTTP_PORT", "9000")
+    monkeypatch.setenv("RELAY_ALLOWED_ENDPOINT_NETWORKS", "127.0.0.0/8, ::1/128")
+    configured = Settings()
+    assert configured.public_url == "http://127.0.0.1:9000"
+    assert [str(n) for n in configured.allowed_endpoint_networks] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_settings_read_a_dotenv_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        "RELAY_PUBLIC_URL=https://relay.example.com/\nRELAY_PARTITIONS=16\n"
+    )
+    settings = Settings()
+    assert settings.public_url == "https://relay.example.com"
+    assert settings.partitions == 16
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "shown"),
+    [
+        ("RELAY_HTTP_PORT", "eighty", "RELAY_HTTP_PORT"),
+        ("RELAY_HTTP_PORT", "70000", "RELAY_HTTP_PORT"),
+        ("RELAY_DATABASE_URL", "mysql://x", "RELAY_DATABASE_URL"),
+        ("RELAY_AMQP_URL", "http://x", "RELAY_AMQP_URL"),
+        ("RELAY_ALLOWED_ENDPOINT_NETWORKS", "10.0.0.0/33", "RELAY_ALLOWED_ENDPOINT_NETWORKS"),
+        ("RELAY_QUEUE_PREFIX", "has space", "RELAY_QUEUE_PREFIX"),
+    ],
+)
+def test_bad_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str, shown: str
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    text = describe_error(raised.value)
+    assert text.startswith("invalid configuration:")
+    assert shown in text
+
+
+def test_sql_helpers():
+    assert numbered("SELECT ? , ? WHERE x = ?") == "SELECT $1 , $2 WHERE x = $3"
+    assert split_schema("postgresql://h/db?schema=s1&sslmode=disable") == (
+        "postgresql://h/db?sslmode=disable",
+        "s1",
+    )
+    assert split_schema("postgresql://h/db") == ("postgresql://h/db", None)
+    with pytest.raises(ValueError, match="invalid schema"):
+        split_schema("postgresql://h/db?schema=a;drop")
+    assert sqlite_path("sqlite:///relay.db") == "relay.db"
+    assert sqlite_path("sqlite:////var/lib/relay.db") == "/var/lib/relay.db"
+    # fixed width, so text comparison in SQLite orders like time
+    early = to_db(datetime(2026, 1, 1, tzinfo=UTC))
+    late = to_db(datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC))
+    assert len(early) == len(late)
+    assert early < late
