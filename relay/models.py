@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
 
-Timestamp = Annotated[
-    datetime,
-    PlainSerializer(
-        lambda value: value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-        return_type=str,
-    ),
-]
+
+def _iso_millis(value: datetime) -> str:
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+Timestamp = Annotated[datetime, PlainSerializer(_iso_millis, return_type=str)]
 CallerId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 MessageType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Direction = Literal["incoming", "outgoing"]

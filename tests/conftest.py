@@ -25,6 +25,7 @@ from tests.helpers import Ingress, Queues, start_ingress
 from tests.services import postgres_url, rabbitmq_url
 
 BACKENDS = ["sqlite", "postgresql"]
+PARTITIONS = 4
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +41,13 @@ def postgres_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def queue_prefix() -> str:
-    return "test-" + uuid.uuid4().hex[:10]
+async def queue_prefix(amqp_url: str) -> AsyncIterator[str]:
+    """A queue prefix of the module's own; whatever was declared under it is deleted after."""
+    prefix = "test-" + uuid.uuid4().hex[:10]
+    yield prefix
+    connection = await aio_pika.connect(amqp_url)
+    async with connection, connection.channel() as channel:
+        await delete(channel, Topology(prefix=prefix, partitions=PARTITIONS))
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -77,7 +83,7 @@ def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
         amqp_url=amqp_url,
         database_url=database_url,
         queue_prefix=queue_prefix,
-        partitions=4,
+        partitions=PARTITIONS,
         auth_cache_seconds=0,
         rate_limit_per_second=0,
         publish_timeout=2.0,
@@ -87,11 +93,9 @@ def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
 
 
 @pytest.fixture(scope="module")
-async def amqp(amqp_url: str, queue_prefix: str) -> AsyncIterator[AbstractRobustConnection]:
+async def amqp(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
     connection = await aio_pika.connect_robust(amqp_url)
     yield connection
-    async with connection.channel() as channel:
-        await delete(channel, Topology(prefix=queue_prefix, partitions=4))
     await connection.close()
 
 

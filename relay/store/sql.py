@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from relay.models import (
     Conversation,
@@ -196,18 +197,17 @@ class SqlStore:
         lease_until: datetime,
         request_id: str | None,
     ) -> Accepted:
-        existing = await self.find_incoming(integration_id, request.messageId)
-        if existing is not None:
-            return existing
+        # No look-up first: the unique key finds a repeated messageId, and new messages
+        # (the common case) save a round trip.
         try:
             async with self._driver.transaction() as conn:
                 return await self._insert_incoming(
                     conn, integration_id, request, lease_until, request_id
                 )
         except _Raced:
-            # The rollback undid our user/conversation rows too; the winner's stand.
+            # The rollback undid any user/conversation rows this call wrote; the first stand.
             found = await self.find_incoming(integration_id, request.messageId)
-            assert found is not None, "a raced insert must be visible after the winner commits"
+            assert found is not None, "a conflicting insert is visible once it committed"
             return found
 
     async def _insert_incoming(
@@ -219,41 +219,57 @@ class SqlStore:
         request_id: str | None,
     ) -> Accepted:
         now = utcnow()
-        user_id, user_created = await _get_or_create(
-            conn, "users", integration_id, request.userId, now
-        )
-        conv_id, conv_created = await _get_or_create(
+        user = await _get_or_create(conn, "users", integration_id, request.userId, now)
+        conv = await _get_or_create(
             conn, "conversations", integration_id, request.conversationId, now
         )
-        message_id = new_id()
-        inserted = await conn.fetchone(
+        message = Message(
+            id=new_id(),
+            createdAt=now,
+            updatedAt=now,
+            tags=Tags(id=request.messageId),
+            type=request.type,
+            payload=request.normalized_payload(),
+            direction="incoming",
+            conversationId=conv.id,
+            userId=user.id,
+        )
+        fingerprint = request.fingerprint()
+        inserted = await conn.execute(
             "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
             " direction, type, text, payload, fingerprint, state, lease_until, request_id,"
             " created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
-            " ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id",
-            message_id,
+            " ON CONFLICT (integration_id, external_id) DO NOTHING",
+            message.id,
             integration_id,
             request.messageId,
-            conv_id,
-            user_id,
+            conv.id,
+            user.id,
             request.type,
             request.text,
-            json.dumps(request.normalized_payload()),
-            request.fingerprint(),
+            json.dumps(message.payload),
+            fingerprint,
             lease_until,
             request_id,
             now,
             now,
         )
-        if inserted is None:
+        if inserted != 1:
             raise _Raced
-        row = await conn.fetchone(_BUNDLE_SELECT + " WHERE m.id = ?", message_id)
-        assert row is not None
-        return replace(
-            _accepted(row, created=True),
-            created_user=user_created,
-            created_conversation=conv_created,
+        return Accepted(
+            bundle=MessageBundle(
+                user=User(**user.entity()),
+                conversation=Conversation(**conv.entity()),
+                message=message,
+            ),
+            text=request.text,
+            fingerprint=fingerprint,
+            state="pending",
+            created=True,
+            lease_until=lease_until,
+            created_user=user.created,
+            created_conversation=conv.created,
         )
 
     async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
@@ -266,7 +282,8 @@ class SqlStore:
         return _accepted(row) if row else None
 
     async def mark_queued(self, message_id: str) -> None:
-        async with self._driver.transaction() as conn:
+        # One statement: autocommit, no transaction round trips on the hot path.
+        async with self._driver.connection() as conn:
             await conn.execute(
                 "UPDATE messages SET state = 'queued', lease_until = NULL WHERE id = ?",
                 message_id,
@@ -330,26 +347,45 @@ class SqlStore:
         return claimed
 
 
+@dataclass(frozen=True)
+class _Row:
+    id: str
+    external_id: str
+    created_at: Any
+    updated_at: Any
+    created: bool
+
+    def entity(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "tags": Tags(id=self.external_id),
+        }
+
+
 async def _get_or_create(
     conn: Conn, table: str, integration_id: str, external_id: str, now: datetime
-) -> tuple[str, bool]:
-    """The id of the user/conversation with that caller id, created if missing."""
-    select = f"SELECT id FROM {table} WHERE integration_id = ? AND external_id = ?"
-    row = await conn.fetchone(select, integration_id, external_id)
-    if row is not None:
-        return str(row["id"]), False
-    inserted = await conn.fetchone(
-        f"INSERT INTO {table} (id, integration_id, external_id, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (integration_id, external_id) DO NOTHING"
-        " RETURNING id",
-        new_id(),
-        integration_id,
-        external_id,
-        now,
-        now,
+) -> _Row:
+    """The user/conversation with that caller id, created if missing."""
+    select = (
+        f"SELECT id, created_at, updated_at FROM {table}"
+        " WHERE integration_id = ? AND external_id = ?"
     )
-    if inserted is not None:
-        return str(inserted["id"]), True
     row = await conn.fetchone(select, integration_id, external_id)
-    assert row is not None, "a conflicting insert is visible once it committed"
-    return str(row["id"]), False
+    if row is None:
+        new = new_id()
+        inserted = await conn.execute(
+            f"INSERT INTO {table} (id, integration_id, external_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (integration_id, external_id) DO NOTHING",
+            new,
+            integration_id,
+            external_id,
+            now,
+            now,
+        )
+        if inserted == 1:
+            return _Row(new, external_id, now, now, created=True)
+        row = await conn.fetchone(select, integration_id, external_id)
+        assert row is not None, "a conflicting insert is visible once it committed"
+    return _Row(row["id"], external_id, row["created_at"], row["updated_at"], created=False)

@@ -1,0 +1,35 @@
+# Relay: `make run` starts everything on this machine; `make test` runs the whole suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# Reinstalls when pyproject.toml changes; a fresh clone gets everything from PyPI.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	@scripts/ensure-services
+	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/run-local
+
+test: install
+	@scripts/ensure-services --postgres || echo "(continuing: the tests fall back to testcontainers)"
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	@scripts/ensure-services --postgres
+	$(BIN)/python -m bench.ingress_load $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,234 @@
+"""Accepted messages per second of `relay ingress`, on SQLite and on PostgreSQL.
+
+Starts the real `relay ingress` process on a fresh store and queue prefix, posts N
+messages over M conversations with a concurrent keep-alive client, checks the broker
+holds exactly N messages, and prints throughput and latency percentiles.
+
+    python -m bench.ingress_load [--messages 5000] [--concurrency 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+
+from relay import admin
+from relay.broker.topology import Topology, delete
+from relay.settings import Settings
+from relay.store import open_store
+from relay.store.postgres import split_schema
+
+AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/test")
+PARTITIONS = 8
+
+
+@dataclass
+class Result:
+    """One run's figures."""
+
+    store: str
+    messages: int
+    concurrency: int
+    seconds: float
+    accepted_per_second: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+    queued: int
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def database(kind: str) -> AsyncIterator[str]:
+    """A fresh SQLite file or PostgreSQL schema, removed afterwards."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as folder:
+            yield f"sqlite:///{Path(folder) / 'bench.db'}"
+        return
+    schema = "bench_" + uuid.uuid4().hex[:10]
+    yield f"{POSTGRES_URL}?schema={schema}"
+    conn = await asyncpg.connect(split_schema(POSTGRES_URL)[0])
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def ingress_process(settings: Settings) -> AsyncIterator[str]:
+    """`relay ingress` as its own process; its base URL."""
+    env = {
+        **os.environ,
+        "RELAY_DATABASE_URL": settings.database_url,
+        "RELAY_AMQP_URL": settings.amqp_url,
+        "RELAY_QUEUE_PREFIX": settings.queue_prefix,
+        "RELAY_PARTITIONS": str(settings.partitions),
+        "RELAY_HTTP_PORT": str(settings.http_port),
+        "RELAY_RATE_LIMIT_PER_SECOND": "0",
+        "RELAY_LOG_LEVEL": "warning",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay.cli", "ingress", env=env
+    )
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        await wait_ready(base)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+
+
+async def wait_ready(base: str, seconds: float = 30) -> None:
+    """Poll `/readyz` until it answers 200."""
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{base} did not become ready")
+
+
+async def post_all(
+    url: str, token: str, count: int, conversations: int, concurrency: int, tag: str
+) -> tuple[list[float], int]:
+    """Post `count` messages with `concurrency` workers; latencies (s) and error count."""
+    latencies: list[float] = []
+    errors = 0
+    numbers = iter(range(count))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+        async def worker() -> None:
+            nonlocal errors
+            for n in numbers:
+                body = {"userId": f"u{n % conversations}", "messageId": f"{tag}-{n}",
+                        "conversationId": f"c{n % conversations}", "type": "text",
+                        "text": f"message {n}"}
+                started = time.perf_counter()
+                async with http.post(url, json=body) as response:
+                    await response.read()
+                    errors += response.status != 200
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return latencies, errors
+
+
+async def queued_messages(topology: Topology) -> int:
+    """Messages now on the inbound partitions."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection, connection.channel() as channel:
+        total = 0
+        for partition in range(topology.partitions):
+            queue = await channel.declare_queue(topology.queue("inbound", partition),
+                                                passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
+
+
+async def remove_topology(topology: Topology) -> None:
+    """Delete the run's queues and exchanges."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection, connection.channel() as channel:
+        await delete(channel, topology)
+
+
+async def run_one(kind: str, messages: int, concurrency: int, conversations: int) -> Result:
+    """Benchmark one store."""
+    async with database(kind) as url:
+        settings = Settings(_env_file=None, amqp_url=AMQP_URL, database_url=url,  # type: ignore[call-arg]
+                            queue_prefix="bench-" + uuid.uuid4().hex[:8],
+                            partitions=PARTITIONS, http_port=free_port())
+        store = await open_store(url)
+        integration_id, token = await _integration(store, settings)
+        await store.close()
+        topology = Topology(settings.queue_prefix, settings.partitions)
+        try:
+            async with ingress_process(settings) as base:
+                endpoint = f"{base}/webhooks/{integration_id}"
+                await post_all(endpoint, token, 200, conversations, concurrency, "warm")
+                started = time.perf_counter()
+                latencies, errors = await post_all(endpoint, token, messages, conversations,
+                                                   concurrency, "run")
+                seconds = time.perf_counter() - started
+            queued = await queued_messages(topology) - 200
+        finally:
+            await remove_topology(topology)
+    cuts = statistics.quantiles(latencies, n=100)
+    return Result(kind, messages, concurrency, round(seconds, 2),
+                  round(messages / seconds, 1), round(cuts[49] * 1000, 2),
+                  round(cuts[94] * 1000, 2), round(cuts[98] * 1000, 2), errors, queued)
+
+
+async def _integration(store: Any, settings: Settings) -> tuple[str, str]:
+    view = await admin.create_integration(store, settings, "bench", "http://127.0.0.1:9/",
+                                          verify=False)
+    token, _ = await admin.create_token(store, view["id"], "integration")
+    return str(view["id"]), token
+
+
+def print_table(results: list[Result]) -> None:
+    """The figures as an aligned table."""
+    rows = [asdict(r) for r in results]
+    print(admin.table(rows, list(rows[0])))
+
+
+async def main(args: argparse.Namespace) -> int:
+    """Run the benchmark for the chosen stores."""
+    results = [await run_one(kind, args.messages, args.concurrency, args.conversations)
+               for kind in args.stores]
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print_table(results)
+    broken = [r for r in results if r.errors or r.queued != r.messages]
+    return 1 if broken else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--conversations", type=int, default=100)
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"],
+                        choices=["sqlite", "postgresql"])
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))
