@@ -134,9 +134,13 @@ async def post_all(
         async def worker() -> None:
             nonlocal errors
             for n in numbers:
-                body = {"userId": f"u{n % conversations}", "messageId": f"{tag}-{n}",
-                        "conversationId": f"c{n % conversations}", "type": "text",
-                        "text": f"message {n}"}
+                body = {
+                    "userId": f"u{n % conversations}",
+                    "messageId": f"{tag}-{n}",
+                    "conversationId": f"c{n % conversations}",
+                    "type": "text",
+                    "text": f"message {n}",
+                }
                 started = time.perf_counter()
                 async with http.post(url, json=body) as response:
                     await response.read()
@@ -153,8 +157,7 @@ async def queued_messages(topology: Topology) -> int:
     async with connection, connection.channel() as channel:
         total = 0
         for partition in range(topology.partitions):
-            queue = await channel.declare_queue(topology.queue("inbound", partition),
-                                                passive=True)
+            queue = await channel.declare_queue(topology.queue("inbound", partition), passive=True)
             total += queue.declaration_result.message_count or 0
         return total
 
@@ -169,9 +172,14 @@ async def remove_topology(topology: Topology) -> None:
 async def run_one(kind: str, messages: int, concurrency: int, conversations: int) -> Result:
     """Benchmark one store."""
     async with database(kind) as url:
-        settings = Settings(_env_file=None, amqp_url=AMQP_URL, database_url=url,  # type: ignore[call-arg]
-                            queue_prefix="bench-" + uuid.uuid4().hex[:8],
-                            partitions=PARTITIONS, http_port=free_port())
+        settings = Settings(
+            _env_file=None,
+            amqp_url=AMQP_URL,
+            database_url=url,  # type: ignore[call-arg]
+            queue_prefix="bench-" + uuid.uuid4().hex[:8],
+            partitions=PARTITIONS,
+            http_port=free_port(),
+        )
         store = await open_store(url)
         integration_id, token = await _integration(store, settings)
         await store.close()
@@ -181,21 +189,32 @@ async def run_one(kind: str, messages: int, concurrency: int, conversations: int
                 endpoint = f"{base}/webhooks/{integration_id}"
                 await post_all(endpoint, token, 200, conversations, concurrency, "warm")
                 started = time.perf_counter()
-                latencies, errors = await post_all(endpoint, token, messages, conversations,
-                                                   concurrency, "run")
+                latencies, errors = await post_all(
+                    endpoint, token, messages, conversations, concurrency, "run"
+                )
                 seconds = time.perf_counter() - started
             queued = await queued_messages(topology) - 200
         finally:
             await remove_topology(topology)
     cuts = statistics.quantiles(latencies, n=100)
-    return Result(kind, messages, concurrency, round(seconds, 2),
-                  round(messages / seconds, 1), round(cuts[49] * 1000, 2),
-                  round(cuts[94] * 1000, 2), round(cuts[98] * 1000, 2), errors, queued)
+    return Result(
+        kind,
+        messages,
+        concurrency,
+        round(seconds, 2),
+        round(messages / seconds, 1),
+        round(cuts[49] * 1000, 2),
+        round(cuts[94] * 1000, 2),
+        round(cuts[98] * 1000, 2),
+        errors,
+        queued,
+    )
 
 
 async def _integration(store: Any, settings: Settings) -> tuple[str, str]:
-    view = await admin.create_integration(store, settings, "bench", "http://127.0.0.1:9/",
-                                          verify=False)
+    view = await admin.create_integration(
+        store, settings, "bench", "http://127.0.0.1:9/", verify=False
+    )
     token, _ = await admin.create_token(store, view["id"], "integration")
     return str(view["id"]), token
 
@@ -208,8 +227,10 @@ def print_table(results: list[Result]) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     """Run the benchmark for the chosen stores."""
-    results = [await run_one(kind, args.messages, args.concurrency, args.conversations)
-               for kind in args.stores]
+    results = [
+        await run_one(kind, args.messages, args.concurrency, args.conversations)
+        for kind in args.stores
+    ]
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
@@ -224,8 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--conversations", type=int, default=100)
-    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"],
-                        choices=["sqlite", "postgresql"])
+    parser.add_argument(
+        "--stores", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 

@@ -43,7 +43,7 @@ def integration_view(record: IntegrationRecord, settings: Settings) -> dict[str,
     return {
         "id": record.id,
         "name": record.name,
-        "webhookUrl": f"{settings.public_url}/webhooks/{record.id}",
+        "webhookUrl": f"{settings.public_base_url}/webhooks/{record.id}",
         "responseUrl": record.response_url,
         "signingSecret": record.signing_secret,
         "createdAt": record.created_at.isoformat(),

@@ -11,7 +11,14 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+)
 
 
 def _iso_millis(value: datetime) -> str:
@@ -21,9 +28,40 @@ def _iso_millis(value: datetime) -> str:
 
 
 Timestamp = Annotated[datetime, PlainSerializer(_iso_millis, return_type=str)]
-CallerId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-MessageType = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Direction = Literal["incoming", "outgoing"]
+
+
+def storable_text(value: str) -> str:
+    """Refuse what a store cannot keep faithfully: NUL characters and unpaired surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError("must not contain unpaired surrogates (invalid UTF-16)") from error
+    return value
+
+
+def storable_json(value: Any) -> Any:
+    """`storable_text` for every key and string inside a JSON value."""
+    if isinstance(value, str):
+        storable_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable_text(key)
+            storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            storable_json(item)
+    return value
+
+
+Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(storable_text)]
+CallerId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256), AfterValidator(storable_text)
+]
+MessageType = CallerId
+JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
 
 
 def utcnow() -> datetime:
@@ -41,8 +79,8 @@ class InboundRequest(BaseModel):
     messageId: CallerId
     conversationId: CallerId
     type: MessageType
-    text: Annotated[str, StringConstraints(min_length=1)]
-    payload: dict[str, Any] | None = None
+    text: Text
+    payload: JsonObject | None = None
 
     def normalized_payload(self) -> dict[str, Any]:
         """The payload as stored: missing becomes `{"text": text}`; `text` added if absent."""

@@ -13,9 +13,9 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay.broker import Broker
-from relay.errors import ApiError, error_response
+from relay.errors import ApiError, Unavailable, error_response
 from relay.metrics import Metrics
-from relay.store import Store
+from relay.store import Store, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +61,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as error:
         return error.response()
+    except StoreUnavailable as error:
+        log.warning("store_unavailable", error=str(error))
+        return Unavailable(
+            "the store is unavailable; send it again", headers={"Retry-After": "1"}
+        ).response()
     except web.HTTPException as error:
         if error.status < 400:
             raise

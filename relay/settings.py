@@ -62,17 +62,25 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _default_public_url(self) -> Settings:
-        if not self.public_url:
-            object.__setattr__(self, "public_url", f"http://{self.http_host}:{self.http_port}")
-        object.__setattr__(self, "public_url", self.public_url.rstrip("/"))
+    def _lease_outlives_publish(self) -> Settings:
+        # A lease shorter than a publish could hand a message being published to the outbox.
+        if self.outbox_lease <= 2 * self.publish_timeout:
+            raise ValueError("RELAY_OUTBOX_LEASE must be more than twice RELAY_PUBLISH_TIMEOUT")
         return self
+
+    @property
+    def public_base_url(self) -> str:
+        """How others reach the ingress: RELAY_PUBLIC_URL, or http://{host}:{port}."""
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
 
 
 def describe_error(error: ValidationError) -> str:
     """Render a settings validation error as one line per bad variable."""
     lines = ["invalid configuration:"]
     for item in error.errors():
-        name = "RELAY_" + "_".join(str(part) for part in item["loc"][:1]).upper()
-        lines.append(f"  {name}: {item['msg']} (got {item.get('input')!r})")
+        field = str(item["loc"][0]) if item["loc"] else ""
+        name = f"RELAY_{field.upper()}" if field else "settings"
+        # URLs may carry passwords: never echo them.
+        shown = "" if not field or field.endswith("_url") else f" (got {item.get('input')!r})"
+        lines.append(f"  {name}: {item['msg']}{shown}")
     return "\n".join(lines)

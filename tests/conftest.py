@@ -86,9 +86,9 @@ def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
         partitions=PARTITIONS,
         auth_cache_seconds=0,
         rate_limit_per_second=0,
-        publish_timeout=2.0,
+        publish_timeout=1.5,
         outbox_interval=0.2,
-        outbox_lease=2.0,
+        outbox_lease=4.0,
     )
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -37,6 +38,13 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
         await asyncio.sleep(interval)
+
+
+def with_address(url: str, host_port: str) -> str:
+    """The URL with another host:port, keeping user and password."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=credentials + host_port))
 
 
 @dataclass
@@ -72,10 +80,12 @@ async def start_ingress(settings: Settings) -> AsyncIterator[Ingress]:
     app = create_app(settings)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    await asyncio.wait_for(app[BROKER_KEY].wait_connected(), 15)
-    async with aiohttp.ClientSession() as http:
-        yield Ingress(f"http://127.0.0.1:{server.port}", http, server)
-    await server.close()
+    try:
+        await asyncio.wait_for(app[BROKER_KEY].wait_connected(), 15)
+        async with aiohttp.ClientSession() as http:
+            yield Ingress(f"http://127.0.0.1:{server.port}", http, server)
+    finally:
+        await server.close()
 
 
 class Queues:

@@ -21,6 +21,8 @@ class Proxy:
         # When set, bytes are read and thrown away: a peer that silently stopped answering.
         self.blackhole = False
         self.swallowed = 0  # bytes thrown away while blackholed
+        # When set, only the target's answers are thrown away: requests still arrive.
+        self.mute_replies = False
 
     @property
     def url_host(self) -> str:
@@ -55,15 +57,17 @@ class Proxy:
             writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
+        for source, sink, reply in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(source, sink, reply))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, reply: bool
+    ) -> None:
         try:
             while data := await source.read(65536):
-                if self.blackhole:
+                if self.blackhole or (reply and self.mute_replies):
                     self.swallowed += len(data)
                     continue
                 sink.write(data)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -15,7 +16,15 @@ import pytest
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
 from relay.store import SqlStore
-from tests.helpers import Ingress, Queues, eventually, make_integration, message, start_ingress
+from tests.helpers import (
+    Ingress,
+    Queues,
+    eventually,
+    make_integration,
+    message,
+    start_ingress,
+    with_address,
+)
 from tests.proxy import Proxy
 from tests.test_ingress import rows_of
 
@@ -32,10 +41,7 @@ async def proxy(amqp_url: str) -> AsyncIterator[Proxy]:
 @pytest.fixture(scope="module")
 async def proxied(settings: Settings, proxy: Proxy, amqp_url: str) -> AsyncIterator[Ingress]:
     """An ingress whose broker connection runs through the proxy."""
-    parts = urlsplit(amqp_url)
-    netloc = parts.netloc.rsplit("@", 1)
-    creds = netloc[0] + "@" if len(netloc) == 2 else ""
-    url = urlunsplit(parts._replace(netloc=creds + proxy.url_host))
+    url = with_address(amqp_url, proxy.url_host)
     async with start_ingress(settings.model_copy(update={"amqp_url": url})) as running:
         yield running
 
@@ -124,6 +130,10 @@ async def policy_applied(prefix: str, policy: str | None) -> bool:
     return bool(inbound) and all((row[1:] or [""])[0] == (policy or "") for row in inbound)
 
 
+@pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None,
+    reason="needs rabbitmqctl on this machine to set a queue policy",
+)
 async def test_a_broker_that_nacks_is_503_and_nothing_is_accepted(
     ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues
 ):
@@ -180,21 +190,77 @@ async def test_outbox_publishes_what_a_crashed_ingress_left_pending(
 
 
 async def test_a_retry_takes_over_a_pending_message_whose_publisher_died(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues
+    store: SqlStore, settings: Settings, queues: Queues
 ):
+    # No sweeper here (an hour between sweeps): only the retry can publish the message.
+    quiet = settings.model_copy(update={"outbox_interval": 3600.0})
     integration_id, token = await make_integration(store, settings)
     request = InboundRequest.model_validate(message(1))
-    # Stop the sweeper from racing this test: only the retry may publish it.
     expired = utcnow() - timedelta(seconds=1)
     crashed = await store.accept_incoming(integration_id, request, expired, None)
-    status, body = await ingress.post(integration_id, token, message(1))
+    async with start_ingress(quiet) as ingress:
+        status, body = await ingress.post(integration_id, token, message(1))
     assert status == 200
     assert body["message"]["id"] == crashed.bundle.message.id
-    assert len(await queues.take("inbound")) == 1
-    # whoever won (sweeper or retry), it was queued once and marked
+    [queued] = await queues.take("inbound")
+    assert queued["_message_id"] == crashed.bundle.message.id
     found = await store.find_incoming(integration_id, "msg-1")
     assert found is not None
     assert found.state == "queued"
+
+
+async def test_concurrent_duplicates_while_the_broker_is_down_are_all_503(
+    proxied: Ingress, proxy: Proxy, store: SqlStore, settings: Settings, queues: Queues
+):
+    integration_id, token = await make_integration(store, settings)
+    await eventually(lambda: ready(proxied), timeout=30)
+    await proxy.stop()
+    try:
+        await eventually(lambda: not_ready(proxied))
+        answers = await asyncio.gather(
+            *[proxied.post(integration_id, token, message("dup")) for _ in range(50)]
+        )
+        assert {status for status, _ in answers} == {503}
+        assert {a["error"]["code"] for _, a in answers} == {"unavailable"}
+        assert (await rows_of(store, integration_id))["messages"] == 0
+    finally:
+        await proxy.start()
+    await eventually(lambda: ready(proxied), timeout=30)
+    _, body = await post_until_accepted(proxied, integration_id, token, message("dup"))
+    [queued] = await queues.take("inbound")
+    assert queued["_message_id"] == body["message"]["id"]
+
+
+async def test_an_unconfirmed_publish_is_not_accepted_even_if_it_reached_the_queue(
+    proxied: Ingress, proxy: Proxy, store: SqlStore, settings: Settings, queues: Queues
+):
+    """The broker got the message but its confirm was lost: the store says not accepted."""
+    integration_id, token = await make_integration(store, settings)
+    await eventually(lambda: ready(proxied), timeout=30)
+    proxy.mute_replies = True
+    try:
+        status, body = await proxied.post(integration_id, token, message(1))
+    finally:
+        proxy.mute_replies = False
+        await proxy.cut()  # the client's view of the stream is broken: reconnect
+    assert status == 503, body
+    assert await store.find_incoming(integration_id, "msg-1") is None
+    await eventually(lambda: ready(proxied), timeout=30)
+    _, accepted = await post_until_accepted(proxied, integration_id, token, message(1))
+    queued = await queues.take("inbound")
+    # The stray copy carries a relay id the store does not have: consumers drop it.
+    ids = {q["_message_id"] for q in queued}
+    assert accepted["message"]["id"] in ids
+    for stray in ids - {accepted["message"]["id"]}:
+        assert stray not in [r["id"] for r in await message_rows(store, integration_id)]
+    assert len(await message_rows(store, integration_id)) == 1
+
+
+async def message_rows(store: SqlStore, integration_id: str) -> list[dict[str, object]]:
+    async with store.driver.connection() as conn:
+        return await conn.fetchall(
+            "SELECT id FROM messages WHERE integration_id = ?", integration_id
+        )
 
 
 async def _queued(store: SqlStore, integration_id: str, message_id: str):  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -19,7 +19,7 @@ from standardwebhooks import Webhook
 
 from relay.settings import Settings
 from relay.store import SqlStore
-from tests.helpers import eventually, message
+from tests.helpers import eventually, message, with_address
 from tests.proxy import Proxy
 
 RELAY = [sys.executable, "-m", "relay.cli"]
@@ -226,12 +226,11 @@ async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
     target = urlsplit(amqp_url)
     proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5672)
     await proxy.start()
-    creds = target.netloc.rsplit("@", 1)[0] + "@"
     port = free_port()
     env = {
         "RELAY_HTTP_PORT": str(port),
         "RELAY_PUBLISH_TIMEOUT": "2",
-        "RELAY_AMQP_URL": urlunsplit(target._replace(netloc=creds + proxy.url_host)),
+        "RELAY_AMQP_URL": with_address(amqp_url, proxy.url_host),
     }
     created = json.loads(
         (
@@ -267,6 +266,16 @@ async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
                     return False
 
             await eventually(ready, timeout=30)
+            async with http.post(
+                f"{base}/webhooks/{created['id']}",
+                json=message("logged"),
+                headers={
+                    "Authorization": f"Bearer {token.strip()}",
+                    "X-Request-Id": "req-followed",
+                },
+            ) as accepted:
+                assert accepted.status == 200
+                bundle = await accepted.json()
             proxy.blackhole = True
             request = asyncio.create_task(
                 http.post(
@@ -293,3 +302,11 @@ async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
     output = (await process.stdout.read()).decode()  # type: ignore[union-attr]
     assert code == 0, output
     assert '"event": "stopped"' in output
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    [logged] = [line for line in lines if line.get("request_id") == "req-followed"]
+    assert logged["event"] == "http_request"
+    assert logged["status"] == 200
+    assert logged["integration_id"] == created["id"]
+    assert logged["message_id"] == bundle["message"]["id"]
+    assert logged["conversation_id"] == bundle["conversation"]["id"]
+    assert logged["external_message_id"] == "msg-logged"

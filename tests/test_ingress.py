@@ -20,7 +20,7 @@ Case = tuple[str, Any]
 
 async def rows_of(store: SqlStore, integration_id: str) -> dict[str, int]:
     counts = {}
-    async with store._driver.connection() as conn:
+    async with store.driver.connection() as conn:
         for table in ("users", "conversations", "messages"):
             rows = await conn.fetchall(
                 f"SELECT id FROM {table} WHERE integration_id = ?", integration_id
@@ -199,8 +199,9 @@ async def test_token_of_another_integration_is_401(
     assert await queues.take("inbound") == []
 
 
-async def test_unknown_integration_is_404(ingress: Ingress, queues: Queues):
-    status, body = await ingress.post("no-such-integration", "rly_x", message(1))
+@pytest.mark.parametrize("integration_id", ["no-such-integration", "%00", "x" * 300, "%ED%A0%80"])
+async def test_unknown_integration_is_404(ingress: Ingress, queues: Queues, integration_id: str):
+    status, body = await ingress.post(integration_id, "rly_x", message(1))
     assert status == 404
     assert body["error"]["code"] == "not_found"
     assert await queues.take("inbound") == []
@@ -242,7 +243,14 @@ for field in ("userId", "messageId", "conversationId", "type", "text"):
     ]
 for field in ("userId", "messageId", "conversationId"):
     FIELD_CASES.append((f"{field} too long", {field: "x" * 257}, field))
+for field in ("userId", "messageId", "conversationId", "type", "text"):
+    FIELD_CASES += [
+        (f"{field} with NUL", {field: "a\u0000b"}, field),
+        (f"{field} with lone surrogate", {field: "a\ud800b"}, field),
+    ]
 FIELD_CASES += [
+    ("payload value with NUL", {"payload": {"k": ["x\u0000"]}}, "payload"),
+    ("payload key with lone surrogate", {"payload": {"\udc00": 1}}, "payload"),
     ("payload list", {"payload": [1, 2]}, "payload"),
     ("payload string", {"payload": "text"}, "payload"),
     ("payload number", {"payload": 3}, "payload"),

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
+
+import pytest
 
 from relay.auth import hash_token
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
-from relay.store import SqlStore, open_store
+from relay.store import SqlStore, open_store, schema
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
 from tests.helpers import make_integration, message
 
@@ -24,8 +27,8 @@ def lease(seconds: float = 30) -> object:
 async def test_migrations_are_idempotent_and_versioned(store: SqlStore, database_url: str):
     again = await open_store(database_url)  # a second process starting on the same schema
     try:
-        assert await apply_migrations(again._driver) == len(MIGRATIONS_TEMPLATE)
-        async with again._driver.connection() as conn:
+        assert await apply_migrations(again.driver) == len(MIGRATIONS_TEMPLATE)
+        async with again.driver.connection() as conn:
             rows = await conn.fetchall("SELECT version FROM schema_version ORDER BY version")
         assert [r["version"] for r in rows] == list(range(1, len(MIGRATIONS_TEMPLATE) + 1))
     finally:
@@ -43,7 +46,7 @@ async def test_tokens_are_stored_only_as_hashes(store: SqlStore):
     integration = await store.create_integration("t", "https://example.test/h", "whsec_x")
     token = "rly_secret-value-never-stored"
     record = await store.create_token(integration.id, "integration", hash_token(token), token[:8])
-    async with store._driver.connection() as conn:
+    async with store.driver.connection() as conn:
         rows = await conn.fetchall("SELECT * FROM tokens WHERE id = ?", record.id)
     assert rows
     assert token not in str(rows)
@@ -110,7 +113,7 @@ async def test_concurrent_duplicates_create_exactly_one_message(
     )
     assert sum(r.created for r in results) == 1
     assert len({r.bundle.message.id for r in results}) == 1
-    async with store._driver.connection() as conn:
+    async with store.driver.connection() as conn:
         rows = await conn.fetchall(
             "SELECT id FROM messages WHERE integration_id = ?", integration_id
         )
@@ -135,7 +138,7 @@ async def test_discard_removes_everything_the_request_created(store: SqlStore, s
     accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
     await store.discard_pending(accepted)
     assert await store.find_incoming(integration_id, "msg-1") is None
-    async with store._driver.connection() as conn:
+    async with store.driver.connection() as conn:
         for table in ("users", "conversations", "messages"):
             rows = await conn.fetchall(
                 f"SELECT id FROM {table} WHERE integration_id = ?", integration_id
@@ -155,7 +158,7 @@ async def test_discard_keeps_rows_that_other_messages_use(store: SqlStore, setti
     assert not dropped.created_user
     await store.discard_pending(dropped)
     assert await store.find_incoming(integration_id, "msg-1") is not None
-    async with store._driver.connection() as conn:
+    async with store.driver.connection() as conn:
         convs = await conn.fetchall(
             "SELECT external_id FROM conversations WHERE integration_id = ?", integration_id
         )
@@ -189,3 +192,95 @@ async def test_claims_only_pending_messages_whose_lease_expired(
     # The claim renewed the lease: nobody else takes it now.
     again = await store.claim_stale_pending(utcnow(), utcnow() + timedelta(seconds=60), 100)
     assert stale.bundle.message.id not in [c.bundle.message.id for c in again]
+
+
+async def test_only_the_lease_holder_may_discard(store: SqlStore, settings: Settings):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound(1), lease(-1), None)
+    now = utcnow()
+    new_owner = await store.claim_pending(accepted.bundle.message.id, now, now + timedelta(60))
+    assert new_owner is not None
+    assert new_owner != accepted.lease_owner
+    # the original writer's late discard must not remove what the new holder publishes
+    assert await store.discard_pending(accepted) is False
+    assert await store.find_incoming(integration_id, "msg-1") is not None
+    assert await store.discard_pending(replace(accepted, lease_owner=new_owner)) is True
+    assert await store.find_incoming(integration_id, "msg-1") is None
+
+
+async def test_a_discard_never_takes_a_concurrent_message_along(
+    store: SqlStore, settings: Settings
+):
+    """A failed first message of a new user, discarded while the user's next one commits."""
+    integration_id, _ = await make_integration(store, settings)
+    for round_ in range(15):
+        user = f"user-{round_}"
+        failed = await store.accept_incoming(
+            integration_id, inbound(f"{round_}-a", userId=user), lease(), None
+        )
+        _, kept = await asyncio.gather(
+            store.discard_pending(failed),
+            store.accept_incoming(
+                integration_id,
+                inbound(f"{round_}-b", userId=user, conversationId="other"),
+                lease(),
+                None,
+            ),
+        )
+        found = await store.find_incoming(integration_id, f"msg-{round_}-b")
+        assert found is not None, round_
+        assert found.bundle == kept.bundle
+        assert await store.find_incoming(integration_id, f"msg-{round_}-a") is None
+
+
+async def test_a_retry_racing_the_discard_of_its_first_attempt_never_fails(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    for round_ in range(15):
+        first = await store.accept_incoming(integration_id, inbound(round_), lease(), None)
+        again, _ = await asyncio.gather(
+            store.accept_incoming(integration_id, inbound(round_), lease(), None),
+            store.discard_pending(first),
+        )
+        found = await store.find_incoming(integration_id, f"msg-{round_}")
+        if again.created:  # came after the discard: a new message of its own
+            assert again.bundle.message.id != first.bundle.message.id
+            assert found is not None
+            assert found.bundle.message.id == again.bundle.message.id
+        else:  # saw the first attempt, which was then discarded
+            assert again.bundle.message.id == first.bundle.message.id
+            assert found is None
+
+
+async def test_a_newer_schema_is_refused(database_url: str):
+    opened = await open_store(database_url)
+    try:
+        async with opened.driver.connection() as conn:
+            await conn.execute("INSERT INTO schema_version (version) VALUES (?)", 999)
+        with pytest.raises(RuntimeError, match="newer than this Relay"):
+            await apply_migrations(opened.driver)
+    finally:
+        async with opened.driver.connection() as conn:
+            await conn.execute("DELETE FROM schema_version WHERE version = ?", 999)
+        await opened.close()
+
+
+async def test_migrations_upgrade_an_older_schema(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    v2 = "CREATE TABLE upgrade_probe (id TEXT PRIMARY KEY, seen {ts})"
+    monkeypatch.setattr(schema, "MIGRATIONS_TEMPLATE", [*MIGRATIONS_TEMPLATE, v2])
+    opened = await open_store(database_url)
+    try:
+        async with opened.driver.connection() as conn:
+            await conn.execute("INSERT INTO upgrade_probe (id, seen) VALUES (?, ?)", "x", utcnow())
+            rows = await conn.fetchall("SELECT version FROM schema_version ORDER BY version")
+        assert [r["version"] for r in rows][-1] == len(MIGRATIONS_TEMPLATE) + 1
+    finally:
+        async with opened.driver.connection() as conn:
+            await conn.execute("DROP TABLE upgrade_probe")
+            await conn.execute(
+                "DELETE FROM schema_version WHERE version = ?", len(MIGRATIONS_TEMPLATE) + 1
+            )
+        await opened.close()

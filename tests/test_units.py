@@ -149,12 +149,12 @@ def test_settings_defaults_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert defaults.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
     assert defaults.database_url == "sqlite:///relay.db"
     assert defaults.http_port == 8080
-    assert defaults.public_url == "http://127.0.0.1:8080"
+    assert defaults.public_base_url == "http://127.0.0.1:8080"
     assert defaults.bot == "echo"
     monkeypatch.setenv("RELAY_HTTP_PORT", "9000")
     monkeypatch.setenv("RELAY_ALLOWED_ENDPOINT_NETWORKS", "127.0.0.0/8, ::1/128")
     configured = Settings()
-    assert configured.public_url == "http://127.0.0.1:9000"
+    assert configured.public_base_url == "http://127.0.0.1:9000"
     assert [str(n) for n in configured.allowed_endpoint_networks] == ["127.0.0.0/8", "::1/128"]
 
 
@@ -164,7 +164,7 @@ def test_settings_read_a_dotenv_file(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         "RELAY_PUBLIC_URL=https://relay.example.com/\nRELAY_PARTITIONS=16\n"
     )
     settings = Settings()
-    assert settings.public_url == "https://relay.example.com"
+    assert settings.public_base_url == "https://relay.example.com"
     assert settings.partitions == 16
 
 
@@ -189,6 +189,16 @@ def test_bad_settings_name_the_variable(
     text = describe_error(raised.value)
     assert text.startswith("invalid configuration:")
     assert shown in text
+
+
+def test_bad_urls_are_not_echoed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RELAY_AMQP_URL", "http://user:s3cret@host/")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    text = describe_error(raised.value)
+    assert "RELAY_AMQP_URL" in text
+    assert "s3cret" not in text
 
 
 def test_sql_helpers():

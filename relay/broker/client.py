@@ -123,9 +123,11 @@ class Broker:
             log.warning("broker_channel_renew_failed", error=str(error))
             return
         old, self._channel, self._exchanges = self._channel, channel, exchanges
+        log.info("broker_channel_renewed")
+        # Publishes still waiting on the old channel get their confirms (or time out) first.
+        await asyncio.sleep(self._publish_timeout)
         with contextlib.suppress(*BROKER_ERRORS):
             await old.close()
-        log.info("broker_channel_renewed")
 
     async def publish(
         self,

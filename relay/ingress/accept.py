@@ -1,16 +1,23 @@
 """Accepting an inbound message exactly once: record, publish with confirm, then mark.
 
-The store row is written first in `pending` state with a lease; the publish follows; a
-confirm marks it `queued`, and only then does the caller get its 200. A failed publish
-deletes what the request wrote, so a 503 leaves nothing accepted. A crash between the
-commit and the confirm leaves a `pending` row whose lease runs out: the outbox sweeper
-(or the next retry of the same messageId) claims it and publishes it. Concurrent
-duplicates wait for the first request's outcome instead of publishing twice.
+The store is the arbiter of what was accepted. The message row is written first in
+`pending` state with a lease; the publish follows; the broker's confirm marks it `queued`
+and only then does the caller get its 200. A publish that fails — refused, not connected,
+or unconfirmed within the timeout — deletes what the request wrote and answers 503, so a
+retry starts afresh. An unconfirmed publish may still have reached the queue: consumers
+drop an envelope whose message row does not exist (it was never accepted), and wait on one
+whose row is still `pending`.
+
+A crash between the commit and the confirm leaves a `pending` row whose lease runs out;
+the outbox sweeper (or the next retry of the same messageId) claims it and publishes it
+under the same relay id. Concurrent duplicates wait for the first request's outcome
+instead of publishing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import structlog
@@ -19,11 +26,16 @@ from relay.broker import Broker, BrokerUnavailable, partition_of
 from relay.errors import Conflict, Unavailable
 from relay.metrics import Metrics
 from relay.models import InboundEnvelope, InboundRequest, MessageBundle, dump_json, utcnow
-from relay.store import Accepted, PendingMessage, Store
+from relay.store import Accepted, PendingMessage, Store, StoreError
 
 log = structlog.get_logger(__name__)
 
 _POLL_FIRST, _POLL_MAX = 0.005, 0.2
+_ATTEMPTS = 3
+
+
+def _retry_later(message: str) -> Unavailable:
+    return Unavailable(message, headers={"Retry-After": "1"})
 
 
 class Acceptor:
@@ -43,7 +55,7 @@ class Acceptor:
         self, integration_id: str, request: InboundRequest, request_id: str | None
     ) -> MessageBundle:
         """The message's objects once it is queued; Conflict or Unavailable otherwise."""
-        for _ in range(3):
+        for _ in range(_ATTEMPTS):
             accepted = await self._store.accept_incoming(
                 integration_id, request, utcnow() + self._lease, request_id
             )
@@ -60,23 +72,26 @@ class Acceptor:
                 self._metrics.inbound.labels("duplicate").inc()
                 return settled
             # The first attempt failed and was discarded: this request tries afresh.
-        raise Unavailable("the message could not be accepted; send it again")
+        raise _retry_later("the message could not be accepted; send it again")
 
     async def _publish_or_discard(
         self, integration_id: str, accepted: Accepted, request_id: str | None
     ) -> MessageBundle:
+        message_id = accepted.bundle.message.id
         try:
             await self.publish(integration_id, accepted.bundle, accepted.text, request_id)
         except BrokerUnavailable as error:
             self._metrics.inbound.labels("unavailable").inc()
-            log.warning("publish_failed", error=str(error))
+            log.warning("publish_failed", message_id=message_id, error=str(error))
             # Shielded: a cancelled request must not leave a half-accepted message behind.
             await asyncio.shield(self._store.discard_pending(accepted))
-            raise Unavailable(
-                "the broker cannot take the message now; send it again",
-                headers={"Retry-After": "1"},
-            ) from error
-        await asyncio.shield(self._store.mark_queued(accepted.bundle.message.id))
+            raise _retry_later("the broker cannot take the message now; send it again") from error
+        try:
+            await asyncio.shield(self._store.mark_queued(message_id))
+        except StoreError as error:
+            # The broker holds it: it is accepted. The row stays pending, so the outbox
+            # publishes it again after the lease (consumers deduplicate on the relay id).
+            log.error("mark_queued_failed", message_id=message_id, error=str(error))
         self._metrics.inbound.labels("accepted").inc()
         return accepted.bundle
 
@@ -85,32 +100,34 @@ class Acceptor:
     ) -> MessageBundle | None:
         """Wait until another request's publish of this message is settled.
 
-        The bundle once queued; None if that publish failed and the row was discarded.
+        The bundle once queued; None if that publish failed and the row was discarded (or
+        replaced by another request's, whose body the caller must compare afresh).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
         pause = _POLL_FIRST
         current: Accepted | None = accepted
         while current is not None and current.state == "pending":
-            if await self._take_over(current):
-                return await self._publish_or_discard(integration_id, current, request_id)
+            owner = await self._take_over(current)
+            if owner is not None:
+                mine = replace(current, lease_owner=owner)
+                return await self._publish_or_discard(integration_id, mine, request_id)
             if loop.time() >= deadline:
-                raise Unavailable(
-                    "the message is still being accepted; send it again",
-                    headers={"Retry-After": "1"},
-                )
+                raise _retry_later("the message is still being accepted; send it again")
             # The other request may run in another process: the store is the only shared view.
             await asyncio.sleep(pause)
             pause = min(pause * 2, _POLL_MAX)
             message = current.bundle.message
             current = await self._store.find_incoming(integration_id, message.tags.id)
+            if current is not None and current.bundle.message.id != message.id:
+                return None
         return current.bundle if current is not None else None
 
-    async def _take_over(self, accepted: Accepted) -> bool:
+    async def _take_over(self, accepted: Accepted) -> str | None:
         """Claim a pending message whose publisher died (its lease ran out)."""
         now = utcnow()
         if accepted.lease_until is None or accepted.lease_until >= now:
-            return False
+            return None
         return await self._store.claim_pending(accepted.bundle.message.id, now, now + self._lease)
 
     async def publish(

@@ -14,7 +14,7 @@ from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
 from relay.ingress.accept import Acceptor
 from relay.ingress.directory import Directory
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import InboundRequest
+from relay.models import InboundRequest, storable_text
 from relay.store import IntegrationRecord
 
 log = structlog.get_logger(__name__)
@@ -45,6 +45,15 @@ def validate_inbound(body: dict[str, Any]) -> InboundRequest:
             for item in error.errors(include_url=False)
         ]
         raise InvalidBody("the message is invalid", details=fields) from error
+
+
+def plausible_id(value: str) -> bool:
+    """Could this be a relay id? Anything else is unknown without asking the store."""
+    try:
+        storable_text(value)
+    except ValueError:
+        return False
+    return 0 < len(value) <= 256
 
 
 class WebhookHandler:
@@ -78,6 +87,8 @@ class WebhookHandler:
 
     async def _authenticate(self, request: web.Request) -> IntegrationRecord:
         integration_id = request.match_info["integrationId"]
+        if not plausible_id(integration_id):
+            raise NotFound("unknown integration", details={"integrationId": integration_id[:256]})
         structlog.contextvars.bind_contextvars(integration_id=integration_id)
         entry = await self._directory.lookup(integration_id, "integration")
         if entry.integration is None:

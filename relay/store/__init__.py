@@ -10,7 +10,7 @@ from relay.store.base import (
     TokenKind,
     TokenRecord,
 )
-from relay.store.driver import Driver
+from relay.store.driver import Driver, IntegrityViolation, StoreError, StoreUnavailable
 from relay.store.postgres import PostgresDriver
 from relay.store.schema import apply_migrations
 from relay.store.sql import SqlStore
@@ -19,9 +19,12 @@ from relay.store.sqlite import SqliteDriver
 __all__ = [
     "Accepted",
     "IntegrationRecord",
+    "IntegrityViolation",
     "PendingMessage",
     "SqlStore",
     "Store",
+    "StoreError",
+    "StoreUnavailable",
     "TokenKind",
     "TokenRecord",
     "open_store",

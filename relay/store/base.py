@@ -55,6 +55,8 @@ class Accepted:
     state: MessageState
     created: bool
     lease_until: datetime | None
+    # Whoever holds the lease publishes; only the holder may discard the message.
+    lease_owner: str | None = None
     created_user: bool = False
     created_conversation: bool = False
 
@@ -67,6 +69,7 @@ class PendingMessage:
     bundle: MessageBundle
     text: str
     request_id: str | None
+    lease_owner: str
 
 
 class Store(Protocol):
@@ -122,11 +125,17 @@ class Store(Protocol):
     async def mark_queued(self, message_id: str) -> None:
         """The broker confirmed the message: it is accepted for good."""
 
-    async def discard_pending(self, accepted: Accepted) -> None:
-        """Undo `accept_incoming` after a failed publish: drop what it created."""
+    async def discard_pending(self, accepted: Accepted) -> bool:
+        """Undo `accept_incoming` after a failed publish, if the caller still holds the lease.
 
-    async def claim_pending(self, message_id: str, now: datetime, lease_until: datetime) -> bool:
-        """Take over a pending message whose lease expired; True if this caller got it."""
+        Removes the message, and the user and conversation the call created unless another
+        message uses them by now. False if the lease had passed to someone else.
+        """
+
+    async def claim_pending(
+        self, message_id: str, now: datetime, lease_until: datetime
+    ) -> str | None:
+        """Take over a pending message whose lease expired; the new lease owner, or None."""
 
     async def claim_stale_pending(
         self, now: datetime, lease_until: datetime, limit: int

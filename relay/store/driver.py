@@ -13,6 +13,18 @@ from typing import Any, Protocol
 Row = dict[str, Any]
 
 
+class StoreError(Exception):
+    """A database failure, translated by the drivers so callers need not know the driver."""
+
+
+class IntegrityViolation(StoreError):
+    """A constraint refused a write (unique or foreign key)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or cannot write now; the operation may be retried."""
+
+
 class Conn(Protocol):
     """One connection, inside or outside a transaction."""
 

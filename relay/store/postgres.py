@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from relay.store.driver import Row
+from relay.store.driver import IntegrityViolation, Row, StoreUnavailable
 
 _MIGRATION_LOCK = 0x52454C4159  # "RELAY": one migrator at a time across processes
 
@@ -38,6 +38,25 @@ def split_schema(url: str) -> tuple[str, str | None]:
     if schema is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
         raise ValueError(f"invalid schema name {schema!r}")
     return urlunsplit(parts._replace(query=rest)), schema
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Raise the store's own errors for asyncpg's."""
+    try:
+        yield
+    except asyncpg.IntegrityConstraintViolationError as error:
+        raise IntegrityViolation(str(error)) from error
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.InsufficientResourcesError,
+        asyncpg.OperatorInterventionError,
+    ) as error:
+        raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
 
 def _rowcount(status: str) -> int:
@@ -87,12 +106,12 @@ class PostgresDriver:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_PgConn]:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with translated(), self._pool.acquire() as conn, conn.transaction():
             yield _PgConn(conn)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_PgConn]:
-        async with self._pool.acquire() as conn:
+        async with translated(), self._pool.acquire() as conn:
             yield _PgConn(conn)
 
     async def close(self) -> None:

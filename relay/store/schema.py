@@ -1,6 +1,6 @@
 """Versioned schema, written once for both dialects.
 
-Each entry of `MIGRATIONS` is one schema version; append, never edit a released entry.
+Each entry of `MIGRATIONS_TEMPLATE` is one schema version; append, never edit a released entry.
 `{ts}` is the timestamp type of the dialect.
 """
 
@@ -52,8 +52,9 @@ CREATE TABLE messages (
     id TEXT PRIMARY KEY,
     integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
     external_id TEXT,
-    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    -- No cascade: removing an unused user or conversation must fail, not take messages along.
+    conversation_id TEXT NOT NULL REFERENCES conversations(id),
+    user_id TEXT NOT NULL REFERENCES users(id),
     direction TEXT NOT NULL,
     type TEXT NOT NULL,
     text TEXT NOT NULL,
@@ -61,6 +62,7 @@ CREATE TABLE messages (
     fingerprint TEXT NOT NULL,
     state TEXT NOT NULL,
     lease_until {ts},
+    lease_owner TEXT,
     request_id TEXT,
     created_at {ts} NOT NULL,
     updated_at {ts} NOT NULL,
@@ -94,6 +96,11 @@ async def apply_migrations(driver: Driver) -> int:
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
         row = await conn.fetchone("SELECT max(version) AS v FROM schema_version")
         current = int((row or {}).get("v") or 0)
+        if current > len(scripts):
+            raise RuntimeError(
+                f"the database schema is at version {current}, newer than this Relay "
+                f"knows ({len(scripts)}): upgrade Relay before starting it on this database"
+            )
         for version, script in enumerate(scripts[current:], start=current + 1):
             for statement in statements(script):
                 await conn.execute(statement)

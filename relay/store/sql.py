@@ -24,7 +24,7 @@ from relay.store.base import (
     TokenKind,
     TokenRecord,
 )
-from relay.store.driver import Conn, Driver, Row
+from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
 
 _BUNDLE_SELECT = """
 SELECT m.id, m.external_id, m.type, m.text, m.payload, m.direction, m.fingerprint, m.state,
@@ -37,8 +37,15 @@ JOIN conversations c ON c.id = m.conversation_id
 """
 
 
-class _Raced(Exception):
-    """Another transaction inserted the same messageId first."""
+_ATTEMPTS = 5
+
+
+class _Exists(Exception):
+    """The messageId was recorded already (perhaps by a concurrent transaction)."""
+
+
+class _Vanished(Exception):
+    """A row seen a moment ago was removed by a concurrent discard."""
 
 
 def new_id() -> str:
@@ -91,6 +98,11 @@ class SqlStore:
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
+
+    @property
+    def driver(self) -> Driver:
+        """The driver, for tools and tests that inspect the tables directly."""
+        return self._driver
 
     @property
     def dialect(self) -> str:
@@ -199,16 +211,21 @@ class SqlStore:
     ) -> Accepted:
         # No look-up first: the unique key finds a repeated messageId, and new messages
         # (the common case) save a round trip.
-        try:
-            async with self._driver.transaction() as conn:
-                return await self._insert_incoming(
-                    conn, integration_id, request, lease_until, request_id
-                )
-        except _Raced:
-            # The rollback undid any user/conversation rows this call wrote; the first stand.
-            found = await self.find_incoming(integration_id, request.messageId)
-            assert found is not None, "a conflicting insert is visible once it committed"
-            return found
+        for _ in range(_ATTEMPTS):
+            try:
+                async with self._driver.transaction() as conn:
+                    return await self._insert_incoming(
+                        conn, integration_id, request, lease_until, request_id
+                    )
+            except _Exists:
+                found = await self.find_incoming(integration_id, request.messageId)
+                if found is not None:
+                    return found
+                # The first writer's publish failed and it discarded the row: try again.
+            except (_Vanished, IntegrityViolation):
+                # A user or conversation was removed by a concurrent discard: try again.
+                continue
+        raise StoreUnavailable("could not record the message under contention; retry")
 
     async def _insert_incoming(
         self,
@@ -234,12 +251,12 @@ class SqlStore:
             conversationId=conv.id,
             userId=user.id,
         )
-        fingerprint = request.fingerprint()
+        fingerprint, owner = request.fingerprint(), new_id()
         inserted = await conn.execute(
             "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
-            " direction, type, text, payload, fingerprint, state, lease_until, request_id,"
-            " created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?)"
+            " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
+            " request_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"
             " ON CONFLICT (integration_id, external_id) DO NOTHING",
             message.id,
             integration_id,
@@ -251,12 +268,13 @@ class SqlStore:
             json.dumps(message.payload),
             fingerprint,
             lease_until,
+            owner,
             request_id,
             now,
             now,
         )
         if inserted != 1:
-            raise _Raced
+            raise _Exists
         return Accepted(
             bundle=MessageBundle(
                 user=User(**user.entity()),
@@ -268,6 +286,7 @@ class SqlStore:
             state="pending",
             created=True,
             lease_until=lease_until,
+            lease_owner=owner,
             created_user=user.created,
             created_conversation=conv.created,
         )
@@ -285,42 +304,55 @@ class SqlStore:
         # One statement: autocommit, no transaction round trips on the hot path.
         async with self._driver.connection() as conn:
             await conn.execute(
-                "UPDATE messages SET state = 'queued', lease_until = NULL WHERE id = ?",
+                "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL"
+                " WHERE id = ?",
                 message_id,
             )
 
-    async def discard_pending(self, accepted: Accepted) -> None:
+    async def discard_pending(self, accepted: Accepted) -> bool:
         bundle = accepted.bundle
-        async with self._driver.transaction() as conn:
-            await conn.execute(
-                "DELETE FROM messages WHERE id = ? AND state = 'pending'", bundle.message.id
+        async with self._driver.connection() as conn:
+            deleted = await conn.execute(
+                "DELETE FROM messages WHERE id = ? AND state = 'pending' AND lease_owner = ?",
+                bundle.message.id,
+                accepted.lease_owner,
             )
-            # Only rows this request created, and only if nothing else came to use them since.
-            if accepted.created_conversation:
-                await conn.execute(
-                    "DELETE FROM conversations WHERE id = ? AND NOT EXISTS"
-                    " (SELECT 1 FROM messages WHERE conversation_id = ?)",
-                    bundle.conversation.id,
-                    bundle.conversation.id,
-                )
-            if accepted.created_user:
-                await conn.execute(
-                    "DELETE FROM users WHERE id = ? AND NOT EXISTS"
-                    " (SELECT 1 FROM messages WHERE user_id = ?)",
-                    bundle.user.id,
-                    bundle.user.id,
-                )
+        if deleted != 1:
+            return False
+        # Best effort, one statement each: a message that came to use them since (even one
+        # not yet committed) makes the foreign key refuse, and then they stay.
+        if accepted.created_conversation:
+            await self._delete_unused("conversations", "conversation_id", bundle.conversation.id)
+        if accepted.created_user:
+            await self._delete_unused("users", "user_id", bundle.user.id)
+        return True
 
-    async def claim_pending(self, message_id: str, now: datetime, lease_until: datetime) -> bool:
-        async with self._driver.transaction() as conn:
+    async def _delete_unused(self, table: str, column: str, row_id: str) -> None:
+        try:
+            async with self._driver.connection() as conn:
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE id = ? AND NOT EXISTS"
+                    f" (SELECT 1 FROM messages WHERE {column} = ?)",
+                    row_id,
+                    row_id,
+                )
+        except IntegrityViolation:
+            pass
+
+    async def claim_pending(
+        self, message_id: str, now: datetime, lease_until: datetime
+    ) -> str | None:
+        owner = new_id()
+        async with self._driver.connection() as conn:
             changed = await conn.execute(
-                "UPDATE messages SET lease_until = ?"
+                "UPDATE messages SET lease_until = ?, lease_owner = ?"
                 " WHERE id = ? AND state = 'pending' AND lease_until < ?",
                 lease_until,
+                owner,
                 message_id,
                 now,
             )
-        return changed == 1
+        return owner if changed == 1 else None
 
     async def claim_stale_pending(
         self, now: datetime, lease_until: datetime, limit: int
@@ -335,13 +367,15 @@ class SqlStore:
         claimed = []
         for row in rows:
             # A conditional update per row: whichever ingress wins it publishes it.
-            if await self.claim_pending(row["id"], now, lease_until):
+            owner = await self.claim_pending(row["id"], now, lease_until)
+            if owner is not None:
                 claimed.append(
                     PendingMessage(
                         integration_id=row["integration_id"],
                         bundle=_bundle(row),
                         text=row["text"],
                         request_id=row["request_id"],
+                        lease_owner=owner,
                     )
                 )
         return claimed
@@ -387,5 +421,6 @@ async def _get_or_create(
         if inserted == 1:
             return _Row(new, external_id, now, now, created=True)
         row = await conn.fetchone(select, integration_id, external_id)
-        assert row is not None, "a conflicting insert is visible once it committed"
+        if row is None:  # the conflicting row was committed, then discarded
+            raise _Vanished
     return _Row(row["id"], external_id, row["created_at"], row["updated_at"], created=False)

@@ -9,6 +9,8 @@ WAL lets other processes read while this one writes; busy_timeout lets several p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from typing import Any
 
 import aiosqlite
 
-from relay.store.driver import Row
+from relay.store.driver import IntegrityViolation, Row, StoreUnavailable
 
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -39,6 +41,18 @@ def to_db(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
     return value
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Raise the store's own errors for SQLite's."""
+    try:
+        yield
+    except sqlite3.IntegrityError as error:
+        raise IntegrityViolation(str(error)) from error
+    except sqlite3.DatabaseError as error:
+        # Locked past busy_timeout, disk I/O, disk full, a corrupt file.
+        raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
 
 class _SqliteConn:
@@ -85,19 +99,22 @@ class SqliteDriver:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SqliteConn]:
-        async with self._lock:
+        async with self._lock, translated():
             # IMMEDIATE takes the write lock up front: no deadlock on a read-to-write upgrade.
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                # Also after a failed COMMIT (disk full): an open transaction would jam the
+                # connection for every later BEGIN.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_SqliteConn]:
-        async with self._lock:
+        async with self._lock, translated():
             yield self._conn
 
     async def close(self) -> None:
