@@ -28,13 +28,12 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-import asyncpg
 
 from relay import admin
 from relay.broker.topology import Topology, delete
 from relay.settings import Settings
 from relay.store import open_store
-from relay.store.postgres import split_schema
+from relay.store.postgres import drop_schema
 
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/test")
@@ -73,11 +72,7 @@ async def database(kind: str) -> AsyncIterator[str]:
         return
     schema = "bench_" + uuid.uuid4().hex[:10]
     yield f"{POSTGRES_URL}?schema={schema}"
-    conn = await asyncpg.connect(split_schema(POSTGRES_URL)[0])
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    await drop_schema(POSTGRES_URL, schema)
 
 
 @asynccontextmanager

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
-import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
@@ -20,7 +19,7 @@ from relay.broker import Topology
 from relay.broker.topology import delete
 from relay.settings import Settings
 from relay.store import SqlStore, open_store
-from relay.store.postgres import split_schema
+from relay.store.postgres import drop_schema
 from tests.helpers import Ingress, Queues, start_ingress
 from tests.services import postgres_url, rabbitmq_url
 
@@ -61,12 +60,7 @@ async def database_url(
     server = request.getfixturevalue("postgres_server")
     schema = "t_" + uuid.uuid4().hex[:12]
     yield f"{server}?schema={schema}"
-    dsn, _ = split_schema(server)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    await drop_schema(server, schema)
 
 
 @pytest.fixture(scope="module")

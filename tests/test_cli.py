@@ -61,6 +61,23 @@ def relay_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     return env
 
 
+async def unverified_integration(settings: Settings, name: str) -> dict[str, str]:
+    """`relay integrations create --no-verify`, parsed."""
+    run = await relay(
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        name,
+        "--response-url",
+        "http://127.0.0.1:9/x",
+        "--no-verify",
+    )
+    assert run.code == 0, run.err
+    created: dict[str, str] = json.loads(run.out)
+    return created
+
+
 @dataclass
 class Receiver:
     """A real HTTP endpoint on 127.0.0.1 that records what it is sent."""
@@ -163,20 +180,7 @@ async def test_integrations_create_refuses_an_unreachable_endpoint_unless_told(s
 
 
 async def test_tokens_create_list_and_revoke(settings: Settings, store: SqlStore):
-    created = json.loads(
-        (
-            await relay(
-                settings,
-                "integrations",
-                "create",
-                "--name",
-                "t",
-                "--response-url",
-                "http://127.0.0.1:9/x",
-                "--no-verify",
-            )
-        ).out
-    )
+    created = await unverified_integration(settings, "t")
     run = await relay(settings, "tokens", "create", "--integration", created["id"])
     assert run.code == 0
     token = run.out.strip()
@@ -232,20 +236,7 @@ async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
         "RELAY_PUBLISH_TIMEOUT": "2",
         "RELAY_AMQP_URL": with_address(amqp_url, proxy.url_host),
     }
-    created = json.loads(
-        (
-            await relay(
-                settings,
-                "integrations",
-                "create",
-                "--name",
-                "s",
-                "--response-url",
-                "http://x/",
-                "--no-verify",
-            )
-        ).out
-    )
+    created = await unverified_integration(settings, "s")
     token = (await relay(settings, "tokens", "create", "--integration", created["id"])).out
     process = await asyncio.create_subprocess_exec(
         *RELAY,

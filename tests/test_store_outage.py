@@ -6,12 +6,11 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 
 from relay.settings import Settings
 from relay.store import SqlStore
-from relay.store.postgres import split_schema
+from relay.store.postgres import drop_schema
 from tests.helpers import Queues, make_integration, message, start_ingress, with_address
 from tests.proxy import Proxy
 from tests.test_broker_failures import post_until_accepted
@@ -22,11 +21,7 @@ async def database_url(postgres_server: str) -> AsyncIterator[str]:
     """PostgreSQL only here: a SQLite file cannot be taken away from a running process."""
     schema = "t_" + uuid.uuid4().hex[:12]
     yield f"{postgres_server}?schema={schema}"
-    conn = await asyncpg.connect(split_schema(postgres_server)[0])
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    await drop_schema(postgres_server, schema)
 
 
 async def test_store_down_is_503_and_not_ready(

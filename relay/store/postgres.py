@@ -59,6 +59,15 @@ async def translated() -> AsyncIterator[None]:
         raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
 
+async def drop_schema(server_url: str, schema: str) -> None:
+    """Drop a schema and everything in it (test modules and benchmark runs clean up so)."""
+    conn = await asyncpg.connect(split_schema(server_url)[0])
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 def _rowcount(status: str) -> int:
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
