@@ -8,6 +8,7 @@ import hmac
 import secrets
 
 TOKEN_PREFIX = "rly_"
+REPLY_PREFIX = "rlyr_"
 
 
 def new_token() -> str:
@@ -43,3 +44,30 @@ def token_matches(token: str | None, hashes: list[str]) -> bool:
     for stored in hashes:
         found |= hmac.compare_digest(candidate, stored)
     return found and bool(token)
+
+
+def reply_token(secret: str, conversation_id: str, expires: int) -> str:
+    """A token that lets a bot post into one conversation until `expires` (unix seconds).
+
+    Made without a store write: an HMAC over the conversation and expiry, keyed by the
+    integration's bot secret, so every relay process can check it.
+    """
+    claim = base64.urlsafe_b64encode(f"{conversation_id}|{expires}".encode()).decode()
+    return f"{REPLY_PREFIX}{claim}.{_mac(secret, claim)}"
+
+
+def reply_token_valid(secret: str, token: str, conversation_id: str, now: float) -> bool:
+    """True if `token` is a live reply token for this conversation."""
+    claim, _, mac = token.removeprefix(REPLY_PREFIX).partition(".")
+    if not hmac.compare_digest(mac, _mac(secret, claim)):
+        return False
+    try:
+        conversation, _, expires = base64.urlsafe_b64decode(claim).decode().rpartition("|")
+        return conversation == conversation_id and now < int(expires)
+    except ValueError:
+        return False
+
+
+def _mac(secret: str, claim: str) -> str:
+    digest = hmac.new(secret.encode(), claim.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")

@@ -14,9 +14,12 @@ from pydantic import ValidationError
 from relay import admin
 from relay.ingress.app import create_app
 from relay.logs import configure_logging
+from relay.metrics import Metrics
 from relay.runner import serve
+from relay.service import create_service_app
 from relay.settings import Settings, describe_error
 from relay.store import SqlStore, open_store
+from workers.bot.service import bot_worker_context
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -25,6 +28,21 @@ async def _ingress(settings: Settings, _: argparse.Namespace) -> int:
     await serve(
         create_app(settings), settings.http_host, settings.http_port, settings.shutdown_timeout
     )
+    return 0
+
+
+async def _bot_worker(settings: Settings, _: argparse.Namespace) -> int:
+    app = create_service_app(Metrics(), [], client_max_size=1024)
+    app.cleanup_ctx.append(bot_worker_context(settings))
+    await serve(app, settings.http_host, settings.bot_worker_port, settings.shutdown_timeout)
+    return 0
+
+
+async def _run_all(settings: Settings, _: argparse.Namespace) -> int:
+    # One process, one port: the ingress routes, and the workers alongside.
+    app = create_app(settings)
+    app.cleanup_ctx.append(bot_worker_context(settings))
+    await serve(app, settings.http_host, settings.http_port, settings.shutdown_timeout)
     return 0
 
 
@@ -107,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="HTTP messaging relay for bots")
     roles = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     roles.add_parser("ingress", help="the HTTP API").set_defaults(run=_ingress)
-    roles.add_parser("run", help="every service in one process").set_defaults(run=_ingress)
+    roles.add_parser("bot-worker", help="consumes inbound messages, runs the bot").set_defaults(
+        run=_bot_worker
+    )
+    roles.add_parser("run", help="every service in one process").set_defaults(run=_run_all)
     _integration_commands(roles)
     _token_commands(roles)
     return parser

@@ -45,6 +45,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.consumed = Counter(
+            "relay_messages_consumed",
+            "Messages taken from a stage, by outcome.",
+            ["stage", "outcome"],
+            registry=self.registry,
+        )
+        self.bot_latency = Histogram(
+            "relay_bot_seconds",
+            "Time the bot took for one turn.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.bot_failures = Counter(
+            "relay_bot_failures",
+            "Bot turns that failed (timeout, error, 5xx).",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         """The exposition text."""
         return generate_latest(self.registry)

@@ -187,3 +187,42 @@ class WebhookResponse(BaseModel):
 def dump_json(model: BaseModel) -> bytes:
     """Compact JSON bytes of a wire model."""
     return model.model_dump_json().encode()
+
+
+class OutboundEnvelope(BaseModel):
+    """What the bot side puts on the outbound stage for the delivery worker (versioned)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["outbound.response"] = "outbound.response"
+    version: Literal[1] = 1
+    integrationId: str
+    # Becomes `webhook-id`: the same for every retry of this response.
+    deliveryId: str
+    attempt: int = Field(default=0, ge=0)
+    body: WebhookResponse
+    createdAt: Timestamp
+
+
+class BotReply(BaseModel):
+    """One message from the bot: a synchronous reply, or a body of the bot push API."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    type: MessageType
+    payload: JsonObject
+
+
+class OutgoingMessage(BaseModel):
+    """A message from the bot, as the push API answers it."""
+
+    id: str
+    createdAt: Timestamp
+    updatedAt: Timestamp
+    type: str
+    payload: dict[str, Any]
+    direction: Literal["outgoing"]
+    conversationId: str
+    userId: str
+    sequence: int
+    tags: dict[str, str] = Field(default_factory=dict)

@@ -38,13 +38,31 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     auth_cache_seconds: float = Field(default=5.0, ge=0)
     shutdown_timeout: float = Field(default=15.0, gt=0)
+    # The bot worker: its own port for /healthz, /readyz, /metrics when run on its own.
+    bot_worker_port: int = Field(default=8081, ge=0, le=65535)
+    bot_timeout: float = Field(default=10.0, gt=0)
+    bot_concurrency: int = Field(default=32, ge=1, le=1024)
+    # Waits between attempts at a failing bot; after the last one, the dead-letter queue.
+    bot_retry_delays: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.0, 5.0, 30.0]
+    )
+    # Bot Framework: the bot's app id and password (empty for a bot in no-auth mode).
+    botframework_app_id: str = ""
+    botframework_app_password: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("allowed_endpoint_networks", mode="before")
+    @field_validator("allowed_endpoint_networks", "bot_retry_delays", mode="before")
     @classmethod
-    def _split_networks(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("bot_retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if not value or any(delay <= 0 for delay in value):
+            raise ValueError("must be one or more positive numbers of seconds")
         return value
 
     @field_validator("database_url")

@@ -25,6 +25,7 @@ from tests.services import postgres_url, rabbitmq_url
 
 BACKENDS = ["sqlite", "postgresql"]
 PARTITIONS = 4
+BOT_RETRY_DELAYS = (0.2, 0.5)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,8 @@ async def queue_prefix(amqp_url: str) -> AsyncIterator[str]:
     yield prefix
     connection = await aio_pika.connect(amqp_url)
     async with connection, connection.channel() as channel:
-        await delete(channel, Topology(prefix=prefix, partitions=PARTITIONS))
+        topology = Topology(prefix, PARTITIONS, delays=(("inbound", BOT_RETRY_DELAYS),))
+        await delete(channel, topology)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -83,6 +85,9 @@ def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
         publish_timeout=1.5,
         outbox_interval=0.2,
         outbox_lease=4.0,
+        bot_retry_delays=list(BOT_RETRY_DELAYS),
+        bot_timeout=5.0,
+        public_url="http://127.0.0.1:9",
     )
 
 

@@ -16,10 +16,13 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp.test_utils import TestServer
 
 from relay import admin
-from relay.broker import StageName, Topology, declare
-from relay.ingress.app import BROKER_KEY, create_app
+from relay.broker import Broker, StageName, Topology, declare
+from relay.ingress.app import BROKER_KEY, create_app, topology_of
+from relay.metrics import Metrics
 from relay.settings import Settings
-from relay.store import Store
+from relay.store import Store, open_store
+from workers.bot.adapters import BotAdapter, load_adapter
+from workers.bot.worker import BotWorker
 
 T = TypeVar("T")
 
@@ -142,3 +145,55 @@ def message(n: int | str = 1, **overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+@contextlib.asynccontextmanager
+async def start_bot_worker(
+    settings: Settings, adapter: BotAdapter | None = None
+) -> AsyncIterator[BotWorker]:
+    """A bot worker in this process until the block ends."""
+    bot = adapter or load_adapter(settings)
+    store = await open_store(settings.database_url)
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker.start()
+    worker = BotWorker(settings, store, broker, bot, Metrics())
+    try:
+        await asyncio.wait_for(worker.start(), 15)
+        yield worker
+    finally:
+        await worker.stop(5)
+        await bot.close()
+        await broker.close()
+        await store.close()
+
+
+async def take_until(
+    queues: Queues, stage: StageName, count: int, timeout: float = 20.0
+) -> list[dict[str, Any]]:
+    """Consume from a stage until `count` messages arrived (fails at the deadline)."""
+    got: list[dict[str, Any]] = []
+
+    async def enough() -> bool:
+        got.extend(await queues.take(stage))
+        return len(got) >= count
+
+    await eventually(enough, timeout=timeout, interval=0.05)
+    return got
+
+
+def by_conversation(responses: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Outbound envelopes grouped by the caller's conversation id, in sequence order."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for item in responses:
+        grouped.setdefault(item["body"]["conversationId"], []).append(item)
+    for items in grouped.values():
+        items.sort(key=lambda item: item["body"]["sequence"])
+    return grouped
+
+
+def settled(worker: BotWorker, outcome: str) -> float:
+    """How many inbound messages the worker settled with `outcome` (done, drop, dead...)."""
+    value = worker.metrics.registry.get_sample_value(
+        "relay_messages_consumed_total", {"stage": "inbound", "outcome": outcome}
+    )
+    return value or 0.0

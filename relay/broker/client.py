@@ -42,7 +42,7 @@ class Broker:
         self._publish_timeout = publish_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[StageName, AbstractExchange] = {}
+        self._exchanges: dict[str, AbstractExchange] = {}
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._renewing: asyncio.Task[None] | None = None
@@ -116,8 +116,7 @@ class Broker:
         try:
             channel = await self._open_channel(self._connection)
             exchanges = {
-                stage: await channel.get_exchange(self.topology.exchange(stage), ensure=False)
-                for stage in self._exchanges
+                name: await channel.get_exchange(name, ensure=False) for name in self._exchanges
             }
         except BROKER_ERRORS as error:
             log.warning("broker_channel_renew_failed", error=str(error))
@@ -136,9 +135,27 @@ class Broker:
         body: bytes,
         *,
         message_id: str,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | int] | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm, or raise BrokerUnavailable."""
+        """Publish to a stage's partition and wait for the confirm (or BrokerUnavailable)."""
+        await self.publish_to(
+            self.topology.exchange(stage),
+            self.topology.routing_key(partition),
+            body,
+            message_id=message_id,
+            headers=headers,
+        )
+
+    async def publish_to(
+        self,
+        exchange_name: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, str | int] | None = None,
+    ) -> None:
+        """Publish persistently to one of the relay's exchanges and wait for the confirm."""
         if not self.ready:
             raise BrokerUnavailable("not connected to the broker")
         message = aio_pika.Message(
@@ -148,13 +165,11 @@ class Broker:
             message_id=message_id,
             headers=dict(headers or {}),
         )
-        exchange = self._exchanges[stage]
+        exchange = self._exchanges[exchange_name]
         try:
             # A publish on a connection that died silently can hang: always bound it.
             async with asyncio.timeout(self._publish_timeout):
-                await exchange.publish(
-                    message, routing_key=self.topology.routing_key(partition), mandatory=True
-                )
+                await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except aio_pika.exceptions.DeliveryError as error:
             self._renew_channel_soon()
             raise BrokerUnavailable(f"refused by the broker: {error}") from error

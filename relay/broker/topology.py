@@ -4,6 +4,11 @@ Each stage (inbound, outbound) is a direct exchange routing to N partition queue
 partition is picked on the client side by a stable hash of the conversation, because a
 plain broker has no consistent-hash exchange. Dead letters of a stage go through the
 `{prefix}.dead` exchange to `{prefix}.{stage}.dead`.
+
+Retries wait in the broker, never in a sleeping consumer: each delay of a stage is a fanout
+exchange and a queue with one fixed TTL (expiry happens at the head, so one TTL per queue)
+that dead-letters back into the stage exchange. The message keeps its routing key, the
+partition number, so it returns to its own partition.
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ class Topology:
     prefix: str
     partitions: int
     delivery_limit: int = 20
+    # Seconds each stage's delay queues hold a message, e.g. {"inbound": (1.0, 5.0)}.
+    delays: tuple[tuple[StageName, tuple[float, ...]], ...] = ()
+
+    def stage_delays(self, stage: StageName) -> tuple[float, ...]:
+        """The delays declared for a stage, shortest first."""
+        found = next((seconds for name, seconds in self.delays if name == stage), ())
+        return tuple(sorted(set(found)))
+
+    def delay_exchange(self, stage: StageName, seconds: float) -> str:
+        """The exchange (and queue) that holds a stage's messages for `seconds`."""
+        return f"{self.prefix}.{stage}.delay.{round(seconds * 1000)}ms"
 
     def exchange(self, stage: StageName) -> str:
         """The direct exchange a stage publishes to."""
@@ -57,6 +73,7 @@ class Topology:
         names = []
         for stage in STAGES:
             names += [self.queue(stage, p) for p in range(self.partitions)]
+            names += [self.delay_exchange(stage, d) for d in self.stage_delays(stage)]
             names.append(self.dead_queue(stage))
         return names
 
@@ -75,19 +92,20 @@ class Topology:
         }
 
 
-async def declare(
-    channel: AbstractChannel, topology: Topology
-) -> dict[StageName, AbstractExchange]:
-    """Declare every exchange, queue and binding (idempotent); the stage exchanges."""
+async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, AbstractExchange]:
+    """Declare every exchange, queue and binding (idempotent); the exchanges by name."""
     dead = await channel.declare_exchange(
         topology.dead_exchange(), aio_pika.ExchangeType.DIRECT, durable=True
     )
-    exchanges: dict[StageName, AbstractExchange] = {}
+    exchanges: dict[str, AbstractExchange] = {topology.dead_exchange(): dead}
     for stage in STAGES:
         exchange = await channel.declare_exchange(
             topology.exchange(stage), aio_pika.ExchangeType.DIRECT, durable=True
         )
-        exchanges[stage] = exchange
+        exchanges[topology.exchange(stage)] = exchange
+        for seconds in topology.stage_delays(stage):
+            name = topology.delay_exchange(stage, seconds)
+            exchanges[name] = await _declare_delay(channel, topology, stage, seconds)
         for partition in range(topology.partitions):
             queue = await channel.declare_queue(
                 topology.queue(stage, partition),
@@ -102,10 +120,32 @@ async def declare(
     return exchanges
 
 
+async def _declare_delay(
+    channel: AbstractChannel, topology: Topology, stage: StageName, seconds: float
+) -> AbstractExchange:
+    name = topology.delay_exchange(stage, seconds)
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+    queue = await channel.declare_queue(
+        name,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-message-ttl": round(seconds * 1000),
+            "x-dead-letter-exchange": topology.exchange(stage),
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+    await queue.bind(exchange)
+    return exchange
+
+
 async def delete(channel: AbstractChannel, topology: Topology) -> None:
     """Remove every queue and exchange of the topology (tests and `relay` teardown)."""
     for name in topology.queue_names():
         await channel.queue_delete(name)
     for stage in STAGES:
         await channel.exchange_delete(topology.exchange(stage))
+        for seconds in topology.stage_delays(stage):
+            await channel.exchange_delete(topology.delay_exchange(stage, seconds))
     await channel.exchange_delete(topology.dead_exchange())

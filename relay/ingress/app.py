@@ -11,11 +11,14 @@ from aiohttp import web
 
 from relay.broker import Broker, BrokerUnavailable, Topology
 from relay.ingress.accept import Acceptor
+from relay.ingress.connector import add_connector_routes
 from relay.ingress.directory import Directory
 from relay.ingress.handlers import WebhookHandler
 from relay.ingress.openapi import openapi_handler
+from relay.ingress.push import PushHandler
 from relay.ingress.ratelimit import RateLimiter
 from relay.metrics import Metrics
+from relay.replies import ReplyPublisher
 from relay.service import (
     METRICS_KEY,
     READINESS_KEY,
@@ -32,11 +35,17 @@ STORE_KEY = web.AppKey("store", Store)
 BROKER_KEY = web.AppKey("broker", Broker)
 ACCEPTOR_KEY = web.AppKey("acceptor", Acceptor)
 HANDLER_KEY = web.AppKey("webhook_handler", WebhookHandler)
+PUSH_KEY = web.AppKey("push_handler", PushHandler)
+REPLIES_KEY = web.AppKey("replies", ReplyPublisher)
 
 
 def topology_of(settings: Settings) -> Topology:
-    """The queue topology the settings describe."""
-    return Topology(prefix=settings.queue_prefix, partitions=settings.partitions)
+    """The queue topology the settings describe (every service declares the same)."""
+    return Topology(
+        prefix=settings.queue_prefix,
+        partitions=settings.partitions,
+        delays=(("inbound", tuple(settings.bot_retry_delays)),),
+    )
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
@@ -45,12 +54,19 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.cleanup_ctx.append(_resources(settings))
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_post("/webhooks/{integrationId}", post_message)
+    app.router.add_post("/bot/conversations/{conversationId}/messages", push_message)
+    add_connector_routes(app, STORE_KEY, REPLIES_KEY)
     return app
 
 
 async def post_message(request: web.Request) -> web.Response:
     """Route to the webhook handler built at start-up."""
     return await request.app[HANDLER_KEY].post_message(request)
+
+
+async def push_message(request: web.Request) -> web.Response:
+    """Route to the bot push handler built at start-up."""
+    return await request.app[PUSH_KEY].post_message(request)
 
 
 def _resources(
@@ -69,11 +85,12 @@ def _resources(
             wait=settings.publish_timeout + 2,
         )
         app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
-        app[HANDLER_KEY] = WebhookHandler(
-            Directory(store, settings.auth_cache_seconds),
-            RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
-            acceptor,
-        )
+        directory = Directory(store, settings.auth_cache_seconds)
+        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+        replies = ReplyPublisher(store, broker, app[METRICS_KEY])
+        app[HANDLER_KEY] = WebhookHandler(directory, limiter, acceptor)
+        app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
+        app[REPLIES_KEY] = replies
         app[READINESS_KEY].extend([("broker", broker_check(broker)), ("store", store_check(store))])
         sweeper = asyncio.create_task(_sweep_forever(acceptor, settings.outbox_interval))
         try:

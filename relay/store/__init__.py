@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from relay.store.base import (
     Accepted,
+    ConversationRecord,
+    InboundState,
     IntegrationRecord,
+    OutgoingRecord,
     PendingMessage,
     Store,
     TokenKind,
@@ -18,8 +21,11 @@ from relay.store.sqlite import SqliteDriver
 
 __all__ = [
     "Accepted",
+    "ConversationRecord",
+    "InboundState",
     "IntegrationRecord",
     "IntegrityViolation",
+    "OutgoingRecord",
     "PendingMessage",
     "SqlStore",
     "Store",

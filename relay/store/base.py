@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -70,6 +70,38 @@ class PendingMessage:
     text: str
     request_id: str | None
     lease_owner: str
+
+
+class OutgoingRecord(BaseModel):
+    """A bot response as stored: what the delivery worker will POST, and its state."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    integration_id: str
+    conversation_id: str
+    conversation_external_id: str
+    user_id: str
+    type: str
+    payload: dict[str, Any]
+    sequence: int
+    state: MessageState
+    created_at: datetime
+
+
+class ConversationRecord(BaseModel):
+    """A conversation with what the push API needs to answer in it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    integration_id: str
+    external_id: str
+    # The user of its latest incoming message: the one the bot is talking to.
+    user_id: str
+
+
+InboundState = Literal["missing", "pending", "queued", "handled"]
 
 
 class Store(Protocol):
@@ -141,3 +173,30 @@ class Store(Protocol):
         self, now: datetime, lease_until: datetime, limit: int
     ) -> list[PendingMessage]:
         """Claim pending messages whose lease expired (a crash between commit and publish)."""
+
+    async def inbound_state(self, message_id: str) -> InboundState:
+        """Whether an inbound message was accepted, and whether the bot's replies are stored."""
+
+    async def record_replies(
+        self, inbound_id: str, replies: list[tuple[str, dict[str, Any]]]
+    ) -> list[OutgoingRecord]:
+        """Store the bot's replies to an inbound message, once: numbered, in one transaction.
+
+        If they were stored before (a redelivered message), those are returned instead.
+        """
+
+    async def record_pushed(
+        self,
+        conversation: ConversationRecord,
+        type_: str,
+        payload: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> tuple[OutgoingRecord, bool]:
+        """Store one message the bot sent on its own; (record, created). A repeated key
+        answers the message it created."""
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """A conversation by its relay id."""
+
+    async def bot_secret(self, integration_id: str) -> str:
+        """The integration's secret for conversation-scoped reply tokens (made on first use)."""

@@ -73,7 +73,20 @@ CREATE INDEX messages_user ON messages (user_id);
 CREATE INDEX messages_pending ON messages (state, lease_until);
 """
 
-MIGRATIONS_TEMPLATE: list[str] = [_V1]
+# Bot replies: per-conversation sequence numbers, links to what they answer, idempotency of
+# pushed replies, and "the bot's replies are stored" for inbound messages.
+_V2 = """
+ALTER TABLE conversations ADD COLUMN next_sequence INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE integrations ADD COLUMN bot_secret TEXT;
+ALTER TABLE messages ADD COLUMN sequence INTEGER;
+ALTER TABLE messages ADD COLUMN reply_to TEXT;
+ALTER TABLE messages ADD COLUMN handled_at {ts};
+ALTER TABLE messages ADD COLUMN idempotency_key TEXT;
+CREATE UNIQUE INDEX messages_idempotency ON messages (conversation_id, idempotency_key);
+CREATE INDEX messages_reply_to ON messages (reply_to)
+"""
+
+MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2]
 
 
 def migrations(dialect: str) -> list[str]:

@@ -1,0 +1,121 @@
+"""The bot push API: `POST /bot/conversations/{botpressConversationId}/messages`.
+
+A bot that answers later posts `{type, payload}` here with a bot token of the conversation's
+integration (`relay tokens create --kind bot`) or the conversation-scoped reply token it was
+handed with the message. The response is stored and queued exactly like a turn's reply.
+`Idempotency-Key` makes a retried POST answer the message it created instead of a new one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from relay.auth import REPLY_PREFIX, bearer_token, reply_token_valid, token_matches
+from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
+from relay.ingress.directory import Directory
+from relay.ingress.handlers import parse_json_object, plausible_id
+from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.models import BotReply, OutgoingMessage
+from relay.payloads import InvalidPayload, validate_outgoing
+from relay.replies import ReplyPublisher
+from relay.store import ConversationRecord, OutgoingRecord, Store
+
+log = structlog.get_logger(__name__)
+
+
+def outgoing_view(record: OutgoingRecord) -> OutgoingMessage:
+    """The answer's `message`: a bot message as stored."""
+    return OutgoingMessage(
+        id=record.id,
+        createdAt=record.created_at,
+        updatedAt=record.created_at,
+        type=record.type,
+        payload=record.payload,
+        direction="outgoing",
+        conversationId=record.conversation_id,
+        userId=record.user_id,
+        sequence=record.sequence,
+    )
+
+
+def validate_reply(body: dict[str, Any]) -> BotReply:
+    """The bot's message, or InvalidBody naming each bad field."""
+    try:
+        reply = BotReply.model_validate(body)
+        validate_outgoing(reply.type, reply.payload)
+    except ValidationError as error:
+        fields = [
+            {"field": ".".join(str(p) for p in item["loc"]) or "body", "message": item["msg"]}
+            for item in error.errors(include_url=False)
+        ]
+        raise InvalidBody("the message is invalid", details=fields) from error
+    except InvalidPayload as error:
+        raise InvalidBody(
+            "the payload is not a valid message of its type", details=error.details
+        ) from error
+    return reply
+
+
+class PushHandler:
+    """Authenticates bots and stores the messages they push."""
+
+    def __init__(
+        self, store: Store, directory: Directory, limiter: RateLimiter, replies: ReplyPublisher
+    ) -> None:
+        self._store = store
+        self._directory = directory
+        self._limiter = limiter
+        self._replies = replies
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        """Store and queue one bot message; 201 with it (the same one for a repeated key)."""
+        conversation = await self.authenticate(request)
+        wait = self._limiter.check(f"bot:{conversation.integration_id}")
+        if wait:
+            raise RateLimited(
+                "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
+            )
+        reply = validate_reply(parse_json_object(await request.read()))
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= 256:
+            raise InvalidBody(
+                "Idempotency-Key must be 1 to 256 characters",
+                details=[{"field": "Idempotency-Key", "message": "bad length"}],
+            )
+        record, created = await self._replies.push(conversation, reply.type, reply.payload, key)
+        log.info("bot_message_pushed", message_id=record.id, created=created)
+        headers = {} if created else {"Idempotent-Replayed": "true"}
+        body = {"message": outgoing_view(record).model_dump(mode="json")}
+        return web.json_response(body, status=201, headers=headers)
+
+    async def authenticate(self, request: web.Request) -> ConversationRecord:
+        """The addressed conversation, if the bearer may post into it; 404/401 otherwise."""
+        conversation_id = request.match_info["conversationId"]
+        conversation = (
+            await self._store.get_conversation(conversation_id)
+            if plausible_id(conversation_id)
+            else None
+        )
+        if conversation is None:
+            raise NotFound(
+                "unknown conversation", details={"conversationId": conversation_id[:256]}
+            )
+        structlog.contextvars.bind_contextvars(
+            integration_id=conversation.integration_id, conversation_id=conversation.id
+        )
+        token = bearer_token(request.headers.get("Authorization"))
+        if not await self._allowed(token, conversation):
+            raise Unauthorized("missing or invalid token")
+        return conversation
+
+    async def _allowed(self, token: str | None, conversation: ConversationRecord) -> bool:
+        if token is not None and token.startswith(REPLY_PREFIX):
+            secret = await self._store.bot_secret(conversation.integration_id)
+            return reply_token_valid(secret, token, conversation.id, time.time())
+        entry = await self._directory.lookup(conversation.integration_id, "bot")
+        return token_matches(token, entry.token_hashes)

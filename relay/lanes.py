@@ -1,0 +1,61 @@
+"""One lane per conversation: its messages are handled one at a time, in arrival order,
+while different conversations run concurrently up to a bound.
+
+`submit` is synchronous on purpose: called straight from the consumer's in-order iterator,
+it fixes the order before any await can reorder deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+
+class Lanes(Generic[Item]):
+    """Runs `handler(item)` per key sequentially, across keys concurrently (bounded)."""
+
+    def __init__(self, handler: Callable[[Item], Awaitable[None]], concurrency: int) -> None:
+        self._handler = handler
+        self._slots = asyncio.Semaphore(concurrency)
+        self._queues: dict[str, asyncio.Queue[Item]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def submit(self, key: str, item: Item) -> None:
+        """Queue `item` behind everything already submitted under `key`."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = asyncio.Queue()
+            self._tasks[key] = asyncio.create_task(self._run(key, queue), name=f"lane-{key}")
+        queue.put_nowait(item)
+
+    async def _run(self, key: str, queue: asyncio.Queue[Item]) -> None:
+        try:
+            while not queue.empty():
+                item = queue.get_nowait()
+                async with self._slots:
+                    await self._handler(item)
+        finally:
+            self._queues.pop(key, None)
+            self._tasks.pop(key, None)
+
+    @property
+    def busy(self) -> int:
+        """Lanes with work in hand."""
+        return len(self._tasks)
+
+    async def drain(self, seconds: float) -> bool:
+        """Wait for every lane to finish (True), or cancel what is left after `seconds`."""
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=seconds)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return not pending

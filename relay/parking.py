@@ -1,0 +1,50 @@
+"""Keeping a conversation's order while one of its messages waits in a delay queue.
+
+When a conversation's head message fails and goes to a delay queue, the messages behind it
+must not overtake it: they join it in the delay loop ("parked"), in arrival order, each
+sent to the delay queue the head is in now, so they come back after it. When the head is
+done (delivered, or dead-lettered), the next parked message becomes the head.
+
+The state is in the worker's memory: if the partition moves to another worker meanwhile,
+parked messages come back in order among themselves but may meet newer ones first. Pure
+logic, no I/O.
+"""
+
+from __future__ import annotations
+
+
+class Parking:
+    """The parked messages of each conversation, head first."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, list[str]] = {}
+        self._delays: dict[str, float] = {}
+
+    def wait_behind(self, conversation: str, message: str) -> float | None:
+        """If `message` must wait behind its conversation's head: the delay to wait."""
+        queue = self._queues.get(conversation)
+        if not queue or queue[0] == message:
+            return None
+        if message not in queue:
+            queue.append(message)
+        return self._delays[conversation]
+
+    def delay_head(self, conversation: str, message: str, delay: float) -> None:
+        """`message` (the head, or a message of an unparked conversation) goes to a delay."""
+        queue = self._queues.setdefault(conversation, [])
+        if not queue or queue[0] != message:
+            queue.insert(0, message)
+        self._delays[conversation] = delay
+
+    def done(self, conversation: str, message: str) -> None:
+        """`message` is finished for good: the next parked one becomes the head."""
+        queue = self._queues.get(conversation)
+        if queue and queue[0] == message:
+            queue.pop(0)
+        if not queue:
+            self._queues.pop(conversation, None)
+            self._delays.pop(conversation, None)
+
+    def parked(self, conversation: str) -> list[str]:
+        """The conversation's parked messages, head first."""
+        return list(self._queues.get(conversation, []))

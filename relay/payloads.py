@@ -1,0 +1,290 @@
+"""Validation of the payloads bots send, by Botpress message type.
+
+A bot's outgoing message carries a `type` (text, image, card, ...) and a JSON object
+`payload` whose shape depends on that type. `validate_outgoing` checks the payload of
+every known type against its model here, so a channel never receives a card without a
+title or an image without a URL, and answers with `InvalidPayload`, whose `details` name
+each bad field as `payload.<dotted path>`. Types Relay does not know pass through, as
+long as the payload is a JSON object a store can keep. Extra fields are allowed
+everywhere: bots attach their own metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails
+
+from relay.models import storable_text
+
+MAX_URL_LENGTH = 4096
+_TYPE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+Str = Annotated[str, AfterValidator(storable_text)]
+Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(storable_text)]
+Url = Annotated[
+    str,
+    StringConstraints(max_length=MAX_URL_LENGTH),
+    AfterValidator(storable_text),
+    AfterValidator(_http_url),
+]
+
+
+class _Model(BaseModel):
+    # strict: a number is not silently turned into a string; extra: bots add metadata.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class TextPayload(_Model):
+    """`text`: plain text."""
+
+    text: Text
+
+
+class MarkdownPayload(_Model):
+    """`markdown`: text with Markdown formatting."""
+
+    markdown: Text
+
+
+class ImagePayload(_Model):
+    """`image`: a picture, by URL."""
+
+    imageUrl: Url
+
+
+class AudioPayload(_Model):
+    """`audio`: a sound clip, by URL."""
+
+    audioUrl: Url
+
+
+class VideoPayload(_Model):
+    """`video`: a video, by URL."""
+
+    videoUrl: Url
+
+
+class FilePayload(_Model):
+    """`file`: a downloadable file, by URL."""
+
+    fileUrl: Url
+    title: Str | None = None
+
+
+class LocationPayload(_Model):
+    """`location`: a point on the map."""
+
+    latitude: Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)]
+    longitude: Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)]
+    address: Str | None = None
+    title: Str | None = None
+
+
+class CardAction(_Model):
+    """A button on a card."""
+
+    action: Literal["postback", "url", "say"]
+    label: Text
+    value: Str
+
+
+class CardPayload(_Model):
+    """`card`: a titled card with buttons."""
+
+    title: Text
+    subtitle: Str | None = None
+    imageUrl: Url | None = None
+    actions: list[CardAction]
+
+
+class CarouselPayload(_Model):
+    """`carousel`: one or more cards side by side."""
+
+    items: Annotated[list[CardPayload], Field(min_length=1)]
+
+
+class ChoiceOption(_Model):
+    """One option of a choice or dropdown."""
+
+    label: Text
+    value: Str
+
+
+class ChoicePayload(_Model):
+    """`choice`: a question with buttons to answer it."""
+
+    text: Str
+    options: list[ChoiceOption]
+
+
+class DropdownPayload(ChoicePayload):
+    """`dropdown`: a question with a list to pick the answer from."""
+
+
+class BlocItem(_Model):
+    """One message of a bloc; its payload is checked by `validate_outgoing`, by its type."""
+
+    type: Str
+    payload: dict[str, Any]
+
+
+class BlocPayload(_Model):
+    """`bloc`: several messages sent as one."""
+
+    items: list[BlocItem]
+
+
+PAYLOAD_MODELS: dict[str, type[_Model]] = {
+    "text": TextPayload,
+    "markdown": MarkdownPayload,
+    "image": ImagePayload,
+    "audio": AudioPayload,
+    "video": VideoPayload,
+    "file": FilePayload,
+    "location": LocationPayload,
+    "card": CardPayload,
+    "carousel": CarouselPayload,
+    "choice": ChoicePayload,
+    "dropdown": DropdownPayload,
+    "bloc": BlocPayload,
+}
+KNOWN_TYPES: frozenset[str] = frozenset(PAYLOAD_MODELS)
+
+
+class InvalidPayload(ValueError):
+    """An outgoing message's type or payload is invalid; `details` names each bad field."""
+
+    def __init__(self, details: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{d['field']}: {d['message']}" for d in details))
+        self.details = details
+
+
+def _detail(field: str, message: str) -> dict[str, str]:
+    return {"field": field, "message": message}
+
+
+def _json_problems(value: Any, path: str) -> list[dict[str, str]]:
+    """Every key or value under `value` that is not storable JSON, by path."""
+    problems: list[dict[str, str]] = []
+    # an explicit stack: a deeply nested payload must not exhaust the recursion limit
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                problems.extend(_key_problems(key, where))
+                stack.append((child, f"{where}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}.{index}") for index, child in enumerate(item))
+        else:
+            problems.extend(_scalar_problems(item, where))
+    return problems
+
+
+def _key_problems(key: object, path: str) -> list[dict[str, str]]:
+    if not isinstance(key, str):
+        return [_detail(path, "keys must be strings")]
+    return _text_problems(key, path, "key ")
+
+
+def _scalar_problems(value: object, path: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return _text_problems(value, path)
+    if isinstance(value, float) and not math.isfinite(value):
+        return [_detail(path, "must be a finite number")]
+    if value is None or isinstance(value, bool | int | float):
+        return []
+    return [_detail(path, "must be a JSON value")]
+
+
+def _text_problems(text: str, path: str, prefix: str = "") -> list[dict[str, str]]:
+    try:
+        storable_text(text)
+    except ValueError as error:
+        return [_detail(path, f"{prefix}{error}")]
+    return []
+
+
+def _pydantic_problems(error: ValidationError, path: str) -> list[dict[str, str]]:
+    return [
+        _detail(".".join([path, *(str(part) for part in item["loc"])]), _message(item))
+        for item in error.errors()
+    ]
+
+
+def _message(item: ErrorDetails) -> str:
+    # a ValueError from our own validators reads better without pydantic's "Value error, "
+    cause = item.get("ctx", {}).get("error")
+    return str(cause) if item["type"] == "value_error" and cause else item["msg"]
+
+
+def _type_problems(type_: object, field: str) -> list[dict[str, str]]:
+    if isinstance(type_, str) and _TYPE_NAME.fullmatch(type_):
+        return []
+    return [_detail(field, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.' or '-'")]
+
+
+def _payload_problems(type_: str, payload: dict[str, Any], path: str) -> list[dict[str, str]]:
+    """What is wrong with an already storable JSON object as the payload of `type_`."""
+    model = PAYLOAD_MODELS.get(type_)
+    if model is None:
+        return []
+    try:
+        validated = model.model_validate(payload)
+    except ValidationError as error:
+        return _pydantic_problems(error, path)
+    if isinstance(validated, BlocPayload):
+        return _bloc_problems(validated, f"{path}.items")
+    return []
+
+
+def _bloc_problems(bloc: BlocPayload, path: str) -> list[dict[str, str]]:
+    problems: list[dict[str, str]] = []
+    for index, item in enumerate(bloc.items):
+        where = f"{path}.{index}"
+        if item.type == "bloc":
+            problems.append(_detail(f"{where}.type", "a bloc cannot contain a bloc"))
+            continue
+        type_problems = _type_problems(item.type, f"{where}.type")
+        problems.extend(type_problems)
+        if not type_problems:
+            problems.extend(_payload_problems(item.type, item.payload, f"{where}.payload"))
+    return problems
+
+
+def validate_outgoing(type_: str, payload: object) -> dict[str, Any]:
+    """Check an outgoing message's type and payload; return the payload, unchanged.
+
+    The very object passed in is returned, with its extra fields and without defaults
+    added. Unknown types are not checked beyond being a storable JSON object. Raises
+    `InvalidPayload` naming every bad field (`type`, or `payload.<dotted path>`).
+    """
+    problems = _type_problems(type_, "type")
+    if not isinstance(payload, dict):
+        raise InvalidPayload([*problems, _detail("payload", "must be a JSON object")])
+    problems.extend(_json_problems(payload, "payload"))
+    if not problems:
+        problems = _payload_problems(type_, payload, "payload")
+    if problems:
+        raise InvalidPayload(problems)
+    return payload

@@ -1,0 +1,85 @@
+"""Bot responses onto the outbound stage: stored first (numbered), then published in order.
+
+Used by the bot worker for a turn's replies and by the ingress for replies the bot pushes
+later (push API, Bot Framework connector), so every response takes the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from relay.broker import Broker, partition_of
+from relay.metrics import Metrics
+from relay.models import OutboundEnvelope, WebhookResponse, dump_json, utcnow
+from relay.store import ConversationRecord, OutgoingRecord, Store
+
+log = structlog.get_logger(__name__)
+
+
+def delivery_id(record: OutgoingRecord) -> str:
+    """The `webhook-id` of a response: derived from its relay id, so stable across retries."""
+    return f"msg_{record.id}"
+
+
+def webhook_body(record: OutgoingRecord) -> WebhookResponse:
+    """The body POSTed to the back end for this response."""
+    return WebhookResponse(
+        type=record.type,
+        payload=record.payload,
+        conversationId=record.conversation_external_id,
+        botpressUserId=record.user_id,
+        botpressMessageId=record.id,
+        botpressConversationId=record.conversation_id,
+        sequence=record.sequence,
+    )
+
+
+class ReplyPublisher:
+    """Publishes stored responses to their outbound partition, with confirms, then marks them."""
+
+    def __init__(self, store: Store, broker: Broker, metrics: Metrics) -> None:
+        self._store = store
+        self._broker = broker
+        self._metrics = metrics
+
+    async def publish(self, records: list[OutgoingRecord]) -> None:
+        """Publish the not-yet-queued records in sequence order (BrokerUnavailable if not)."""
+        for record in sorted(records, key=lambda r: r.sequence):
+            if record.state == "queued":
+                continue
+            envelope = OutboundEnvelope(
+                integrationId=record.integration_id,
+                deliveryId=delivery_id(record),
+                body=webhook_body(record),
+                createdAt=utcnow(),
+            )
+            partition = partition_of(record.conversation_id, self._broker.topology.partitions)
+            with self._metrics.publish_latency.labels("outbound").time():
+                await self._broker.publish(
+                    "outbound", partition, dump_json(envelope), message_id=envelope.deliveryId
+                )
+            self._metrics.published.labels("outbound").inc()
+            await asyncio.shield(self._store.mark_queued(record.id))
+            log.info(
+                "response_queued",
+                message_id=record.id,
+                sequence=record.sequence,
+                conversation_id=record.conversation_id,
+            )
+
+    async def push(
+        self,
+        conversation: ConversationRecord,
+        type_: str,
+        payload: dict[str, Any],
+        idempotency_key: str | None = None,
+    ) -> tuple[OutgoingRecord, bool]:
+        """Store and publish one response the bot sends on its own; (record, created)."""
+        record, created = await self._store.record_pushed(
+            conversation, type_, payload, idempotency_key
+        )
+        await self.publish([record])
+        return record, created

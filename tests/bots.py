@@ -1,0 +1,56 @@
+"""Python bots for the tests, loaded by the plugin adapter as `tests.bots:<name>`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from relay.models import InboundEnvelope
+from relay.payloads import InvalidPayload
+from workers.bot.adapters.base import BotContext
+
+_failures: Counter[str] = Counter()
+_late: set[asyncio.Task[None]] = set()
+
+
+async def numbered(message: InboundEnvelope, context: BotContext) -> None:
+    """Two replies that name the message they answer."""
+    await context.reply("text", {"text": f"first reply to {message.text}"})
+    await context.reply("text", {"text": f"second reply to {message.text}"})
+
+
+async def later(message: InboundEnvelope, context: BotContext) -> None:
+    """One reply now and one a moment after the turn ended."""
+    await context.reply("text", {"text": "now"})
+
+    async def afterwards() -> None:
+        await asyncio.sleep(0.3)
+        await context.reply("text", {"text": "later"})
+
+    task = asyncio.create_task(afterwards())
+    _late.add(task)
+    task.add_done_callback(_late.discard)
+
+
+async def picky(message: InboundEnvelope, context: BotContext) -> None:
+    """Tries an invalid message first; the error is clear, the worker carries on."""
+    try:
+        await context.reply("image", {"imageUrl": "not a url"})
+    except InvalidPayload as error:
+        await context.reply("text", {"text": f"refused: {error.details[0]['field']}"})
+
+
+async def flaky(message: InboundEnvelope, context: BotContext) -> None:
+    """Fails on "fail" always, on "flaky" twice, answers everything else."""
+    if message.text == "fail":
+        raise RuntimeError("the bot is broken for this message")
+    if message.text == "flaky" and _failures[message.bundle.message.id] < 2:
+        _failures[message.bundle.message.id] += 1
+        raise ConnectionError("the bot is down for a moment")
+    await context.reply("text", {"text": f"ok {message.text}"})
+
+
+async def slow(message: InboundEnvelope, context: BotContext) -> None:
+    """Takes a while before answering (to be killed mid-turn)."""
+    await asyncio.sleep(3)
+    await context.reply("text", {"text": f"slow reply to {message.text}"})

@@ -1,0 +1,120 @@
+"""Bot workers as separate `relay bot-worker` processes: order across them, and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+from aio_pika.abc import AbstractRobustConnection
+
+from relay.settings import Settings
+from relay.store import SqlStore
+from tests.helpers import (
+    Ingress,
+    Queues,
+    by_conversation,
+    eventually,
+    make_integration,
+    message,
+    take_until,
+)
+from tests.test_cli import free_port, relay_env
+
+
+@contextlib.asynccontextmanager
+async def bot_workers(
+    settings: Settings, count: int, bot: str
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`count` bot-worker processes; stopped with SIGTERM (or already killed) at the end."""
+    processes = []
+    for _ in range(count):
+        env = relay_env(settings, {
+            "RELAY_BOT": bot, "RELAY_BOT_WORKER_PORT": str(free_port()),
+            "RELAY_BOT_RETRY_DELAYS": ",".join(str(d) for d in settings.bot_retry_delays),
+            "RELAY_LOG_LEVEL": "warning",
+        })
+        processes.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay.cli", "bot-worker", env=env, cwd=os.getcwd()))
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(p.wait(), 30) for p in processes]
+        assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+
+
+async def consumers(amqp: AbstractRobustConnection, settings: Settings) -> int:
+    """How many partitions have a consumer (single active consumer: at most one each)."""
+    async with amqp.channel() as channel:
+        total = 0
+        for partition in range(settings.partitions):
+            queue = await channel.declare_queue(
+                f"{settings.queue_prefix}.inbound.{partition}", passive=True)
+            total += (queue.declaration_result.consumer_count or 0) > 0
+        return total
+
+
+async def test_three_workers_keep_each_conversations_order_over_200_messages(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    amqp: AbstractRobustConnection,
+):
+    integration_id, token = await make_integration(store, settings)
+    async with bot_workers(settings, 3, "echo"):
+        await eventually(lambda: _all_consumed(amqp, settings), timeout=30)
+
+        async def conversation(c: int) -> None:
+            for n in range(10):
+                status, _ = await ingress.post(
+                    integration_id, token,
+                    message(f"{c}-{n}", conversationId=f"conv-{c}", text=f"{c}:{n}"))
+                assert status == 200
+
+        await asyncio.gather(*[conversation(c) for c in range(20)])
+        responses = await take_until(queues, "outbound", 400, timeout=60)
+    grouped = by_conversation(responses)
+    assert len(grouped) == 20
+    for c in range(20):
+        items = grouped[f"conv-{c}"]
+        assert [i["body"]["sequence"] for i in items] == list(range(1, 21))
+        texts = [i["body"]["payload"]["text"] for i in items if i["body"]["type"] == "text"]
+        assert texts == [f"echo: {c}:{n}" for n in range(10)]
+    assert len({r["deliveryId"] for r in responses}) == 400
+
+
+async def _all_consumed(amqp: AbstractRobustConnection, settings: Settings) -> bool:
+    return await consumers(amqp, settings) == settings.partitions
+
+
+async def test_a_worker_killed_mid_turn_is_replaced_and_replies_exactly_once(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    amqp: AbstractRobustConnection,
+):
+    integration_id, token = await make_integration(store, settings)
+    async with bot_workers(settings, 1, "tests.bots:slow") as [doomed]:
+        await eventually(lambda: _all_consumed(amqp, settings), timeout=30)
+        await ingress.post(integration_id, token, message(1, text="survive"))
+        await eventually(lambda: _delivered(amqp, settings))  # in the worker's hands now
+        doomed.kill()
+        await doomed.wait()
+    assert await queues.take("outbound") == []
+    async with bot_workers(settings, 1, "tests.bots:slow"):
+        [response] = await take_until(queues, "outbound", 1, timeout=30)
+        assert response["body"]["payload"] == {"text": "slow reply to survive"}
+        await asyncio.sleep(0)  # let nothing else arrive: checked below with a fresh look
+    assert await queues.take("outbound") == []
+
+
+async def _delivered(amqp: AbstractRobustConnection, settings: Settings) -> bool:
+    async with amqp.channel() as channel:
+        ready = 0
+        for partition in range(settings.partitions):
+            queue = await channel.declare_queue(
+                f"{settings.queue_prefix}.inbound.{partition}", passive=True)
+            ready += queue.declaration_result.message_count or 0
+        return ready == 0
