@@ -1,0 +1,87 @@
+"""Pure pieces of the bot side: parking, lanes, reply tokens, Rasa answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.auth import reply_token, reply_token_valid
+from relay.lanes import Lanes
+from relay.parking import Parking
+from workers.bot.adapters.http import replies_of
+
+
+def test_followers_wait_behind_a_failing_head_and_take_over_in_order():
+    parking = Parking()
+    assert parking.wait_behind("c", "m1") is None  # nothing parked: go ahead
+    parking.delay_head("c", "m1", 1.0)  # m1 failed, waits 1 s
+    assert parking.wait_behind("c", "m2") == 1.0
+    assert parking.wait_behind("c", "m3") == 1.0
+    assert parking.wait_behind("other", "x") is None  # other conversations are not held
+    parking.delay_head("c", "m1", 5.0)  # failed again: now a longer wait
+    assert parking.wait_behind("c", "m2") == 5.0  # m2 came back early: waits again
+    assert parking.parked("c") == ["m1", "m2", "m3"]
+    parking.done("c", "m1")
+    assert parking.wait_behind("c", "m2") is None  # the new head goes
+    assert parking.wait_behind("c", "m3") == 5.0
+    parking.done("c", "m2")
+    parking.done("c", "m3")
+    assert parking.parked("c") == []
+    assert parking.wait_behind("c", "m4") is None
+
+
+async def test_lanes_keep_order_per_key_and_run_keys_concurrently():
+    seen: list[str] = []
+    running = 0
+    peak = 0
+
+    async def handle(item: str) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01 if item.endswith("0") else 0)
+        seen.append(item)
+        running -= 1
+
+    lanes: Lanes[str] = Lanes(handle, concurrency=3)
+    for n in range(5):
+        for key in "abcd":
+            lanes.submit(key, f"{key}{n}")
+    assert await lanes.drain(5)
+    for key in "abcd":
+        assert [item for item in seen if item[0] == key] == [f"{key}{n}" for n in range(5)]
+    assert peak == 3  # bounded, and more than one at a time
+    assert lanes.busy == 0
+
+
+def test_reply_tokens_are_scoped_and_expire():
+    token = reply_token("secret", "conv-1", expires=2000)
+    assert token.startswith("rlyr_")
+    assert reply_token_valid("secret", token, "conv-1", now=1999)
+    assert not reply_token_valid("secret", token, "conv-1", now=2000)  # expired
+    assert not reply_token_valid("secret", token, "conv-2", now=1)  # another conversation
+    assert not reply_token_valid("other", token, "conv-1", now=1)  # another secret
+    assert not reply_token_valid("secret", token[:-2] + "xx", "conv-1", now=1)
+    assert not reply_token_valid("secret", "rlyr_garbage", "conv-1", now=1)
+
+
+def test_bot_answers_in_botpress_and_rasa_shapes():
+    assert replies_of(None) == []
+    assert replies_of({"text": "not a list"}) == []
+    assert replies_of([
+        {"type": "text", "payload": {"text": "a"}},
+        {"text": "b"},
+        {"image": "https://x/i.png", "text": "c"},
+        {"text": "d", "buttons": [{"title": "Yes", "payload": "/yes"}]},
+        {"custom": {"type": "video", "payload": {"videoUrl": "https://x/v.mp4"}}},
+        {"custom": {"anything": 1}},
+        {"attachment": "https://x/f.pdf"},
+        "ignored",
+    ]) == [
+        ("text", {"text": "a"}),
+        ("text", {"text": "b"}),
+        ("text", {"text": "c"}), ("image", {"imageUrl": "https://x/i.png"}),
+        ("choice", {"text": "d", "options": [{"label": "Yes", "value": "/yes"}]}),
+        ("video", {"videoUrl": "https://x/v.mp4"}),
+        ("custom", {"anything": 1}),
+        ("file", {"fileUrl": "https://x/f.pdf"}),
+    ]
