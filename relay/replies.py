@@ -65,7 +65,7 @@ class ReplyPublisher:
             await asyncio.shield(self._store.mark_queued(record.id))
             log.info(
                 "response_queued",
-                message_id=record.id,
+                response_id=record.id,
                 sequence=record.sequence,
                 conversation_id=record.conversation_id,
             )
