@@ -58,6 +58,8 @@ def reply_token(secret: str, conversation_id: str, expires: int) -> str:
 
 def reply_token_valid(secret: str, token: str, conversation_id: str, now: float) -> bool:
     """True if `token` is a live reply token for this conversation."""
+    if not token.isascii():
+        return False
     claim, _, mac = token.removeprefix(REPLY_PREFIX).partition(".")
     if not hmac.compare_digest(mac, _mac(secret, claim)):
         return False

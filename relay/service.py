@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from relay.broker import Broker
+from relay.broker import Broker, BrokerUnavailable
 from relay.errors import ApiError, Unavailable, error_response
 from relay.metrics import Metrics
 from relay.store import Store, StoreUnavailable
@@ -61,10 +61,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as error:
         return error.response()
-    except StoreUnavailable as error:
-        log.warning("store_unavailable", error=str(error))
+    except (StoreUnavailable, BrokerUnavailable) as error:
+        log.warning("dependency_unavailable", error=str(error))
         return Unavailable(
-            "the store is unavailable; send it again", headers={"Retry-After": "1"}
+            "the relay cannot store or queue this now; send it again",
+            headers={"Retry-After": "1"},
         ).response()
     except web.HTTPException as error:
         if error.status < 400:

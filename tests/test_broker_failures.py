@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
+from relay import admin
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
 from relay.store import SqlStore
@@ -23,6 +24,7 @@ from tests.helpers import (
     make_integration,
     message,
     start_ingress,
+    take_until,
     with_address,
 )
 from tests.proxy import Proxy
@@ -281,3 +283,39 @@ async def test_readyz_reports_the_failing_dependency(proxied: Ingress, proxy: Pr
     await eventually(lambda: ready(proxied), timeout=30)
     async with aiohttp.ClientSession() as http, http.get(f"{proxied.url}/healthz") as response:
         assert response.status == 200
+
+
+async def test_a_stored_response_that_never_reached_the_broker_is_published_by_the_outbox(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues
+):
+    integration_id, token = await make_integration(store, settings)
+    _, sent = await ingress.post(integration_id, token, message(1))
+    conversation = await store.get_conversation(sent["conversation"]["id"])
+    assert conversation is not None
+    # What a process that died between storing a response and publishing it leaves behind.
+    record, _ = await store.record_pushed(conversation, "text", {"text": "orphan"}, None)
+    [queued] = await take_until(queues, "outbound", 1, timeout=settings.outbox_lease + 10)
+    assert queued["deliveryId"] == f"msg_{record.id}"
+    assert queued["body"]["payload"] == {"text": "orphan"}
+
+
+async def test_the_push_api_answers_503_when_the_broker_is_down(
+    proxied: Ingress, proxy: Proxy, store: SqlStore, settings: Settings, queues: Queues
+):
+    integration_id, token = await make_integration(store, settings)
+    await eventually(lambda: ready(proxied), timeout=30)
+    _, sent = await post_until_accepted(proxied, integration_id, token, message(1))
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    await proxy.stop()
+    try:
+        await eventually(lambda: not_ready(proxied))
+        async with proxied.http.post(
+            f"{proxied.url}/bot/conversations/{sent['conversation']['id']}/messages",
+            json={"type": "text", "payload": {"text": "x"}},
+            headers={"Authorization": f"Bearer {bot_token}", "Idempotency-Key": "k"},
+        ) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "unavailable"
+    finally:
+        await proxy.start()
+    await queues.take("inbound")

@@ -34,8 +34,10 @@ RASA = [
     {"recipient_id": "u", "text": "hello from rasa"},
     {"recipient_id": "u", "image": "https://example.com/rasa.png"},
     {"recipient_id": "u", "text": "pick one", "buttons": [{"title": "A", "payload": "/a"}]},
-    {"recipient_id": "u", "custom": {"type": "location",
-                                     "payload": {"latitude": 48.85, "longitude": 2.35}}},
+    {
+        "recipient_id": "u",
+        "custom": {"type": "location", "payload": {"latitude": 48.85, "longitude": 2.35}},
+    },
 ]
 
 
@@ -125,8 +127,12 @@ async def test_a_bot_that_answers_later_through_the_push_api(
         await eventually(lambda: _done(worker))
     posted = next(b for b in bot.received if b["message"]["id"] == sent["message"]["id"])
     assert await queues.take("outbound") == []  # nothing yet: the bot answers later
-    status, answer = await push(ingress, posted["replyUrl"], posted["botToken"],
-                                {"type": "text", "payload": {"text": "done thinking"}})
+    status, answer = await push(
+        ingress,
+        posted["replyUrl"],
+        posted["botToken"],
+        {"type": "text", "payload": {"text": "done thinking"}},
+    )
     assert status == 201, answer
     assert answer["message"]["direction"] == "outgoing"
     assert answer["message"]["sequence"] == 1
@@ -158,15 +164,19 @@ async def _dead(worker: Any, count: int) -> bool:
 
 
 async def push(
-    ingress: Ingress, url: str, token: str | None, body: Any,
+    ingress: Ingress,
+    url: str,
+    token: str | None,
+    body: Any,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """POST to the push API of the ingress under test (whatever host the URL names)."""
     sent = dict(headers or {})
     if token is not None:
         sent["Authorization"] = f"Bearer {token}"
-    async with ingress.http.post(f"{ingress.url}{urlsplit(url).path}", json=body,
-                                 headers=sent) as response:
+    async with ingress.http.post(
+        f"{ingress.url}{urlsplit(url).path}", json=body, headers=sent
+    ) as response:
         return response.status, await response.json()
 
 
@@ -183,8 +193,13 @@ async def test_push_with_a_bot_token_and_an_idempotency_key(
     await queues.take("inbound")
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
     url = f"/bot/conversations/{conversation}/messages"
-    body = {"type": "card", "payload": {"title": "Hi", "actions": [
-        {"action": "postback", "label": "Go", "value": "go"}]}}
+    body = {
+        "type": "card",
+        "payload": {
+            "title": "Hi",
+            "actions": [{"action": "postback", "label": "Go", "value": "go"}],
+        },
+    }
     first = await push(ingress, url, bot_token, body, {"Idempotency-Key": "k-1"})
     again = await push(ingress, url, bot_token, body, {"Idempotency-Key": "k-1"})
     other = await push(ingress, url, bot_token, body, {"Idempotency-Key": "k-2"})
@@ -200,20 +215,29 @@ PUSH_ERRORS = [
     ("no type", {"payload": {"text": "x"}}, "type"),
     ("payload not an object", {"type": "text", "payload": "x"}, "payload"),
     ("text without text", {"type": "text", "payload": {}}, "payload.text"),
-    ("image with a bad url", {"type": "image", "payload": {"imageUrl": "ftp://x"}},
-     "payload.imageUrl"),
+    (
+        "image with a bad url",
+        {"type": "image", "payload": {"imageUrl": "ftp://x"}},
+        "payload.imageUrl",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "body", "field"), PUSH_ERRORS, ids=[c[0] for c in PUSH_ERRORS])
 async def test_push_refuses_invalid_messages_with_400(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
-    case: str, body: dict[str, Any], field: str,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    case: str,
+    body: dict[str, Any],
+    field: str,
 ):
     integration_id, conversation = await conversation_of(ingress, store, settings)
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
-    status, answer = await push(ingress, f"/bot/conversations/{conversation}/messages",
-                                bot_token, body)
+    status, answer = await push(
+        ingress, f"/bot/conversations/{conversation}/messages", bot_token, body
+    )
     assert status == 400, answer
     assert field in [d["field"] for d in answer["error"]["details"]]
     assert await queues.take("outbound") == []
@@ -231,10 +255,16 @@ async def test_push_refuses_wrong_tokens_and_unknown_conversations(
     from relay.auth import reply_token
 
     secret = await store.bot_secret(integration_id)
-    for token in (None, "rly_nope", integration_token, foreign_bot,
-                  reply_token(secret, other_conversation, 2**31),  # another conversation's
-                  reply_token(secret, conversation, 1),  # expired
-                  reply_token("not-the-secret", conversation, 2**31)):
+    for token in (
+        None,
+        "rly_nope",
+        integration_token,
+        foreign_bot,
+        reply_token(secret, other_conversation, 2**31),  # another conversation's
+        reply_token(secret, conversation, 1),  # expired
+        reply_token("not-the-secret", conversation, 2**31),
+        "rlyr_\u00e9t\u00e9.x",  # not even ASCII
+    ):
         status, answer = await push(ingress, url, token, body)
         assert status == 401, (token, answer)
     status, _ = await push(ingress, url, reply_token(secret, conversation, 2**31), body)

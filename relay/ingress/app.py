@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 
 import structlog
 from aiohttp import web
@@ -18,6 +19,7 @@ from relay.ingress.openapi import openapi_handler
 from relay.ingress.push import PushHandler
 from relay.ingress.ratelimit import RateLimiter
 from relay.metrics import Metrics
+from relay.models import utcnow
 from relay.replies import ReplyPublisher
 from relay.service import (
     METRICS_KEY,
@@ -27,7 +29,7 @@ from relay.service import (
     store_check,
 )
 from relay.settings import Settings
-from relay.store import Store, open_store
+from relay.store import Store, StoreError, open_store
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +94,11 @@ def _resources(
         app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
         app[REPLIES_KEY] = replies
         app[READINESS_KEY].extend([("broker", broker_check(broker)), ("store", store_check(store))])
-        sweeper = asyncio.create_task(_sweep_forever(acceptor, settings.outbox_interval))
+        sweeper = asyncio.create_task(
+            _sweep_forever(
+                acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
+            )
+        )
         try:
             yield
         finally:
@@ -105,13 +111,19 @@ def _resources(
     return lambda app: resources(app)
 
 
-async def _sweep_forever(acceptor: Acceptor, interval: float) -> None:
-    """Publish what a crashed ingress left pending (see `relay.ingress.accept`)."""
+async def _sweep_forever(
+    acceptor: Acceptor, replies: ReplyPublisher, store: Store, lease: float, interval: float
+) -> None:
+    """Publish what a crashed process left pending: inbound messages (see
+    `relay.ingress.accept`) and responses stored but never confirmed by the broker."""
     while True:
         await asyncio.sleep(interval)
         try:
             await acceptor.sweep_outbox()
-        except (BrokerUnavailable, OSError) as error:
+            stale = await store.stale_outgoing(utcnow() - timedelta(seconds=lease), 100)
+            # A response published twice carries the same webhook-id: receivers deduplicate.
+            await replies.publish(stale)
+        except (BrokerUnavailable, StoreError, OSError) as error:
             log.warning("outbox_sweep_failed", error=str(error))
         except Exception:
             log.exception("outbox_sweep_failed")

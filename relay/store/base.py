@@ -195,6 +195,9 @@ class Store(Protocol):
         """Store one message the bot sent on its own; (record, created). A repeated key
         answers the message it created."""
 
+    async def stale_outgoing(self, before: datetime, limit: int) -> list[OutgoingRecord]:
+        """Responses stored before `before` and never confirmed by the broker."""
+
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """A conversation by its relay id."""
 

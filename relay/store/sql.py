@@ -187,6 +187,16 @@ class RepliesMixin:
             raise StoreError("a stored message could not be read back")
         return _outgoing(row), True
 
+    async def stale_outgoing(self, before: datetime, limit: int) -> list[OutgoingRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                _OUTGOING_SELECT + " WHERE m.direction = 'outgoing' AND m.state = 'pending'"
+                " AND m.created_at < ? ORDER BY m.conversation_id, m.sequence LIMIT ?",
+                before,
+                limit,
+            )
+        return [_outgoing(row) for row in rows]
+
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         async with self._driver.connection() as conn:
             row = await conn.fetchone(

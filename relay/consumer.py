@@ -1,0 +1,213 @@
+"""What both workers share: consume a stage's partitions in order, one lane per
+conversation, and turn each message's verdict into broker actions in one place.
+
+A subclass says how to read an envelope and what to do with it (`decide`); this class
+keeps the order (lanes, and parking behind a message that waits to retry), publishes to
+delay and dead-letter queues with confirms before acking, and stops gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName
+from relay.lanes import Lanes
+from relay.metrics import Metrics
+from relay.parking import Parking
+
+log = structlog.get_logger(__name__)
+
+ATTEMPT_HEADER = "x-relay-attempt"
+E = TypeVar("E")
+
+
+class Outcome(enum.Enum):
+    """What becomes of a message; `settle` maps each to broker actions."""
+
+    DONE = "done"  # ack
+    DROP = "drop"  # ack: nothing to do (e.g. never accepted)
+    RETRY = "retry"  # to a delay queue as the next attempt, then ack
+    WAIT = "wait"  # to a delay queue, same attempt (parked, not due, endpoint busy)
+    DEAD = "dead"  # to the stage's dead-letter queue with the reason, then ack
+    AGAIN = "again"  # nack with requeue: the store or broker is away right now
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An outcome with what it needs: the wait, the reason, a rewritten body, headers."""
+
+    outcome: Outcome
+    delay: float = 0.0
+    reason: str = ""
+    body: bytes | None = None
+    headers: dict[str, str | int] = field(default_factory=dict)
+    # The conversation waits with this message (always so for a retry).
+    holds_order: bool = False
+
+
+class StageWorker(ABC, Generic[E]):
+    """Consumes every partition of one stage; subclasses decide per message."""
+
+    stage: StageName
+
+    def __init__(self, broker: Broker, metrics: Metrics, concurrency: int) -> None:
+        self._broker = broker
+        self._metrics = metrics
+        self._lanes: Lanes[AbstractIncomingMessage] = Lanes(self._process, concurrency)
+        self._prefetch = concurrency * 2
+        self.parking = Parking()
+        self._channel: AbstractChannel | None = None
+        self._consumers: list[asyncio.Task[None]] = []
+
+    @property
+    def metrics(self) -> Metrics:
+        """The worker's metrics (what it consumed, by outcome)."""
+        return self._metrics
+
+    @abstractmethod
+    def parse(self, message: AbstractIncomingMessage) -> E | None:
+        """The envelope, or None if the message cannot be read (it is dead-lettered)."""
+
+    @abstractmethod
+    def keys(self, envelope: E) -> tuple[str, str]:
+        """(conversation, message) ids of an envelope, for order and parking."""
+
+    @abstractmethod
+    async def decide(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
+        """Do the work for one message and say what becomes of it."""
+
+    async def start(self) -> None:
+        """Start consuming every partition (waits for the broker connection)."""
+        await self._broker.wait_connected()
+        connection = self._broker.connection
+        if connection is None:
+            raise BrokerUnavailable("no broker connection")
+        self._channel = await connection.channel()
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        topology = self._broker.topology
+        for partition in range(topology.partitions):
+            queue = await self._channel.get_queue(topology.queue(self.stage, partition))
+            self._consumers.append(asyncio.create_task(self._consume(queue)))
+        log.info("worker_started", stage=self.stage, partitions=topology.partitions)
+
+    async def _consume(self, queue: AbstractQueue) -> None:
+        # The iterator yields in delivery order; `submit` fixes that order synchronously.
+        async with queue.iterator() as messages:
+            async for message in messages:
+                envelope = self.parse(message)
+                key = self.keys(envelope)[0] if envelope is not None else message.message_id
+                self._lanes.submit(str(key), message)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking messages, finish those in hand (bounded), return the rest."""
+        for consumer in self._consumers:
+            consumer.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        finished = await self._lanes.drain(grace)
+        if self._channel is not None and not self._channel.is_closed:
+            # Closing returns every unacked message to its queue.
+            await self._channel.close()
+        log.info("worker_stopped", stage=self.stage, finished=finished)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        envelope = self.parse(message)
+        conversation, message_key = self.keys(envelope) if envelope else (None, None)
+        with structlog.contextvars.bound_contextvars(
+            message_id=message.message_id,
+            conversation_id=conversation,
+            attempt=attempt_of(message),
+        ):
+            if envelope is None:
+                verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
+            elif delay := self.parking.wait_behind(conversation or "", message_key or ""):
+                verdict = Verdict(Outcome.WAIT, delay=delay, reason="parked")
+            else:
+                verdict = await self.decide(message, envelope)
+            await self._settle(message, conversation, message_key, verdict)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        conversation: str | None,
+        message_key: str | None,
+        verdict: Verdict,
+    ) -> None:
+        """The one place a verdict becomes broker actions."""
+        outcome = verdict.outcome
+        self._metrics.consumed.labels(self.stage, outcome.value).inc()
+        if outcome is Outcome.AGAIN:
+            await asyncio.sleep(1)  # the store or broker is away: do not spin on it
+            await _quietly(message.nack(requeue=True))
+            return
+        try:
+            await self._forward(message, verdict)
+        except BrokerUnavailable as error:
+            log.warning("settle_failed", outcome=outcome.value, error=str(error))
+            await _quietly(message.nack(requeue=True))
+            return
+        await _quietly(message.ack())
+        if conversation and message_key:
+            self._track_parking(conversation, message_key, verdict)
+        log.info(
+            "message_settled",
+            stage=self.stage,
+            outcome=outcome.value,
+            reason=verdict.reason or None,
+        )
+
+    async def _forward(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
+        """Publish the message where the verdict sends it (nothing for done and drop)."""
+        topology = self._broker.topology
+        body = verdict.body if verdict.body is not None else message.body
+        attempt = attempt_of(message)
+        if verdict.outcome in (Outcome.RETRY, Outcome.WAIT):
+            next_attempt = attempt + 1 if verdict.outcome is Outcome.RETRY else attempt
+            await self._broker.publish_to(
+                topology.delay_exchange(self.stage, verdict.delay),
+                message.routing_key or "",  # the partition: it returns to its own queue
+                body,
+                message_id=message.message_id or "",
+                headers={**verdict.headers, ATTEMPT_HEADER: next_attempt},
+            )
+        elif verdict.outcome is Outcome.DEAD:
+            await self._broker.publish_to(
+                topology.dead_exchange(),
+                self.stage,
+                body,
+                message_id=message.message_id or "",
+                headers={
+                    ATTEMPT_HEADER: attempt,
+                    "x-relay-reason": verdict.reason[:1000],
+                    "x-relay-dead-at": int(time.time()),
+                    **verdict.headers,
+                },
+            )
+
+    def _track_parking(self, conversation: str, message_key: str, verdict: Verdict) -> None:
+        if verdict.outcome is Outcome.RETRY or verdict.holds_order:
+            self.parking.delay_head(conversation, message_key, verdict.delay)
+        elif verdict.outcome in (Outcome.DONE, Outcome.DROP, Outcome.DEAD):
+            self.parking.done(conversation, message_key)
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    """The attempt number a message carries (0 for the first)."""
+    value = (message.headers or {}).get(ATTEMPT_HEADER, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+async def _quietly(action: object) -> None:
+    """Ack or nack; after a reconnect the old channel's tags are void and the broker
+    redelivers, which the handlers' idempotency absorbs."""
+    try:
+        await action  # type: ignore[misc]
+    except BROKER_ERRORS as error:
+        log.warning("ack_failed", error=str(error))
