@@ -32,13 +32,20 @@ async def bot_workers(
     """`count` bot-worker processes; stopped with SIGTERM (or already killed) at the end."""
     processes = []
     for _ in range(count):
-        env = relay_env(settings, {
-            "RELAY_BOT": bot, "RELAY_BOT_WORKER_PORT": str(free_port()),
-            "RELAY_BOT_RETRY_DELAYS": ",".join(str(d) for d in settings.bot_retry_delays),
-            "RELAY_LOG_LEVEL": "warning",
-        })
-        processes.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay.cli", "bot-worker", env=env, cwd=os.getcwd()))
+        env = relay_env(
+            settings,
+            {
+                "RELAY_BOT": bot,
+                "RELAY_BOT_WORKER_PORT": str(free_port()),
+                "RELAY_BOT_RETRY_DELAYS": ",".join(str(d) for d in settings.bot_retry_delays),
+                "RELAY_LOG_LEVEL": "warning",
+            },
+        )
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay.cli", "bot-worker", env=env, cwd=os.getcwd()
+            )
+        )
     try:
         yield processes
     finally:
@@ -55,13 +62,17 @@ async def consumers(amqp: AbstractRobustConnection, settings: Settings) -> int:
         total = 0
         for partition in range(settings.partitions):
             queue = await channel.declare_queue(
-                f"{settings.queue_prefix}.inbound.{partition}", passive=True)
+                f"{settings.queue_prefix}.inbound.{partition}", passive=True
+            )
             total += (queue.declaration_result.consumer_count or 0) > 0
         return total
 
 
 async def test_three_workers_keep_each_conversations_order_over_200_messages(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
     amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
@@ -71,8 +82,10 @@ async def test_three_workers_keep_each_conversations_order_over_200_messages(
         async def conversation(c: int) -> None:
             for n in range(10):
                 status, _ = await ingress.post(
-                    integration_id, token,
-                    message(f"{c}-{n}", conversationId=f"conv-{c}", text=f"{c}:{n}"))
+                    integration_id,
+                    token,
+                    message(f"{c}-{n}", conversationId=f"conv-{c}", text=f"{c}:{n}"),
+                )
                 assert status == 200
 
         await asyncio.gather(*[conversation(c) for c in range(20)])
@@ -92,7 +105,10 @@ async def _all_consumed(amqp: AbstractRobustConnection, settings: Settings) -> b
 
 
 async def test_a_worker_killed_mid_turn_is_replaced_and_replies_exactly_once(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
     amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
@@ -115,6 +131,7 @@ async def _delivered(amqp: AbstractRobustConnection, settings: Settings) -> bool
         ready = 0
         for partition in range(settings.partitions):
             queue = await channel.declare_queue(
-                f"{settings.queue_prefix}.inbound.{partition}", passive=True)
+                f"{settings.queue_prefix}.inbound.{partition}", passive=True
+            )
             ready += queue.declaration_result.message_count or 0
         return ready == 0

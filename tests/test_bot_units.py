@@ -67,19 +67,22 @@ def test_reply_tokens_are_scoped_and_expire():
 def test_bot_answers_in_botpress_and_rasa_shapes():
     assert replies_of(None) == []
     assert replies_of({"text": "not a list"}) == []
-    assert replies_of([
-        {"type": "text", "payload": {"text": "a"}},
-        {"text": "b"},
-        {"image": "https://x/i.png", "text": "c"},
-        {"text": "d", "buttons": [{"title": "Yes", "payload": "/yes"}]},
-        {"custom": {"type": "video", "payload": {"videoUrl": "https://x/v.mp4"}}},
-        {"custom": {"anything": 1}},
-        {"attachment": "https://x/f.pdf"},
-        "ignored",
-    ]) == [
+    assert replies_of(
+        [
+            {"type": "text", "payload": {"text": "a"}},
+            {"text": "b"},
+            {"image": "https://x/i.png", "text": "c"},
+            {"text": "d", "buttons": [{"title": "Yes", "payload": "/yes"}]},
+            {"custom": {"type": "video", "payload": {"videoUrl": "https://x/v.mp4"}}},
+            {"custom": {"anything": 1}},
+            {"attachment": "https://x/f.pdf"},
+            "ignored",
+        ]
+    ) == [
         ("text", {"text": "a"}),
         ("text", {"text": "b"}),
-        ("text", {"text": "c"}), ("image", {"imageUrl": "https://x/i.png"}),
+        ("text", {"text": "c"}),
+        ("image", {"imageUrl": "https://x/i.png"}),
         ("choice", {"text": "d", "options": [{"label": "Yes", "value": "/yes"}]}),
         ("video", {"videoUrl": "https://x/v.mp4"}),
         ("custom", {"anything": 1}),

@@ -43,9 +43,12 @@ async def test_echo_replies_arrive_in_order_with_increasing_sequences(
     bodies = [e.body for e in sorted(envelopes, key=lambda e: e.body.sequence)]
     assert [b.sequence for b in bodies] == [1, 2, 3, 4, 5, 6]
     assert [(b.type, b.payload) for b in bodies] == [
-        ("typing", {"value": True}), ("text", {"text": "echo: hi 0"}),
-        ("typing", {"value": True}), ("text", {"text": "echo: hi 1"}),
-        ("typing", {"value": True}), ("text", {"text": "echo: hi 2"}),
+        ("typing", {"value": True}),
+        ("text", {"text": "echo: hi 0"}),
+        ("typing", {"value": True}),
+        ("text", {"text": "echo: hi 1"}),
+        ("typing", {"value": True}),
+        ("text", {"text": "echo: hi 2"}),
     ]
     first = sent[0]
     for body in bodies:
@@ -61,7 +64,10 @@ async def test_echo_replies_arrive_in_order_with_increasing_sequences(
 
 
 async def test_a_redelivered_message_gets_no_second_set_of_replies(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
     amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
@@ -99,7 +105,8 @@ async def test_late_replies_follow_the_turn_in_sequence(
         responses = await take_until(queues, "outbound", 2)
     ordered = by_conversation(responses)["conv-1"]
     assert [(r["body"]["sequence"], r["body"]["payload"]["text"]) for r in ordered] == [
-        (1, "now"), (2, "later"),
+        (1, "now"),
+        (2, "later"),
     ]
 
 
@@ -112,7 +119,8 @@ async def test_an_invalid_reply_is_refused_with_a_clear_error_and_the_worker_goe
     async with start_bot_worker(with_bot(settings, "tests.bots:picky")):
         responses = await take_until(queues, "outbound", 2)
     assert [r["body"]["payload"] for r in by_conversation(responses)["conv-1"]] == [
-        {"text": "refused: payload.imageUrl"}, {"text": "refused: payload.imageUrl"},
+        {"text": "refused: payload.imageUrl"},
+        {"text": "refused: payload.imageUrl"},
     ]
 
 
@@ -129,7 +137,10 @@ async def test_a_failing_bot_is_retried_then_answers(
 
 
 async def test_a_bot_that_keeps_failing_dead_letters_the_message_and_the_rest_follow_in_order(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
     amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
@@ -139,7 +150,8 @@ async def test_a_bot_that_keeps_failing_dead_letters_the_message_and_the_rest_fo
         responses = await take_until(queues, "outbound", 2)
         dead = await take_dead(amqp, settings, 1)
     assert [r["body"]["payload"]["text"] for r in by_conversation(responses)["conv-1"]] == [
-        "ok after 1", "ok after 2",
+        "ok after 1",
+        "ok after 2",
     ]
     [(headers, envelope)] = dead
     assert envelope.text == "fail"
@@ -164,7 +176,10 @@ async def take_dead(
 
 
 async def test_an_envelope_that_was_never_accepted_is_dropped(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
     amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
