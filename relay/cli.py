@@ -7,19 +7,26 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
 from relay import admin
-from relay.ingress.app import create_app
+from relay.auth import new_signing_secret
+from relay.broker import Broker
+from relay.dlq import DeadLetter, DeadLetters
+from relay.ingress.app import create_app, topology_of
 from relay.logs import configure_logging
 from relay.metrics import Metrics
+from relay.models import utcnow
 from relay.runner import serve
 from relay.service import create_service_app
 from relay.settings import Settings, describe_error
+from relay.sink import SinkOptions, create_sink_app
 from relay.store import SqlStore, open_store
 from workers.bot.service import bot_worker_context
+from workers.delivery.service import delivery_worker_context
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -38,12 +45,131 @@ async def _bot_worker(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+async def _delivery_worker(settings: Settings, _: argparse.Namespace) -> int:
+    app = create_service_app(Metrics(), [], client_max_size=1024)
+    app.cleanup_ctx.append(delivery_worker_context(settings))
+    await serve(app, settings.http_host, settings.delivery_worker_port, settings.shutdown_timeout)
+    return 0
+
+
 async def _run_all(settings: Settings, _: argparse.Namespace) -> int:
     # One process, one port: the ingress routes, and the workers alongside.
     app = create_app(settings)
     app.cleanup_ctx.append(bot_worker_context(settings))
+    app.cleanup_ctx.append(delivery_worker_context(settings))
     await serve(app, settings.http_host, settings.http_port, settings.shutdown_timeout)
     return 0
+
+
+async def _sink(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        options = SinkOptions(fail=args.fail, status=args.status, retry_after=args.retry_after)
+        await serve(
+            create_sink_app(store, options), args.host, args.port, settings.shutdown_timeout
+        )
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def _with_dead_letters(
+    settings: Settings, args: argparse.Namespace, work: Callable[[DeadLetters], Awaitable[int]]
+) -> int:
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker.start()
+    try:
+        await asyncio.wait_for(broker.wait_connected(), 15)
+        return await work(DeadLetters(broker, args.stage))
+    finally:
+        await broker.close()
+
+
+def _selection(args: argparse.Namespace) -> Callable[[DeadLetter], bool]:
+    def select(letter: DeadLetter) -> bool:
+        if getattr(args, "id", None) and letter.id != args.id:
+            return False
+        return not (args.integration and letter.integration_id != args.integration)
+
+    return select
+
+
+async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(letters: DeadLetters) -> int:
+        found = await letters.list(_selection(args))
+        if args.json:
+            _print_json([letter.view() for letter in found])
+        else:
+            rows = [{**letter.view(), "deadAt": letter.dead_at} for letter in found]
+            print(admin.table(rows, ["id", "integrationId", "attempts", "lastStatus", "reason"]))
+        return 0
+
+    return await _with_dead_letters(settings, args, work)
+
+
+async def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
+    if not (args.id or args.all or args.integration):
+        raise admin.AdminError("say which: --id X, --integration ID or --all")
+
+    async def work(letters: DeadLetters) -> int:
+        print(f"replayed {await letters.replay(_selection(args))}")
+        return 0
+
+    return await _with_dead_letters(settings, args, work)
+
+
+async def _dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(letters: DeadLetters) -> int:
+        print(f"purged {await letters.purge(_selection(args))}")
+        return 0
+
+    return await _with_dead_letters(settings, args, work)
+
+
+async def _deliveries_show(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        attempts = [a.model_dump(mode="json") for a in await store.list_attempts(args.id)]
+        if not attempts:
+            raise admin.AdminError(f"no attempts logged for {args.id}")
+        if args.json:
+            _print_json(attempts)
+        else:
+            print(
+                admin.table(
+                    attempts,
+                    ["attempt", "created_at", "status", "latency_ms", "error", "next_attempt_at"],
+                )
+            )
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def _integrations_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        until = utcnow() + timedelta(seconds=admin.parse_duration(args.grace))
+        record = await store.rotate_secret(args.integration_id, new_signing_secret(), until)
+        if record is None:
+            raise admin.AdminError(f"no integration {args.integration_id}")
+        _print_json(
+            {
+                "id": record.id,
+                "signingSecret": record.signing_secret,
+                "previousSecretValidUntil": until.isoformat(),
+            }
+        )
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def _integrations_enable(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        if not await store.set_disabled(args.integration_id, None):
+            raise admin.AdminError(f"no integration {args.integration_id}")
+        print(f"enabled {args.integration_id}")
+        return 0
+
+    return await _with_store(settings, work)
 
 
 async def _with_store(settings: Settings, work: Callable[[SqlStore], Awaitable[int]]) -> int:
@@ -128,7 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_parser("bot-worker", help="consumes inbound messages, runs the bot").set_defaults(
         run=_bot_worker
     )
+    roles.add_parser("delivery-worker", help="delivers responses to back ends").set_defaults(
+        run=_delivery_worker
+    )
     roles.add_parser("run", help="every service in one process").set_defaults(run=_run_all)
+    sink = roles.add_parser("sink", help="a local response endpoint that prints what it gets")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=8090)
+    sink.add_argument("--fail", type=int, default=0, help="answer 500 to the first N")
+    sink.add_argument("--status", type=int, default=200, help="the status to answer")
+    sink.add_argument("--retry-after", help="Retry-After to send with failures")
+    sink.set_defaults(run=_sink)
+    _dlq_commands(roles)
+    deliveries = roles.add_parser("deliveries", help="delivery attempts")
+    show = deliveries.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "show", help="every attempt of one delivery (its webhook-id)"
+    )
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_deliveries_show)
     _integration_commands(roles)
     _token_commands(roles)
     return parser
@@ -149,6 +293,32 @@ def _integration_commands(roles: Any) -> None:
     listing = sub.add_parser("list", help="list integrations")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_integrations_list)
+    rotate = sub.add_parser("rotate-secret", help="new signing secret; old one valid a while")
+    rotate.add_argument("integration_id")
+    rotate.add_argument("--grace", default="24h", help="how long the old secret still signs")
+    rotate.set_defaults(run=_integrations_rotate)
+    enable = sub.add_parser("enable", help="re-enable an endpoint disabled by a 410")
+    enable.add_argument("integration_id")
+    enable.set_defaults(run=_integrations_enable)
+
+
+def _dlq_commands(roles: Any) -> None:
+    group = roles.add_parser("dlq", help="dead letters: list, replay, purge")
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, run, helptext in (
+        ("list", _dlq_list, "show dead letters"),
+        ("replay", _dlq_replay, "send dead letters back"),
+        ("purge", _dlq_purge, "delete dead letters"),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("--stage", choices=["outbound", "inbound"], default="outbound")
+        command.add_argument("--integration", help="only this integration's")
+        command.add_argument("--id", help="only this one (message or delivery id)")
+        if name == "list":
+            command.add_argument("--json", action="store_true")
+        if name == "replay":
+            command.add_argument("--all", action="store_true")
+        command.set_defaults(run=run)
 
 
 def _token_commands(roles: Any) -> None:

@@ -130,8 +130,16 @@ class StageWorker(ABC, Generic[E]):
             elif delay := self.parking.wait_behind(conversation or "", message_key or ""):
                 verdict = Verdict(Outcome.WAIT, delay=delay, reason="parked")
             else:
-                verdict = await self.decide(message, envelope)
+                verdict = await self._decide_safely(message, envelope)
             await self._settle(message, conversation, message_key, verdict)
+
+    async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
+        try:
+            return await self.decide(message, envelope)
+        except Exception as error:
+            # A bug must not strand the message unacked in a dead lane: it is tried again.
+            log.exception("decide_failed")
+            return Verdict(Outcome.AGAIN, reason=f"{type(error).__name__}: {error}")
 
     async def _settle(
         self,

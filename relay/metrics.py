@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -60,6 +60,31 @@ class Metrics:
         self.bot_failures = Counter(
             "relay_bot_failures",
             "Bot turns that failed (timeout, error, 5xx).",
+            registry=self.registry,
+        )
+
+        self.delivery_attempts = Counter(
+            "relay_delivery_attempts",
+            "Delivery attempts by outcome and status class.",
+            ["outcome", "status_class"],
+            registry=self.registry,
+        )
+        self.delivery_latency = Histogram(
+            "relay_delivery_seconds",
+            "Time of one POST to a response endpoint.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.response_age = Histogram(
+            "relay_response_age_seconds",
+            "From a response's creation to its 2xx delivery.",
+            buckets=(*_LATENCY_BUCKETS, 30, 60, 300, 1800, 7200),
+            registry=self.registry,
+        )
+        self.breaker_state = Gauge(
+            "relay_endpoint_circuit",
+            "Circuit of each endpoint: 0 closed, 1 half open, 2 open.",
+            ["endpoint"],
             registry=self.registry,
         )
 

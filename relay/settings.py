@@ -46,23 +46,56 @@ class Settings(BaseSettings):
     bot_retry_delays: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0]
     )
+    # The delivery worker.
+    delivery_worker_port: int = Field(default=8082, ge=0, le=65535)
+    delivery_connect_timeout: float = Field(default=5.0, gt=0)
+    delivery_timeout: float = Field(default=15.0, gt=0)
+    delivery_concurrency: int = Field(default=64, ge=1, le=4096)
+    # Wait before each attempt: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+    delivery_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    # The fixed TTLs of the outbound delay queues; any wait is made of hops through them.
+    delivery_delay_queues: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.0, 5.0, 30.0, 300.0, 1800.0, 7200.0]
+    )
+    delivery_max_age: float = Field(default=3 * 24 * 3600, gt=0)
+    # After a timeout or a 429, wait at least this long: the endpoint is struggling.
+    delivery_overload_penalty: float = Field(default=30.0, ge=0)
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=30.0, gt=0)
+    endpoint_concurrency: int = Field(default=8, ge=1)
+    https_only: bool = False
     # Bot Framework: the bot's app id and password (empty for a bot in no-auth mode).
     botframework_app_id: str = ""
     botframework_app_password: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("allowed_endpoint_networks", "bot_retry_delays", mode="before")
+    @field_validator(
+        "allowed_endpoint_networks",
+        "bot_retry_delays",
+        "delivery_retry_schedule",
+        "delivery_delay_queues",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("bot_retry_delays")
+    @field_validator("bot_retry_delays", "delivery_delay_queues")
     @classmethod
     def _positive_delays(cls, value: list[float]) -> list[float]:
         if not value or any(delay <= 0 for delay in value):
             raise ValueError("must be one or more positive numbers of seconds")
+        return value
+
+    @field_validator("delivery_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: list[float]) -> list[float]:
+        if not value or any(delay < 0 for delay in value):
+            raise ValueError("must be one or more numbers of seconds, 0 or more")
         return value
 
     @field_validator("database_url")

@@ -26,6 +26,7 @@ from tests.services import postgres_url, rabbitmq_url
 BACKENDS = ["sqlite", "postgresql"]
 PARTITIONS = 4
 BOT_RETRY_DELAYS = (0.2, 0.5)
+DELIVERY_DELAY_QUEUES = (0.1, 0.5)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,8 @@ async def queue_prefix(amqp_url: str) -> AsyncIterator[str]:
     yield prefix
     connection = await aio_pika.connect(amqp_url)
     async with connection, connection.channel() as channel:
-        topology = Topology(prefix, PARTITIONS, delays=(("inbound", BOT_RETRY_DELAYS),))
+        delays = (("inbound", BOT_RETRY_DELAYS), ("outbound", DELIVERY_DELAY_QUEUES))
+        topology = Topology(prefix, PARTITIONS, delays=delays)
         await delete(channel, topology)
 
 
@@ -86,6 +88,13 @@ def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
         outbox_interval=0.2,
         outbox_lease=4.0,
         bot_retry_delays=list(BOT_RETRY_DELAYS),
+        delivery_delay_queues=list(DELIVERY_DELAY_QUEUES),
+        delivery_retry_schedule=[0, 0.2, 0.2, 0.2],
+        delivery_overload_penalty=0.3,
+        delivery_timeout=2.0,
+        delivery_connect_timeout=1.0,
+        breaker_cooldown=1.0,
+        allowed_endpoint_networks=["127.0.0.0/8"],
         bot_timeout=5.0,
         public_url="http://127.0.0.1:9",
     )

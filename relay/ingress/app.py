@@ -46,7 +46,10 @@ def topology_of(settings: Settings) -> Topology:
     return Topology(
         prefix=settings.queue_prefix,
         partitions=settings.partitions,
-        delays=(("inbound", tuple(settings.bot_retry_delays)),),
+        delays=(
+            ("inbound", tuple(settings.bot_retry_delays)),
+            ("outbound", tuple(settings.delivery_delay_queues)),
+        ),
     )
 
 
@@ -120,7 +123,10 @@ async def _sweep_forever(
         await asyncio.sleep(interval)
         try:
             await acceptor.sweep_outbox()
-            stale = await store.stale_outgoing(utcnow() - timedelta(seconds=lease), 100)
+            now = utcnow()
+            stale = await store.claim_stale_outgoing(
+                now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
+            )
             # A response published twice carries the same webhook-id: receivers deduplicate.
             await replies.publish(stale)
         except (BrokerUnavailable, StoreError, OSError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from relay.store.base import (
     Accepted,
+    AttemptRecord,
     ConversationRecord,
     InboundState,
     IntegrationRecord,
@@ -21,6 +22,7 @@ from relay.store.sqlite import SqliteDriver
 
 __all__ = [
     "Accepted",
+    "AttemptRecord",
     "ConversationRecord",
     "InboundState",
     "IntegrationRecord",

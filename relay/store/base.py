@@ -25,6 +25,16 @@ class IntegrationRecord(BaseModel):
     signing_secret: str
     created_at: datetime
     disabled_at: datetime | None = None
+    # During a rotation's grace period deliveries are signed with both secrets.
+    previous_secret: str | None = None
+    previous_secret_until: datetime | None = None
+
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets to sign with now: the current one, and the previous during its grace."""
+        until = self.previous_secret_until
+        if self.previous_secret and until is not None and now < until:
+            return [self.signing_secret, self.previous_secret]
+        return [self.signing_secret]
 
 
 class TokenRecord(BaseModel):
@@ -70,6 +80,23 @@ class PendingMessage:
     text: str
     request_id: str | None
     lease_owner: str
+
+
+class AttemptRecord(BaseModel):
+    """One delivery attempt, as `relay deliveries show` prints it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    delivery_id: str
+    attempt: int
+    integration_id: str
+    message_id: str
+    status: int | None
+    latency_ms: float | None
+    error: str | None
+    next_attempt_at: datetime | None
+    response_body: str | None
+    created_at: datetime
 
 
 class OutgoingRecord(BaseModel):
@@ -195,11 +222,27 @@ class Store(Protocol):
         """Store one message the bot sent on its own; (record, created). A repeated key
         answers the message it created."""
 
-    async def stale_outgoing(self, before: datetime, limit: int) -> list[OutgoingRecord]:
-        """Responses stored before `before` and never confirmed by the broker."""
+    async def claim_stale_outgoing(
+        self, before: datetime, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutgoingRecord]:
+        """Claim responses stored before `before` and never confirmed by the broker."""
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """A conversation by its relay id."""
+
+    async def rotate_secret(
+        self, integration_id: str, secret: str, previous_until: datetime
+    ) -> IntegrationRecord | None:
+        """Make `secret` current; the old one stays valid for signing until `previous_until`."""
+
+    async def set_disabled(self, integration_id: str, disabled_at: datetime | None) -> bool:
+        """Disable the integration's endpoint (410 Gone), or enable it again with None."""
+
+    async def record_attempt(self, attempt: AttemptRecord) -> None:
+        """Log one delivery attempt."""
+
+    async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        """Every attempt of a delivery, oldest first."""
 
     async def bot_secret(self, integration_id: str) -> str:
         """The integration's secret for conversation-scoped reply tokens (made on first use)."""

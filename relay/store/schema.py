@@ -86,7 +86,27 @@ CREATE UNIQUE INDEX messages_idempotency ON messages (conversation_id, idempoten
 CREATE INDEX messages_reply_to ON messages (reply_to)
 """
 
-MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2]
+# Delivery: secret rotation with a grace period, and the log of every delivery attempt.
+_V3 = """
+ALTER TABLE integrations ADD COLUMN previous_secret TEXT;
+ALTER TABLE integrations ADD COLUMN previous_secret_until {ts};
+CREATE TABLE delivery_attempts (
+    id TEXT PRIMARY KEY,
+    delivery_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    integration_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    status INTEGER,
+    latency_ms DOUBLE PRECISION,
+    error TEXT,
+    next_attempt_at {ts},
+    response_body TEXT,
+    created_at {ts} NOT NULL
+);
+CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, created_at)
+"""
+
+MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2, _V3]
 
 
 def migrations(dialect: str) -> list[str]:

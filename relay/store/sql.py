@@ -20,6 +20,7 @@ from relay.models import (
 )
 from relay.store.base import (
     Accepted,
+    AttemptRecord,
     ConversationRecord,
     InboundState,
     IntegrationRecord,
@@ -187,15 +188,32 @@ class RepliesMixin:
             raise StoreError("a stored message could not be read back")
         return _outgoing(row), True
 
-    async def stale_outgoing(self, before: datetime, limit: int) -> list[OutgoingRecord]:
+    async def claim_stale_outgoing(
+        self, before: datetime, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutgoingRecord]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 _OUTGOING_SELECT + " WHERE m.direction = 'outgoing' AND m.state = 'pending'"
-                " AND m.created_at < ? ORDER BY m.conversation_id, m.sequence LIMIT ?",
+                " AND m.created_at < ? AND (m.lease_until IS NULL OR m.lease_until < ?)"
+                " ORDER BY m.conversation_id, m.sequence LIMIT ?",
                 before,
+                now,
                 limit,
             )
-        return [_outgoing(row) for row in rows]
+        claimed = []
+        for row in rows:
+            # A conditional update per row: one sweeper per lease publishes it.
+            async with self._driver.connection() as conn:
+                won = await conn.execute(
+                    "UPDATE messages SET lease_until = ? WHERE id = ? AND state = 'pending'"
+                    " AND (lease_until IS NULL OR lease_until < ?)",
+                    lease_until,
+                    row["id"],
+                    now,
+                )
+            if won == 1:
+                claimed.append(_outgoing(row))
+        return claimed
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         async with self._driver.connection() as conn:
@@ -322,6 +340,54 @@ class SqlStore(RepliesMixin):
         async with self._driver.connection() as conn:
             rows = await conn.fetchall("SELECT * FROM integrations ORDER BY created_at, id")
         return [IntegrationRecord.model_validate(row) for row in rows]
+
+    async def rotate_secret(
+        self, integration_id: str, secret: str, previous_until: datetime
+    ) -> IntegrationRecord | None:
+        async with self._driver.transaction() as conn:
+            await conn.execute(
+                "UPDATE integrations SET previous_secret = signing_secret,"
+                " previous_secret_until = ?, signing_secret = ? WHERE id = ?",
+                previous_until,
+                secret,
+                integration_id,
+            )
+            row = await conn.fetchone("SELECT * FROM integrations WHERE id = ?", integration_id)
+        return IntegrationRecord.model_validate(row) if row else None
+
+    async def set_disabled(self, integration_id: str, disabled_at: datetime | None) -> bool:
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                "UPDATE integrations SET disabled_at = ? WHERE id = ?", disabled_at, integration_id
+            )
+        return changed == 1
+
+    async def record_attempt(self, attempt: AttemptRecord) -> None:
+        async with self._driver.connection() as conn:
+            await conn.execute(
+                "INSERT INTO delivery_attempts (id, delivery_id, attempt, integration_id,"
+                " message_id, status, latency_ms, error, next_attempt_at, response_body,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                new_id(),
+                attempt.delivery_id,
+                attempt.attempt,
+                attempt.integration_id,
+                attempt.message_id,
+                attempt.status,
+                attempt.latency_ms,
+                attempt.error,
+                attempt.next_attempt_at,
+                attempt.response_body,
+                attempt.created_at,
+            )
+
+    async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY created_at",
+                delivery_id,
+            )
+        return [AttemptRecord.model_validate(row) for row in rows]
 
     async def create_token(
         self, integration_id: str, kind: TokenKind, token_hash: str, prefix: str

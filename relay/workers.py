@@ -1,0 +1,46 @@
+"""Running a stage worker inside a service: its store, broker and worker opened at start,
+and closed at stop after the worker finished or returned what it holds."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from relay.broker import Broker
+from relay.consumer import StageWorker
+from relay.ingress.app import topology_of
+from relay.metrics import Metrics
+from relay.service import METRICS_KEY, READINESS_KEY, broker_check, store_check
+from relay.settings import Settings
+from relay.store import Store, open_store
+
+Closer = Callable[[], Awaitable[None]]
+WorkerFactory = Callable[[Store, Broker, Metrics], tuple[StageWorker[Any], Closer]]
+Context = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
+
+
+def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Context:
+    """A cleanup context that runs the worker `factory` builds while the application runs."""
+
+    @contextlib.asynccontextmanager
+    async def running(app: web.Application) -> AsyncIterator[None]:
+        store = await open_store(settings.database_url)
+        broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+        broker.start()
+        worker, close_extra = factory(store, broker, app[METRICS_KEY])
+        app[READINESS_KEY].extend(
+            [(f"{name}_broker", broker_check(broker)), (f"{name}_store", store_check(store))]
+        )
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.stop(settings.shutdown_timeout)
+            await close_extra()
+            await broker.close()
+            await store.close()
+
+    return lambda app: running(app)

@@ -1,0 +1,26 @@
+"""The delivery worker as a service."""
+
+from __future__ import annotations
+
+from relay.broker import Broker
+from relay.metrics import Metrics
+from relay.settings import Settings
+from relay.store import Store
+from relay.workers import Closer, Context, worker_context
+from workers.delivery.sender import Sender
+from workers.delivery.worker import DeliveryWorker
+
+
+def delivery_worker_context(settings: Settings) -> Context:
+    """A cleanup context that runs a delivery worker for as long as the application runs."""
+
+    def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[DeliveryWorker, Closer]:
+        sender = Sender(
+            settings.allowed_endpoint_networks,
+            settings.https_only,
+            settings.delivery_connect_timeout,
+            settings.delivery_timeout,
+        )
+        return DeliveryWorker(settings, store, broker, sender, metrics), sender.close
+
+    return worker_context(settings, "delivery", build)

@@ -1,0 +1,219 @@
+"""The delivery worker: POSTs each response to the back end, retries, dead-letters.
+
+Per response: wait if it is not due yet (its retry time, carried in a header), or if its
+endpoint's circuit is open or its in-flight cap is reached; otherwise POST it signed, log
+the attempt, and decide: 2xx done; 410 dead-letters and disables the endpoint; another 4xx
+(but 408, 409, 425, 429) dead-letters; anything else retries on the schedule, with jitter,
+`Retry-After` (clamped) and an overload penalty, until attempts or age run out.
+
+Order per conversation: a response that waits holds its conversation (parking), so the
+later responses wait behind it in the delay queues and leave after it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from relay.backoff import hop, next_delay, parse_retry_after
+from relay.breaker import Breakers, endpoint_of
+from relay.broker import Broker, StageName
+from relay.consumer import Outcome, StageWorker, Verdict
+from relay.ingress.directory import Directory
+from relay.metrics import Metrics
+from relay.models import OutboundEnvelope, utcnow
+from relay.settings import Settings
+from relay.store import AttemptRecord, IntegrationRecord, Store, StoreError
+from workers.delivery.sender import Sender, Sent
+
+log = structlog.get_logger(__name__)
+
+DUE_HEADER = "x-relay-due"  # unix milliseconds before which the response waits
+RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+
+
+class DeliveryWorker(StageWorker[OutboundEnvelope]):
+    """Consumes every outbound partition; one instance per process."""
+
+    stage: StageName = "outbound"
+
+    def __init__(
+        self, settings: Settings, store: Store, broker: Broker, sender: Sender, metrics: Metrics
+    ) -> None:
+        super().__init__(broker, metrics, settings.delivery_concurrency)
+        self._settings = settings
+        self._store = store
+        self._sender = sender
+        self._directory = Directory(store, settings.auth_cache_seconds)
+        self._queues = sorted(settings.delivery_delay_queues)
+        self._breakers = Breakers(
+            settings.breaker_threshold, settings.breaker_cooldown, settings.endpoint_concurrency
+        )
+
+    def parse(self, message: AbstractIncomingMessage) -> OutboundEnvelope | None:
+        """The outbound envelope, or None (logged) if it is not one."""
+        try:
+            return OutboundEnvelope.model_validate_json(message.body)
+        except ValidationError:
+            log.error("invalid_envelope", message_id=message.message_id)
+            return None
+
+    def keys(self, envelope: OutboundEnvelope) -> tuple[str, str]:
+        """(conversation, delivery) ids."""
+        return envelope.body.botpressConversationId, envelope.deliveryId
+
+    async def decide(self, message: AbstractIncomingMessage, envelope: OutboundEnvelope) -> Verdict:
+        """Deliver now, or say how long to wait, or give up."""
+        with structlog.contextvars.bound_contextvars(
+            delivery_id=envelope.deliveryId,
+            attempt=envelope.attempt,
+            response_id=envelope.body.botpressMessageId,
+        ):
+            due = (message.headers or {}).get(DUE_HEADER)
+            if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
+                return self._wait(left, "not due yet")
+            try:
+                integration = (
+                    await self._directory.lookup(envelope.integrationId, "integration")
+                ).integration
+            except StoreError as error:
+                return Verdict(Outcome.AGAIN, reason=str(error))
+            if integration is None or integration.disabled_at is not None:
+                return Verdict(Outcome.DEAD, reason="the integration's endpoint is disabled")
+            return await self._attempt(envelope, integration)
+
+    def _wait(self, seconds: float, reason: str) -> Verdict:
+        delay = hop(seconds, self._queues) or min(self._queues)
+        return Verdict(
+            Outcome.WAIT,
+            delay=delay,
+            reason=reason,
+            holds_order=True,
+            headers={DUE_HEADER: int((time.time() + seconds) * 1000)},
+        )
+
+    async def _attempt(self, envelope: OutboundEnvelope, integration: IntegrationRecord) -> Verdict:
+        endpoint = endpoint_of(integration.response_url)
+        wait = self._breakers.acquire(endpoint)
+        if wait is not None:
+            return self._wait(wait, f"endpoint {endpoint} is open or busy")
+        sent: Sent | None = None
+        try:
+            sent = await self._sender.send(
+                integration.response_url,
+                envelope.body.model_dump_json().encode(),
+                envelope.deliveryId,
+                integration.signing_secrets(utcnow()),
+            )
+        finally:
+            self._breakers.release(endpoint, success=bool(sent and sent.ok))
+            self._metrics.breaker_state.labels(endpoint).set(
+                _STATE_VALUE[self._breakers.state(endpoint).value]
+            )
+        verdict = await self._judge(envelope, integration, sent)
+        await self._log_attempt(envelope, sent, verdict)
+        return verdict
+
+    async def _judge(
+        self, envelope: OutboundEnvelope, integration: IntegrationRecord, sent: Sent
+    ) -> Verdict:
+        self._count(envelope, sent)
+        if sent.ok:
+            return Verdict(Outcome.DONE)
+        reason = sent.error or f"the endpoint answered {sent.status}"
+        headers: dict[str, str | int] = {
+            "x-relay-last-status": sent.status or 0,
+            "x-relay-attempts": envelope.attempt + 1,
+        }
+        if sent.status == 410:
+            await self._store.set_disabled(integration.id, utcnow())
+            log.warning("endpoint_disabled", integration_id=integration.id)
+            return Verdict(Outcome.DEAD, reason="410 Gone: endpoint disabled", headers=headers)
+        if sent.refused or _permanent(sent.status):
+            return Verdict(Outcome.DEAD, reason=reason, headers=headers)
+        return self._retry_or_dead(envelope, sent, reason, headers)
+
+    def _retry_or_dead(
+        self,
+        envelope: OutboundEnvelope,
+        sent: Sent,
+        reason: str,
+        headers: dict[str, str | int],
+    ) -> Verdict:
+        schedule = self._settings.delivery_retry_schedule
+        following = envelope.attempt + 1
+        age = (utcnow() - envelope.createdAt).total_seconds()
+        if following >= len(schedule) or age > self._settings.delivery_max_age:
+            return Verdict(
+                Outcome.DEAD,
+                reason=f"gave up after {following} attempts: {reason}",
+                headers=headers,
+            )
+        seconds = next_delay(
+            schedule[following],
+            parse_retry_after(sent.retry_after, utcnow()),
+            overloaded=sent.timed_out or sent.status == 429,
+            penalty=self._settings.delivery_overload_penalty,
+        )
+        body = envelope.model_copy(update={"attempt": following}).model_dump_json().encode()
+        delay = hop(seconds, self._queues) or min(self._queues)
+        return Verdict(
+            Outcome.RETRY,
+            delay=delay,
+            reason=reason,
+            body=body,
+            headers={DUE_HEADER: int((time.time() + seconds) * 1000)},
+        )
+
+    def _count(self, envelope: OutboundEnvelope, sent: Sent) -> None:
+        status_class = f"{sent.status // 100}xx" if sent.status else "error"
+        outcome = "delivered" if sent.ok else "failed"
+        self._metrics.delivery_attempts.labels(outcome, status_class).inc()
+        self._metrics.delivery_latency.observe(sent.latency_ms / 1000)
+        if sent.ok:
+            age = (utcnow() - envelope.createdAt).total_seconds()
+            self._metrics.response_age.observe(age)
+
+    async def _log_attempt(self, envelope: OutboundEnvelope, sent: Sent, verdict: Verdict) -> None:
+        due = verdict.headers.get(DUE_HEADER)
+        next_at = (
+            datetime.fromtimestamp(due / 1000, UTC)
+            if verdict.outcome is Outcome.RETRY and isinstance(due, int)
+            else None
+        )
+        record = AttemptRecord(
+            delivery_id=envelope.deliveryId,
+            attempt=envelope.attempt,
+            integration_id=envelope.integrationId,
+            message_id=envelope.body.botpressMessageId,
+            status=sent.status,
+            latency_ms=sent.latency_ms,
+            error=sent.error,
+            next_attempt_at=next_at,
+            response_body=sent.body,
+            created_at=utcnow(),
+        )
+        try:
+            await self._store.record_attempt(record)
+        except StoreError as error:
+            # The log is for people; the delivery's fate does not hang on it.
+            log.warning("attempt_not_logged", error=str(error))
+        log.info(
+            "delivery_attempt",
+            status=sent.status,
+            error=sent.error,
+            latency_ms=sent.latency_ms,
+            outcome=verdict.outcome.value,
+        )
+
+
+_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _permanent(status: int | None) -> bool:
+    """A 4xx the endpoint will answer again: retrying cannot help."""
+    return status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX
