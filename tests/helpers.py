@@ -23,6 +23,8 @@ from relay.settings import Settings
 from relay.store import Store, open_store
 from workers.bot.adapters import BotAdapter, load_adapter
 from workers.bot.worker import BotWorker
+from workers.delivery.sender import Sender
+from workers.delivery.worker import DeliveryWorker
 
 T = TypeVar("T")
 
@@ -125,11 +127,14 @@ class Queues:
         return bodies
 
 
-async def make_integration(store: Store, settings: Settings, name: str = "test") -> tuple[str, str]:
+async def make_integration(
+    store: Store,
+    settings: Settings,
+    name: str = "test",
+    response_url: str = "http://127.0.0.1:9/r",
+) -> tuple[str, str]:
     """A new integration and a token for it: (integration id, token)."""
-    view = await admin.create_integration(
-        store, settings, name, "http://127.0.0.1:9/r", verify=False
-    )
+    view = await admin.create_integration(store, settings, name, response_url, verify=False)
     token, _ = await admin.create_token(store, view["id"], "integration")
     return view["id"], token
 
@@ -197,3 +202,26 @@ def settled(worker: BotWorker, outcome: str) -> float:
         "relay_messages_consumed_total", {"stage": "inbound", "outcome": outcome}
     )
     return value or 0.0
+
+
+@contextlib.asynccontextmanager
+async def start_delivery_worker(settings: Settings) -> AsyncIterator[DeliveryWorker]:
+    """A delivery worker in this process until the block ends."""
+    store = await open_store(settings.database_url)
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker.start()
+    sender = Sender(
+        settings.allowed_endpoint_networks,
+        settings.https_only,
+        settings.delivery_connect_timeout,
+        settings.delivery_timeout,
+    )
+    worker = DeliveryWorker(settings, store, broker, sender, Metrics())
+    try:
+        await asyncio.wait_for(worker.start(), 15)
+        yield worker
+    finally:
+        await worker.stop(5)
+        await sender.close()
+        await broker.close()
+        await store.close()

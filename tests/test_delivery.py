@@ -1,0 +1,284 @@
+"""The delivery worker against the real broker, both stores and real HTTP receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from relay import admin
+from relay.broker import Broker
+from relay.dlq import DeadLetters
+from relay.ingress.app import topology_of
+from relay.settings import Settings
+from relay.store import SqlStore
+from tests.helpers import (
+    Ingress,
+    Queues,
+    eventually,
+    make_integration,
+    message,
+    start_delivery_worker,
+)
+
+
+@dataclass
+class Hit:
+    """One request a receiver got."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    raw: bytes
+    at: float
+    status: int = 0
+
+
+@dataclass
+class Receiver:
+    """Real HTTP endpoints on 127.0.0.1; each path answers from its own script."""
+
+    base: str
+    scripts: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
+    hits: list[Hit] = field(default_factory=list)
+    hang: set[str] = field(default_factory=set)
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path}"
+
+    def on(self, path: str, *answers: int | tuple[int, dict[str, str]]) -> str:
+        """Answer these statuses in turn, then 200; the endpoint's URL."""
+        self.scripts[path] = [a if isinstance(a, tuple) else (a, {}) for a in answers]
+        return self.url(path)
+
+    def at(self, path: str) -> list[Hit]:
+        return [hit for hit in self.hits if hit.path == path]
+
+
+@pytest.fixture(scope="module")
+async def receiver() -> AsyncIterator[Receiver]:
+    state = Receiver("")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        raw = await request.read()
+        hit = Hit(path, {k.lower(): v for k, v in request.headers.items()}, json.loads(raw),
+                  raw, time.monotonic())
+        state.hits.append(hit)
+        if path in state.hang:
+            await asyncio.sleep(3600)
+        script = state.scripts.get(path, [])
+        hit.status, headers = script.pop(0) if script else (200, {})
+        return web.Response(status=hit.status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/{path}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    yield state
+    await runner.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def fresh_receiver(receiver: Receiver) -> None:
+    """Each test sees only its own requests and scripts."""
+    receiver.hits.clear()
+    receiver.scripts.clear()
+    receiver.hang.clear()
+
+
+async def respond(
+    ingress: Ingress, store: SqlStore, settings: Settings, url: str, count: int = 1,
+    conversation: str = "conv-1",
+) -> tuple[str, list[dict[str, Any]]]:
+    """An integration whose endpoint is `url`, and `count` bot responses pushed for it."""
+    integration_id, token = await make_integration(store, settings, response_url=url)
+    _, sent = await ingress.post(integration_id, token, message(1, conversationId=conversation))
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    pushed = []
+    for n in range(count):
+        async with ingress.http.post(
+            f"{ingress.url}/bot/conversations/{sent['conversation']['id']}/messages",
+            json={"type": "text", "payload": {"text": f"response {n}"}},
+            headers={"Authorization": f"Bearer {bot_token}"},
+        ) as answer:
+            assert answer.status == 201
+            pushed.append((await answer.json())["message"])
+    return integration_id, pushed
+
+
+async def test_a_delivery_is_signed_and_verifies_with_standardwebhooks(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver
+):
+    integration_id, [pushed] = await respond(ingress, store, settings, receiver.on("signed"))
+    async with start_delivery_worker(settings):
+        [hit] = await eventually(lambda: _hits(receiver, "signed", 1))
+    integration = await store.get_integration(integration_id)
+    assert integration is not None
+    assert Webhook(integration.signing_secret).verify(hit.raw, hit.headers) == hit.body
+    assert hit.headers["webhook-id"] == f"msg_{pushed['id']}"
+    assert hit.headers["content-type"] == "application/json"
+    assert hit.body == {
+        "type": "text", "payload": {"text": "response 0"}, "conversationId": "conv-1",
+        "botpressUserId": pushed["userId"], "botpressMessageId": pushed["id"],
+        "botpressConversationId": pushed["conversationId"], "sequence": 1,
+    }
+    [attempt] = await store.list_attempts(f"msg_{pushed['id']}")
+    assert attempt.status == 200
+    assert attempt.attempt == 0
+
+
+async def _hits(receiver: Receiver, path: str, count: int) -> list[Hit] | None:
+    hits = receiver.at(path)
+    return hits if len(hits) >= count else None
+
+
+async def test_failing_three_times_then_delivered_on_the_fourth_with_the_same_id(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver
+):
+    _, [pushed] = await respond(ingress, store, settings, receiver.on("flaky", 500, 500, 500))
+    async with start_delivery_worker(settings):
+        hits = await eventually(lambda: _hits(receiver, "flaky", 4))
+    assert {hit.headers["webhook-id"] for hit in hits} == {f"msg_{pushed['id']}"}
+    attempts = await store.list_attempts(f"msg_{pushed['id']}")
+    assert [(a.attempt, a.status) for a in attempts] == [(0, 500), (1, 500), (2, 500), (3, 200)]
+    assert all(a.next_attempt_at is not None for a in attempts[:3])
+    assert len(receiver.at("flaky")) == 4
+
+
+async def test_retry_after_is_honoured(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver
+):
+    url = receiver.on("later", (503, {"Retry-After": "2"}))
+    await respond(ingress, store, settings, url)
+    patient = settings.model_copy(update={"delivery_retry_schedule": [0, 1.5]})
+    async with start_delivery_worker(patient):
+        first, second = await eventually(lambda: _hits(receiver, "later", 2))
+    # the schedule alone would wait 1.2-1.8 s; Retry-After asked for 2 (within 2x 1.5)
+    assert second.at - first.at >= 1.95
+
+
+async def test_a_4xx_is_dead_lettered_at_once_with_its_reason(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    dead: DeadLetters,
+):
+    integration_id, [pushed] = await respond(ingress, store, settings, receiver.on("bad", 400))
+    async with start_delivery_worker(settings):
+        [letter] = await eventually(lambda: _dead(dead, integration_id, 1))
+    assert len(receiver.at("bad")) == 1
+    assert letter.id == f"msg_{pushed['id']}"
+    assert letter.last_status == 400
+    assert "400" in letter.reason
+    await dead.purge(lambda d: d.integration_id == integration_id)
+
+
+@pytest.fixture(scope="module")
+async def dead(settings: Settings) -> AsyncIterator[DeadLetters]:
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker.start()
+    await asyncio.wait_for(broker.wait_connected(), 15)
+    yield DeadLetters(broker, "outbound")
+    await broker.close()
+
+
+async def _dead(dead: DeadLetters, integration_id: str, count: int) -> list[Any] | None:
+    found = await dead.list(lambda d: d.integration_id == integration_id)
+    return found if len(found) >= count else None
+
+
+async def test_410_dead_letters_and_disables_the_endpoint(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    dead: DeadLetters,
+):
+    integration_id, _ = await respond(ingress, store, settings, receiver.on("gone", 410), 2)
+    async with start_delivery_worker(settings):
+        letters = await eventually(lambda: _dead(dead, integration_id, 2))
+    assert len(receiver.at("gone")) == 1  # the second was never sent
+    assert sorted(letter.reason for letter in letters) == [
+        "410 Gone: endpoint disabled", "the integration's endpoint is disabled"]
+    integration = await store.get_integration(integration_id)
+    assert integration is not None
+    assert integration.disabled_at is not None
+    await dead.purge(lambda d: d.integration_id == integration_id)
+
+
+async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    dead: DeadLetters,
+):
+    url = receiver.on("down", *[500] * 8)
+    integration_id, pushed = await respond(ingress, store, settings, url, 2)
+    async with start_delivery_worker(settings):
+        letters = await eventually(lambda: _dead(dead, integration_id, 2))
+        assert {d.attempts for d in letters} == {len(settings.delivery_retry_schedule)}
+        assert all("gave up after 4 attempts" in d.reason for d in letters)
+        listed = await dead.list(lambda d: d.integration_id == integration_id)
+        assert len(listed) == 2  # listing leaves them where they are
+        assert len(receiver.at("down")) == 8
+        receiver.scripts["down"] = []  # the endpoint is back
+        assert await dead.replay(lambda d: d.integration_id == integration_id) == 2
+        hits = await eventually(lambda: _hits(receiver, "down", 10))
+    replayed = {hit.headers["webhook-id"] for hit in hits[8:]}
+    assert replayed == {f"msg_{p['id']}" for p in pushed}
+    assert await dead.list(lambda d: d.integration_id == integration_id) == []
+
+
+async def test_endpoints_on_private_addresses_are_refused(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    dead: DeadLetters,
+):
+    port = receiver.base.rsplit(":", 1)[1]
+    guarded = settings.model_copy(update={"allowed_endpoint_networks": []})
+    literal, _ = await respond(ingress, store, settings, f"http://127.0.0.1:{port}/ssrf")
+    named, _ = await respond(ingress, store, settings, f"http://localhost:{port}/ssrf")
+    async with start_delivery_worker(guarded):
+        [by_literal] = await eventually(lambda: _dead(dead, literal, 1))
+        [by_name] = await eventually(lambda: _dead(dead, named, 1))
+    assert "not a public address" in by_literal.reason
+    assert "not public" in by_name.reason
+    assert receiver.at("ssrf") == []
+    await dead.purge(lambda d: d.integration_id in (literal, named))
+
+
+async def test_order_per_conversation_holds_while_the_endpoint_flaps(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver
+):
+    # Fails every third request, whichever conversation it belongs to.
+    url = receiver.on("flapping", *([200, 200, 503] * 40))
+    integration_id, _ = await respond(ingress, store, settings, url, 0)
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    conversations = []
+    for c in range(4):
+        _, sent = await ingress.post(integration_id, (await admin.create_token(
+            store, integration_id, "integration"))[0], message(f"o{c}", conversationId=f"o{c}"))
+        conversations.append(sent["conversation"]["id"])
+    for n in range(10):
+        for conversation in conversations:
+            async with ingress.http.post(
+                f"{ingress.url}/bot/conversations/{conversation}/messages",
+                json={"type": "text", "payload": {"text": f"{n}"}},
+                headers={"Authorization": f"Bearer {bot_token}"},
+            ) as answer:
+                assert answer.status == 201
+    async with start_delivery_worker(settings):
+        await eventually(lambda: _delivered(receiver, "flapping", 40), timeout=30)
+    hits = receiver.at("flapping")
+    assert any(hit.status == 503 for hit in hits)  # it did flap
+    for conversation in conversations:
+        delivered = [hit.body["sequence"] for hit in hits
+                     if hit.body["botpressConversationId"] == conversation and hit.status == 200]
+        assert delivered == list(range(1, 11))
+
+
+async def _delivered(receiver: Receiver, path: str, count: int) -> bool:
+    return len([hit for hit in receiver.at(path) if hit.status == 200]) >= count
