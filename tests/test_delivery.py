@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook
 
 from relay import admin
 from relay.broker import Broker
 from relay.dlq import DeadLetters
 from relay.ingress.app import topology_of
+from relay.models import utcnow
 from relay.settings import Settings
+from relay.sink import Sink, SinkOptions
 from relay.store import SqlStore
 from tests.helpers import (
     Ingress,
@@ -49,6 +56,7 @@ class Receiver:
     scripts: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     hits: list[Hit] = field(default_factory=list)
     hang: set[str] = field(default_factory=set)
+    hang_once: set[str] = field(default_factory=set)
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path}"
@@ -64,6 +72,19 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 async def receiver() -> AsyncIterator[Receiver]:
+    async with serve_receiver() as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+async def healthy_receiver() -> AsyncIterator[Receiver]:
+    """Another origin: isolation is per endpoint (scheme, host and port)."""
+    async with serve_receiver() as state:
+        yield state
+
+
+@contextlib.asynccontextmanager
+async def serve_receiver() -> AsyncIterator[Receiver]:
     state = Receiver("")
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -73,6 +94,9 @@ async def receiver() -> AsyncIterator[Receiver]:
                   raw, time.monotonic())
         state.hits.append(hit)
         if path in state.hang:
+            await asyncio.sleep(3600)
+        if path in state.hang_once:
+            state.hang_once.discard(path)
             await asyncio.sleep(3600)
         script = state.scripts.get(path, [])
         hit.status, headers = script.pop(0) if script else (200, {})
@@ -95,6 +119,7 @@ def fresh_receiver(receiver: Receiver) -> None:
     receiver.hits.clear()
     receiver.scripts.clear()
     receiver.hang.clear()
+    receiver.hang_once.clear()
 
 
 async def respond(
@@ -282,3 +307,106 @@ async def test_order_per_conversation_holds_while_the_endpoint_flaps(
 
 async def _delivered(receiver: Receiver, path: str, count: int) -> bool:
     return len([hit for hit in receiver.at(path) if hit.status == 200]) >= count
+
+
+async def push_to(
+    ingress: Ingress, store: SqlStore, settings: Settings, url: str, conversations: int
+) -> dict[str, float]:
+    """One response in each of `conversations` conversations; push time by webhook-id."""
+    integration_id, token = await make_integration(store, settings, response_url=url)
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    pushed: dict[str, float] = {}
+    for c in range(conversations):
+        _, sent = await ingress.post(integration_id, token, message(c, conversationId=f"i{c}"))
+        async with ingress.http.post(
+            f"{ingress.url}/bot/conversations/{sent['conversation']['id']}/messages",
+            json={"type": "text", "payload": {"text": "x"}},
+            headers={"Authorization": f"Bearer {bot_token}"},
+        ) as answer:
+            pushed[f"msg_{(await answer.json())['message']['id']}"] = time.monotonic()
+    return pushed
+
+
+async def test_a_dead_and_a_hanging_endpoint_do_not_hold_up_a_healthy_one(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    healthy_receiver: Receiver,
+):
+    receiver.hang.add("hanging")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}/refused"
+    async with start_delivery_worker(settings):
+        # The sick endpoints get their deliveries first, then the healthy one.
+        await push_to(ingress, store, settings, refused_url, 15)
+        await push_to(ingress, store, settings, receiver.url("hanging"), 15)
+        healthy_receiver.hits.clear()
+        healthy = await push_to(ingress, store, settings, healthy_receiver.url("healthy"), 15)
+        hits = await eventually(lambda: _hits(healthy_receiver, "healthy", 15), timeout=20)
+    delays = [hit.at - healthy[hit.headers["webhook-id"]] for hit in hits]
+    print(f"healthy endpoint delay beside sick ones: max {max(delays) * 1000:.0f} ms, "
+          f"mean {sum(delays) / len(delays) * 1000:.0f} ms")
+    # A hanging POST takes the whole delivery timeout; the healthy ones must not wait for it.
+    assert max(delays) < settings.delivery_timeout / 2
+    assert len(receiver.at("hanging")) <= settings.endpoint_concurrency
+
+
+async def test_during_a_rotation_both_secrets_sign(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver
+):
+    integration_id, _ = await respond(ingress, store, settings, receiver.on("rotated"), 0)
+    before = await store.get_integration(integration_id)
+    assert before is not None
+    rotated = await store.rotate_secret(integration_id, "whsec_" + "A" * 32,
+                                        utcnow() + timedelta(hours=1))
+    assert rotated is not None
+    assert rotated.previous_secret == before.signing_secret
+    await respond_in(ingress, store, integration_id)
+    async with start_delivery_worker(settings):
+        [hit] = await eventually(lambda: _hits(receiver, "rotated", 1))
+    assert len(hit.headers["webhook-signature"].split(" ")) == 2
+    for secret in (before.signing_secret, rotated.signing_secret):
+        assert Webhook(secret).verify(hit.raw, hit.headers) == hit.body
+    # after the grace period only the new secret signs
+    assert rotated.signing_secrets(utcnow() + timedelta(hours=2)) == [rotated.signing_secret]
+
+
+async def respond_in(ingress: Ingress, store: SqlStore, integration_id: str) -> None:
+    """One more response in the integration's first conversation."""
+    async with store.driver.connection() as conn:
+        row = await conn.fetchone(
+            "SELECT id FROM conversations WHERE integration_id = ?", integration_id)
+    assert row is not None
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    async with ingress.http.post(
+        f"{ingress.url}/bot/conversations/{row['id']}/messages",
+        json={"type": "text", "payload": {"text": "after rotation"}},
+        headers={"Authorization": f"Bearer {bot_token}"},
+    ) as answer:
+        assert answer.status == 201
+
+
+async def test_the_sink_verifies_prints_and_fails_on_demand(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues
+):
+    printed = io.StringIO()
+    sink = Sink(store, SinkOptions(fail=2), out=printed)
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", sink.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        _, [pushed] = await respond(ingress, store, settings,
+                                    f"http://127.0.0.1:{server.port}/responses")
+        async with start_delivery_worker(settings):
+            await eventually(lambda: _printed(printed, 3))
+    finally:
+        await server.close()
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 3  # two refused on purpose, then accepted
+    assert all(f"msg_{pushed['id']}" in line and "verified" in line for line in lines)
+    assert "NOT VERIFIED" not in printed.getvalue()
+    assert '[conv-1 #1] text: {"text": "response 0"}' in lines[0]
+
+
+async def _printed(out: io.StringIO, count: int) -> bool:
+    return len(out.getvalue().splitlines()) >= count
