@@ -118,6 +118,15 @@ class StageWorker(ABC, Generic[E]):
         log.info("worker_stopped", stage=self.stage, finished=finished)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handle(message)
+        except Exception:
+            # Never let one message's failure end its lane: the messages behind it would be
+            # stranded unacked. This one goes back to its queue.
+            log.exception("message_handling_failed", message_id=message.message_id)
+            await _quietly(message.nack(requeue=True))
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         envelope = self.parse(message)
         conversation, message_key = self.keys(envelope) if envelope else (None, None)
         with structlog.contextvars.bound_contextvars(

@@ -90,8 +90,13 @@ async def serve_receiver() -> AsyncIterator[Receiver]:
     async def handle(request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
         raw = await request.read()
-        hit = Hit(path, {k.lower(): v for k, v in request.headers.items()}, json.loads(raw),
-                  raw, time.monotonic())
+        hit = Hit(
+            path,
+            {k.lower(): v for k, v in request.headers.items()},
+            json.loads(raw),
+            raw,
+            time.monotonic(),
+        )
         state.hits.append(hit)
         if path in state.hang:
             await asyncio.sleep(3600)
@@ -123,7 +128,11 @@ def fresh_receiver(receiver: Receiver) -> None:
 
 
 async def respond(
-    ingress: Ingress, store: SqlStore, settings: Settings, url: str, count: int = 1,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    url: str,
+    count: int = 1,
     conversation: str = "conv-1",
 ) -> tuple[str, list[dict[str, Any]]]:
     """An integration whose endpoint is `url`, and `count` bot responses pushed for it."""
@@ -154,9 +163,13 @@ async def test_a_delivery_is_signed_and_verifies_with_standardwebhooks(
     assert hit.headers["webhook-id"] == f"msg_{pushed['id']}"
     assert hit.headers["content-type"] == "application/json"
     assert hit.body == {
-        "type": "text", "payload": {"text": "response 0"}, "conversationId": "conv-1",
-        "botpressUserId": pushed["userId"], "botpressMessageId": pushed["id"],
-        "botpressConversationId": pushed["conversationId"], "sequence": 1,
+        "type": "text",
+        "payload": {"text": "response 0"},
+        "conversationId": "conv-1",
+        "botpressUserId": pushed["userId"],
+        "botpressMessageId": pushed["id"],
+        "botpressConversationId": pushed["conversationId"],
+        "sequence": 1,
     }
     [attempt] = await store.list_attempts(f"msg_{pushed['id']}")
     assert attempt.status == 200
@@ -194,7 +207,11 @@ async def test_retry_after_is_honoured(
 
 
 async def test_a_4xx_is_dead_lettered_at_once_with_its_reason(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
     dead: DeadLetters,
 ):
     integration_id, [pushed] = await respond(ingress, store, settings, receiver.on("bad", 400))
@@ -222,7 +239,11 @@ async def _dead(dead: DeadLetters, integration_id: str, count: int) -> list[Any]
 
 
 async def test_410_dead_letters_and_disables_the_endpoint(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
     dead: DeadLetters,
 ):
     integration_id, _ = await respond(ingress, store, settings, receiver.on("gone", 410), 2)
@@ -230,7 +251,9 @@ async def test_410_dead_letters_and_disables_the_endpoint(
         letters = await eventually(lambda: _dead(dead, integration_id, 2))
     assert len(receiver.at("gone")) == 1  # the second was never sent
     assert sorted(letter.reason for letter in letters) == [
-        "410 Gone: endpoint disabled", "the integration's endpoint is disabled"]
+        "410 Gone: endpoint disabled",
+        "the integration's endpoint is disabled",
+    ]
     integration = await store.get_integration(integration_id)
     assert integration is not None
     assert integration.disabled_at is not None
@@ -238,7 +261,11 @@ async def test_410_dead_letters_and_disables_the_endpoint(
 
 
 async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
     dead: DeadLetters,
 ):
     url = receiver.on("down", *[500] * 8)
@@ -259,7 +286,11 @@ async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
 
 
 async def test_endpoints_on_private_addresses_are_refused(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
     dead: DeadLetters,
 ):
     port = receiver.base.rsplit(":", 1)[1]
@@ -284,8 +315,11 @@ async def test_order_per_conversation_holds_while_the_endpoint_flaps(
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
     conversations = []
     for c in range(4):
-        _, sent = await ingress.post(integration_id, (await admin.create_token(
-            store, integration_id, "integration"))[0], message(f"o{c}", conversationId=f"o{c}"))
+        _, sent = await ingress.post(
+            integration_id,
+            (await admin.create_token(store, integration_id, "integration"))[0],
+            message(f"o{c}", conversationId=f"o{c}"),
+        )
         conversations.append(sent["conversation"]["id"])
     for n in range(10):
         for conversation in conversations:
@@ -300,8 +334,11 @@ async def test_order_per_conversation_holds_while_the_endpoint_flaps(
     hits = receiver.at("flapping")
     assert any(hit.status == 503 for hit in hits)  # it did flap
     for conversation in conversations:
-        delivered = [hit.body["sequence"] for hit in hits
-                     if hit.body["botpressConversationId"] == conversation and hit.status == 200]
+        delivered = [
+            hit.body["sequence"]
+            for hit in hits
+            if hit.body["botpressConversationId"] == conversation and hit.status == 200
+        ]
         assert delivered == list(range(1, 11))
 
 
@@ -328,7 +365,11 @@ async def push_to(
 
 
 async def test_a_dead_and_a_hanging_endpoint_do_not_hold_up_a_healthy_one(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
     healthy_receiver: Receiver,
 ):
     receiver.hang.add("hanging")
@@ -343,8 +384,10 @@ async def test_a_dead_and_a_hanging_endpoint_do_not_hold_up_a_healthy_one(
         healthy = await push_to(ingress, store, settings, healthy_receiver.url("healthy"), 15)
         hits = await eventually(lambda: _hits(healthy_receiver, "healthy", 15), timeout=20)
     delays = [hit.at - healthy[hit.headers["webhook-id"]] for hit in hits]
-    print(f"healthy endpoint delay beside sick ones: max {max(delays) * 1000:.0f} ms, "
-          f"mean {sum(delays) / len(delays) * 1000:.0f} ms")
+    print(
+        f"healthy endpoint delay beside sick ones: max {max(delays) * 1000:.0f} ms, "
+        f"mean {sum(delays) / len(delays) * 1000:.0f} ms"
+    )
     # A hanging POST takes the whole delivery timeout; the healthy ones must not wait for it.
     assert max(delays) < settings.delivery_timeout / 2
     assert len(receiver.at("hanging")) <= settings.endpoint_concurrency
@@ -356,8 +399,9 @@ async def test_during_a_rotation_both_secrets_sign(
     integration_id, _ = await respond(ingress, store, settings, receiver.on("rotated"), 0)
     before = await store.get_integration(integration_id)
     assert before is not None
-    rotated = await store.rotate_secret(integration_id, "whsec_" + "A" * 32,
-                                        utcnow() + timedelta(hours=1))
+    rotated = await store.rotate_secret(
+        integration_id, "whsec_" + "A" * 32, utcnow() + timedelta(hours=1)
+    )
     assert rotated is not None
     assert rotated.previous_secret == before.signing_secret
     await respond_in(ingress, store, integration_id)
@@ -374,7 +418,8 @@ async def respond_in(ingress: Ingress, store: SqlStore, integration_id: str) -> 
     """One more response in the integration's first conversation."""
     async with store.driver.connection() as conn:
         row = await conn.fetchone(
-            "SELECT id FROM conversations WHERE integration_id = ?", integration_id)
+            "SELECT id FROM conversations WHERE integration_id = ?", integration_id
+        )
     assert row is not None
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
     async with ingress.http.post(
@@ -395,8 +440,9 @@ async def test_the_sink_verifies_prints_and_fails_on_demand(
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
-        _, [pushed] = await respond(ingress, store, settings,
-                                    f"http://127.0.0.1:{server.port}/responses")
+        _, [pushed] = await respond(
+            ingress, store, settings, f"http://127.0.0.1:{server.port}/responses"
+        )
         async with start_delivery_worker(settings):
             await eventually(lambda: _printed(printed, 3))
     finally:

@@ -27,8 +27,9 @@ def test_jitter_stays_within_twenty_percent_and_varies():
 
 def test_retry_after_in_seconds_or_as_a_date():
     assert parse_retry_after("120", NOW) == 120
-    assert parse_retry_after(format_datetime(NOW + timedelta(seconds=90), usegmt=True),
-                             NOW) == pytest.approx(90)
+    assert parse_retry_after(
+        format_datetime(NOW + timedelta(seconds=90), usegmt=True), NOW
+    ) == pytest.approx(90)
     assert parse_retry_after(format_datetime(NOW - timedelta(hours=1), usegmt=True), NOW) == 0
     assert parse_retry_after(None, NOW) is None
     assert parse_retry_after("soon", NOW) is None
@@ -88,20 +89,46 @@ def test_breaker_caps_in_flight_deliveries_per_endpoint():
     assert breakers.acquire("a") is None
 
 
-REFUSED = ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.0.1", "169.254.169.254",
-           "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1",
-           "fc00::1", "fd12::1", "fe80::1", "ff02::1", "::ffff:10.0.0.1", "2002:0a00:0001::",
-           "64:ff9b::a00:1", "::"]
-ALLOWED = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2002:0808:0808::",
-           "64:ff9b::808:808"]
+REFUSED = [
+    "127.0.0.1",
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.0.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::1",
+    "fc00::1",
+    "fd12::1",
+    "fe80::1",
+    "ff02::1",
+    "::ffff:10.0.0.1",
+    "2002:0a00:0001::",
+    "64:ff9b::a00:1",
+    "::",
+]
+ALLOWED = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "2606:4700:4700::1111",
+    "::ffff:8.8.8.8",
+    "2002:0808:0808::",
+    "64:ff9b::808:808",
+]
 
 
 @pytest.mark.parametrize("address", REFUSED)
 def test_ssrf_refuses_non_public_addresses(address: str):
     assert not is_public(ipaddress.ip_address(address))
     with pytest.raises(EndpointRefused):
-        check_url(f"http://[{address}]/hook" if ":" in address else f"http://{address}/hook",
-                  [], https_only=False)
+        check_url(
+            f"http://[{address}]/hook" if ":" in address else f"http://{address}/hook",
+            [],
+            https_only=False,
+        )
 
 
 @pytest.mark.parametrize("address", ALLOWED)

@@ -1,0 +1,148 @@
+"""Delivery workers as `relay delivery-worker` processes: a crash mid-POST, and order across
+three of them with a flapping endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+from aio_pika.abc import AbstractRobustConnection
+
+from relay import admin
+from relay.settings import Settings
+from relay.store import SqlStore
+from tests.helpers import Ingress, Queues, eventually, make_integration, message
+from tests.test_cli import free_port, relay_env
+from tests.test_delivery import Receiver, _hits, receiver  # noqa: F401 (fixture)
+
+
+@contextlib.asynccontextmanager
+async def delivery_workers(
+    settings: Settings, count: int
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`count` delivery-worker processes; SIGTERM (unless killed) at the end."""
+    env = {
+        "RELAY_DELIVERY_WORKER_PORT": "0",
+        "RELAY_DELIVERY_RETRY_SCHEDULE": ",".join(map(str, settings.delivery_retry_schedule)),
+        "RELAY_DELIVERY_DELAY_QUEUES": ",".join(map(str, settings.delivery_delay_queues)),
+        "RELAY_BOT_RETRY_DELAYS": ",".join(map(str, settings.bot_retry_delays)),
+        "RELAY_ALLOWED_ENDPOINT_NETWORKS": "127.0.0.0/8",
+        "RELAY_DELIVERY_TIMEOUT": "30",
+        "RELAY_LOG_LEVEL": "warning",
+    }
+    processes = []
+    for _ in range(count):
+        env["RELAY_DELIVERY_WORKER_PORT"] = str(free_port())
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relay.cli",
+                "delivery-worker",
+                env=relay_env(settings, env),
+                cwd=os.getcwd(),
+            )
+        )
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(p.wait(), 30) for p in processes]
+        assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+
+
+async def consumed(amqp: AbstractRobustConnection, settings: Settings) -> bool:
+    """Every outbound partition has its (single active) consumer."""
+    async with amqp.channel() as channel:
+        for partition in range(settings.partitions):
+            queue = await channel.declare_queue(
+                f"{settings.queue_prefix}.outbound.{partition}", passive=True
+            )
+            if not queue.declaration_result.consumer_count:
+                return False
+    return True
+
+
+async def test_a_worker_killed_mid_post_leaves_it_to_another_with_the_same_webhook_id(
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
+    amqp: AbstractRobustConnection,
+):
+    receiver.hits.clear()
+    receiver.hang_once.add("crash")
+    integration_id, token = await make_integration(
+        store, settings, response_url=receiver.url("crash")
+    )
+    _, sent = await ingress.post(integration_id, token, message(1))
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    async with delivery_workers(settings, 1) as [doomed]:
+        await eventually(lambda: consumed(amqp, settings), timeout=30)
+        async with ingress.http.post(
+            f"{ingress.url}/bot/conversations/{sent['conversation']['id']}/messages",
+            json={"type": "text", "payload": {"text": "survive"}},
+            headers={"Authorization": f"Bearer {bot_token}"},
+        ) as answer:
+            pushed = (await answer.json())["message"]
+        await eventually(lambda: _hits(receiver, "crash", 1))  # the POST is in flight
+        doomed.kill()
+        await doomed.wait()
+    async with delivery_workers(settings, 1):
+        first, second = await eventually(lambda: _hits(receiver, "crash", 2), timeout=30)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == f"msg_{pushed['id']}"
+    assert second.status == 200
+
+
+async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpoint(
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
+    amqp: AbstractRobustConnection,
+):
+    receiver.hits.clear()
+    receiver.on("busy", *([200] * 6 + [503]) * 100)  # every seventh request fails
+    integration_id, token = await make_integration(
+        store, settings, response_url=receiver.url("busy")
+    )
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    conversations = []
+    for c in range(25):
+        _, sent = await ingress.post(integration_id, token, message(c, conversationId=f"b{c}"))
+        conversations.append(sent["conversation"]["id"])
+
+    async def push_all(conversation: str) -> None:
+        for n in range(20):
+            async with ingress.http.post(
+                f"{ingress.url}/bot/conversations/{conversation}/messages",
+                json={"type": "text", "payload": {"text": str(n)}},
+                headers={"Authorization": f"Bearer {bot_token}"},
+            ) as answer:
+                assert answer.status == 201
+
+    async with delivery_workers(settings, 3):
+        await eventually(lambda: consumed(amqp, settings), timeout=30)
+        await asyncio.gather(*[push_all(c) for c in conversations])
+        await eventually(lambda: _successes(receiver, 500), timeout=90, interval=0.2)
+    hits = receiver.at("busy")
+    assert any(hit.status == 503 for hit in hits)
+    for conversation in conversations:
+        delivered = [
+            h.body["sequence"]
+            for h in hits
+            if h.body["botpressConversationId"] == conversation and h.status == 200
+        ]
+        assert delivered == list(range(1, 21)), conversation
+
+
+async def _successes(receiver: Receiver, count: int) -> bool:
+    return sum(hit.status == 200 for hit in receiver.at("busy")) >= count
