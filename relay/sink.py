@@ -86,6 +86,9 @@ class Sink:
         except ValueError:
             data = {}
         mark = "verified" if verified else "NOT VERIFIED"
+        if not verified and data.get("type") == "test":
+            # `relay integrations create` checks the endpoint before it saves the secret.
+            mark = "test event of a new integration"
         line = (
             f"[{data.get('conversationId', '?')} #{data.get('sequence', '?')}] "
             f"{data.get('type', '?')}: {json.dumps(data.get('payload'))}  "

@@ -21,6 +21,7 @@ from relay.settings import Settings
 from relay.store import SqlStore, open_store
 from relay.store.postgres import drop_schema
 from tests.helpers import Ingress, Queues, start_ingress
+from tests.receivers import Receiver, serve_receiver
 from tests.services import postgres_url, rabbitmq_url
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -119,3 +120,16 @@ async def queues(amqp: AbstractRobustConnection, settings: Settings) -> Queues:
     inspector = Queues(amqp, Topology(prefix=settings.queue_prefix, partitions=settings.partitions))
     await inspector.take("inbound")
     return inspector
+
+
+@pytest.fixture(scope="module")
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serve_receiver() as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+async def healthy_receiver() -> AsyncIterator[Receiver]:
+    """Another origin: isolation is per endpoint (scheme, host and port)."""
+    async with serve_receiver() as state:
+        yield state

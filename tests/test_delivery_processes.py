@@ -16,8 +16,9 @@ from relay import admin
 from relay.settings import Settings
 from relay.store import SqlStore
 from tests.helpers import Ingress, Queues, eventually, make_integration, message
+from tests.receivers import Receiver
 from tests.test_cli import free_port, relay_env
-from tests.test_delivery import Receiver, _hits, receiver  # noqa: F401 (fixture)
+from tests.test_delivery import _hits
 
 
 @contextlib.asynccontextmanager
