@@ -55,6 +55,9 @@ def relay_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
             "RELAY_QUEUE_PREFIX": settings.queue_prefix,
             "RELAY_PARTITIONS": str(settings.partitions),
             "RELAY_AUTH_CACHE_SECONDS": "0",
+            # the module's topology, so its teardown removes every queue the process declared
+            "RELAY_BOT_RETRY_DELAYS": ",".join(map(str, settings.bot_retry_delays)),
+            "RELAY_DELIVERY_DELAY_QUEUES": ",".join(map(str, settings.delivery_delay_queues)),
         }
     )
     env.update(extra or {})
