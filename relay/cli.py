@@ -246,6 +246,9 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+SERVICES = {_ingress, _bot_worker, _delivery_worker, _run_all, _sink}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `relay` command."""
     parser = argparse.ArgumentParser(prog="relay", description="HTTP messaging relay for bots")
@@ -351,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(describe_error(error), file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    service = args.run in SERVICES
+    configure_logging(settings.log_level, sys.stdout if service else sys.stderr)
     command: Command = args.run
     try:
         return asyncio.run(command(settings, args))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 from structlog.typing import Processor
@@ -20,9 +21,11 @@ _SHARED: list[Processor] = [
 ]
 
 
-def configure_logging(level: str = "info") -> None:
-    """JSON lines on stdout, with the bound ids (request, integration, conversation, message)."""
-    handler = logging.StreamHandler(sys.stdout)
+def configure_logging(level: str = "info", stream: TextIO = sys.stdout) -> None:
+    """JSON lines on `stream`, with the bound ids (request, integration, conversation,
+    message). Services log to stdout; one-shot commands to stderr, keeping stdout for
+    their output."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_SHARED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from tests.helpers import (
     start_delivery_worker,
 )
 from tests.receivers import Hit, Receiver
+from tests.test_cli import relay
 
 
 @pytest.fixture(autouse=True)
@@ -372,3 +374,56 @@ async def test_the_sink_verifies_prints_and_fails_on_demand(
 
 async def _printed(out: io.StringIO, count: int) -> bool:
     return len(out.getvalue().splitlines()) >= count
+
+
+async def test_redirects_are_not_followed(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    healthy_receiver: Receiver, dead: DeadLetters,
+):
+    healthy_receiver.hits.clear()
+    elsewhere = healthy_receiver.url("elsewhere")
+    url = receiver.on("moved", *[(302, {"Location": elsewhere})] * 4)
+    integration_id, [pushed] = await respond(ingress, store, settings, url)
+    async with start_delivery_worker(settings):
+        [letter] = await eventually(lambda: _dead(dead, integration_id, 1))
+    assert healthy_receiver.at("elsewhere") == []
+    assert letter.last_status == 302
+    attempts = await store.list_attempts(f"msg_{pushed['id']}")
+    assert [a.status for a in attempts] == [302] * 4
+    await dead.purge(lambda d: d.integration_id == integration_id)
+
+
+async def test_the_operator_commands(
+    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    dead: DeadLetters,
+):
+    url = receiver.on("ops", *[500] * 4, 410)
+    integration_id, [first, second] = await respond(ingress, store, settings, url, 2)
+    async with start_delivery_worker(settings):
+        await eventually(lambda: _dead(dead, integration_id, 2))
+        listed = json.loads((await relay(settings, "dlq", "list", "--integration",
+                                         integration_id, "--json")).out)
+        assert {item["id"] for item in listed} == {f"msg_{first['id']}", f"msg_{second['id']}"}
+        table = (await relay(settings, "dlq", "list", "--integration", integration_id)).out
+        assert f"msg_{first['id']}" in table
+        shown = json.loads((await relay(settings, "deliveries", "show",
+                                        f"msg_{first['id']}", "--json")).out)
+        assert [a["status"] for a in shown] == [500, 500, 500, 500]
+        assert shown[0]["next_attempt_at"] is not None
+        assert (await relay(settings, "integrations", "enable", integration_id)).code == 0
+        replay = await relay(settings, "dlq", "replay", "--id", f"msg_{first['id']}")
+        assert replay.out.strip() == "replayed 1"
+        hits = await eventually(lambda: _hits(receiver, "ops", 6))
+        assert hits[-1].headers["webhook-id"] == f"msg_{first['id']}"
+        purge = await relay(settings, "dlq", "purge", "--integration", integration_id)
+        assert purge.out.strip() == "purged 1"
+    assert await dead.list(lambda d: d.integration_id == integration_id) == []
+    rotated = json.loads((await relay(settings, "integrations", "rotate-secret",
+                                      integration_id, "--grace", "1h")).out)
+    assert rotated["signingSecret"].startswith("whsec_")
+    record = await store.get_integration(integration_id)
+    assert record is not None
+    assert len(record.signing_secrets(utcnow())) == 2
+    refused = await relay(settings, "dlq", "replay")
+    assert refused.code == 1
+    assert "--all" in refused.err
