@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -22,38 +18,15 @@ from tests.helpers import (
     message,
     take_until,
 )
-from tests.test_cli import free_port, relay_env
+from tests.test_cli import relay_processes
 
 
-@contextlib.asynccontextmanager
-async def bot_workers(
+def bot_workers(
     settings: Settings, count: int, bot: str
-) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """`count` bot-worker processes; stopped with SIGTERM (or already killed) at the end."""
-    processes = []
-    for _ in range(count):
-        env = relay_env(
-            settings,
-            {
-                "RELAY_BOT": bot,
-                "RELAY_BOT_WORKER_PORT": str(free_port()),
-                "RELAY_BOT_RETRY_DELAYS": ",".join(str(d) for d in settings.bot_retry_delays),
-                "RELAY_LOG_LEVEL": "warning",
-            },
-        )
-        processes.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay.cli", "bot-worker", env=env, cwd=os.getcwd()
-            )
-        )
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        codes = [await asyncio.wait_for(p.wait(), 30) for p in processes]
-        assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+) -> contextlib.AbstractAsyncContextManager[list[asyncio.subprocess.Process]]:
+    """`count` bot-worker processes running `bot`."""
+    env = {"RELAY_BOT": bot, "RELAY_LOG_LEVEL": "warning"}
+    return relay_processes(settings, "bot-worker", count, env)
 
 
 async def consumers(amqp: AbstractRobustConnection, settings: Settings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -304,3 +305,29 @@ async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
     assert logged["message_id"] == bundle["message"]["id"]
     assert logged["conversation_id"] == bundle["conversation"]["id"]
     assert logged["external_message_id"] == "msg-logged"
+
+
+@contextlib.asynccontextmanager
+async def relay_processes(
+    settings: Settings, role: str, count: int, env: dict[str, str]
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`count` `relay <role>` processes; SIGTERM (unless killed) and exit 0 at the end."""
+    processes = []
+    for _ in range(count):
+        port = {
+            "RELAY_BOT_WORKER_PORT": str(free_port()),
+            "RELAY_DELIVERY_WORKER_PORT": str(free_port()),
+        }
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                *RELAY, role, env=relay_env(settings, {**env, **port}), cwd=os.getcwd()
+            )
+        )
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(p.wait(), 30) for p in processes]
+        assert all(code in (0, -signal.SIGKILL) for code in codes), codes

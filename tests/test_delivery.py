@@ -377,8 +377,13 @@ async def _printed(out: io.StringIO, count: int) -> bool:
 
 
 async def test_redirects_are_not_followed(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
-    healthy_receiver: Receiver, dead: DeadLetters,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
+    healthy_receiver: Receiver,
+    dead: DeadLetters,
 ):
     healthy_receiver.hits.clear()
     elsewhere = healthy_receiver.url("elsewhere")
@@ -394,20 +399,26 @@ async def test_redirects_are_not_followed(
 
 
 async def test_the_operator_commands(
-    ingress: Ingress, store: SqlStore, settings: Settings, queues: Queues, receiver: Receiver,
+    ingress: Ingress,
+    store: SqlStore,
+    settings: Settings,
+    queues: Queues,
+    receiver: Receiver,
     dead: DeadLetters,
 ):
     url = receiver.on("ops", *[500] * 4, 410)
     integration_id, [first, second] = await respond(ingress, store, settings, url, 2)
     async with start_delivery_worker(settings):
         await eventually(lambda: _dead(dead, integration_id, 2))
-        listed = json.loads((await relay(settings, "dlq", "list", "--integration",
-                                         integration_id, "--json")).out)
+        listed = json.loads(
+            (await relay(settings, "dlq", "list", "--integration", integration_id, "--json")).out
+        )
         assert {item["id"] for item in listed} == {f"msg_{first['id']}", f"msg_{second['id']}"}
         table = (await relay(settings, "dlq", "list", "--integration", integration_id)).out
         assert f"msg_{first['id']}" in table
-        shown = json.loads((await relay(settings, "deliveries", "show",
-                                        f"msg_{first['id']}", "--json")).out)
+        shown = json.loads(
+            (await relay(settings, "deliveries", "show", f"msg_{first['id']}", "--json")).out
+        )
         assert [a["status"] for a in shown] == [500, 500, 500, 500]
         assert shown[0]["next_attempt_at"] is not None
         assert (await relay(settings, "integrations", "enable", integration_id)).code == 0
@@ -418,8 +429,11 @@ async def test_the_operator_commands(
         purge = await relay(settings, "dlq", "purge", "--integration", integration_id)
         assert purge.out.strip() == "purged 1"
     assert await dead.list(lambda d: d.integration_id == integration_id) == []
-    rotated = json.loads((await relay(settings, "integrations", "rotate-secret",
-                                      integration_id, "--grace", "1h")).out)
+    rotated = json.loads(
+        (
+            await relay(settings, "integrations", "rotate-secret", integration_id, "--grace", "1h")
+        ).out
+    )
     assert rotated["signingSecret"].startswith("whsec_")
     record = await store.get_integration(integration_id)
     assert record is not None

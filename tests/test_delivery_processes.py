@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -17,45 +13,21 @@ from relay.settings import Settings
 from relay.store import SqlStore
 from tests.helpers import Ingress, Queues, eventually, make_integration, message
 from tests.receivers import Receiver
-from tests.test_cli import free_port, relay_env
+from tests.test_cli import relay_processes
 from tests.test_delivery import _hits
 
 
-@contextlib.asynccontextmanager
-async def delivery_workers(
+def delivery_workers(
     settings: Settings, count: int
-) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """`count` delivery-worker processes; SIGTERM (unless killed) at the end."""
+) -> contextlib.AbstractAsyncContextManager[list[asyncio.subprocess.Process]]:
+    """`count` delivery-worker processes with the module's schedule."""
     env = {
-        "RELAY_DELIVERY_WORKER_PORT": "0",
         "RELAY_DELIVERY_RETRY_SCHEDULE": ",".join(map(str, settings.delivery_retry_schedule)),
-        "RELAY_DELIVERY_DELAY_QUEUES": ",".join(map(str, settings.delivery_delay_queues)),
-        "RELAY_BOT_RETRY_DELAYS": ",".join(map(str, settings.bot_retry_delays)),
         "RELAY_ALLOWED_ENDPOINT_NETWORKS": "127.0.0.0/8",
         "RELAY_DELIVERY_TIMEOUT": "30",
         "RELAY_LOG_LEVEL": "warning",
     }
-    processes = []
-    for _ in range(count):
-        env["RELAY_DELIVERY_WORKER_PORT"] = str(free_port())
-        processes.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "relay.cli",
-                "delivery-worker",
-                env=relay_env(settings, env),
-                cwd=os.getcwd(),
-            )
-        )
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-        codes = [await asyncio.wait_for(p.wait(), 30) for p in processes]
-        assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+    return relay_processes(settings, "delivery-worker", count, env)
 
 
 async def consumed(amqp: AbstractRobustConnection, settings: Settings) -> bool:

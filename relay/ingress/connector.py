@@ -44,8 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from relay.auth import reply_token_valid
 from relay.broker import BrokerUnavailable
-from relay.errors import InvalidBody, NotFound, Unauthorized, Unavailable
-from relay.ingress.handlers import parse_json_object, plausible_id
+from relay.errors import InvalidBody, Unauthorized, Unavailable
+from relay.ingress.handlers import parse_json_object
+from relay.ingress.push import addressed_conversation
 from relay.models import Timestamp
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.replies import ReplyPublisher
@@ -301,19 +302,7 @@ class Connector:
 
     async def authenticate(self, request: web.Request) -> ConversationRecord:
         """The addressed conversation, if the path's reply token is valid for it."""
-        conversation_id = request.match_info["conversationId"]
-        conversation = (
-            await self._store.get_conversation(conversation_id)
-            if plausible_id(conversation_id)
-            else None
-        )
-        if conversation is None:
-            raise NotFound(
-                "unknown conversation", details={"conversationId": conversation_id[:256]}
-            )
-        structlog.contextvars.bind_contextvars(
-            integration_id=conversation.integration_id, conversation_id=conversation.id
-        )
+        conversation = await addressed_conversation(self._store, request)
         token = request.match_info["token"]
         # compare_digest refuses non-ASCII text: such a token is simply not valid.
         if not token.isascii() or not reply_token_valid(

@@ -61,6 +61,20 @@ def validate_reply(body: dict[str, Any]) -> BotReply:
     return reply
 
 
+async def addressed_conversation(store: Store, request: web.Request) -> ConversationRecord:
+    """The conversation named by the `conversationId` route part; NotFound if none."""
+    conversation_id = request.match_info["conversationId"]
+    conversation = (
+        await store.get_conversation(conversation_id) if plausible_id(conversation_id) else None
+    )
+    if conversation is None:
+        raise NotFound("unknown conversation", details={"conversationId": conversation_id[:256]})
+    structlog.contextvars.bind_contextvars(
+        integration_id=conversation.integration_id, conversation_id=conversation.id
+    )
+    return conversation
+
+
 class PushHandler:
     """Authenticates bots and stores the messages they push."""
 
@@ -95,19 +109,7 @@ class PushHandler:
 
     async def authenticate(self, request: web.Request) -> ConversationRecord:
         """The addressed conversation, if the bearer may post into it; 404/401 otherwise."""
-        conversation_id = request.match_info["conversationId"]
-        conversation = (
-            await self._store.get_conversation(conversation_id)
-            if plausible_id(conversation_id)
-            else None
-        )
-        if conversation is None:
-            raise NotFound(
-                "unknown conversation", details={"conversationId": conversation_id[:256]}
-            )
-        structlog.contextvars.bind_contextvars(
-            integration_id=conversation.integration_id, conversation_id=conversation.id
-        )
+        conversation = await addressed_conversation(self._store, request)
         token = bearer_token(request.headers.get("Authorization"))
         if not await self._allowed(token, conversation):
             raise Unauthorized("missing or invalid token")
