@@ -71,13 +71,10 @@ class Breakers:
         if state is State.OPEN:
             assert circuit.opened_at is not None
             return self._cooldown - (self._clock() - circuit.opened_at)
-        if state is State.HALF_OPEN:
-            if circuit.probing:
-                return 1.0
-            circuit.probing = True
-        if circuit.in_flight >= self._cap:
+        if circuit.in_flight >= self._cap or (state is State.HALF_OPEN and circuit.probing):
             return 1.0
         circuit.in_flight += 1
+        circuit.probing = circuit.probing or state is State.HALF_OPEN
         return None
 
     def release(self, endpoint: str, success: bool) -> None:

@@ -136,7 +136,9 @@ class StageWorker(ABC, Generic[E]):
         ):
             if envelope is None:
                 verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
-            elif delay := self.parking.wait_behind(conversation or "", message_key or ""):
+            elif (
+                delay := self.parking.wait_behind(conversation or "", message_key or "")
+            ) is not None:
                 verdict = Verdict(Outcome.WAIT, delay=delay, reason="parked")
             else:
                 verdict = await self._decide_safely(message, envelope)
@@ -158,16 +160,24 @@ class StageWorker(ABC, Generic[E]):
         verdict: Verdict,
     ) -> None:
         """The one place a verdict becomes broker actions."""
+        self._metrics.consumed.labels(self.stage, verdict.outcome.value).inc()
+        if verdict.outcome is Outcome.AGAIN:
+            # The store is away for a moment: wait in the broker, holding the conversation's
+            # order (a requeue would let the next message overtake, and count towards the
+            # queue's delivery limit).
+            delays = self._broker.topology.stage_delays(self.stage)
+            verdict = Verdict(
+                Outcome.WAIT,
+                delay=delays[0] if delays else 1.0,
+                reason=verdict.reason,
+                holds_order=True,
+            )
         outcome = verdict.outcome
-        self._metrics.consumed.labels(self.stage, outcome.value).inc()
-        if outcome is Outcome.AGAIN:
-            await asyncio.sleep(1)  # the store or broker is away: do not spin on it
-            await _quietly(message.nack(requeue=True))
-            return
         try:
             await self._forward(message, verdict)
         except BrokerUnavailable as error:
             log.warning("settle_failed", outcome=outcome.value, error=str(error))
+            await asyncio.sleep(1)  # the broker is away: do not spin on it
             await _quietly(message.nack(requeue=True))
             return
         await _quietly(message.ack())

@@ -8,7 +8,6 @@ back to its stage with confirms (outbound: attempts reset, same delivery id and 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from relay.broker import Broker, StageName, partition_of
 from relay.consumer import ATTEMPT_HEADER
+from relay.models import utcnow
 
 
 @dataclass(frozen=True)
@@ -88,26 +88,21 @@ class DeadLetters:
         self._stage = stage
 
     async def _take_all(self, channel: AbstractChannel) -> list[AbstractIncomingMessage]:
+        # Dead-letter queues have no single active consumer, so basic.get works; messages
+        # held by another listing are simply not seen this time.
         queue = await channel.declare_queue(
             self._broker.topology.dead_queue(self._stage), passive=True
         )
-        count = queue.declaration_result.message_count or 0
         taken: list[AbstractIncomingMessage] = []
-        if count:
-            async with asyncio.timeout(30), queue.iterator() as messages:
-                async for message in messages:
-                    taken.append(message)
-                    if len(taken) == count:
-                        break
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            taken.append(message)
         return taken
 
     async def _channel(self) -> AbstractChannel:
         connection = self._broker.connection
         if connection is None:
             raise RuntimeError("not connected to the broker")
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=0)
-        return channel
+        return await connection.channel()
 
     async def list(self, select: Select) -> list[DeadLetter]:
         """The selected dead letters; the queue is left as it was."""
@@ -144,7 +139,9 @@ class DeadLetters:
     async def _republish(self, letter: DeadLetter) -> None:
         body = dict(letter.body)
         if self._stage == "outbound":
+            # A fresh start: attempts and the age limit count from the replay.
             body["attempt"] = 0
+            body["createdAt"] = utcnow().isoformat()
         partition = partition_of(letter.conversation_id, self._broker.topology.partitions)
         await self._broker.publish(
             self._stage, partition, json.dumps(body).encode(), message_id=letter.id

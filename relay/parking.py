@@ -12,17 +12,30 @@ logic, no I/O.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 
 class Parking:
-    """The parked messages of each conversation, head first."""
+    """The parked messages of each conversation, head first.
 
-    def __init__(self) -> None:
+    A head that does not come back by its deadline (the broker dead-lettered it, or its
+    partition moved to another worker) is given up, so the conversation cannot stall.
+    """
+
+    def __init__(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self._queues: dict[str, list[str]] = {}
         self._delays: dict[str, float] = {}
+        self._deadlines: dict[str, float] = {}
+        self._grace = grace
+        self._clock = clock
 
     def wait_behind(self, conversation: str, message: str) -> float | None:
         """If `message` must wait behind its conversation's head: the delay to wait."""
         queue = self._queues.get(conversation)
+        if queue and queue[0] != message and self._clock() > self._deadlines[conversation]:
+            queue.pop(0)  # the head is overdue: the next one leads
+            self._deadlines[conversation] = self._clock() + self._delays[conversation] + self._grace
         if not queue or queue[0] == message:
             return None
         if message not in queue:
@@ -35,6 +48,7 @@ class Parking:
         if not queue or queue[0] != message:
             queue.insert(0, message)
         self._delays[conversation] = delay
+        self._deadlines[conversation] = self._clock() + delay + self._grace
 
     def done(self, conversation: str, message: str) -> None:
         """`message` is finished for good: the next parked one becomes the head."""
@@ -44,6 +58,7 @@ class Parking:
         if not queue:
             self._queues.pop(conversation, None)
             self._delays.pop(conversation, None)
+            self._deadlines.pop(conversation, None)
 
     def parked(self, conversation: str) -> list[str]:
         """The conversation's parked messages, head first."""

@@ -21,6 +21,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated, but still routed by some
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
 
 
@@ -34,7 +36,7 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in _NAT64:
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
@@ -46,6 +48,8 @@ def is_public(address: Address) -> bool:
         if inner is not None:
             return is_public(inner)
     if address.is_multicast or address in _SHARED:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address in _SITE_LOCAL:
         return False
     return address.is_global
 

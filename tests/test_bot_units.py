@@ -10,6 +10,18 @@ from relay.parking import Parking
 from workers.bot.adapters.http import replies_of
 
 
+def test_a_head_that_never_comes_back_stops_holding_its_conversation():
+    now = [0.0]
+    parking = Parking(grace=10, clock=lambda: now[0])
+    parking.delay_head("c", "lost", 5.0)  # e.g. the broker dead-lettered it meanwhile
+    assert parking.wait_behind("c", "next") == 5.0
+    now[0] = 14.0
+    assert parking.wait_behind("c", "after") == 5.0  # still within delay + grace
+    now[0] = 16.0
+    assert parking.wait_behind("c", "next") is None  # overdue: the next one leads
+    assert parking.parked("c") == ["next", "after"]
+
+
 def test_followers_wait_behind_a_failing_head_and_take_over_in_order():
     parking = Parking()
     assert parking.wait_behind("c", "m1") is None  # nothing parked: go ahead

@@ -105,7 +105,17 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
     async with delivery_workers(settings, 3):
         await eventually(lambda: consumed(amqp, settings), timeout=30)
         await asyncio.gather(*[push_all(c) for c in conversations])
-        await eventually(lambda: _successes(receiver, 500), timeout=90, interval=0.2)
+        try:
+            await eventually(lambda: _successes(receiver, 500), timeout=90, interval=0.2)
+        except AssertionError:
+            got = {
+                (h.body["botpressConversationId"], h.body["sequence"])
+                for h in receiver.at("busy")
+                if h.status == 200
+            }
+            missing = [(c, n) for c in conversations for n in range(1, 21) if (c, n) not in got]
+            print("DEBUG missing", missing[:5], len(missing), "requests", len(receiver.at("busy")))
+            raise
     hits = receiver.at("busy")
     assert any(hit.status == 503 for hit in hits)
     for conversation in conversations:

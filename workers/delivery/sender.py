@@ -73,6 +73,9 @@ class Sender:
             if isinstance(error.os_error, EndpointRefused):
                 return Sent(None, _ms(started), error=str(error.os_error), refused=True)
             return Sent(None, _ms(started), error=f"connection failed: {error.os_error}")
+        except aiohttp.InvalidURL as error:
+            # e.g. a numeric host aiohttp will not parse: it will not parse tomorrow either.
+            return Sent(None, _ms(started), error=f"invalid endpoint URL: {error}", refused=True)
         except (aiohttp.ClientError, OSError) as error:
             return Sent(None, _ms(started), error=f"{type(error).__name__}: {error}")
 

@@ -73,6 +73,11 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             attempt=envelope.attempt,
             response_id=envelope.body.botpressMessageId,
         ):
+            age = (utcnow() - envelope.createdAt).total_seconds()
+            if age > self._settings.delivery_max_age:
+                return Verdict(
+                    Outcome.DEAD, reason=f"older than {self._settings.delivery_max_age}s"
+                )
             due = (message.headers or {}).get(DUE_HEADER)
             if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
                 return self._wait(left, "not due yet")
