@@ -59,6 +59,9 @@ def relay_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
             # the module's topology, so its teardown removes every queue the process declared
             "RELAY_BOT_RETRY_DELAYS": ",".join(map(str, settings.bot_retry_delays)),
             "RELAY_DELIVERY_DELAY_QUEUES": ",".join(map(str, settings.delivery_delay_queues)),
+            # and its short waits: production's 30 s penalty and cooldown would stall a test
+            "RELAY_DELIVERY_OVERLOAD_PENALTY": str(settings.delivery_overload_penalty),
+            "RELAY_BREAKER_COOLDOWN": str(settings.breaker_cooldown),
         }
     )
     env.update(extra or {})

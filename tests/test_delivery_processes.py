@@ -106,7 +106,8 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
         await eventually(lambda: consumed(amqp, settings), timeout=30)
         await asyncio.gather(*[push_all(c) for c in conversations])
         try:
-            await eventually(lambda: _successes(receiver, 500), timeout=90, interval=0.2)
+            # Generous: on a busy 2-core machine the receiver in this process is slow too.
+            await eventually(lambda: _successes(receiver, 500), timeout=180, interval=0.2)
         except AssertionError:
             got = {
                 (h.body["botpressConversationId"], h.body["sequence"])
@@ -114,7 +115,8 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
                 if h.status == 200
             }
             missing = [(c, n) for c in conversations for n in range(1, 21) if (c, n) not in got]
-            print("DEBUG missing", missing[:5], len(missing), "requests", len(receiver.at("busy")))
+            print("not delivered:", missing[:5], len(missing), "of 500;",
+                  len(receiver.at("busy")), "requests")
             raise
     hits = receiver.at("busy")
     assert any(hit.status == 503 for hit in hits)
