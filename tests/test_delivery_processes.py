@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from relay import admin
@@ -74,6 +75,7 @@ async def test_a_worker_killed_mid_post_leaves_it_to_another_with_the_same_webho
     assert second.status == 200
 
 
+@pytest.mark.timeout(300)
 async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpoint(
     ingress: Ingress,
     store: SqlStore,
