@@ -127,6 +127,20 @@ class Queues:
         return bodies
 
 
+async def push_text(
+    ingress: Ingress, conversation_id: str, bot_token: str, text: str
+) -> dict[str, Any]:
+    """A text message through the bot push API (asserting 201); the stored message."""
+    async with ingress.http.post(
+        f"{ingress.url}/bot/conversations/{conversation_id}/messages",
+        json={"type": "text", "payload": {"text": text}},
+        headers={"Authorization": f"Bearer {bot_token}"},
+    ) as answer:
+        assert answer.status == 201, await answer.text()
+        message_: dict[str, Any] = (await answer.json())["message"]
+        return message_
+
+
 async def make_integration(
     store: Store,
     settings: Settings,

@@ -30,6 +30,7 @@ from tests.helpers import (
     eventually,
     make_integration,
     message,
+    push_text,
     start_delivery_worker,
 )
 from tests.receivers import Hit, Receiver
@@ -57,15 +58,10 @@ async def respond(
     integration_id, token = await make_integration(store, settings, response_url=url)
     _, sent = await ingress.post(integration_id, token, message(1, conversationId=conversation))
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
-    pushed = []
-    for n in range(count):
-        async with ingress.http.post(
-            f"{ingress.url}/bot/conversations/{sent['conversation']['id']}/messages",
-            json={"type": "text", "payload": {"text": f"response {n}"}},
-            headers={"Authorization": f"Bearer {bot_token}"},
-        ) as answer:
-            assert answer.status == 201
-            pushed.append((await answer.json())["message"])
+    conversation_id = sent["conversation"]["id"]
+    pushed = [
+        await push_text(ingress, conversation_id, bot_token, f"response {n}") for n in range(count)
+    ]
     return integration_id, pushed
 
 
@@ -241,12 +237,7 @@ async def test_order_per_conversation_holds_while_the_endpoint_flaps(
         conversations.append(sent["conversation"]["id"])
     for n in range(10):
         for conversation in conversations:
-            async with ingress.http.post(
-                f"{ingress.url}/bot/conversations/{conversation}/messages",
-                json={"type": "text", "payload": {"text": f"{n}"}},
-                headers={"Authorization": f"Bearer {bot_token}"},
-            ) as answer:
-                assert answer.status == 201
+            await push_text(ingress, conversation, bot_token, f"{n}")
     async with start_delivery_worker(settings):
         await eventually(lambda: _delivered(receiver, "flapping", 40), timeout=30)
     hits = receiver.at("flapping")
@@ -273,12 +264,8 @@ async def push_to(
     pushed: dict[str, float] = {}
     for c in range(conversations):
         _, sent = await ingress.post(integration_id, token, message(c, conversationId=f"i{c}"))
-        async with ingress.http.post(
-            f"{ingress.url}/bot/conversations/{sent['conversation']['id']}/messages",
-            json={"type": "text", "payload": {"text": "x"}},
-            headers={"Authorization": f"Bearer {bot_token}"},
-        ) as answer:
-            pushed[f"msg_{(await answer.json())['message']['id']}"] = time.monotonic()
+        stored = await push_text(ingress, sent["conversation"]["id"], bot_token, "x")
+        pushed[f"msg_{stored['id']}"] = time.monotonic()
     return pushed
 
 
@@ -340,12 +327,7 @@ async def respond_in(ingress: Ingress, store: SqlStore, integration_id: str) -> 
         )
     assert row is not None
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
-    async with ingress.http.post(
-        f"{ingress.url}/bot/conversations/{row['id']}/messages",
-        json={"type": "text", "payload": {"text": "after rotation"}},
-        headers={"Authorization": f"Bearer {bot_token}"},
-    ) as answer:
-        assert answer.status == 201
+    await push_text(ingress, row["id"], bot_token, "after rotation")
 
 
 async def test_the_sink_verifies_prints_and_fails_on_demand(

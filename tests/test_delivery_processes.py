@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 from relay import admin
 from relay.settings import Settings
 from relay.store import SqlStore
-from tests.helpers import Ingress, Queues, eventually, make_integration, message
+from tests.helpers import Ingress, Queues, eventually, make_integration, message, push_text
 from tests.receivers import Receiver
 from tests.test_cli import relay_processes
 from tests.test_delivery import _hits
@@ -61,12 +61,7 @@ async def test_a_worker_killed_mid_post_leaves_it_to_another_with_the_same_webho
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
     async with delivery_workers(settings, 1) as [doomed]:
         await eventually(lambda: consumed(amqp, settings), timeout=30)
-        async with ingress.http.post(
-            f"{ingress.url}/bot/conversations/{sent['conversation']['id']}/messages",
-            json={"type": "text", "payload": {"text": "survive"}},
-            headers={"Authorization": f"Bearer {bot_token}"},
-        ) as answer:
-            pushed = (await answer.json())["message"]
+        pushed = await push_text(ingress, sent["conversation"]["id"], bot_token, "survive")
         await eventually(lambda: _hits(receiver, "crash", 1))  # the POST is in flight
         doomed.kill()
         await doomed.wait()
@@ -101,12 +96,7 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
 
     async def push_all(conversation: str) -> None:
         for n in range(20):
-            async with ingress.http.post(
-                f"{ingress.url}/bot/conversations/{conversation}/messages",
-                json={"type": "text", "payload": {"text": str(n)}},
-                headers={"Authorization": f"Bearer {bot_token}"},
-            ) as answer:
-                assert answer.status == 201
+            await push_text(ingress, conversation, bot_token, str(n))
 
     # Ten attempts: a response fails them all with odds of about 1 in 280 million.
     patient = settings.model_copy(update={"delivery_retry_schedule": [0] + [0.2] * 9})
@@ -123,8 +113,14 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
                 if h.status == 200
             }
             missing = [(c, n) for c in conversations for n in range(1, 21) if (c, n) not in got]
-            print("not delivered:", missing[:5], len(missing), "of 500;",
-                  len(receiver.at("busy")), "requests")
+            print(
+                "not delivered:",
+                missing[:5],
+                len(missing),
+                "of 500;",
+                len(receiver.at("busy")),
+                "requests",
+            )
             raise
     hits = receiver.at("busy")
     assert any(hit.status == 503 for hit in hits)
