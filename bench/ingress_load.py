@@ -31,6 +31,7 @@ import aiohttp
 
 from relay import admin
 from relay.broker.topology import Topology, delete
+from relay.ingress.app import topology_of
 from relay.settings import Settings
 from relay.store import open_store
 from relay.store.postgres import drop_schema
@@ -178,7 +179,7 @@ async def run_one(kind: str, messages: int, concurrency: int, conversations: int
         store = await open_store(url)
         integration_id, token = await _integration(store, settings)
         await store.close()
-        topology = Topology(settings.queue_prefix, settings.partitions)
+        topology = topology_of(settings)  # the same queues the ingress declares
         try:
             async with ingress_process(settings) as base:
                 endpoint = f"{base}/webhooks/{integration_id}"
