@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -93,8 +92,3 @@ class GuardedResolver(AbstractResolver):
     async def close(self) -> None:
         """Close the inner resolver."""
         await self._inner.close()
-
-
-def resolver_kwargs(networks: Sequence[Network]) -> dict[str, Any]:
-    """Keyword arguments for `aiohttp.TCPConnector` that put the guard in front."""
-    return {"resolver": GuardedResolver(networks)}

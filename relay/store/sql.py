@@ -93,14 +93,15 @@ def _bundle(row: Row) -> MessageBundle:
     )
 
 
-def _accepted(row: Row, created: bool = False) -> Accepted:
+def _accepted(row: Row) -> Accepted:
+    """An inbound message found in the store (so not created by this call)."""
     lease = row["lease_until"]
     return Accepted(
         bundle=_bundle(row),
         text=row["text"],
         fingerprint=row["fingerprint"],
         state=row["state"],
-        created=created,
+        created=False,
         lease_until=datetime.fromisoformat(lease) if isinstance(lease, str) else lease,
     )
 
