@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 import structlog
 
 from relay.models import InboundEnvelope
@@ -65,6 +66,28 @@ def keep_valid(replies: list[tuple[str, Any]]) -> list[tuple[str, dict[str, Any]
         except InvalidPayload as error:
             log.error("invalid_reply", type=type_, details=error.details)
     return valid
+
+
+async def post_to_bot(
+    http: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """POST to a bot; its answer's body. The one policy for what a bot's answer means:
+    a timeout, a connection error, 408, 429 or 5xx is retried (BotFailure); another
+    non-2xx is not (BotFailure, permanent)."""
+    try:
+        async with http.post(url, json=body, headers=headers, allow_redirects=False) as response:
+            raw = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise BotFailure(f"the bot did not answer: {error!r}") from error
+    if status >= 500 or status in (408, 429):
+        raise BotFailure(f"the bot answered {status}")
+    if not 200 <= status < 300:
+        raise BotFailure(f"the bot refused the message with {status}", permanent=True)
+    return raw
 
 
 class BotAdapter(Protocol):

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
 
 import aiohttp
 from pydantic import BaseModel, Field, ValidationError
@@ -54,7 +53,7 @@ from pydantic import BaseModel, Field, ValidationError
 from relay.ingress.connector import Activity, ChannelAccount, ConversationAccount
 from relay.models import InboundEnvelope, utcnow
 from relay.settings import Settings
-from workers.bot.adapters.base import BotContext, BotFailure
+from workers.bot.adapters.base import BotContext, BotFailure, post_to_bot
 
 CHANNEL_ID = "relay"
 TOKEN_URL = "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
@@ -169,21 +168,7 @@ class BotFrameworkBot:
         headers = {}
         if self._tokens is not None:
             headers["Authorization"] = f"Bearer {await self._tokens.token()}"
-        await self._post(activity.wire(), headers)
-
-    async def _post(self, body: dict[str, Any], headers: dict[str, str]) -> None:
-        try:
-            async with self._http.post(
-                self._url, json=body, headers=headers, allow_redirects=False
-            ) as response:
-                await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise BotFailure(f"the bot did not answer: {error!r}") from error
-        if status >= 500 or status in (408, 429):
-            raise BotFailure(f"the bot answered {status}")
-        if not 200 <= status < 300:
-            raise BotFailure(f"the bot refused the activity with {status}", permanent=True)
+        await post_to_bot(self._http, self._url, activity.wire(), headers)
 
     async def close(self) -> None:
         """Close the connection pool."""

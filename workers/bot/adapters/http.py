@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from relay.models import InboundEnvelope
-from workers.bot.adapters.base import BotContext, BotFailure, keep_valid
+from workers.bot.adapters.base import BotContext, BotFailure, keep_valid, post_to_bot
 
 
 def rasa_item(item: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -74,26 +74,13 @@ class HttpBot:
             "replyUrl": context.reply_url,
             "botToken": context.reply_token,
         }
-        raw = await self._post(body)
+        raw = await post_to_bot(self._http, self._url, body)
         try:
             answer = json.loads(raw) if raw.strip() else None
         except ValueError as error:
             raise BotFailure(f"the bot answered with invalid JSON: {error}") from error
         for type_, payload in keep_valid(replies_of(answer)):
             await context.reply(type_, payload)
-
-    async def _post(self, body: dict[str, Any]) -> bytes:
-        try:
-            async with self._http.post(self._url, json=body, allow_redirects=False) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise BotFailure(f"the bot did not answer: {error!r}") from error
-        if status >= 500 or status in (408, 429):
-            raise BotFailure(f"the bot answered {status}")
-        if not 200 <= status < 300:
-            raise BotFailure(f"the bot refused the message with {status}", permanent=True)
-        return raw
 
     async def close(self) -> None:
         """Close the connection pool."""
