@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from pydantic import BaseModel, ValidationError
 
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName
 from relay.lanes import Lanes
@@ -26,7 +27,7 @@ from relay.parking import Parking
 log = structlog.get_logger(__name__)
 
 ATTEMPT_HEADER = "x-relay-attempt"
-E = TypeVar("E")
+E = TypeVar("E", bound=BaseModel)
 
 
 class Outcome(enum.Enum):
@@ -57,6 +58,7 @@ class StageWorker(ABC, Generic[E]):
     """Consumes every partition of one stage; subclasses decide per message."""
 
     stage: StageName
+    envelope_type: type[E]  # the versioned model of the stage's messages
 
     def __init__(self, broker: Broker, metrics: Metrics, concurrency: int) -> None:
         self._broker = broker
@@ -72,9 +74,13 @@ class StageWorker(ABC, Generic[E]):
         """The worker's metrics (what it consumed, by outcome)."""
         return self._metrics
 
-    @abstractmethod
     def parse(self, message: AbstractIncomingMessage) -> E | None:
-        """The envelope, or None if the message cannot be read (it is dead-lettered)."""
+        """The envelope, or None (logged) if it is not one: it is then dead-lettered."""
+        try:
+            return self.envelope_type.model_validate_json(message.body)
+        except ValidationError:
+            log.error("invalid_envelope", stage=self.stage, message_id=message.message_id)
+            return None
 
     @abstractmethod
     def keys(self, envelope: E) -> tuple[str, str]:

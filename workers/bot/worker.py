@@ -17,7 +17,6 @@ import time
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from pydantic import ValidationError
 
 from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
@@ -37,6 +36,7 @@ REPLY_TOKEN_SECONDS = 24 * 3600
 class BotWorker(StageWorker[InboundEnvelope]):
     """Consumes every inbound partition; one instance per process."""
 
+    envelope_type = InboundEnvelope
     stage: StageName = "inbound"
 
     def __init__(
@@ -53,14 +53,6 @@ class BotWorker(StageWorker[InboundEnvelope]):
         self._adapter = adapter
         self._replies = ReplyPublisher(store, broker, metrics)
         self._delays = sorted(settings.bot_retry_delays)
-
-    def parse(self, message: AbstractIncomingMessage) -> InboundEnvelope | None:
-        """The inbound envelope, or None (logged) if it is not one."""
-        try:
-            return InboundEnvelope.model_validate_json(message.body)
-        except ValidationError:
-            log.error("invalid_envelope", message_id=message.message_id)
-            return None
 
     def keys(self, envelope: InboundEnvelope) -> tuple[str, str]:
         """(conversation, message) relay ids."""

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from pydantic import ValidationError
 
 from relay.backoff import hop, next_delay, parse_retry_after
 from relay.breaker import Breakers, endpoint_of
@@ -39,6 +38,7 @@ RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 class DeliveryWorker(StageWorker[OutboundEnvelope]):
     """Consumes every outbound partition; one instance per process."""
 
+    envelope_type = OutboundEnvelope
     stage: StageName = "outbound"
 
     def __init__(
@@ -53,14 +53,6 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         self._breakers = Breakers(
             settings.breaker_threshold, settings.breaker_cooldown, settings.endpoint_concurrency
         )
-
-    def parse(self, message: AbstractIncomingMessage) -> OutboundEnvelope | None:
-        """The outbound envelope, or None (logged) if it is not one."""
-        try:
-            return OutboundEnvelope.model_validate_json(message.body)
-        except ValidationError:
-            log.error("invalid_envelope", message_id=message.message_id)
-            return None
 
     def keys(self, envelope: OutboundEnvelope) -> tuple[str, str]:
         """(conversation, delivery) ids."""
@@ -91,15 +83,14 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
                 return Verdict(Outcome.DEAD, reason="the integration's endpoint is disabled")
             return await self._attempt(envelope, integration)
 
-    def _wait(self, seconds: float, reason: str) -> Verdict:
+    def _due_in(self, seconds: float) -> tuple[float, dict[str, str | int]]:
+        """The first delay-queue hop of a wait, and the header saying when it is over."""
         delay = hop(seconds, self._queues) or min(self._queues)
-        return Verdict(
-            Outcome.WAIT,
-            delay=delay,
-            reason=reason,
-            holds_order=True,
-            headers={DUE_HEADER: int((time.time() + seconds) * 1000)},
-        )
+        return delay, {DUE_HEADER: int((time.time() + seconds) * 1000)}
+
+    def _wait(self, seconds: float, reason: str) -> Verdict:
+        delay, headers = self._due_in(seconds)
+        return Verdict(Outcome.WAIT, delay=delay, reason=reason, holds_order=True, headers=headers)
 
     async def _attempt(self, envelope: OutboundEnvelope, integration: IntegrationRecord) -> Verdict:
         endpoint = endpoint_of(integration.response_url)
@@ -165,14 +156,8 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             penalty=self._settings.delivery_overload_penalty,
         )
         body = envelope.model_copy(update={"attempt": following}).model_dump_json().encode()
-        delay = hop(seconds, self._queues) or min(self._queues)
-        return Verdict(
-            Outcome.RETRY,
-            delay=delay,
-            reason=reason,
-            body=body,
-            headers={DUE_HEADER: int((time.time() + seconds) * 1000)},
-        )
+        delay, due = self._due_in(seconds)
+        return Verdict(Outcome.RETRY, delay=delay, reason=reason, body=body, headers=due)
 
     def _count(self, envelope: OutboundEnvelope, sent: Sent) -> None:
         status_class = f"{sent.status // 100}xx" if sent.status else "error"
