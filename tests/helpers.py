@@ -110,6 +110,26 @@ class Queues:
                 taken += [{**body, "_partition": partition} for body in bodies]
         return taken
 
+    async def counts(self, stage: StageName) -> list[tuple[int, int]]:
+        """(ready messages, consumers) of each partition of a stage, without consuming."""
+        found = []
+        async with self._connection.channel() as channel:
+            for partition in range(self._topology.partitions):
+                queue = await channel.declare_queue(
+                    self._topology.queue(stage, partition), passive=True
+                )
+                result = queue.declaration_result
+                found.append((result.message_count or 0, result.consumer_count or 0))
+        return found
+
+    async def all_consumed(self, stage: StageName) -> bool:
+        """True when every partition of the stage has its (single active) consumer."""
+        return all(consumers for _, consumers in await self.counts(stage))
+
+    async def none_ready(self, stage: StageName) -> bool:
+        """True when no partition of the stage holds a message not yet handed out."""
+        return not any(ready for ready, _ in await self.counts(stage))
+
     @staticmethod
     async def _drain(channel: AbstractChannel, name: str) -> list[dict[str, Any]]:
         # Single-active-consumer quorum queues refuse basic.get: consume what is there.

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from aio_pika.abc import AbstractRobustConnection
-
 from relay.settings import Settings
 from relay.store import SqlStore
 from tests.helpers import (
@@ -29,28 +27,15 @@ def bot_workers(
     return relay_processes(settings, "bot-worker", count, env)
 
 
-async def consumers(amqp: AbstractRobustConnection, settings: Settings) -> int:
-    """How many partitions have a consumer (single active consumer: at most one each)."""
-    async with amqp.channel() as channel:
-        total = 0
-        for partition in range(settings.partitions):
-            queue = await channel.declare_queue(
-                f"{settings.queue_prefix}.inbound.{partition}", passive=True
-            )
-            total += (queue.declaration_result.consumer_count or 0) > 0
-        return total
-
-
 async def test_three_workers_keep_each_conversations_order_over_200_messages(
     ingress: Ingress,
     store: SqlStore,
     settings: Settings,
     queues: Queues,
-    amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
     async with bot_workers(settings, 3, "echo"):
-        await eventually(lambda: _all_consumed(amqp, settings), timeout=30)
+        await eventually(lambda: queues.all_consumed("inbound"), timeout=30)
 
         async def conversation(c: int) -> None:
             for n in range(10):
@@ -73,22 +58,17 @@ async def test_three_workers_keep_each_conversations_order_over_200_messages(
     assert len({r["deliveryId"] for r in responses}) == 400
 
 
-async def _all_consumed(amqp: AbstractRobustConnection, settings: Settings) -> bool:
-    return await consumers(amqp, settings) == settings.partitions
-
-
 async def test_a_worker_killed_mid_turn_is_replaced_and_replies_exactly_once(
     ingress: Ingress,
     store: SqlStore,
     settings: Settings,
     queues: Queues,
-    amqp: AbstractRobustConnection,
 ):
     integration_id, token = await make_integration(store, settings)
     async with bot_workers(settings, 1, "tests.bots:slow") as [doomed]:
-        await eventually(lambda: _all_consumed(amqp, settings), timeout=30)
+        await eventually(lambda: queues.all_consumed("inbound"), timeout=30)
         await ingress.post(integration_id, token, message(1, text="survive"))
-        await eventually(lambda: _delivered(amqp, settings))  # in the worker's hands now
+        await eventually(lambda: queues.none_ready("inbound"))  # in the worker's hands now
         doomed.kill()
         await doomed.wait()
     assert await queues.take("outbound") == []
@@ -97,14 +77,3 @@ async def test_a_worker_killed_mid_turn_is_replaced_and_replies_exactly_once(
         assert response["body"]["payload"] == {"text": "slow reply to survive"}
         await asyncio.sleep(0)  # let nothing else arrive: checked below with a fresh look
     assert await queues.take("outbound") == []
-
-
-async def _delivered(amqp: AbstractRobustConnection, settings: Settings) -> bool:
-    async with amqp.channel() as channel:
-        ready = 0
-        for partition in range(settings.partitions):
-            queue = await channel.declare_queue(
-                f"{settings.queue_prefix}.inbound.{partition}", passive=True
-            )
-            ready += queue.declaration_result.message_count or 0
-        return ready == 0

@@ -8,7 +8,6 @@ import contextlib
 import random
 
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 
 from relay import admin
 from relay.settings import Settings
@@ -32,25 +31,12 @@ def delivery_workers(
     return relay_processes(settings, "delivery-worker", count, env)
 
 
-async def consumed(amqp: AbstractRobustConnection, settings: Settings) -> bool:
-    """Every outbound partition has its (single active) consumer."""
-    async with amqp.channel() as channel:
-        for partition in range(settings.partitions):
-            queue = await channel.declare_queue(
-                f"{settings.queue_prefix}.outbound.{partition}", passive=True
-            )
-            if not queue.declaration_result.consumer_count:
-                return False
-    return True
-
-
 async def test_a_worker_killed_mid_post_leaves_it_to_another_with_the_same_webhook_id(
     ingress: Ingress,
     store: SqlStore,
     settings: Settings,
     queues: Queues,
     receiver: Receiver,
-    amqp: AbstractRobustConnection,
 ):
     receiver.hits.clear()
     receiver.hang_once.add("crash")
@@ -60,7 +46,7 @@ async def test_a_worker_killed_mid_post_leaves_it_to_another_with_the_same_webho
     _, sent = await ingress.post(integration_id, token, message(1))
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
     async with delivery_workers(settings, 1) as [doomed]:
-        await eventually(lambda: consumed(amqp, settings), timeout=30)
+        await eventually(lambda: queues.all_consumed("outbound"), timeout=30)
         pushed = await push_text(ingress, sent["conversation"]["id"], bot_token, "survive")
         await eventually(lambda: _hits(receiver, "crash", 1))  # the POST is in flight
         doomed.kill()
@@ -78,7 +64,6 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
     settings: Settings,
     queues: Queues,
     receiver: Receiver,
-    amqp: AbstractRobustConnection,
 ):
     receiver.hits.clear()
     # About one request in seven fails, at random (seeded): a fixed pattern can resonate with
@@ -101,7 +86,7 @@ async def test_three_workers_keep_order_over_500_responses_with_a_flapping_endpo
     # Ten attempts: a response fails them all with odds of about 1 in 280 million.
     patient = settings.model_copy(update={"delivery_retry_schedule": [0] + [0.2] * 9})
     async with delivery_workers(patient, 3):
-        await eventually(lambda: consumed(amqp, settings), timeout=30)
+        await eventually(lambda: queues.all_consumed("outbound"), timeout=30)
         await asyncio.gather(*[push_all(c) for c in conversations])
         try:
             # Generous: on a busy 2-core machine the receiver in this process is slow too.
