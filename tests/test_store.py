@@ -284,3 +284,12 @@ async def test_migrations_upgrade_an_older_schema(
                 "DELETE FROM schema_version WHERE version = ?", len(MIGRATIONS_TEMPLATE) + 1
             )
         await opened.close()
+
+
+async def test_the_bot_secret_is_made_once_even_on_concurrent_first_use(store: SqlStore):
+    integration = await store.create_integration("b", "https://example.test/h", "whsec_x")
+    secrets = await asyncio.gather(*[store.bot_secret(integration.id) for _ in range(10)])
+    assert len(set(secrets)) == 1
+    assert await store.bot_secret(integration.id) == secrets[0]
+    with pytest.raises(StoreError):
+        await store.bot_secret("no-such-integration")

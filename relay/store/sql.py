@@ -227,20 +227,20 @@ class RepliesMixin:
         return ConversationRecord.model_validate(row) if row else None
 
     async def bot_secret(self, integration_id: str) -> str:
+        select = "SELECT bot_secret FROM integrations WHERE id = ?"
         async with self._driver.connection() as conn:
-            # Whoever writes first wins; everyone reads the winner's secret back.
-            await conn.execute(
-                "UPDATE integrations SET bot_secret = ? WHERE id = ? AND bot_secret IS NULL",
-                secrets.token_urlsafe(32),
-                integration_id,
-            )
-            row = await conn.fetchone(
-                "SELECT bot_secret FROM integrations WHERE id = ?", integration_id
-            )
+            row = await conn.fetchone(select, integration_id)
+            if row is not None and row["bot_secret"] is None:
+                # Made on first use; whoever writes first wins, everyone reads the winner's.
+                await conn.execute(
+                    "UPDATE integrations SET bot_secret = ? WHERE id = ? AND bot_secret IS NULL",
+                    secrets.token_urlsafe(32),
+                    integration_id,
+                )
+                row = await conn.fetchone(select, integration_id)
         if row is None:
             raise StoreError(f"no integration {integration_id}")
         return str(row["bot_secret"])
-
 
 async def _insert_outgoing(
     conn: Conn,
