@@ -11,7 +11,7 @@ import pytest
 from relay.auth import hash_token
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
-from relay.store import SqlStore, open_store, schema
+from relay.store import SqlStore, StoreError, open_store, schema
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
 from tests.helpers import make_integration, message
 
