@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestServer
 
 from relay import admin
@@ -133,18 +133,24 @@ class Queues:
     @staticmethod
     async def _drain(channel: AbstractChannel, name: str) -> list[dict[str, Any]]:
         # Single-active-consumer quorum queues refuse basic.get: consume what is there.
+        # A prefetch of exactly `count`, acked only after the consumer is cancelled, so the
+        # broker never hands over a message this drain would return: a returned message
+        # goes to the back of a quorum queue and the stage's order would look broken.
         queue = await channel.declare_queue(name, passive=True)
         count = queue.declaration_result.message_count or 0
-        bodies: list[dict[str, Any]] = []
         if not count:
-            return bodies
-        async with asyncio.timeout(10), queue.iterator() as messages:
-            async for incoming in messages:
-                await incoming.ack()
-                bodies.append({**json.loads(incoming.body), "_message_id": incoming.message_id})
-                if len(bodies) == count:
-                    break
-        return bodies
+            return []
+        await channel.set_qos(prefetch_count=count)
+        delivered: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        tag = await queue.consume(delivered.put)
+        async with asyncio.timeout(10):
+            taken = [await delivered.get() for _ in range(count)]
+        await queue.cancel(tag)
+        for incoming in taken:
+            await incoming.ack()
+        return [
+            {**json.loads(incoming.body), "_message_id": incoming.message_id} for incoming in taken
+        ]
 
 
 async def push_text(
