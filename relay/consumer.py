@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
 
-from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName
+from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
+from relay.broker.presence import Presence
+from relay.handoff import Subscription, surplus
 from relay.lanes import Lanes
 from relay.metrics import Metrics
 from relay.parking import Parking
@@ -54,20 +57,41 @@ class Verdict:
     holds_order: bool = False
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A message in a lane, with the subscription it came through."""
+
+    message: AbstractIncomingMessage
+    subscription: Subscription
+
+
 class StageWorker(ABC, Generic[E]):
-    """Consumes every partition of one stage; subclasses decide per message."""
+    """Consumes the partitions of one stage it is the active consumer of, and hands over
+    those beyond its fair share; subclasses decide per message."""
 
     stage: StageName
     envelope_type: type[E]  # the versioned model of the stage's messages
 
-    def __init__(self, broker: Broker, metrics: Metrics, concurrency: int) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Metrics,
+        concurrency: int,
+        presence_interval: float = 2.0,
+        handoff_grace: float = 15.0,
+    ) -> None:
         self._broker = broker
         self._metrics = metrics
-        self._lanes: Lanes[AbstractIncomingMessage] = Lanes(self._process, concurrency)
+        self._lanes: Lanes[Delivery] = Lanes(self._process, concurrency)
         self._prefetch = concurrency * 2
         self.parking = Parking()
-        self._channel: AbstractChannel | None = None
-        self._consumers: list[asyncio.Task[None]] = []
+        self.presence = Presence(broker, self.stage, presence_interval)
+        self._interval = presence_interval
+        self._grace = handoff_grace
+        self._subscriptions: dict[int, Subscription] = {}
+        self._handing_off: set[asyncio.Task[None]] = set()
+        self._balancer: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def metrics(self) -> Metrics:
@@ -90,47 +114,139 @@ class StageWorker(ABC, Generic[E]):
     async def decide(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         """Do the work for one message and say what becomes of it."""
 
+    @property
+    def active_partitions(self) -> set[int]:
+        """Partitions this worker has taken messages from since it subscribed."""
+        return {number for number, sub in self._subscriptions.items() if sub.active}
+
     async def start(self) -> None:
-        """Start consuming every partition (waits for the broker connection)."""
+        """Join the stage's workers and subscribe to every partition (waits for the broker).
+
+        Each partition has a channel of its own, so one can be handed over without the
+        others; the broker makes one subscriber per partition the active one.
+        """
         await self._broker.wait_connected()
         connection = self._broker.connection
         if connection is None:
             raise BrokerUnavailable("no broker connection")
-        self._channel = await connection.channel()
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        topology = self._broker.topology
-        for partition in range(topology.partitions):
-            queue = await self._channel.get_queue(topology.queue(self.stage, partition))
-            self._consumers.append(asyncio.create_task(self._consume(queue)))
-        log.info("worker_started", stage=self.stage, partitions=topology.partitions)
+        await self.presence.start()
+        for partition in range(self._broker.topology.partitions):
+            self._subscriptions[partition] = await self._subscribe(partition)
+        # After a reconnect the broker picks active consumers anew.
+        connection.reconnect_callbacks.add(self._forget_activity)
+        self._balancer = asyncio.create_task(self._balance_forever(), name=f"balance-{self.stage}")
+        log.info(
+            "worker_started",
+            stage=self.stage,
+            partitions=self._broker.topology.partitions,
+            worker=self.presence.worker_id,
+        )
 
-    async def _consume(self, queue: AbstractQueue) -> None:
-        # The iterator yields in delivery order; `submit` fixes that order synchronously.
-        async with queue.iterator() as messages:
-            async for message in messages:
-                envelope = self.parse(message)
-                key = self.keys(envelope)[0] if envelope is not None else message.message_id
-                self._lanes.submit(str(key), message)
+    async def _subscribe(self, partition: int) -> Subscription:
+        connection = self._broker.connection
+        if connection is None:
+            raise BrokerUnavailable("no broker connection")
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        queue = await channel.get_queue(self._broker.topology.queue(self.stage, partition))
+        subscription = Subscription(partition, channel)
+        await queue.consume(functools.partial(self._on_delivery, subscription))
+        return subscription
+
+    async def _on_delivery(
+        self, subscription: Subscription, message: AbstractIncomingMessage
+    ) -> None:
+        # Each delivery runs as a task started in delivery order; nothing here awaits before
+        # `submit`, which fixes the order.
+        if subscription.holding or self._stopping:
+            subscription.held.append(message)  # unacked: a close returns it to the head
+            return
+        self._take(subscription, message)
+
+    def _take(self, subscription: Subscription, message: AbstractIncomingMessage) -> None:
+        subscription.take()
+        envelope = self.parse(message)
+        key = self.keys(envelope)[0] if envelope is not None else message.message_id
+        self._lanes.submit(str(key), Delivery(message, subscription))
+
+    def _forget_activity(self, *_: object) -> None:
+        for subscription in self._subscriptions.values():
+            subscription.active = False
+
+    async def _balance_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        """Hand over the partitions beyond this worker's fair share (in the background)."""
+        if self._stopping:
+            return
+        releasing = {n for n, sub in self._subscriptions.items() if sub.holding}
+        for partition in surplus(
+            self._broker.topology.partitions,
+            self.presence.peers(),
+            self.active_partitions - releasing,
+            self._parked_partitions(),
+        ):
+            task = asyncio.create_task(self._hand_off(partition), name=f"hand-off-{partition}")
+            self._handing_off.add(task)
+            task.add_done_callback(self._handing_off.discard)
+
+    def _parked_partitions(self) -> set[int]:
+        return {
+            partition_of(conversation, self._broker.topology.partitions)
+            for conversation in self.parking.conversations()
+        }
+
+    async def _hand_off(self, partition: int) -> None:
+        """Finish what this worker holds of the partition, return the rest, queue up again.
+
+        Closing the channel (rather than cancelling the consumer first) returns the unacked
+        messages and ends the subscription in one step, so the next consumer starts with
+        them, in order, and cannot overtake them.
+        """
+        subscription = self._subscriptions[partition]
+        subscription.holding = True
+        finished = await subscription.settled(self._grace)
+        if self._parked_partitions() & {partition} and not self._stopping:
+            # A message of the partition went to a retry meanwhile: keep it, take what waited.
+            subscription.holding = False
+            held, subscription.held = subscription.held, []
+            for message in held:
+                self._take(subscription, message)
+            return
+        await subscription.close()
+        log.info("partition_handed_off", stage=self.stage, partition=partition, finished=finished)
+        if self._stopping:
+            return
+        try:
+            self._subscriptions[partition] = await self._subscribe(partition)
+        except BROKER_ERRORS as error:
+            log.warning("resubscribe_failed", partition=partition, error=str(error))
 
     async def stop(self, grace: float) -> None:
         """Stop taking messages, finish those in hand (bounded), return the rest."""
-        for consumer in self._consumers:
-            consumer.cancel()
-        await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._stopping = True
+        if self._balancer is not None:
+            self._balancer.cancel()
+        await self.presence.stop()
         finished = await self._lanes.drain(grace)
-        if self._channel is not None and not self._channel.is_closed:
-            # Closing returns every unacked message to its queue.
-            await self._channel.close()
+        await asyncio.gather(*self._handing_off, return_exceptions=True)
+        for subscription in self._subscriptions.values():
+            await subscription.close()
         log.info("worker_stopped", stage=self.stage, finished=finished)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, delivery: Delivery) -> None:
         try:
-            await self._handle(message)
+            await self._handle(delivery.message)
         except Exception:
             # Never let one message's failure end its lane: the messages behind it would be
             # stranded unacked. This one goes back to its queue.
-            log.exception("message_handling_failed", message_id=message.message_id)
-            await _quietly(message.nack(requeue=True))
+            log.exception("message_handling_failed", message_id=delivery.message.message_id)
+            await _quietly(delivery.message.nack(requeue=True))
+        finally:
+            delivery.subscription.done()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         envelope = self.parse(message)

@@ -60,6 +60,10 @@ class Parking:
             self._delays.pop(conversation, None)
             self._deadlines.pop(conversation, None)
 
+    def conversations(self) -> list[str]:
+        """The conversations with a message waiting in a delay queue."""
+        return list(self._queues)
+
     def parked(self, conversation: str) -> list[str]:
         """The conversation's parked messages, head first."""
         return list(self._queues.get(conversation, []))

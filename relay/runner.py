@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Iterator
 
 import structlog
 from aiohttp import web
@@ -11,8 +13,13 @@ from aiohttp import web
 log = structlog.get_logger(__name__)
 
 
-async def wait_for_stop() -> str:
-    """Block until SIGTERM or SIGINT; the signal's name."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Future[str]]:
+    """A future that SIGTERM or SIGINT completes with the signal's name, while in scope.
+
+    Installed before anything starts: a signal during a slow start-up must not kill the
+    process outright (the default action) with messages in hand.
+    """
     loop = asyncio.get_running_loop()
     stopped: asyncio.Future[str] = loop.create_future()
 
@@ -23,10 +30,16 @@ async def wait_for_stop() -> str:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        return await stopped
+        yield stopped
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def wait_for_stop() -> str:
+    """Block until SIGTERM or SIGINT; the signal's name."""
+    with stop_signals() as stopped:
+        return await stopped
 
 
 async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
@@ -34,14 +47,15 @@ async def serve(app: web.Application, host: str, port: int, shutdown_timeout: fl
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log=None
     )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        log.info("listening", url=f"http://{host}:{port}")
-        name = await wait_for_stop()
-        log.info("stopping", signal=name)
-    finally:
-        # Stops accepting, waits for in-flight handlers, then closes store and broker.
-        await runner.cleanup()
+    with stop_signals() as stopped:
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            log.info("listening", url=f"http://{host}:{port}")
+            name = await stopped
+            log.info("stopping", signal=name)
+        finally:
+            # Stops accepting, waits for in-flight handlers, then closes store and broker.
+            await runner.cleanup()
     log.info("stopped")

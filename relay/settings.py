@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     auth_cache_seconds: float = Field(default=5.0, ge=0)
     shutdown_timeout: float = Field(default=15.0, gt=0)
+    # Workers announce themselves this often; each then keeps its fair share of partitions.
+    presence_interval: float = Field(default=2.0, gt=0)
     # The bot worker: its own port for /healthz, /readyz, /metrics when run on its own.
     bot_worker_port: int = Field(default=8081, ge=0, le=65535)
     bot_timeout: float = Field(default=10.0, gt=0)

@@ -98,6 +98,7 @@ def settings(amqp_url: str, database_url: str, queue_prefix: str) -> Settings:
         allowed_endpoint_networks=["127.0.0.0/8"],
         bot_timeout=5.0,
         public_url="http://127.0.0.1:9",
+        presence_interval=0.3,
     )
 
 

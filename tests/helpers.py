@@ -133,21 +133,21 @@ class Queues:
     @staticmethod
     async def _drain(channel: AbstractChannel, name: str) -> list[dict[str, Any]]:
         # Single-active-consumer quorum queues refuse basic.get: consume what is there.
-        # A prefetch of exactly `count`, acked only after the consumer is cancelled, so the
-        # broker never hands over a message this drain would return: a returned message
-        # goes to the back of a quorum queue and the stage's order would look broken.
+        # Auto-acked delivery, and everything that came before the cancel is kept: nothing
+        # is ever returned to the queue (a quorum queue puts returned messages back at the
+        # head, which races with the next drain and makes the stage's order look broken).
         queue = await channel.declare_queue(name, passive=True)
         count = queue.declaration_result.message_count or 0
         if not count:
             return []
-        await channel.set_qos(prefetch_count=count)
         delivered: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        tag = await queue.consume(delivered.put)
+        tag = await queue.consume(delivered.put, no_ack=True)
         async with asyncio.timeout(10):
             taken = [await delivered.get() for _ in range(count)]
         await queue.cancel(tag)
-        for incoming in taken:
-            await incoming.ack()
+        await asyncio.sleep(0)  # deliveries that preceded the cancel-ok reach the queue
+        while not delivered.empty():
+            taken.append(delivered.get_nowait())
         return [
             {**json.loads(incoming.body), "_message_id": incoming.message_id} for incoming in taken
         ]

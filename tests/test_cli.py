@@ -62,6 +62,7 @@ def relay_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
             # and its short waits: production's 30 s penalty and cooldown would stall a test
             "RELAY_DELIVERY_OVERLOAD_PENALTY": str(settings.delivery_overload_penalty),
             "RELAY_BREAKER_COOLDOWN": str(settings.breaker_cooldown),
+            "RELAY_PRESENCE_INTERVAL": str(settings.presence_interval),
         }
     )
     env.update(extra or {})

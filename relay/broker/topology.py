@@ -68,6 +68,10 @@ class Topology:
         """The dead-letter queue of a stage."""
         return f"{self.prefix}.{stage}.dead"
 
+    def presence_exchange(self, stage: StageName) -> str:
+        """The fanout exchange a stage's workers announce themselves on (hand-off)."""
+        return f"{self.prefix}.{stage}.presence"
+
     def queue_names(self) -> list[str]:
         """Every queue of the relay, in a stable order."""
         names = []
@@ -103,6 +107,10 @@ async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, Abs
             topology.exchange(stage), aio_pika.ExchangeType.DIRECT, durable=True
         )
         exchanges[topology.exchange(stage)] = exchange
+        presence = topology.presence_exchange(stage)
+        exchanges[presence] = await channel.declare_exchange(
+            presence, aio_pika.ExchangeType.FANOUT, durable=True
+        )
         for seconds in topology.stage_delays(stage):
             name = topology.delay_exchange(stage, seconds)
             exchanges[name] = await _declare_delay(channel, topology, stage, seconds)
@@ -146,6 +154,7 @@ async def delete(channel: AbstractChannel, topology: Topology) -> None:
         await channel.queue_delete(name)
     for stage in STAGES:
         await channel.exchange_delete(topology.exchange(stage))
+        await channel.exchange_delete(topology.presence_exchange(stage))
         for seconds in topology.stage_delays(stage):
             await channel.exchange_delete(topology.delay_exchange(stage, seconds))
     await channel.exchange_delete(topology.dead_exchange())

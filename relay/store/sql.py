@@ -242,6 +242,7 @@ class RepliesMixin:
             raise StoreError(f"no integration {integration_id}")
         return str(row["bot_secret"])
 
+
 async def _insert_outgoing(
     conn: Conn,
     target: Row,

@@ -47,7 +47,13 @@ class BotWorker(StageWorker[InboundEnvelope]):
         adapter: BotAdapter,
         metrics: Metrics,
     ) -> None:
-        super().__init__(broker, metrics, settings.bot_concurrency)
+        super().__init__(
+            broker,
+            metrics,
+            settings.bot_concurrency,
+            presence_interval=settings.presence_interval,
+            handoff_grace=settings.shutdown_timeout,
+        )
         self._settings = settings
         self._store = store
         self._adapter = adapter

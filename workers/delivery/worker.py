@@ -44,7 +44,13 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
     def __init__(
         self, settings: Settings, store: Store, broker: Broker, sender: Sender, metrics: Metrics
     ) -> None:
-        super().__init__(broker, metrics, settings.delivery_concurrency)
+        super().__init__(
+            broker,
+            metrics,
+            settings.delivery_concurrency,
+            presence_interval=settings.presence_interval,
+            handoff_grace=settings.shutdown_timeout,
+        )
         self._settings = settings
         self._store = store
         self._sender = sender

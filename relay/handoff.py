@@ -1,0 +1,82 @@
+"""Spreading a stage's partitions over its workers.
+
+Every worker subscribes to every partition queue; with single active consumer the broker
+delivers each partition to one of them, the first to subscribe, so a worker that starts
+first takes them all. Each worker therefore counts its live peers (`Presence`) and hands
+over the partitions beyond its fair share: it stops taking messages of the partition,
+finishes those it holds, closes the partition's channel (the broker returns what was
+prefetched to the head of the queue and activates the next subscriber) and subscribes
+again, at the back of the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from relay.broker.client import BROKER_ERRORS
+
+
+class Subscription:
+    """One partition queue as this worker consumes it, on a channel of its own."""
+
+    def __init__(self, partition: int, channel: AbstractChannel) -> None:
+        self.partition = partition
+        self.channel = channel
+        # A delivery came: this worker is the partition's active consumer (until the channel
+        # closes, or a reconnect lets the broker choose again).
+        self.active = False
+        # Handing over (or stopping): deliveries wait here unacked, to be returned on close
+        # (or taken after all, in order, if the hand-off is called off).
+        self.holding = False
+        self.held: list[AbstractIncomingMessage] = []
+        self._in_hand = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def take(self) -> None:
+        """A delivery went to a lane."""
+        self.active = True
+        self._in_hand += 1
+        self._settled.clear()
+
+    def done(self) -> None:
+        """A delivery taken from this subscription was acked, nacked or abandoned."""
+        self._in_hand -= 1
+        if self._in_hand <= 0:
+            self._in_hand = 0
+            self._settled.set()
+
+    async def settled(self, seconds: float) -> bool:
+        """Wait until every delivery taken is finished (True), or `seconds` passed."""
+        try:
+            await asyncio.wait_for(self._settled.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the channel: its consumer ends and its unacked messages go back."""
+        if not self.channel.is_closed:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await self.channel.close()
+
+
+def fair_share(partitions: int, workers: int) -> int:
+    """The most partitions one of `workers` should hold."""
+    return math.ceil(partitions / max(workers, 1))
+
+
+def surplus(partitions: int, workers: int, held: set[int], parked: set[int]) -> list[int]:
+    """The partitions to hand over: those beyond the fair share, if any.
+
+    Partitions with a conversation waiting on a retry (`parked`) stay: the order of such a
+    conversation is kept in this worker's memory and would not move with it.
+    """
+    extra = len(held) - fair_share(partitions, workers)
+    if extra <= 0:
+        return []
+    return sorted(held - parked, reverse=True)[:extra]
