@@ -10,11 +10,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+import aio_pika
+import aiohttp
 from pydantic import ValidationError
 
-from relay import admin
+from relay import admin, queues
 from relay.auth import new_signing_secret
-from relay.broker import Broker
+from relay.broker import BROKER_ERRORS, Broker
 from relay.dlq import DeadLetter, DeadLetters
 from relay.ingress.app import create_app, topology_of
 from relay.logs import configure_logging
@@ -242,6 +244,29 @@ async def _tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_store(settings, work)
 
 
+async def _queues(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    except BROKER_ERRORS as error:
+        print(f"error: cannot reach the broker: {error}", file=sys.stderr)
+        return 1
+    async with connection:
+        while True:
+            stats = await queues.look(connection, topology_of(settings))
+            if settings.management_url:
+                try:
+                    stats = await queues.with_management(stats, settings.management_url)
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    print(f"warning: management API: {error}", file=sys.stderr)
+            if args.watch is not None and not args.json:
+                print("\033[H\033[J", end="")  # clear the terminal between looks
+            print(queues.render_json(stats) if args.json else queues.render_table(stats))
+            if args.watch is None:
+                return 0
+            sys.stdout.flush()
+            await asyncio.sleep(args.watch)
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
@@ -269,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--retry-after", help="Retry-After to send with failures")
     sink.set_defaults(run=_sink)
     _dlq_commands(roles)
+    look = roles.add_parser("queues", help="depth, unacked and consumers of every relay queue")
+    look.add_argument("--json", action="store_true")
+    look.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="look again every SECONDS (default 2) until interrupted",
+    )
+    look.set_defaults(run=_queues)
     deliveries = roles.add_parser("deliveries", help="delivery attempts")
     show = deliveries.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
         "show", help="every attempt of one delivery (its webhook-id)"

@@ -14,6 +14,7 @@ import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Generic, TypeVar
 
 import structlog
@@ -25,6 +26,7 @@ from relay.broker.presence import Presence
 from relay.handoff import Subscription, surplus
 from relay.lanes import Lanes
 from relay.metrics import Metrics
+from relay.models import utcnow
 from relay.parking import Parking
 
 log = structlog.get_logger(__name__)
@@ -111,6 +113,10 @@ class StageWorker(ABC, Generic[E]):
         """(conversation, message) ids of an envelope, for order and parking."""
 
     @abstractmethod
+    def created_at(self, envelope: E) -> datetime:
+        """When the message came into being (its age is watched)."""
+
+    @abstractmethod
     async def decide(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         """Do the work for one message and say what becomes of it."""
 
@@ -183,6 +189,9 @@ class StageWorker(ABC, Generic[E]):
         if self._stopping:
             return
         releasing = {n for n, sub in self._subscriptions.items() if sub.holding}
+        self._metrics.partitions_held.labels(self.stage).set(
+            len(self.active_partitions - releasing)
+        )
         for partition in surplus(
             self._broker.topology.partitions,
             self.presence.peers(),
@@ -256,6 +265,9 @@ class StageWorker(ABC, Generic[E]):
             conversation_id=conversation,
             attempt=attempt_of(message),
         ):
+            if envelope is not None:
+                age = (utcnow() - self.created_at(envelope)).total_seconds()
+                self._metrics.message_age.labels(self.stage).observe(max(age, 0.0))
             if envelope is None:
                 verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
             elif (

@@ -81,6 +81,43 @@ class Metrics:
             buckets=(*_LATENCY_BUCKETS, 30, 60, 300, 1800, 7200),
             registry=self.registry,
         )
+        self.end_to_end = Histogram(
+            "relay_end_to_end_seconds",
+            "From the ingress accepting a user's message to the 2xx delivery of a response.",
+            buckets=(*_LATENCY_BUCKETS, 30, 60, 300, 1800, 7200),
+            registry=self.registry,
+        )
+        self.message_age = Histogram(
+            "relay_message_age_seconds",
+            "Age of a message when a worker takes it (from its creation; retries included).",
+            ["stage"],
+            buckets=(*_LATENCY_BUCKETS, 30, 60, 300, 1800, 7200),
+            registry=self.registry,
+        )
+        self.partitions_held = Gauge(
+            "relay_partitions_held",
+            "Partitions of the stage this worker is the active consumer of.",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.queue_messages = Gauge(
+            "relay_queue_messages",
+            "Messages ready in each relay queue (as of the last look).",
+            ["stage", "queue"],
+            registry=self.registry,
+        )
+        self.queue_consumers = Gauge(
+            "relay_queue_consumers",
+            "Active consumers of each relay queue (as of the last look).",
+            ["stage", "queue"],
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "relay_dead_letters",
+            "Messages in the stage's dead-letter queue (as of the last look).",
+            ["stage"],
+            registry=self.registry,
+        )
         self.breaker_state = Gauge(
             "relay_endpoint_circuit",
             "Circuit of each endpoint: 0 closed, 1 half open, 2 open.",

@@ -202,6 +202,8 @@ class OutboundEnvelope(BaseModel):
     attempt: int = Field(default=0, ge=0)
     body: WebhookResponse
     createdAt: Timestamp
+    # When the ingress accepted the user's message this answers (None for pushed replies).
+    acceptedAt: Timestamp | None = None
 
 
 class BotReply(BaseModel):

@@ -7,6 +7,7 @@ later (push API, Bot Framework connector), so every response takes the same path
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -45,8 +46,13 @@ class ReplyPublisher:
         self._broker = broker
         self._metrics = metrics
 
-    async def publish(self, records: list[OutgoingRecord]) -> None:
-        """Publish the not-yet-queued records in sequence order (BrokerUnavailable if not)."""
+    async def publish(
+        self, records: list[OutgoingRecord], accepted_at: datetime | None = None
+    ) -> None:
+        """Publish the not-yet-queued records in sequence order (BrokerUnavailable if not).
+
+        `accepted_at`: when the user's message they answer was accepted (for latency).
+        """
         for record in sorted(records, key=lambda r: r.sequence):
             if record.state == "queued":
                 continue
@@ -55,6 +61,7 @@ class ReplyPublisher:
                 deliveryId=delivery_id(record),
                 body=webhook_body(record),
                 createdAt=utcnow(),
+                acceptedAt=accepted_at,
             )
             partition = partition_of(record.conversation_id, self._broker.topology.partitions)
             with self._metrics.publish_latency.labels("outbound").time():

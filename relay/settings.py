@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=15.0, gt=0)
     # Workers announce themselves this often; each then keeps its fair share of partitions.
     presence_interval: float = Field(default=2.0, gt=0)
+    # Every service refreshes its queue gauges (depth, consumers, dead letters) this often.
+    queue_watch_interval: float = Field(default=15.0, gt=0)
+    # RabbitMQ's management API (http://user:pass@host:15672/vhost), for unacked counts.
+    management_url: str = ""
     # The bot worker: its own port for /healthz, /readyz, /metrics when run on its own.
     bot_worker_port: int = Field(default=8081, ge=0, le=65535)
     bot_timeout: float = Field(default=10.0, gt=0)

@@ -3,12 +3,14 @@ and closed at stop after the worker finished or returned what it holds."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from relay import queues
 from relay.broker import Broker
 from relay.consumer import StageWorker
 from relay.ingress.app import topology_of
@@ -35,9 +37,13 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
             [(f"{name}_broker", broker_check(broker)), (f"{name}_store", store_check(store))]
         )
         await worker.start()
+        watcher = asyncio.create_task(
+            queues.watch(broker, app[METRICS_KEY], settings.queue_watch_interval)
+        )
         try:
             yield
         finally:
+            watcher.cancel()
             await worker.stop(settings.shutdown_timeout)
             await close_extra()
             await broker.close()

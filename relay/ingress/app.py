@@ -10,6 +10,7 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
+from relay import queues
 from relay.broker import Broker, BrokerUnavailable, Topology
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
@@ -102,12 +103,16 @@ def _resources(
                 acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
             )
         )
+        watcher = asyncio.create_task(
+            queues.watch(broker, app[METRICS_KEY], settings.queue_watch_interval)
+        )
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await broker.close()
             await store.close()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -64,6 +65,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         """(conversation, message) relay ids."""
         return envelope.bundle.conversation.id, envelope.bundle.message.id
 
+    def created_at(self, envelope: InboundEnvelope) -> datetime:
+        """When the ingress accepted the message."""
+        return envelope.acceptedAt
+
     async def decide(self, message: AbstractIncomingMessage, envelope: InboundEnvelope) -> Verdict:
         """Run the turn (or republish stored replies) and say what becomes of the message."""
         try:
@@ -88,7 +93,7 @@ class BotWorker(StageWorker[InboundEnvelope]):
         else:
             replies = []  # handled before: the stored replies are all there is
         records = await self._store.record_replies(message_id, replies)
-        await self._replies.publish(records)
+        await self._replies.publish(records, envelope.acceptedAt)
         return Verdict(Outcome.DONE)
 
     async def _settled_state(self, message_id: str) -> InboundState:

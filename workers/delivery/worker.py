@@ -64,6 +64,10 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         """(conversation, delivery) ids."""
         return envelope.body.botpressConversationId, envelope.deliveryId
 
+    def created_at(self, envelope: OutboundEnvelope) -> datetime:
+        """When the response was queued."""
+        return envelope.createdAt
+
     async def decide(self, message: AbstractIncomingMessage, envelope: OutboundEnvelope) -> Verdict:
         """Deliver now, or say how long to wait, or give up."""
         with structlog.contextvars.bound_contextvars(
@@ -171,8 +175,10 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         self._metrics.delivery_attempts.labels(outcome, status_class).inc()
         self._metrics.delivery_latency.observe(sent.latency_ms / 1000)
         if sent.ok:
-            age = (utcnow() - envelope.createdAt).total_seconds()
-            self._metrics.response_age.observe(age)
+            now = utcnow()
+            self._metrics.response_age.observe((now - envelope.createdAt).total_seconds())
+            if envelope.acceptedAt is not None:
+                self._metrics.end_to_end.observe((now - envelope.acceptedAt).total_seconds())
 
     async def _log_attempt(self, envelope: OutboundEnvelope, sent: Sent, verdict: Verdict) -> None:
         due = verdict.headers.get(DUE_HEADER)

@@ -1,0 +1,174 @@
+"""`relay queues` and the queue gauges: depth, unacked and consumers of every relay queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from relay import queues
+from relay.broker import Topology, declare
+from relay.ingress.app import topology_of
+from relay.metrics import Metrics
+from relay.settings import Settings
+from tests.helpers import eventually
+from tests.test_cli import RELAY, relay, relay_env
+
+MANAGEMENT_URL = os.environ.get("RELAY_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """No store is involved: one SQLite file is enough for the commands to start."""
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'relay.db'}"
+
+
+@pytest.fixture(scope="module")
+async def topology(amqp: AbstractRobustConnection, settings: Settings) -> AsyncIterator[Topology]:
+    topology = topology_of(settings)
+    async with amqp.channel() as channel:
+        await declare(channel, topology)
+    return topology
+
+
+async def publish(amqp: AbstractRobustConnection, topology: Topology, queue: str, n: int) -> None:
+    async with amqp.channel() as channel:
+        for i in range(n):
+            await channel.default_exchange.publish(
+                aio_pika.Message(f"m{i}".encode(), delivery_mode=2), routing_key=queue
+            )
+
+
+async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """A consumer that takes nothing: it only has to be there."""
+
+
+async def management_answers() -> bool:
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                MANAGEMENT_URL.rstrip("/") + "/api/overview", timeout=aiohttp.ClientTimeout(total=2)
+            ) as answer,
+        ):
+            return answer.status in (200, 401)
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def test_look_counts_ready_messages_and_consumers_of_every_queue(
+    amqp: AbstractRobustConnection, topology: Topology
+):
+    await publish(amqp, topology, topology.queue("inbound", 1), 3)
+    await publish(amqp, topology, topology.dead_queue("outbound"), 2)
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(topology.queue("outbound", 0))
+        tag = await queue.consume(ignore)
+        stats = {stat.name: stat for stat in await queues.look(amqp, topology)}
+        await queue.cancel(tag)
+    assert [name for name, _, _ in queues.relay_queues(topology)] == list(stats)
+    assert stats[topology.queue("inbound", 1)].ready == 3
+    assert stats[topology.queue("inbound", 0)].ready == 0
+    assert stats[topology.dead_queue("outbound")].ready == 2
+    assert stats[topology.queue("outbound", 0)].consumers == 1
+    assert stats[topology.queue("inbound", 0)].consumers == 0
+    kinds = {stat.kind for stat in stats.values()}
+    assert kinds == {"partition", "delay", "dead"}
+
+    metrics = Metrics()
+    queues.export(list(stats.values()), metrics)
+    sample = metrics.registry.get_sample_value
+    assert sample("relay_dead_letters", {"stage": "outbound"}) == 2
+    assert sample("relay_dead_letters", {"stage": "inbound"}) == 0
+    labels = {"stage": "inbound", "queue": topology.queue("inbound", 1)}
+    assert sample("relay_queue_messages", labels) == 3
+
+
+async def test_a_missing_queue_is_shown_as_missing(amqp: AbstractRobustConnection):
+    elsewhere = Topology("nothing-here-" + os.urandom(4).hex(), 2)
+    stats = await queues.look(amqp, elsewhere)
+    assert stats
+    assert all(stat.ready is None for stat in stats)
+    assert "missing" in queues.render_table(stats)
+
+
+async def test_relay_queues_prints_a_table_and_json(
+    amqp: AbstractRobustConnection, topology: Topology, settings: Settings
+):
+    await publish(amqp, topology, topology.queue("outbound", 2), 4)
+    table = await relay(settings, "queues")
+    assert table.code == 0, table.err
+    lines = table.out.splitlines()
+    assert lines[0].split() == ["QUEUE", "STAGE", "KIND", "READY", "UNACKED", "CONSUMERS"]
+    row = next(line.split() for line in lines if line.startswith(topology.queue("outbound", 2)))
+    assert row[:4] == [topology.queue("outbound", 2), "outbound", "partition", "4"]
+
+    as_json = await relay(settings, "queues", "--json")
+    assert as_json.code == 0, as_json.err
+    found = {q["name"]: q for q in json.loads(as_json.out)["queues"]}
+    assert found[topology.queue("outbound", 2)]["ready"] == 4
+    assert set(found) == {name for name, _, _ in queues.relay_queues(topology)}
+
+
+async def test_relay_queues_shows_unacked_counts_from_the_management_api(
+    amqp: AbstractRobustConnection, topology: Topology, settings: Settings
+):
+    if not await management_answers():
+        pytest.skip(
+            "RabbitMQ's management API does not answer (scripts/ensure-services enables it)"
+        )
+    name = topology.queue("inbound", 3)
+    await publish(amqp, topology, name, 2)
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(name)
+        held: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def hold(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            held.append(message)  # never acked: unacked until the channel closes
+
+        tag = await queue.consume(hold)
+
+        async def both_held() -> bool:
+            return len(held) == 2
+
+        await eventually(both_held)
+
+        async def shows_unacked() -> bool:
+            run = await relay(
+                settings, "queues", "--json", env={"RELAY_MANAGEMENT_URL": MANAGEMENT_URL}
+            )
+            found = {q["name"]: q for q in json.loads(run.out)["queues"]}
+            return bool(found[name]["unacked"] == 2)
+
+        # The management API refreshes its figures every few seconds.
+        await eventually(shows_unacked, timeout=30, interval=1)
+        await queue.cancel(tag)
+
+
+async def test_relay_queues_watch_looks_again_until_interrupted(
+    topology: Topology, settings: Settings
+):
+    process = await asyncio.create_subprocess_exec(
+        *RELAY,
+        "queues",
+        "--watch",
+        "0.2",
+        env=relay_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    headers = 0
+    async with asyncio.timeout(30):
+        while headers < 2:
+            line = await process.stdout.readline()
+            headers += "QUEUE" in line.decode()
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 10) == 130
