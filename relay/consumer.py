@@ -13,6 +13,7 @@ import enum
 import functools
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -85,7 +86,7 @@ class StageWorker(ABC, Generic[E]):
         self._broker = broker
         self._metrics = metrics
         self._lanes: Lanes[Delivery] = Lanes(self._process, concurrency)
-        self._prefetch = concurrency * 2
+        self._prefetch = concurrency  # per partition channel
         self.parking = Parking()
         self.presence = Presence(broker, self.stage, presence_interval)
         self._interval = presence_interval
@@ -217,6 +218,7 @@ class StageWorker(ABC, Generic[E]):
         """
         subscription = self._subscriptions[partition]
         subscription.holding = True
+        self._withdraw(lambda delivery: delivery.subscription is subscription)
         finished = await subscription.settled(self._grace)
         if self._parked_partitions() & {partition} and not self._stopping:
             # A message of the partition went to a retry meanwhile: keep it, take what waited.
@@ -234,12 +236,20 @@ class StageWorker(ABC, Generic[E]):
         except BROKER_ERRORS as error:
             log.warning("resubscribe_failed", partition=partition, error=str(error))
 
+    def _withdraw(self, predicate: Callable[[Delivery], bool]) -> None:
+        """Take back deliveries not yet started: they wait with the held ones (returned on
+        close), so only the messages being handled right now have to finish."""
+        for delivery in self._lanes.withdraw(predicate):
+            delivery.subscription.done()
+            delivery.subscription.held.append(delivery.message)
+
     async def stop(self, grace: float) -> None:
-        """Stop taking messages, finish those in hand (bounded), return the rest."""
+        """Stop taking messages, finish those being handled (bounded), return the rest."""
         self._stopping = True
         if self._balancer is not None:
             self._balancer.cancel()
         await self.presence.stop()
+        self._withdraw(lambda _: True)
         finished = await self._lanes.drain(grace)
         await asyncio.gather(*self._handing_off, return_exceptions=True)
         for subscription in self._subscriptions.values():

@@ -42,6 +42,18 @@ class Lanes(Generic[Item]):
             self._queues.pop(key, None)
             self._tasks.pop(key, None)
 
+    def withdraw(self, predicate: Callable[[Item], bool]) -> list[Item]:
+        """Take back the items not yet started that match, keeping each lane's order."""
+        taken: list[Item] = []
+        for queue in self._queues.values():
+            kept: list[Item] = []
+            while not queue.empty():
+                item = queue.get_nowait()
+                (taken if predicate(item) else kept).append(item)
+            for item in kept:
+                queue.put_nowait(item)
+        return taken
+
     @property
     def busy(self) -> int:
         """Lanes with work in hand."""

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     bot_url: str = ""
     allowed_endpoint_networks: Annotated[list[Network], NoDecode] = Field(default_factory=list)
 
+    # Connections each process may hold to PostgreSQL (max_connections is shared by all).
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
+    # How long a service keeps trying to reach its database at start before giving up.
+    startup_wait: float = Field(default=60.0, ge=0)
     queue_prefix: str = Field(default="relay", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     partitions: int = Field(default=8, ge=1, le=256)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)

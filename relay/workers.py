@@ -17,7 +17,7 @@ from relay.ingress.app import topology_of
 from relay.metrics import Metrics
 from relay.service import METRICS_KEY, READINESS_KEY, broker_check, store_check
 from relay.settings import Settings
-from relay.store import Store, open_store
+from relay.store import Store, open_store_patiently
 
 Closer = Callable[[], Awaitable[None]]
 WorkerFactory = Callable[[Store, Broker, Metrics], tuple[StageWorker[Any], Closer]]
@@ -29,7 +29,9 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
 
     @contextlib.asynccontextmanager
     async def running(app: web.Application) -> AsyncIterator[None]:
-        store = await open_store(settings.database_url)
+        store = await open_store_patiently(
+            settings.database_url, settings.database_pool_size, settings.startup_wait
+        )
         broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
         broker.start()
         worker, close_extra = factory(store, broker, app[METRICS_KEY])

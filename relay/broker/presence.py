@@ -3,7 +3,7 @@
 RabbitMQ does not say how many consumers wait behind a single active one (a passive
 declare counts only the active one), so workers tell each other: each publishes a small
 heartbeat to a fanout exchange every `interval` and listens on a queue of its own. A worker
-not heard from for three intervals is gone; one that stops says so at once.
+not heard from for three intervals (at least 5 s) is gone; one that stops says so at once.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class Presence:
         self._broker = broker
         self._stage = stage
         self._interval = interval
+        # A busy machine delays heartbeats: a peer stays counted at least a few seconds.
+        self._horizon = max(3 * interval, 5.0)
         self._clock = clock
         self._seen: dict[str, float] = {}
         self._channel: AbstractChannel | None = None
@@ -47,7 +49,7 @@ class Presence:
 
     def peers(self) -> int:
         """Workers of the stage heard from lately, this one included."""
-        horizon = self._clock() - 3 * self._interval
+        horizon = self._clock() - self._horizon
         self._seen = {worker: at for worker, at in self._seen.items() if at >= horizon}
         return len(self._seen.keys() | {self.worker_id})
 
@@ -72,7 +74,7 @@ class Presence:
             f"{topology.presence_exchange(self._stage)}.{self.worker_id}",
             exclusive=True,
             auto_delete=True,
-            arguments={"x-message-ttl": round(3 * self._interval * 1000)},
+            arguments={"x-message-ttl": round(self._horizon * 1000)},
         )
         await queue.bind(self._exchange)
         await queue.consume(self._on_beat, no_ack=True)
@@ -97,7 +99,7 @@ class Presence:
         try:
             # A lost heartbeat costs nothing: the next one follows; no confirm, not durable.
             await self._exchange.publish(
-                aio_pika.Message(body, expiration=3 * self._interval), routing_key=""
+                aio_pika.Message(body, expiration=self._horizon), routing_key=""
             )
         except BROKER_ERRORS as error:
             log.debug("presence_beat_failed", error=str(error))

@@ -30,7 +30,7 @@ from relay.service import (
     store_check,
 )
 from relay.settings import Settings
-from relay.store import Store, StoreError, open_store
+from relay.store import Store, StoreError, open_store_patiently
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +80,9 @@ def _resources(
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = await open_store(settings.database_url)
+        store = await open_store_patiently(
+            settings.database_url, settings.database_pool_size, settings.startup_wait
+        )
         broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
         broker.start()
         acceptor = Acceptor(

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import asyncpg
+import structlog
+
 from relay.store.base import (
     Accepted,
     AttemptRecord,
@@ -36,19 +42,38 @@ __all__ = [
     "TokenKind",
     "TokenRecord",
     "open_store",
+    "open_store_patiently",
 ]
 
+log = structlog.get_logger(__name__)
 
-async def open_store(url: str) -> SqlStore:
+
+async def open_store(url: str, pool_size: int = 10) -> SqlStore:
     """Connect to the database of `url` (sqlite:// or postgresql://) and migrate it."""
     driver: Driver
     if url.startswith("sqlite://"):
         driver = await SqliteDriver.open(url)
     else:
-        driver = await PostgresDriver.open(url)
+        driver = await PostgresDriver.open(url, max_size=pool_size)
     try:
         await apply_migrations(driver)
     except BaseException:
         await driver.close()
         raise
     return SqlStore(driver)
+
+
+async def open_store_patiently(url: str, pool_size: int, wait: float) -> SqlStore:
+    """`open_store`, tried again with backoff for up to `wait` seconds while the database
+    is away or full: a service starting next to its database must not just exit."""
+    deadline = time.monotonic() + wait
+    delay = 0.5
+    while True:
+        try:
+            return await open_store(url, pool_size)
+        except (OSError, asyncpg.PostgresError, StoreUnavailable) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("store_connect_failed", error=str(error), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
