@@ -20,10 +20,12 @@ class Parking:
     """The parked messages of each conversation, head first.
 
     A head that does not come back by its deadline (the broker dead-lettered it, or its
-    partition moved to another worker) is given up, so the conversation cannot stall.
+    partition moved to another worker) is given up, so the conversation cannot stall. The
+    grace is long: behind a deep backlog a delayed message takes minutes to come round
+    again, and giving up on it too early would let the messages behind it overtake it.
     """
 
-    def __init__(self, grace: float = 30.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, grace: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self._queues: dict[str, list[str]] = {}
         self._delays: dict[str, float] = {}
         self._deadlines: dict[str, float] = {}

@@ -12,6 +12,8 @@ later responses wait behind it in the delay queues and leave after it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime
 
@@ -19,7 +21,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.backoff import hop, next_delay, parse_retry_after
-from relay.breaker import Breakers, endpoint_of
+from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
 from relay.consumer import Outcome, StageWorker, Verdict
 from relay.ingress.directory import Directory
@@ -33,6 +35,7 @@ log = structlog.get_logger(__name__)
 
 DUE_HEADER = "x-relay-due"  # unix milliseconds before which the response waits
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+BUSY_WAIT = 5.0  # seconds a response waits in its lane for a busy endpoint's slot
 
 
 class DeliveryWorker(StageWorker[OutboundEnvelope]):
@@ -56,6 +59,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         self._sender = sender
         self._directory = Directory(store, settings.auth_cache_seconds)
         self._queues = sorted(settings.delivery_delay_queues)
+        self._slot_freed = asyncio.Condition()
         self._breakers = Breakers(
             settings.breaker_threshold, settings.breaker_cooldown, settings.endpoint_concurrency
         )
@@ -102,9 +106,25 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         delay, headers = self._due_in(seconds)
         return Verdict(Outcome.WAIT, delay=delay, reason=reason, holds_order=True, headers=headers)
 
+    async def _slot(self, endpoint: str) -> float | None:
+        """An in-flight slot of the endpoint: None once taken, else the seconds to wait in the
+        broker. A busy endpoint is waited for here, briefly: slots free up within
+        milliseconds under load, and a round trip through a delay queue per response would
+        cost the broker more than the delivery itself."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_WAIT
+        async with self._slot_freed:
+            while True:
+                wait = self._breakers.acquire(endpoint)
+                left = deadline - loop.time()
+                if wait is None or self._breakers.state(endpoint) is not State.CLOSED or left <= 0:
+                    return wait
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), left)
+
     async def _attempt(self, envelope: OutboundEnvelope, integration: IntegrationRecord) -> Verdict:
         endpoint = endpoint_of(integration.response_url)
-        wait = self._breakers.acquire(endpoint)
+        wait = await self._slot(endpoint)
         if wait is not None:
             return self._wait(wait, f"endpoint {endpoint} is open or busy")
         sent: Sent | None = None
@@ -117,6 +137,8 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             )
         finally:
             self._breakers.release(endpoint, success=bool(sent and sent.ok))
+            async with self._slot_freed:
+                self._slot_freed.notify_all()
             self._metrics.breaker_state.labels(endpoint).set(
                 _STATE_VALUE[self._breakers.state(endpoint).value]
             )
