@@ -1,0 +1,228 @@
+"""Scale-out: 2 ingresses, 3 bot workers and 3 delivery workers as separate `relay`
+processes on one RabbitMQ and one PostgreSQL; 5,000 messages over 100 conversations,
+while a worker of each kind joins and another leaves on SIGTERM.
+
+Every response must arrive, none twice under different webhook-ids, each conversation's
+responses in order, and the partitions must really move: the worker that joins ends up
+consuming (it can only get partitions handed over by the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.settings import Settings
+from relay.store import SqlStore
+from relay.store.postgres import drop_schema
+from tests.helpers import eventually, make_integration, message
+from tests.receivers import Hit, Receiver
+from tests.test_cli import RELAY, free_port, relay_env
+
+CONVERSATIONS = 100
+PER_CONVERSATION = 50
+PORT_SETTING = {
+    "ingress": "RELAY_HTTP_PORT",
+    "bot-worker": "RELAY_BOT_WORKER_PORT",
+    "delivery-worker": "RELAY_DELIVERY_WORKER_PORT",
+}
+
+
+@pytest.fixture(scope="module")
+async def database_url(postgres_server: str) -> AsyncIterator[str]:
+    """Several machines' worth of processes: PostgreSQL only."""
+    schema = "t_" + uuid.uuid4().hex[:12]
+    yield f"{postgres_server}?schema={schema}"
+    await drop_schema(postgres_server, schema)
+
+
+@dataclass
+class Service:
+    role: str
+    port: int
+    process: asyncio.subprocess.Process
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Fleet:
+    """`relay` service processes; whatever still runs at the end gets SIGTERM."""
+
+    settings: Settings
+    # Readiness and metrics only: a session the load does not use, since busy keep-alive
+    # clients re-take a freed connection before a waiting request gets it.
+    http: aiohttp.ClientSession
+    services: list[Service] = field(default_factory=list)
+
+    async def start(self, role: str) -> Service:
+        port = free_port()
+        env = relay_env(
+            self.settings,
+            {
+                PORT_SETTING[role]: str(port),
+                "RELAY_LOG_LEVEL": "warning",
+                "RELAY_RATE_LIMIT_PER_SECOND": "0",
+                "RELAY_ALLOWED_ENDPOINT_NETWORKS": "127.0.0.0/8",
+                "RELAY_QUEUE_WATCH_INTERVAL": "1",
+                # One receiver stands for every back end here: let each worker use all of its
+                # concurrency on it, rather than wait in delay queues for an endpoint slot.
+                "RELAY_ENDPOINT_CONCURRENCY": "64",
+                # Eight processes share PostgreSQL's 100 connections with the test's own.
+                "RELAY_DATABASE_POOL_SIZE": "5",
+            },
+        )
+        process = await asyncio.create_subprocess_exec(*RELAY, role, env=env)
+        service = Service(role, port, process)
+        self.services.append(service)
+        await eventually(lambda: self.ready(service), timeout=60, interval=0.2)
+        return service
+
+    async def ready(self, service: Service) -> bool:
+        assert service.process.returncode is None, f"{service.role} exited"
+        try:
+            async with self.http.get(f"{service.url}/readyz") as answer:
+                return answer.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def stop(self, service: Service) -> int:
+        """SIGTERM, and the exit code (bounded wait)."""
+        service.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(service.process.wait(), 60)
+
+    async def metrics(
+        self, service: Service
+    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with self.http.get(f"{service.url}/metrics") as answer:
+            text = await answer.text()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+@contextlib.asynccontextmanager
+async def fleet(settings: Settings) -> AsyncIterator[Fleet]:
+    async with aiohttp.ClientSession() as http:
+        running = Fleet(settings, http)
+        try:
+            yield running
+        finally:
+            for service in running.services:
+                if service.process.returncode is None:
+                    service.process.send_signal(signal.SIGTERM)
+            for service in running.services:
+                await asyncio.wait_for(service.process.wait(), 60)
+
+
+def sample(
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def reached(count: list[int], target: int) -> bool:
+    return count[0] >= target
+
+
+def check_once_and_in_order(hits: list[Hit], total: int) -> None:
+    """Every response once under one webhook-id, each conversation's in order."""
+    ids: dict[str, set[str]] = {}
+    for hit in hits:
+        ids.setdefault(hit.body["botpressMessageId"], set()).add(hit.headers["webhook-id"])
+    assert len(ids) == 2 * total
+    assert all(len(webhook_ids) == 1 for webhook_ids in ids.values())
+    # Each conversation's responses, in the order they first arrived.
+    first_seen: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for hit in hits:
+        if hit.body["botpressMessageId"] not in seen:
+            seen.add(hit.body["botpressMessageId"])
+            first_seen.setdefault(hit.body["conversationId"], []).append(hit.body)
+    assert len(first_seen) == CONVERSATIONS
+    for c in range(CONVERSATIONS):
+        bodies = first_seen[f"scale-{c}"]
+        assert [b["sequence"] for b in bodies] == list(range(1, 2 * PER_CONVERSATION + 1))
+        texts = [b["payload"]["text"] for b in bodies if b["type"] == "text"]
+        assert texts == [f"echo: {c}:{n}" for n in range(PER_CONVERSATION)]
+
+
+@pytest.mark.timeout(600)
+async def test_5000_messages_through_a_changing_fleet_arrive_once_and_in_order(
+    settings: Settings, store: SqlStore, receiver: Receiver
+):
+    receiver.hits.clear()
+    integration_id, token = await make_integration(
+        store, settings, response_url=receiver.url("scale")
+    )
+    total = CONVERSATIONS * PER_CONVERSATION
+    async with fleet(settings) as services, aiohttp.ClientSession() as client:
+        ingresses = [await services.start("ingress") for _ in range(2)]
+        bots = [await services.start("bot-worker") for _ in range(3)]
+        deliverers = [await services.start("delivery-worker") for _ in range(3)]
+        posted = [0]
+        joined: list[Service] = []
+        left_codes: list[int] = []
+
+        async def conversation(c: int) -> None:
+            for n in range(PER_CONVERSATION):
+                ingress = ingresses[(c + n) % 2]
+                body = message(f"{c}-{n}", conversationId=f"scale-{c}", text=f"{c}:{n}")
+                async with client.post(
+                    f"{ingress.url}/webhooks/{integration_id}",
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as answer:
+                    assert answer.status == 200, await answer.text()
+                posted[0] += 1
+
+        async def change_the_fleet() -> None:
+            await eventually(lambda: reached(posted, total // 3), timeout=300, interval=0.1)
+            joined.append(await services.start("bot-worker"))
+            joined.append(await services.start("delivery-worker"))
+            await eventually(lambda: reached(posted, 2 * total // 3), timeout=300, interval=0.1)
+            stopped = await asyncio.gather(services.stop(bots[0]), services.stop(deliverers[0]))
+            left_codes.extend(stopped)
+
+        await asyncio.gather(change_the_fleet(), *[conversation(c) for c in range(CONVERSATIONS)])
+
+        async def delivered() -> bool:
+            return len({hit.body["botpressMessageId"] for hit in receiver.at("scale")}) >= 2 * total
+
+        await eventually(delivered, timeout=300, interval=0.5)
+        assert left_codes == [0, 0]  # SIGTERM: finished or returned what they held, exit 0
+        bot_metrics = await services.metrics(joined[0])
+        delivery_metrics = await services.metrics(joined[1])
+        ingress_metrics = await services.metrics(ingresses[0])
+
+    check_once_and_in_order(receiver.at("scale"), total)
+    # The workers that joined got partitions handed over, and worked.
+    done = sample(bot_metrics, "relay_messages_consumed_total", stage="inbound", outcome="done")
+    assert done > 0
+    assert sample(bot_metrics, "relay_partitions_held", stage="inbound") >= 1
+    delivered_2xx = sample(
+        delivery_metrics, "relay_delivery_attempts_total", outcome="delivered", status_class="2xx"
+    )
+    assert delivered_2xx > 0
+    assert sample(delivery_metrics, "relay_end_to_end_seconds_count") > 0
+    # Every service watches the queues: nothing was dead-lettered.
+    for stage in ("inbound", "outbound"):
+        assert sample(delivery_metrics, "relay_dead_letters", stage=stage) == 0
+    route = "/webhooks/{integrationId}"
+    requests = sample(
+        ingress_metrics, "relay_http_requests_total", method="POST", route=route, status="200"
+    )
+    assert requests > 0
