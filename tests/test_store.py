@@ -194,6 +194,25 @@ async def test_claims_only_pending_messages_whose_lease_expired(
     assert stale.bundle.message.id not in [c.bundle.message.id for c in again]
 
 
+async def test_responses_waiting_to_be_published_are_not_taken_for_inbound_messages(
+    store: SqlStore, settings: Settings
+):
+    # Both are "pending" until published; each outbox must take only its own direction.
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
+    await store.mark_queued(accepted.bundle.message.id)
+    [reply] = await store.record_replies(accepted.bundle.message.id, [("text", {"text": "hi"})])
+    now = utcnow()
+    # The response outbox claimed it once, and that claim ran out.
+    claimed = await store.claim_stale_outgoing(
+        now + timedelta(seconds=1), now, now - timedelta(seconds=1), 100
+    )
+    assert reply.id in [r.id for r in claimed]
+    inbound_claims = await store.claim_stale_pending(now, now + timedelta(seconds=60), 100)
+    assert reply.id not in [c.bundle.message.id for c in inbound_claims]
+    assert await store.claim_pending(reply.id, now, now + timedelta(seconds=60)) is None
+
+
 async def test_only_the_lease_holder_may_discard(store: SqlStore, settings: Settings):
     integration_id, _ = await make_integration(store, settings)
     accepted = await store.accept_incoming(integration_id, inbound(1), lease(-1), None)

@@ -587,7 +587,8 @@ class SqlStore(RepliesMixin):
         async with self._driver.connection() as conn:
             changed = await conn.execute(
                 "UPDATE messages SET lease_until = ?, lease_owner = ?"
-                " WHERE id = ? AND state = 'pending' AND lease_until < ?",
+                " WHERE id = ? AND direction = 'incoming' AND state = 'pending'"
+                " AND lease_until < ?",
                 lease_until,
                 owner,
                 message_id,
@@ -600,7 +601,9 @@ class SqlStore(RepliesMixin):
     ) -> list[PendingMessage]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
-                _BUNDLE_SELECT + " WHERE m.state = 'pending' AND m.lease_until < ?"
+                # Responses are pending too until published; they have an outbox of their own.
+                _BUNDLE_SELECT + " WHERE m.direction = 'incoming' AND m.state = 'pending'"
+                " AND m.lease_until < ?"
                 " ORDER BY m.created_at LIMIT ?",
                 now,
                 limit,
