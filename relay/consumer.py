@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import BaseModel, ValidationError
 
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
@@ -33,6 +34,8 @@ from relay.parking import Parking
 log = structlog.get_logger(__name__)
 
 ATTEMPT_HEADER = "x-relay-attempt"
+# aiormq raises a bare RuntimeError for a channel asked of a connection that just closed.
+START_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, BrokerUnavailable, RuntimeError)
 E = TypeVar("E", bound=BaseModel)
 
 
@@ -126,13 +129,29 @@ class StageWorker(ABC, Generic[E]):
         """Partitions this worker has taken messages from since it subscribed."""
         return {number for number, sub in self._subscriptions.items() if sub.active}
 
-    async def start(self) -> None:
+    async def start(self, wait: float = 60.0) -> None:
         """Join the stage's workers and subscribe to every partition (waits for the broker).
 
         Each partition has a channel of its own, so one can be handed over without the
-        others; the broker makes one subscriber per partition the active one.
+        others; the broker makes one subscriber per partition the active one. A broker lost
+        while starting is waited for (up to `wait` seconds), not fatal.
         """
         await self._broker.wait_connected()
+        deadline = asyncio.get_running_loop().time() + wait
+        delay = 0.5
+        while True:
+            try:
+                await self._start_once()
+                return
+            except START_ERRORS as error:
+                await self._undo_start()
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                log.warning("worker_start_failed", error=str(error), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _start_once(self) -> None:
         connection = self._broker.connection
         if connection is None:
             raise BrokerUnavailable("no broker connection")
@@ -148,6 +167,12 @@ class StageWorker(ABC, Generic[E]):
             partitions=self._broker.topology.partitions,
             worker=self.presence.worker_id,
         )
+
+    async def _undo_start(self) -> None:
+        await self.presence.stop()
+        for subscription in self._subscriptions.values():
+            await subscription.close()
+        self._subscriptions.clear()
 
     async def _subscribe(self, partition: int) -> Subscription:
         connection = self._broker.connection
@@ -268,6 +293,11 @@ class StageWorker(ABC, Generic[E]):
             delivery.subscription.done()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        if stale(message):
+            # Delivered on a channel that has since died (a broker restart): the broker has
+            # it back and redelivers it. Handling it now could overtake that redelivery.
+            log.info("stale_delivery_skipped", stage=self.stage, message_id=message.message_id)
+            return
         envelope = self.parse(message)
         conversation, message_key = self.keys(envelope) if envelope else (None, None)
         with structlog.contextvars.bound_contextvars(
@@ -317,12 +347,7 @@ class StageWorker(ABC, Generic[E]):
                 holds_order=True,
             )
         outcome = verdict.outcome
-        try:
-            await self._forward(message, verdict)
-        except BrokerUnavailable as error:
-            log.warning("settle_failed", outcome=outcome.value, error=str(error))
-            await asyncio.sleep(1)  # the broker is away: do not spin on it
-            await _quietly(message.nack(requeue=True))
+        if not await self._forward_holding_order(message, verdict):
             return
         await _quietly(message.ack())
         if conversation and message_key:
@@ -333,6 +358,25 @@ class StageWorker(ABC, Generic[E]):
             outcome=outcome.value,
             reason=verdict.reason or None,
         )
+
+    async def _forward_holding_order(
+        self, message: AbstractIncomingMessage, verdict: Verdict
+    ) -> bool:
+        """Forward the message; while the broker is away, keep trying, holding its lane.
+
+        Giving the message back (a requeue) would let the conversation's next message, already
+        in the lane, overtake it. False once its channel is gone: the broker then has it back
+        and delivers it again ahead of the ones behind it, which are stale as well.
+        """
+        while True:
+            try:
+                await self._forward(message, verdict)
+                return True
+            except BrokerUnavailable as error:
+                log.warning("settle_failed", outcome=verdict.outcome.value, error=str(error))
+                await asyncio.sleep(1)  # the broker is away: do not spin on it
+                if stale(message):
+                    return False
 
     async def _forward(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Publish the message where the verdict sends it (nothing for done and drop)."""
@@ -367,6 +411,16 @@ class StageWorker(ABC, Generic[E]):
             self.parking.delay_head(conversation, message_key, verdict.delay)
         elif verdict.outcome in (Outcome.DONE, Outcome.DROP, Outcome.DEAD):
             self.parking.done(conversation, message_key)
+
+
+def stale(message: AbstractIncomingMessage) -> bool:
+    """True when the message's channel is gone: it can no longer be acked, and the broker
+    has given it (or will give it) to a consumer again."""
+    try:
+        message.channel  # noqa: B018 (the property raises once the channel is closed)
+    except ChannelInvalidStateError:
+        return True
+    return False
 
 
 def attempt_of(message: AbstractIncomingMessage) -> int:

@@ -38,7 +38,7 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
         app[READINESS_KEY].extend(
             [(f"{name}_broker", broker_check(broker)), (f"{name}_store", store_check(store))]
         )
-        await worker.start()
+        await worker.start(settings.startup_wait)
         watcher = asyncio.create_task(
             queues.watch(broker, app[METRICS_KEY], settings.queue_watch_interval)
         )

@@ -114,3 +114,4 @@ class Presence:
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*BROKER_ERRORS):
                 await self._channel.close()
+        self._task, self._channel, self._exchange = None, None, None

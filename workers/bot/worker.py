@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
-from relay.consumer import Outcome, StageWorker, Verdict, attempt_of
+from relay.consumer import Outcome, StageWorker, Verdict, attempt_of, stale
 from relay.metrics import Metrics
 from relay.models import InboundEnvelope
 from relay.replies import ReplyPublisher
@@ -72,12 +72,15 @@ class BotWorker(StageWorker[InboundEnvelope]):
     async def decide(self, message: AbstractIncomingMessage, envelope: InboundEnvelope) -> Verdict:
         """Run the turn (or republish stored replies) and say what becomes of the message."""
         try:
-            return await self._turn_or_republish(envelope, attempt_of(message))
+            return await self._turn_or_republish(message, envelope)
         except (StoreError, BrokerUnavailable) as error:
             log.warning("bot_turn_interrupted", error=str(error))
             return Verdict(Outcome.AGAIN, reason=str(error))
 
-    async def _turn_or_republish(self, envelope: InboundEnvelope, attempt: int) -> Verdict:
+    async def _turn_or_republish(
+        self, message: AbstractIncomingMessage, envelope: InboundEnvelope
+    ) -> Verdict:
+        attempt = attempt_of(message)
         message_id = envelope.bundle.message.id
         state = await self._settled_state(message_id)
         if state == "missing":
@@ -93,6 +96,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         else:
             replies = []  # handled before: the stored replies are all there is
         records = await self._store.record_replies(message_id, replies)
+        if stale(message):
+            # The broker connection was lost during the turn and the message is already on
+            # its way to a consumer again: publishing now could overtake what comes first.
+            return Verdict(Outcome.AGAIN, reason="the delivery's channel closed")
         await self._replies.publish(records, envelope.acceptedAt)
         return Verdict(Outcome.DONE)
 
