@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-ingress clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
+	@scripts/ensure-services --postgres
+	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+
+bench-ingress: install
 	@scripts/ensure-services --postgres
 	$(BIN)/python -m bench.ingress_load $(BENCH_ARGS)
 

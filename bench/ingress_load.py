@@ -12,32 +12,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
-import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import aio_pika
 import aiohttp
 
+from bench.common import (
+    AMQP_URL,
+    create_integration,
+    database,
+    free_port,
+    percentiles,
+    remove_topology,
+    service,
+    service_env,
+)
 from relay import admin
-from relay.broker.topology import Topology, delete
+from relay.broker.topology import Topology
 from relay.ingress.app import topology_of
 from relay.settings import Settings
 from relay.store import open_store
-from relay.store.postgres import drop_schema
 
-AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/test")
 PARTITIONS = 8
 
 
@@ -57,63 +57,12 @@ class Result:
     queued: int
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@asynccontextmanager
-async def database(kind: str) -> AsyncIterator[str]:
-    """A fresh SQLite file or PostgreSQL schema, removed afterwards."""
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{Path(folder) / 'bench.db'}"
-        return
-    schema = "bench_" + uuid.uuid4().hex[:10]
-    yield f"{POSTGRES_URL}?schema={schema}"
-    await drop_schema(POSTGRES_URL, schema)
-
-
 @asynccontextmanager
 async def ingress_process(settings: Settings) -> AsyncIterator[str]:
     """`relay ingress` as its own process; its base URL."""
-    env = {
-        **os.environ,
-        "RELAY_DATABASE_URL": settings.database_url,
-        "RELAY_AMQP_URL": settings.amqp_url,
-        "RELAY_QUEUE_PREFIX": settings.queue_prefix,
-        "RELAY_PARTITIONS": str(settings.partitions),
-        "RELAY_HTTP_PORT": str(settings.http_port),
-        "RELAY_RATE_LIMIT_PER_SECOND": "0",
-        "RELAY_LOG_LEVEL": "warning",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay.cli", "ingress", env=env
-    )
-    base = f"http://127.0.0.1:{settings.http_port}"
-    try:
-        await wait_ready(base)
-        yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
-
-
-async def wait_ready(base: str, seconds: float = 30) -> None:
-    """Poll `/readyz` until it answers 200."""
-    deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{base} did not become ready")
+    env = service_env(settings)
+    async with service("ingress", ["ingress"], env, settings.http_port) as ingress:
+        yield ingress.base_url
 
 
 async def post_all(
@@ -158,26 +107,21 @@ async def queued_messages(topology: Topology) -> int:
         return total
 
 
-async def remove_topology(topology: Topology) -> None:
-    """Delete the run's queues and exchanges."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection, connection.channel() as channel:
-        await delete(channel, topology)
-
-
 async def run_one(kind: str, messages: int, concurrency: int, conversations: int) -> Result:
     """Benchmark one store."""
     async with database(kind) as url:
         settings = Settings(
             _env_file=None,
             amqp_url=AMQP_URL,
-            database_url=url,  # type: ignore[call-arg]
+            database_url=url,
             queue_prefix="bench-" + uuid.uuid4().hex[:8],
             partitions=PARTITIONS,
             http_port=free_port(),
+            rate_limit_per_second=0,
+            log_level="warning",
         )
         store = await open_store(url)
-        integration_id, token = await _integration(store, settings)
+        integration_id, token = await create_integration(store, settings)
         await store.close()
         topology = topology_of(settings)  # the same queues the ingress declares
         try:
@@ -192,27 +136,19 @@ async def run_one(kind: str, messages: int, concurrency: int, conversations: int
             queued = await queued_messages(topology) - 200
         finally:
             await remove_topology(topology)
-    cuts = statistics.quantiles(latencies, n=100)
+    p50, p95, p99 = percentiles(latencies)
     return Result(
         kind,
         messages,
         concurrency,
         round(seconds, 2),
         round(messages / seconds, 1),
-        round(cuts[49] * 1000, 2),
-        round(cuts[94] * 1000, 2),
-        round(cuts[98] * 1000, 2),
+        p50,
+        p95,
+        p99,
         errors,
         queued,
     )
-
-
-async def _integration(store: Any, settings: Settings) -> tuple[str, str]:
-    view = await admin.create_integration(
-        store, settings, "bench", "http://127.0.0.1:9/", verify=False
-    )
-    token, _ = await admin.create_token(store, view["id"], "integration")
-    return str(view["id"]), token
 
 
 def print_table(results: list[Result]) -> None:

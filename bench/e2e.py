@@ -1,0 +1,818 @@
+"""End-to-end throughput and latency of Relay on one machine, against the broker's ceiling.
+
+For each store (SQLite, PostgreSQL) on a fresh database and queue prefix: starts the real
+`relay ingress`, `relay bot-worker` (the echo bot) and `relay delivery-worker` as separate
+processes and a webhook receiver as a fourth; posts N messages over M conversations from a
+concurrent keep-alive client (closed loop, full load), then N/10 (at least 1,000) at half
+the delivered rate (open loop); matches every echoed text at the receiver to its POST.
+Then, on the same broker, the raw ceiling (`bench.raw`): aio-pika publish with confirms, consume
+and ack of as many messages of the inbound envelope's size over the same partitions.
+
+Reported per store: accepted and delivered msgs/s, POST->webhook latency percentiles at full
+and half load, errors, missing and duplicate deliveries, peak RSS and CPU of each service,
+the raw rate and the ratio end-to-end / raw. Each user message costs Relay three broker
+messages (one inbound, two outbound: the echo bot's typing indicator and its text) against
+the raw hop's one.
+
+    python -m bench.e2e [--messages 20000] [--conversations 200] [--concurrency 64]
+                        [--half-messages N] [--stores sqlite,postgresql] [--json]
+                        [--set RELAY_NAME=value ...]
+
+`--set` passes a setting to the three services (e.g. RELAY_ENDPOINT_CONCURRENCY=64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+from aio_pika.abc import AbstractIncomingMessage
+
+from bench.common import (
+    AMQP_URL,
+    STORES,
+    Service,
+    create_integration,
+    database,
+    free_port,
+    percentiles,
+    process_cpu_seconds,
+    remove_topology,
+    service,
+    service_env,
+    spawn,
+)
+from bench.raw import RawResult, raw_ceiling
+from relay import admin
+from relay.broker.topology import Topology
+from relay.ingress.app import topology_of
+from relay.settings import Settings
+from relay.store import open_store
+
+WARM_UP = 200  # messages through the whole pipeline before measuring (connections, caches)
+STALL_SECONDS = 60.0  # give up waiting for deliveries after this long without any
+SETTLE_SECONDS = 2.0  # after the last phase, how long late duplicates may take to show
+METRICS = (
+    "relay_messages_consumed_total",
+    "relay_delivery_attempts_total",
+    "relay_bot_failures_total",
+    "relay_inbound_messages_total",
+    "relay_messages_published_total",
+)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class Phase:
+    """One load phase's figures; times in seconds, latencies in milliseconds."""
+
+    messages: int
+    accepted: int
+    errors: dict[str, int]
+    accept_seconds: float
+    accepted_per_second: float
+    delivered: int
+    missing: int
+    deliver_seconds: float
+    delivered_per_second: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    latency_max_ms: float
+    post_p50_ms: float
+    post_p99_ms: float
+    # Open loop only: the rate asked for, the rate sent, the pacer's worst lateness.
+    target_per_second: float | None = None
+    sent_per_second: float | None = None
+    pacing_lag_max_ms: float | None = None
+
+
+@dataclass
+class Resources:
+    """A process's peak memory and its CPU during the full-load phase."""
+
+    peak_rss_mb: float | None
+    cpu_seconds_full_load: float
+    cpu_percent_full_load: float  # of one core
+    cpu_ms_per_message: float  # CPU of the full-load phase / its messages
+
+
+@dataclass
+class StoreResult:
+    """Everything measured for one store."""
+
+    store: str
+    full: Phase
+    half: Phase
+    raw: RawResult
+    ratio: float  # end-to-end delivered msgs/s / raw msgs/s
+    duplicates: int
+    out_of_order: int  # responses with a sequence not above the conversation's last
+    out_of_order_examples: list[dict[str, Any]]
+    typing_delivered: int  # the whole run, warm-up included
+    inbound_envelope_bytes: int
+    resources: dict[str, Resources]
+    machine_cpu_percent_full_load: float  # of all cores
+    other_cpu_percent_full_load: float  # of one core: busy, but none of the processes above
+    machine_iowait_percent_full_load: float  # of all cores: idle waiting for the disk
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        """Anything lost, refused, repeated or reordered."""
+        phases = (self.full, self.half)
+        return any(p.errors or p.missing for p in phases) or bool(
+            self.duplicates or self.out_of_order
+        )
+
+
+# ---------------------------------------------------------------------------- client
+
+
+@dataclass
+class Post:
+    """One POST: its message's id, when it was sent and answered, and the status (0: error)."""
+
+    uid: str
+    sent: float
+    answered: float
+    status: int
+
+
+def messages(
+    tag: str, count: int, conversations: int, prefix: str = "c"
+) -> list[tuple[str, bytes]]:
+    """(uid, body) of `count` messages over `conversations`; the text is the uid itself."""
+    out = []
+    for n in range(count):
+        uid = f"{tag}-{n}"
+        body = {
+            "userId": f"u{n % conversations}",
+            "messageId": uid,
+            "conversationId": f"{prefix}{n % conversations}",
+            "type": "text",
+            "text": uid,
+        }
+        out.append((uid, json.dumps(body).encode()))
+    return out
+
+
+class Client:
+    """The back end: a keep-alive session with at most `concurrency` connections."""
+
+    def __init__(self, url: str, token: str, concurrency: int) -> None:
+        self.url = url
+        self.concurrency = concurrency
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self._http.close()
+
+    async def post(self, uid: str, body: bytes) -> Post:
+        """POST one message; a connection error is status 0."""
+        sent = time.monotonic()
+        try:
+            async with self._http.post(self.url, data=body) as response:
+                await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError):
+            status = 0
+        return Post(uid, sent, time.monotonic(), status)
+
+    async def closed_loop(self, batch: Sequence[tuple[str, bytes]]) -> list[Post]:
+        """Full load: `concurrency` senders, each posting its next message once answered."""
+        pending = iter(batch)
+        posts: list[Post] = []
+
+        async def sender() -> None:
+            for uid, body in pending:
+                posts.append(await self.post(uid, body))
+
+        await asyncio.gather(*[sender() for _ in range(self.concurrency)])
+        return posts
+
+    async def open_loop(
+        self, batch: Sequence[tuple[str, bytes]], rate: float
+    ) -> tuple[list[Post], float, float]:
+        """A fixed rate, whatever the answers: the posts, the rate sent, the worst lag (s)."""
+        tasks = []
+        lag = 0.0
+        started = time.monotonic() + 0.05
+        for i, (uid, body) in enumerate(batch):
+            due = started + i / rate
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            lag = max(lag, time.monotonic() - due)
+            tasks.append(asyncio.create_task(self.post(uid, body)))
+        sent_rate = len(batch) / max(time.monotonic() - started, 1e-9)
+        return list(await asyncio.gather(*tasks)), sent_rate, lag
+
+
+# ---------------------------------------------------------------------------- receiver
+
+
+class Inbox:
+    """What the receiver got, fetched incrementally, with the checks on it."""
+
+    def __init__(self, base: str) -> None:
+        self._base = base
+        self._http = aiohttp.ClientSession()
+        self.rows = 0
+        self.texts: dict[str, float] = {}  # uid -> first arrival of its echoed text
+        self.typing = 0
+        self.webhook_ids: Counter[str] = Counter()
+        self.out_of_order = 0
+        self.disorder: list[dict[str, Any]] = []  # the first few responses out of order
+        self._sequence: dict[str, int] = {}
+
+    async def close(self) -> None:
+        """Close the control connection."""
+        await self._http.close()
+
+    @property
+    def duplicates(self) -> int:
+        """Webhooks that arrived again under a webhook-id already seen."""
+        return sum(n - 1 for n in self.webhook_ids.values() if n > 1)
+
+    async def fetch(self) -> int:
+        """Take the webhooks that arrived since the last fetch; how many."""
+        async with self._http.get(f"{self._base}/_records", params={"since": self.rows}) as got:
+            got.raise_for_status()
+            rows = await got.json()
+        for row in rows:
+            self._take(*row)
+        self.rows += len(rows)
+        return len(rows)
+
+    def _take(
+        self, arrived: float, webhook_id: str, kind: str, text: str, conv: str, seq: int
+    ) -> None:
+        self.webhook_ids[webhook_id] += 1
+        if self.webhook_ids[webhook_id] > 1:
+            return
+        if seq <= self._sequence.get(conv, -1):
+            self.out_of_order += 1
+            if len(self.disorder) < 10:
+                self.disorder.append(
+                    {"conversationId": conv, "after": self._sequence[conv], "sequence": seq}
+                )
+        self._sequence[conv] = max(seq, self._sequence.get(conv, -1))
+        if kind == "typing":
+            self.typing += 1
+        elif kind == "text" and text.startswith("echo: "):
+            self.texts.setdefault(text.removeprefix("echo: "), arrived)
+
+    async def wait_for(self, uids: Iterable[str]) -> None:
+        """Until every uid's text arrived, or nothing arrived for STALL_SECONDS."""
+        waiting = set(uids)
+        quiet_since = time.monotonic()
+        while waiting:
+            if await self.fetch():
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > STALL_SECONDS:
+                return
+            waiting = {uid for uid in waiting if uid not in self.texts}
+            await asyncio.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------- phases
+
+
+def phase_figures(posts: Sequence[Post], inbox: Inbox) -> Phase:
+    """Throughput and latencies of one phase, from its posts and what arrived."""
+    first = min(p.sent for p in posts)
+    accepted = [p for p in posts if p.status == 200]
+    errors = Counter(str(p.status or "connection") for p in posts if p.status != 200)
+    arrivals = {p.uid: inbox.texts[p.uid] for p in accepted if p.uid in inbox.texts}
+    accept_seconds = max((p.answered for p in accepted), default=first) - first
+    deliver_seconds = max(arrivals.values(), default=first) - first
+    latencies = [arrivals[p.uid] - p.sent for p in accepted if p.uid in arrivals]
+    p50, p95, p99 = percentiles(latencies)
+    post_p50, post_p99 = percentiles([p.answered - p.sent for p in posts], (50, 99))
+    return Phase(
+        messages=len(posts),
+        accepted=len(accepted),
+        errors=dict(errors),
+        accept_seconds=round(accept_seconds, 2),
+        accepted_per_second=_rate(len(accepted), accept_seconds),
+        delivered=len(arrivals),
+        missing=len(accepted) - len(arrivals),
+        deliver_seconds=round(deliver_seconds, 2),
+        delivered_per_second=_rate(len(arrivals), deliver_seconds),
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
+        latency_max_ms=round(max(latencies, default=0) * 1000, 1),
+        post_p50_ms=post_p50,
+        post_p99_ms=post_p99,
+    )
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else 0.0
+
+
+async def full_load(client: Client, inbox: Inbox, batch: Sequence[tuple[str, bytes]]) -> Phase:
+    """Closed loop at the client's concurrency, then wait for every delivery."""
+    posts = await client.closed_loop(batch)
+    await inbox.wait_for(p.uid for p in posts if p.status == 200)
+    return phase_figures(posts, inbox)
+
+
+async def half_load(
+    client: Client, inbox: Inbox, batch: Sequence[tuple[str, bytes]], rate: float
+) -> Phase:
+    """Open loop at `rate` msgs/s, then wait for every delivery."""
+    posts, sent_rate, lag = await client.open_loop(batch, rate)
+    await inbox.wait_for(p.uid for p in posts if p.status == 200)
+    figures = phase_figures(posts, inbox)
+    figures.target_per_second = round(rate, 1)
+    figures.sent_per_second = round(sent_rate, 1)
+    figures.pacing_lag_max_ms = round(lag * 1000, 1)
+    return figures
+
+
+# ---------------------------------------------------------------------------- CPU and memory
+
+
+def pids_named(name: str) -> list[int]:
+    """Processes whose command name is `name` (the broker's beam.smp, postgres)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+    return found
+
+
+def cpu_of(groups: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each group of processes (gone processes count 0)."""
+    totals = {}
+    for name, pids in groups.items():
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                total += process_cpu_seconds(pid)
+        totals[name] = total
+    return totals
+
+
+def machine_busy() -> tuple[float, float, float]:
+    """(busy, iowait, total) jiffies of all cores since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = values[3], values[4]
+    return sum(values) - idle - iowait, iowait, sum(values)
+
+
+class CpuMeter:
+    """CPU of each process group between `start` and `stop`."""
+
+    def __init__(self, services: Sequence[Service], receiver: Service) -> None:
+        self._groups: dict[str, list[int]] = {s.name: [s.pid] for s in services}
+        self._groups["receiver"] = [receiver.pid]
+        self._groups["client"] = [os.getpid()]
+        self._before: dict[str, float] = {}
+        self._machine = (0.0, 0.0, 0.0)
+        self._started = 0.0
+        self.result: dict[str, tuple[float, float]] = {}  # group -> (seconds, % of a core)
+        self.machine_percent = 0.0
+        self.other_percent = 0.0
+        self.iowait_percent = 0.0
+
+    def _refresh_shared(self) -> None:
+        # Postgres forks a backend per connection: take whatever runs now.
+        self._groups["rabbitmq"] = pids_named("beam.smp")
+        self._groups["postgres"] = pids_named("postgres")
+
+    def start(self) -> None:
+        """Take the first reading."""
+        self._refresh_shared()
+        self._before = cpu_of(self._groups)
+        self._machine = machine_busy()
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        """Take the second reading and compute the shares."""
+        wall = time.monotonic() - self._started
+        after = cpu_of(self._groups)
+        for name, seconds in after.items():
+            used = seconds - self._before.get(name, 0.0)
+            self.result[name] = (round(used, 2), round(100 * used / wall, 1))
+        busy, iowait, total = machine_busy()
+        elapsed = max(total - self._machine[2], 1)
+        self.machine_percent = round(100 * (busy - self._machine[0]) / elapsed, 1)
+        self.iowait_percent = round(100 * (iowait - self._machine[1]) / elapsed, 1)
+        # Busy CPU no process of ours used: the kernel, other jobs on a shared machine.
+        ours = sum(seconds for seconds, _ in self.result.values())
+        other = (busy - self._machine[0]) / os.sysconf("SC_CLK_TCK") - ours
+        self.other_percent = round(100 * max(other, 0.0) / wall, 1)
+
+
+async def scrape(services: Sequence[Service]) -> dict[str, dict[str, float]]:
+    """The counters of interest from each service's /metrics, non-zero ones only."""
+    found: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession() as http:
+        for svc in services:
+            async with http.get(f"{svc.base_url}/metrics") as response:
+                text = await response.text()
+            lines = [line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(METRICS)]
+            found[svc.name] = {name: float(v) for name, v in lines if float(v)}
+    return found
+
+
+# ---------------------------------------------------------------------------- one store
+
+
+@dataclass
+class Options:
+    """The command line."""
+
+    messages: int
+    conversations: int
+    concurrency: int
+    half_messages: int
+    stores: list[str]
+    json: bool
+    settings: dict[str, str]  # RELAY_* values for the services
+
+
+def run_settings(database_url: str, options: Options) -> Settings:
+    """The services' settings: bench defaults, then --set values, then what must be fresh."""
+    chosen: dict[str, Any] = {
+        "bot": "echo",
+        "log_level": "warning",
+        "rate_limit_per_second": 0,  # 0 disables the per-integration rate limit
+        "allowed_endpoint_networks": "127.0.0.0/8",  # the receiver is on loopback
+    }
+    chosen.update({k.removeprefix("RELAY_").lower(): v for k, v in options.settings.items()})
+    chosen.update(
+        amqp_url=AMQP_URL,
+        database_url=database_url,
+        queue_prefix="bench-" + uuid.uuid4().hex[:8],
+        http_port=free_port(),
+        bot_worker_port=free_port(),
+        delivery_worker_port=free_port(),
+    )
+    return Settings(_env_file=None, **chosen)
+
+
+def extra_env(settings: Settings, options: Options) -> dict[str, str]:
+    """Variables the services get besides those `service_env` writes from the settings."""
+    networks = ",".join(str(n) for n in settings.allowed_endpoint_networks)
+    return {
+        **options.settings,
+        "RELAY_BOT": settings.bot,
+        "RELAY_ALLOWED_ENDPOINT_NETWORKS": networks,
+    }
+
+
+@contextlib.asynccontextmanager
+async def receiver_process() -> AsyncIterator[Service]:
+    """The webhook receiver in its own process.
+
+    Not in the client's event loop: the client's sending and the receiver's timestamps
+    would delay each other on one loop (one core), inflating both the latency and the
+    send times; as separate processes they are, like a real back end's sender and webhook
+    endpoint, scheduled independently.
+    """
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.receiver", f"--port={port}"]
+    async with spawn("receiver", argv, port, ready="/_count") as receiver:
+        yield receiver
+
+
+async def sample_envelope(topology: Topology, client: Client) -> bytes:
+    """Post one message while no bot worker runs and take its envelope off the queue."""
+    probe = messages("probe-" + uuid.uuid4().hex[:6], 1, 1, prefix="probe")[0]
+    answer = await client.post(*probe)
+    if answer.status != 200:
+        raise RuntimeError(f"the ingress answered the probe with {answer.status}")
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection, connection.channel() as channel:
+        # A quorum queue with a single active consumer refuses basic.get: consume instead
+        # (we are the only consumer) and close the channel after the first message.
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def take(message: AbstractIncomingMessage) -> None:
+            if not got.done():
+                got.set_result(message.body)
+
+        for partition in range(topology.partitions):
+            queue = await channel.get_queue(topology.queue("inbound", partition))
+            await queue.consume(take, no_ack=True)
+        async with asyncio.timeout(10):
+            return await got
+
+
+async def run_store(kind: str, options: Options) -> StoreResult:
+    """Start everything on a fresh store, run both phases, stop and clean up; then raw."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(database(kind))
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-"))
+        receiver = await stack.enter_async_context(receiver_process())
+        settings = run_settings(url, options)
+        store = await open_store(url)
+        try:
+            integration_id, token = await create_integration(
+                store, settings, f"{receiver.base_url}/hook"
+            )
+        finally:
+            await store.close()
+        topology = topology_of(settings)
+        stack.push_async_callback(remove_topology, topology)  # after the services stopped
+        env = service_env(settings, extra_env(settings, options))
+
+        async def start(name: str, port: int) -> Service:
+            # cwd: a folder without a .env file, so only the variables above count.
+            running = service(name, [name], env, port, cwd=folder)
+            return await stack.enter_async_context(running)
+
+        client = Client(
+            f"http://127.0.0.1:{settings.http_port}/webhooks/{integration_id}",
+            token,
+            options.concurrency,
+        )
+        stack.push_async_callback(client.close)
+        ingress = await start("ingress", settings.http_port)
+        envelope = await sample_envelope(topology, client)
+        services = [
+            ingress,
+            await start("bot-worker", settings.bot_worker_port),
+            await start("delivery-worker", settings.delivery_worker_port),
+        ]
+        for running in services:
+            running.check_pid()
+        inbox = Inbox(receiver.base_url)
+        stack.push_async_callback(inbox.close)
+        measured = await measure(services, receiver, client, inbox, options)
+    raw = await raw_ceiling(
+        AMQP_URL,
+        settings.partitions,
+        options.messages,
+        options.conversations,
+        envelope,
+        options.concurrency,
+        settings.bot_concurrency * 2,  # the prefetch of the workers' consuming channel
+    )
+    return StoreResult(
+        store=kind,
+        raw=raw,
+        ratio=round(measured["full"].delivered_per_second / raw.per_second, 3),
+        inbound_envelope_bytes=len(envelope),
+        **measured,
+    )
+
+
+async def measure(
+    services: Sequence[Service],
+    receiver: Service,
+    client: Client,
+    inbox: Inbox,
+    options: Options,
+) -> dict[str, Any]:
+    """Warm up, full load, half load; the figures, memory, CPU and the services' counters."""
+    tag = uuid.uuid4().hex[:6]
+    warm = messages(f"{tag}-warm", WARM_UP, min(options.conversations, WARM_UP), prefix="w")
+    await full_load(client, inbox, warm)
+    meter = CpuMeter(services, receiver)
+    meter.start()
+    full = await full_load(
+        client, inbox, messages(f"{tag}-full", options.messages, options.conversations)
+    )
+    meter.stop()
+    batch = messages(f"{tag}-half", options.half_messages, options.conversations)
+    half = await half_load(client, inbox, batch, max(full.delivered_per_second / 2, 1.0))
+    await asyncio.sleep(SETTLE_SECONDS)
+    await inbox.fetch()
+    resources = {
+        name: Resources(
+            peak_rss_mb=_peak_rss(services, name),
+            cpu_seconds_full_load=seconds,
+            cpu_percent_full_load=percent,
+            cpu_ms_per_message=round(seconds * 1000 / options.messages, 2),
+        )
+        for name, (seconds, percent) in meter.result.items()
+    }
+    return {
+        "full": full,
+        "half": half,
+        "duplicates": inbox.duplicates,
+        "out_of_order": inbox.out_of_order,
+        "out_of_order_examples": inbox.disorder,
+        "typing_delivered": inbox.typing,
+        "resources": resources,
+        "machine_cpu_percent_full_load": meter.machine_percent,
+        "other_cpu_percent_full_load": meter.other_percent,
+        "machine_iowait_percent_full_load": meter.iowait_percent,
+        "metrics": await scrape(services),
+    }
+
+
+def _peak_rss(services: Sequence[Service], name: str) -> float | None:
+    for running in services:
+        if running.name == name:
+            return round(running.status("VmHWM") / 2**20, 1)
+    return None
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def print_report(results: Sequence[StoreResult], options: Options) -> None:
+    """The figures as aligned tables."""
+    print(
+        f"{options.messages} messages over {options.conversations} conversations, "
+        f"{options.concurrency} concurrent keep-alive connections; latency = POST sent -> "
+        "echoed text at the receiver (ms)\n"
+    )
+    rows = [
+        {
+            "store": r.store,
+            "accepted/s": r.full.accepted_per_second,
+            "delivered/s": r.full.delivered_per_second,
+            "p50": r.full.latency_p50_ms,
+            "p95": r.full.latency_p95_ms,
+            "p99": r.full.latency_p99_ms,
+            "half rate/s": r.half.target_per_second,
+            "half p50": r.half.latency_p50_ms,
+            "half p95": r.half.latency_p95_ms,
+            "half p99": r.half.latency_p99_ms,
+            "raw/s": r.raw.per_second,
+            "e2e/raw": r.ratio,
+        }
+        for r in results
+    ]
+    print(admin.table(rows, list(rows[0])))
+    print("\nchecks (full + half load)")
+    checks = [
+        {
+            "store": r.store,
+            "posted": r.full.messages + r.half.messages,
+            "accepted": r.full.accepted + r.half.accepted,
+            "errors": _merge(r.full.errors, r.half.errors) or 0,
+            "delivered": r.full.delivered + r.half.delivered,
+            "missing": r.full.missing + r.half.missing,
+            "duplicates": r.duplicates,
+            "out of order": r.out_of_order,
+            "half sent/s": r.half.sent_per_second,
+            "pacing lag ms": r.half.pacing_lag_max_ms,
+        }
+        for r in results
+    ]
+    print(admin.table(checks, list(checks[0])))
+    for r in results:
+        if r.out_of_order_examples:
+            shown = "; ".join(
+                f"{e['conversationId']}: {e['sequence']} after {e['after']}"
+                for e in r.out_of_order_examples[:5]
+            )
+            print(f"{r.store}: responses out of order, e.g. {shown}")
+    print(
+        "\npeak RSS and CPU during full load (rabbitmq, postgres: every user of the shared"
+        " server; (other): busy CPU of no process here, e.g. other jobs)"
+    )
+    resources = [row for r in results for row in _resource_rows(r)]
+    print(admin.table(resources, list(resources[0])))
+    machine = ", ".join(
+        f"{r.store} {r.machine_cpu_percent_full_load}% busy,"
+        f" {r.machine_iowait_percent_full_load}% iowait"
+        for r in results
+    )
+    print(f"machine during full load (all cores): {machine}")
+    print(f"\nraw ceiling: {_raw_line(results[0].raw)}")
+    for r in results:
+        print(f"\n{r.store}: counters at the end")
+        for name, counters in r.metrics.items():
+            shown = ", ".join(f"{k} {v:g}" for k, v in counters.items())
+            print(f"  {name}: {shown}")
+
+
+def _merge(*counts: Mapping[str, int]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for count in counts:
+        total.update(count)
+    return dict(total)
+
+
+def _resource_rows(result: StoreResult) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {
+            "store": result.store,
+            "process": name,
+            "peak RSS MB": res.peak_rss_mb,
+            "CPU % of a core": res.cpu_percent_full_load,
+            "CPU ms/msg": res.cpu_ms_per_message,
+        }
+        for name, res in result.resources.items()
+    ]
+    rows.append(
+        {
+            "store": result.store,
+            "process": "(other)",
+            "CPU % of a core": result.other_cpu_percent_full_load,
+        }
+    )
+    return rows
+
+
+def _raw_line(raw: RawResult) -> str:
+    return (
+        f"aio-pika publish (persistent, confirms, {raw.concurrency} in flight) + consume "
+        f"(prefetch {raw.prefetch}) + ack of {raw.messages} x {raw.body_bytes}-byte messages"
+        f" over the same partitions; e2e/raw = delivered/s / raw/s (Relay moves 3 broker "
+        "messages per user message: 1 inbound, 2 outbound)"
+    )
+
+
+def report_json(results: Sequence[StoreResult], options: Options) -> str:
+    """One JSON document with the configuration and every figure."""
+    config = {k: v for k, v in asdict(options).items() if k != "json"}
+    return json.dumps(
+        {"config": config, "results": [asdict(r) | {"ok": not r.failed} for r in results]},
+        indent=2,
+    )
+
+
+# ---------------------------------------------------------------------------- main
+
+
+async def main(options: Options) -> int:
+    """Run every chosen store in turn; 1 if anything was lost, refused or repeated."""
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM unwinds like Ctrl-C: every process stopped, every queue and schema removed.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    results = []
+    for kind in options.stores:
+        print(f"running {kind}...", file=sys.stderr, flush=True)
+        results.append(await run_store(kind, options))
+    if options.json:
+        print(report_json(results, options))
+    else:
+        print_report(results, options)
+    return 1 if any(r.failed for r in results) else 0
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--conversations", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--half-messages",
+        type=int,
+        help="messages of the half-load phase (default: a tenth of --messages, at least 1000)",
+    )
+    parser.add_argument("--stores", default=",".join(STORES), help="comma-separated")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="RELAY_NAME=VALUE",
+        help="a setting for the services (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if not stores or set(stores) - set(STORES):
+        parser.error(f"--stores: a comma-separated list of {', '.join(STORES)}")
+    if min(args.messages, args.conversations, args.concurrency, args.half_messages or 1) < 1:
+        parser.error("--messages, --conversations, --concurrency, --half-messages: at least 1")
+    pairs = [item.split("=", 1) for item in args.set]
+    if any(len(p) != 2 or not p[0].startswith("RELAY_") for p in pairs):
+        parser.error("--set takes RELAY_NAME=VALUE")
+    half = args.half_messages or max(1000, args.messages // 10)
+    return Options(
+        args.messages, args.conversations, args.concurrency, half, stores, args.json, dict(pairs)
+    )
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(asyncio.run(main(parse_args())))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: processes stopped, queues and databases removed", file=sys.stderr)
+        sys.exit(130)
