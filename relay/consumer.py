@@ -30,6 +30,7 @@ from relay.lanes import Lanes
 from relay.metrics import Metrics
 from relay.models import utcnow
 from relay.parking import Parking
+from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +84,9 @@ class StageWorker(ABC, Generic[E]):
         broker: Broker,
         metrics: Metrics,
         concurrency: int,
-        presence_interval: float = 2.0,
-        handoff_grace: float = 15.0,
+        settings: Settings,
     ) -> None:
+        presence_interval, handoff_grace = settings.presence_interval, settings.shutdown_timeout
         self._broker = broker
         self._metrics = metrics
         self._lanes: Lanes[Delivery] = Lanes(self._process, concurrency)

@@ -48,13 +48,7 @@ class BotWorker(StageWorker[InboundEnvelope]):
         adapter: BotAdapter,
         metrics: Metrics,
     ) -> None:
-        super().__init__(
-            broker,
-            metrics,
-            settings.bot_concurrency,
-            presence_interval=settings.presence_interval,
-            handoff_grace=settings.shutdown_timeout,
-        )
+        super().__init__(broker, metrics, settings.bot_concurrency, settings)
         self._settings = settings
         self._store = store
         self._adapter = adapter

@@ -47,13 +47,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
     def __init__(
         self, settings: Settings, store: Store, broker: Broker, sender: Sender, metrics: Metrics
     ) -> None:
-        super().__init__(
-            broker,
-            metrics,
-            settings.delivery_concurrency,
-            presence_interval=settings.presence_interval,
-            handoff_grace=settings.shutdown_timeout,
-        )
+        super().__init__(broker, metrics, settings.delivery_concurrency, settings)
         self._settings = settings
         self._store = store
         self._sender = sender
