@@ -318,10 +318,9 @@ async def relay_processes(
     """`count` `relay <role>` processes; SIGTERM (unless killed) and exit 0 at the end."""
     processes = []
     for _ in range(count):
-        port = {
-            "RELAY_BOT_WORKER_PORT": str(free_port()),
-            "RELAY_DELIVERY_WORKER_PORT": str(free_port()),
-        }
+        # Port 0: the OS picks a free one at bind time. A port found free beforehand can be
+        # taken meanwhile, as the source port of any outgoing connection on this machine.
+        port = {"RELAY_BOT_WORKER_PORT": "0", "RELAY_DELIVERY_WORKER_PORT": "0"}
         processes.append(
             await asyncio.create_subprocess_exec(
                 *RELAY, role, env=relay_env(settings, {**env, **port}), cwd=os.getcwd()

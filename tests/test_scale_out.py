@@ -67,7 +67,23 @@ class Fleet:
     services: list[Service] = field(default_factory=list)
 
     async def start(self, role: str) -> Service:
-        port = free_port()
+        """Start `role` on a free port and wait until it is ready; another port if the one
+        found free was taken before the service bound it."""
+        for _ in range(3):
+            service = await self._start_on(role, free_port())
+            if await self._ready_or_gone(service):
+                return service
+            self.services.remove(service)
+        raise AssertionError(f"{role} did not start")
+
+    async def _ready_or_gone(self, service: Service) -> bool:
+        async def settled() -> bool:
+            return service.process.returncode is not None or await self.ready(service)
+
+        await eventually(settled, timeout=60, interval=0.2)
+        return service.process.returncode is None
+
+    async def _start_on(self, role: str, port: int) -> Service:
         env = relay_env(
             self.settings,
             {
@@ -86,11 +102,9 @@ class Fleet:
         process = await asyncio.create_subprocess_exec(*RELAY, role, env=env)
         service = Service(role, port, process)
         self.services.append(service)
-        await eventually(lambda: self.ready(service), timeout=60, interval=0.2)
         return service
 
     async def ready(self, service: Service) -> bool:
-        assert service.process.returncode is None, f"{service.role} exited"
         try:
             async with self.http.get(f"{service.url}/readyz") as answer:
                 return answer.status == 200
