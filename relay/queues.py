@@ -11,19 +11,17 @@ import asyncio
 import contextlib
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 from aio_pika.abc import AbstractConnection
 
-from relay.broker import BROKER_ERRORS, STAGES, Broker, Topology
+from relay.broker import BROKER_ERRORS, Broker, Topology
+from relay.broker.topology import QueueKind
 from relay.metrics import Metrics
 
 log = structlog.get_logger(__name__)
-
-Kind = Literal["partition", "delay", "dead"]
 
 
 @dataclass(frozen=True)
@@ -32,25 +30,10 @@ class QueueStat:
 
     name: str
     stage: str
-    kind: Kind
+    kind: QueueKind
     ready: int | None  # None: the queue does not exist (yet)
     consumers: int | None
     unacked: int | None = None  # None: unknown without the management API
-
-
-def relay_queues(topology: Topology) -> list[tuple[str, str, Kind]]:
-    """(name, stage, kind) of every queue of the topology, in a stable order."""
-    found: list[tuple[str, str, Kind]] = []
-    for stage in STAGES:
-        found += [
-            (topology.queue(stage, p), stage, "partition") for p in range(topology.partitions)
-        ]
-        found += [
-            (topology.delay_exchange(stage, d), stage, "delay")
-            for d in topology.stage_delays(stage)
-        ]
-        found.append((topology.dead_queue(stage), stage, "dead"))
-    return found
 
 
 async def look(connection: AbstractConnection, topology: Topology) -> list[QueueStat]:
@@ -58,7 +41,7 @@ async def look(connection: AbstractConnection, topology: Topology) -> list[Queue
     stats = []
     channel = await connection.channel()
     try:
-        for name, stage, kind in relay_queues(topology):
+        for name, stage, kind in topology.queues():
             if channel.is_closed:  # a missing queue closes the channel: take a new one
                 channel = await connection.channel()
             try:

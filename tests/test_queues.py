@@ -73,7 +73,7 @@ async def test_look_counts_ready_messages_and_consumers_of_every_queue(
         tag = await queue.consume(ignore)
         stats = {stat.name: stat for stat in await queues.look(amqp, topology)}
         await queue.cancel(tag)
-    assert [name for name, _, _ in queues.relay_queues(topology)] == list(stats)
+    assert [name for name, _, _ in topology.queues()] == list(stats)
     assert stats[topology.queue("inbound", 1)].ready == 3
     assert stats[topology.queue("inbound", 0)].ready == 0
     assert stats[topology.dead_queue("outbound")].ready == 2
@@ -114,7 +114,7 @@ async def test_relay_queues_prints_a_table_and_json(
     assert as_json.code == 0, as_json.err
     found = {q["name"]: q for q in json.loads(as_json.out)["queues"]}
     assert found[topology.queue("outbound", 2)]["ready"] == 4
-    assert set(found) == {name for name, _, _ in queues.relay_queues(topology)}
+    assert set(found) == {name for name, _, _ in topology.queues()}
 
 
 async def test_relay_queues_shows_unacked_counts_from_the_management_api(

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 StageName = Literal["inbound", "outbound"]
 STAGES: tuple[StageName, ...] = ("inbound", "outbound")
+QueueKind = Literal["partition", "delay", "dead"]
 
 
 def partition_of(conversation_id: str, partitions: int) -> int:
@@ -72,14 +73,20 @@ class Topology:
         """The fanout exchange a stage's workers announce themselves on (hand-off)."""
         return f"{self.prefix}.{stage}.presence"
 
+    def queues(self) -> list[tuple[str, StageName, QueueKind]]:
+        """(name, stage, kind) of every queue of the relay, in a stable order."""
+        found: list[tuple[str, StageName, QueueKind]] = []
+        for stage in STAGES:
+            found += [(self.queue(stage, p), stage, "partition") for p in range(self.partitions)]
+            found += [
+                (self.delay_exchange(stage, d), stage, "delay") for d in self.stage_delays(stage)
+            ]
+            found.append((self.dead_queue(stage), stage, "dead"))
+        return found
+
     def queue_names(self) -> list[str]:
         """Every queue of the relay, in a stable order."""
-        names = []
-        for stage in STAGES:
-            names += [self.queue(stage, p) for p in range(self.partitions)]
-            names += [self.delay_exchange(stage, d) for d in self.stage_delays(stage)]
-            names.append(self.dead_queue(stage))
-        return names
+        return [name for name, _, _ in self.queues()]
 
     def partition_arguments(self, stage: StageName) -> dict[str, Any]:
         """Arguments of a partition queue; changing them later needs a migration of queues."""
