@@ -65,10 +65,12 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Delivery:
-    """A message in a lane, with the subscription it came through."""
+class Delivery(Generic[E]):
+    """A message in a lane: its envelope (None if it is not one), and the subscription it
+    came through."""
 
     message: AbstractIncomingMessage
+    envelope: E | None
     subscription: Subscription
 
 
@@ -86,15 +88,14 @@ class StageWorker(ABC, Generic[E]):
         concurrency: int,
         settings: Settings,
     ) -> None:
-        presence_interval, handoff_grace = settings.presence_interval, settings.shutdown_timeout
         self._broker = broker
         self._metrics = metrics
-        self._lanes: Lanes[Delivery] = Lanes(self._process, concurrency)
+        self._lanes: Lanes[Delivery[E]] = Lanes(self._process, concurrency)
         self._prefetch = concurrency  # per partition channel
         self.parking = Parking()
-        self.presence = Presence(broker, self.stage, presence_interval)
-        self._interval = presence_interval
-        self._grace = handoff_grace
+        self.presence = Presence(broker, self.stage, settings.presence_interval)
+        self._interval = settings.presence_interval
+        self._grace = settings.shutdown_timeout  # for a hand-off's messages in hand
         self._subscriptions: dict[int, Subscription] = {}
         self._handing_off: set[asyncio.Task[None]] = set()
         self._balancer: asyncio.Task[None] | None = None
@@ -200,7 +201,7 @@ class StageWorker(ABC, Generic[E]):
         subscription.take()
         envelope = self.parse(message)
         key = self.keys(envelope)[0] if envelope is not None else message.message_id
-        self._lanes.submit(str(key), Delivery(message, subscription))
+        self._lanes.submit(str(key), Delivery(message, envelope, subscription))
 
     def _forget_activity(self, *_: object) -> None:
         for subscription in self._subscriptions.values():
@@ -216,15 +217,10 @@ class StageWorker(ABC, Generic[E]):
         if self._stopping:
             return
         releasing = {n for n, sub in self._subscriptions.items() if sub.holding}
-        self._metrics.partitions_held.labels(self.stage).set(
-            len(self.active_partitions - releasing)
-        )
-        for partition in surplus(
-            self._broker.topology.partitions,
-            self.presence.peers(),
-            self.active_partitions - releasing,
-            self._parked_partitions(),
-        ):
+        held = self.active_partitions - releasing
+        self._metrics.partitions_held.labels(self.stage).set(len(held))
+        partitions, peers = self._broker.topology.partitions, self.presence.peers()
+        for partition in surplus(partitions, peers, held, self._parked_partitions()):
             task = asyncio.create_task(self._hand_off(partition), name=f"hand-off-{partition}")
             self._handing_off.add(task)
             task.add_done_callback(self._handing_off.discard)
@@ -262,7 +258,7 @@ class StageWorker(ABC, Generic[E]):
         except BROKER_ERRORS as error:
             log.warning("resubscribe_failed", partition=partition, error=str(error))
 
-    def _withdraw(self, predicate: Callable[[Delivery], bool]) -> None:
+    def _withdraw(self, predicate: Callable[[Delivery[E]], bool]) -> None:
         """Take back deliveries not yet started: they wait with the held ones (returned on
         close), so only the messages being handled right now have to finish."""
         for delivery in self._lanes.withdraw(predicate):
@@ -282,9 +278,9 @@ class StageWorker(ABC, Generic[E]):
             await subscription.close()
         log.info("worker_stopped", stage=self.stage, finished=finished)
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery[E]) -> None:
         try:
-            await self._handle(delivery.message)
+            await self._handle(delivery.message, delivery.envelope)
         except Exception:
             # Never let one message's failure end its lane: the messages behind it would be
             # stranded unacked. This one goes back to its queue.
@@ -293,13 +289,12 @@ class StageWorker(ABC, Generic[E]):
         finally:
             delivery.subscription.done()
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, envelope: E | None) -> None:
         if stale(message):
             # Delivered on a channel that has since died (a broker restart): the broker has
             # it back and redelivers it. Handling it now could overtake that redelivery.
             log.info("stale_delivery_skipped", stage=self.stage, message_id=message.message_id)
             return
-        envelope = self.parse(message)
         conversation, message_key = self.keys(envelope) if envelope else (None, None)
         with structlog.contextvars.bound_contextvars(
             message_id=message.message_id,
