@@ -65,6 +65,15 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Parked:
+    """A conversation's messages parked by another worker, head first, the head due in
+    `delay` (a delay queue's wait)."""
+
+    messages: list[str]
+    delay: float
+
+
+@dataclass(frozen=True)
 class Delivery(Generic[E]):
     """A message in a lane: its envelope (None if it is not one), and the subscription it
     came through."""
@@ -125,6 +134,11 @@ class StageWorker(ABC, Generic[E]):
     @abstractmethod
     async def decide(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         """Do the work for one message and say what becomes of it."""
+
+    async def parked_elsewhere(self, envelope: E) -> Parked | None:
+        """The envelope's conversation as another worker may have parked it (asked the first
+        time this worker meets the conversation). None: nothing is known of such parking."""
+        return None
 
     @property
     def active_partitions(self) -> set[int]:
@@ -205,7 +219,7 @@ class StageWorker(ABC, Generic[E]):
 
     def _forget_activity(self, *_: object) -> None:
         for subscription in self._subscriptions.values():
-            subscription.active = False
+            subscription.forget()
 
     async def _balance_forever(self) -> None:
         while True:
@@ -280,7 +294,7 @@ class StageWorker(ABC, Generic[E]):
 
     async def _process(self, delivery: Delivery[E]) -> None:
         try:
-            await self._handle(delivery.message, delivery.envelope)
+            await self._handle(delivery)
         except Exception:
             # Never let one message's failure end its lane: the messages behind it would be
             # stranded unacked. This one goes back to its queue.
@@ -289,7 +303,8 @@ class StageWorker(ABC, Generic[E]):
         finally:
             delivery.subscription.done()
 
-    async def _handle(self, message: AbstractIncomingMessage, envelope: E | None) -> None:
+    async def _handle(self, delivery: Delivery[E]) -> None:
+        message, envelope = delivery.message, delivery.envelope
         if stale(message):
             # Delivered on a channel that has since died (a broker restart): the broker has
             # it back and redelivers it. Handling it now could overtake that redelivery.
@@ -306,6 +321,8 @@ class StageWorker(ABC, Generic[E]):
                 self._metrics.message_age.labels(self.stage).observe(max(age, 0.0))
             if envelope is None:
                 verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
+            elif not await self._recall_parking(delivery.subscription, envelope):
+                verdict = Verdict(Outcome.AGAIN, reason="the store is away")
             elif (
                 delay := self.parking.wait_behind(conversation or "", message_key or "")
             ) is not None:
@@ -313,6 +330,23 @@ class StageWorker(ABC, Generic[E]):
             else:
                 verdict = await self._decide_safely(message, envelope)
             await self._settle(message, conversation, message_key, verdict)
+
+    async def _recall_parking(self, subscription: Subscription, envelope: E) -> bool:
+        """On meeting a conversation, adopt the parking another worker left (False: it
+        could not be looked up, and the message waits)."""
+        conversation = self.keys(envelope)[0]
+        if not subscription.first_sight(conversation):
+            return True
+        try:
+            parked = await self.parked_elsewhere(envelope)
+        except Exception as error:
+            subscription.unsee(conversation)
+            log.warning("parking_lookup_failed", error=f"{type(error).__name__}: {error}")
+            return False
+        if parked is not None:
+            log.info("parking_adopted", waiting_behind=len(parked.messages))
+            self.parking.adopt(conversation, parked.messages, parked.delay)
+        return True
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         try:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections import OrderedDict
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from relay.broker.client import BROKER_ERRORS
+
+SEEN_LIMIT = 50_000
 
 
 class Subscription:
@@ -36,6 +39,28 @@ class Subscription:
         self._in_hand = 0
         self._settled = asyncio.Event()
         self._settled.set()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def first_sight(self, conversation: str) -> bool:
+        """True the first time a conversation's message comes through this subscription
+        (since the broker last chose it as the active one). Remembers the most recent
+        `SEEN_LIMIT` conversations: one forgotten costs one more look in the store."""
+        if conversation in self._seen:
+            self._seen.move_to_end(conversation)
+            return False
+        self._seen[conversation] = None
+        if len(self._seen) > SEEN_LIMIT:
+            self._seen.popitem(last=False)
+        return True
+
+    def unsee(self, conversation: str) -> None:
+        """Meet the conversation for the first time again (its look-up failed)."""
+        self._seen.pop(conversation, None)
+
+    def forget(self) -> None:
+        """The broker may have given the partition to another worker meanwhile."""
+        self.active = False
+        self._seen.clear()
 
     def take(self) -> None:
         """A delivery went to a lane."""
@@ -73,8 +98,9 @@ def fair_share(partitions: int, workers: int) -> int:
 def surplus(partitions: int, workers: int, held: set[int], parked: set[int]) -> list[int]:
     """The partitions to hand over: those beyond the fair share, if any.
 
-    Partitions with a conversation waiting on a retry (`parked`) stay: the order of such a
-    conversation is kept in this worker's memory and would not move with it.
+    Partitions with a conversation waiting on a retry (`parked`) stay: its order is kept in
+    this worker's memory (the next delivery worker would find it in the store, the next bot
+    worker would not).
     """
     extra = len(held) - fair_share(partitions, workers)
     if extra <= 0:

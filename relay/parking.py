@@ -5,9 +5,10 @@ must not overtake it: they join it in the delay loop ("parked"), in arrival orde
 sent to the delay queue the head is in now, so they come back after it. When the head is
 done (delivered, or dead-lettered), the next parked message becomes the head.
 
-The state is in the worker's memory: if the partition moves to another worker meanwhile,
-parked messages come back in order among themselves but may meet newer ones first. Pure
-logic, no I/O.
+The state is in the worker's memory. A worker that meets a conversation for the first time
+(it took the partition over, or restarted) may find it parked by another worker: it asks
+the subclass (the delivery worker asks the store) and adopts that parking. Pure logic, no
+I/O.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Parking:
         self._queues: dict[str, list[str]] = {}
         self._delays: dict[str, float] = {}
         self._deadlines: dict[str, float] = {}
-        self._grace = grace
+        self.grace = grace
         self._clock = clock
 
     def wait_behind(self, conversation: str, message: str) -> float | None:
@@ -37,12 +38,22 @@ class Parking:
         queue = self._queues.get(conversation)
         if queue and queue[0] != message and self._clock() > self._deadlines[conversation]:
             queue.pop(0)  # the head is overdue: the next one leads
-            self._deadlines[conversation] = self._clock() + self._delays[conversation] + self._grace
+            self._deadlines[conversation] = self._clock() + self._delays[conversation] + self.grace
         if not queue or queue[0] == message:
             return None
         if message not in queue:
             queue.append(message)
         return self._delays[conversation]
+
+    def adopt(self, conversation: str, messages: list[str], delay: float) -> None:
+        """Messages parked elsewhere (by another worker, or before a restart), head first,
+        the head due in `delay`: they lead the conversation, ahead of any parked here."""
+        if not messages:
+            return
+        mine = [m for m in self._queues.get(conversation, []) if m not in messages]
+        self._queues[conversation] = [*messages, *mine]
+        self._delays[conversation] = delay
+        self._deadlines[conversation] = self._clock() + delay + self.grace
 
     def delay_head(self, conversation: str, message: str, delay: float) -> None:
         """`message` (the head, or a message of an unparked conversation) goes to a delay."""
@@ -50,7 +61,7 @@ class Parking:
         if not queue or queue[0] != message:
             queue.insert(0, message)
         self._delays[conversation] = delay
-        self._deadlines[conversation] = self._clock() + delay + self._grace
+        self._deadlines[conversation] = self._clock() + delay + self.grace
 
     def done(self, conversation: str, message: str) -> None:
         """`message` is finished for good: the next parked one becomes the head."""

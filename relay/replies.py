@@ -20,9 +20,9 @@ from relay.store import ConversationRecord, OutgoingRecord, Store
 log = structlog.get_logger(__name__)
 
 
-def delivery_id(record: OutgoingRecord) -> str:
+def delivery_id(message_id: str) -> str:
     """The `webhook-id` of a response: derived from its relay id, so stable across retries."""
-    return f"msg_{record.id}"
+    return f"msg_{message_id}"
 
 
 def webhook_body(record: OutgoingRecord) -> WebhookResponse:
@@ -58,7 +58,7 @@ class ReplyPublisher:
                 continue
             envelope = OutboundEnvelope(
                 integrationId=record.integration_id,
-                deliveryId=delivery_id(record),
+                deliveryId=delivery_id(record.id),
                 body=webhook_body(record),
                 createdAt=utcnow(),
                 acceptedAt=accepted_at,

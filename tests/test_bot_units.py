@@ -41,6 +41,19 @@ def test_followers_wait_behind_a_failing_head_and_take_over_in_order():
     assert parking.wait_behind("c", "m4") is None
 
 
+def test_parking_found_elsewhere_leads_the_conversation():
+    parking = Parking()
+    parking.delay_head("c", "m5", 1.0)  # parked here before the other worker's were found
+    parking.adopt("c", ["m1", "m2"], 3.0)
+    assert parking.parked("c") == ["m1", "m2", "m5"]
+    assert parking.wait_behind("c", "m6") == 3.0
+    assert parking.wait_behind("c", "m1") is None  # the head found elsewhere goes first
+    parking.done("c", "m1")
+    assert parking.wait_behind("c", "m5") == 3.0
+    parking.adopt("d", [], 3.0)  # nothing found: nothing held
+    assert parking.wait_behind("d", "x") is None
+
+
 async def test_lanes_keep_order_per_key_and_run_keys_concurrently():
     seen: list[str] = []
     running = 0

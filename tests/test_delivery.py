@@ -260,6 +260,47 @@ async def test_order_per_conversation_holds_while_the_endpoint_flaps(
         assert delivered == list(range(1, 11))
 
 
+async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_next(
+    store: SqlStore, settings: Settings, amqp: AbstractRobustConnection, receiver: Receiver
+):
+    # Queues of its own with a long delay queue: the first response waits five seconds for
+    # its retry, so a worker can stop and another start while it is away.
+    moved = settings.model_copy(
+        update={
+            "queue_prefix": settings.queue_prefix + "-moved",
+            "delivery_delay_queues": [0.5, 5.0],
+            "delivery_retry_schedule": [0, 5],
+        }
+    )
+    url = receiver.on("moved", 503)
+    integration_id, token = await make_integration(store, moved, response_url=url)
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    try:
+        async with start_ingress(moved) as ingress:
+            _, sent = await ingress.post(integration_id, token, message("moved"))
+            conversation = sent["conversation"]["id"]
+            async with start_delivery_worker(moved) as first_worker:
+                first = await push_text(ingress, conversation, bot_token, "first")
+                await eventually(lambda: _hits(receiver, "moved", 1))  # 503: retry in 5 s
+                second = await push_text(ingress, conversation, bot_token, "second")
+
+                async def second_parked() -> bool:
+                    return f"msg_{second['id']}" in first_worker.parking.parked(conversation)
+
+                await eventually(second_parked)
+            # The next worker knows nothing of that parking but what the store says.
+            async with start_delivery_worker(moved) as next_worker:
+                third = await push_text(ingress, conversation, bot_token, "third")
+                await eventually(lambda: _delivered(receiver, "moved", 3), timeout=30)
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology_of(moved))
+    delivered = [hit.headers["webhook-id"] for hit in receiver.at("moved") if hit.status == 200]
+    assert delivered == [f"msg_{m['id']}" for m in (first, second, third)]
+    sample = next_worker.metrics.registry.get_sample_value
+    assert sample("relay_messages_consumed_total", {"stage": "outbound", "outcome": "wait"})
+
+
 async def _delivered(receiver: Receiver, path: str, count: int) -> bool:
     return len([hit for hit in receiver.at(path) if hit.status == 200]) >= count
 

@@ -11,7 +11,7 @@ import pytest
 from relay.auth import hash_token
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
-from relay.store import SqlStore, StoreError, open_store, schema
+from relay.store import AttemptRecord, SqlStore, StoreError, open_store, schema
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
 from tests.helpers import make_integration, message
 
@@ -211,6 +211,51 @@ async def test_responses_waiting_to_be_published_are_not_taken_for_inbound_messa
     inbound_claims = await store.claim_stale_pending(now, now + timedelta(seconds=60), 100)
     assert reply.id not in [c.bundle.message.id for c in inbound_claims]
     assert await store.claim_pending(reply.id, now, now + timedelta(seconds=60)) is None
+
+
+async def test_undelivered_responses_are_those_no_attempt_finished(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound("undelivered"), lease(), None)
+    await store.mark_queued(accepted.bundle.message.id)
+    replies = await store.record_replies(
+        accepted.bundle.message.id, [("text", {"text": str(n)}) for n in range(6)]
+    )
+    now = utcnow()
+    later = now + timedelta(seconds=30)
+
+    async def attempt(index: int, status: int, next_at: object, seconds: float) -> None:
+        reply = replies[index]
+        await store.record_attempt(
+            AttemptRecord(
+                delivery_id=f"msg_{reply.id}",
+                attempt=0,
+                integration_id=integration_id,
+                message_id=reply.id,
+                status=status,
+                latency_ms=1.0,
+                error=None,
+                next_attempt_at=next_at,
+                response_body=None,
+                created_at=now + timedelta(seconds=seconds),
+            )
+        )
+
+    await attempt(0, 200, None, 0)  # delivered
+    await attempt(1, 503, now, 0)  # failed, then delivered: the last attempt counts
+    await attempt(1, 200, None, 1)
+    await attempt(2, 503, later, 0)  # waiting for its retry
+    await attempt(3, 400, None, 0)  # dead-lettered
+    # 4 was never tried; 5 is not before the sequence asked about
+    conversation = accepted.bundle.conversation.id
+    since = now - timedelta(hours=1)
+    found = await store.undelivered_before(conversation, replies[5].sequence, since)
+    assert [(u.message_id, u.attempts) for u in found] == [(replies[2].id, 1), (replies[4].id, 0)]
+    assert found[0].next_attempt_at == later
+    assert found[1].next_attempt_at is None
+    assert await store.undelivered_before(conversation, replies[2].sequence, since) == []
+    assert await store.undelivered_before(conversation, 99, now + timedelta(hours=1)) == []
 
 
 async def test_only_the_lease_holder_may_discard(store: SqlStore, settings: Settings):

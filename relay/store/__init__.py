@@ -19,6 +19,7 @@ from relay.store.base import (
     Store,
     TokenKind,
     TokenRecord,
+    Undelivered,
 )
 from relay.store.driver import Driver, IntegrityViolation, StoreError, StoreUnavailable
 from relay.store.postgres import PostgresDriver
@@ -41,6 +42,7 @@ __all__ = [
     "StoreUnavailable",
     "TokenKind",
     "TokenRecord",
+    "Undelivered",
     "open_store",
     "open_store_patiently",
 ]

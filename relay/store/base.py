@@ -99,6 +99,18 @@ class AttemptRecord(BaseModel):
     created_at: datetime
 
 
+class Undelivered(BaseModel):
+    """A response no attempt has finished with: never tried, or tried with a retry to come."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message_id: str
+    sequence: int
+    attempts: int
+    # When its last attempt said it would be tried again (None if never tried).
+    next_attempt_at: datetime | None
+
+
 class OutgoingRecord(BaseModel):
     """A bot response as stored: what the delivery worker will POST, and its state."""
 
@@ -240,6 +252,12 @@ class Store(Protocol):
 
     async def record_attempt(self, attempt: AttemptRecord) -> None:
         """Log one delivery attempt."""
+
+    async def undelivered_before(
+        self, conversation_id: str, sequence: int, since: datetime
+    ) -> list[Undelivered]:
+        """The conversation's responses below `sequence`, created since `since`, that no
+        attempt has finished with, by sequence."""
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         """Every attempt of a delivery, oldest first."""

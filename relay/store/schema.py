@@ -106,7 +106,13 @@ CREATE TABLE delivery_attempts (
 CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, created_at)
 """
 
-MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2, _V3]
+# Delivery order across workers: a worker asks which of a conversation's responses are still
+# waiting for a retry, by message.
+_V4 = """
+CREATE INDEX delivery_attempts_message ON delivery_attempts (message_id, created_at)
+"""
+
+MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2, _V3, _V4]
 
 
 def migrations(dialect: str) -> list[str]:

@@ -28,6 +28,7 @@ from relay.store.base import (
     PendingMessage,
     TokenKind,
     TokenRecord,
+    Undelivered,
 )
 from relay.store.driver import (
     Conn,
@@ -382,6 +383,25 @@ class SqlStore(RepliesMixin):
                 attempt.response_body,
                 attempt.created_at,
             )
+
+    async def undelivered_before(
+        self, conversation_id: str, sequence: int, since: datetime
+    ) -> list[Undelivered]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT m.id AS message_id, m.sequence,"
+                " (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id)"
+                " AS attempts,"
+                " (SELECT a.next_attempt_at FROM delivery_attempts a WHERE a.message_id = m.id"
+                " ORDER BY a.created_at DESC LIMIT 1) AS next_attempt_at"
+                " FROM messages m WHERE m.conversation_id = ? AND m.direction = 'outgoing'"
+                " AND m.sequence < ? AND m.created_at >= ? ORDER BY m.sequence",
+                conversation_id,
+                sequence,
+                since,
+            )
+        found = [Undelivered.model_validate(row) for row in rows]
+        return [row for row in found if row.attempts == 0 or row.next_attempt_at is not None]
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         async with self._driver.connection() as conn:
