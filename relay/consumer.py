@@ -23,14 +23,16 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import BaseModel, ValidationError
 
+from relay.backoff import hop
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
 from relay.broker.presence import Presence
 from relay.handoff import Subscription, surplus
 from relay.lanes import Lanes
 from relay.metrics import Metrics
 from relay.models import utcnow
-from relay.parking import Parking
+from relay.parking import Parking, still_waiting
 from relay.settings import Settings
+from relay.store import Unfinished
 
 log = structlog.get_logger(__name__)
 
@@ -62,15 +64,6 @@ class Verdict:
     headers: dict[str, str | int] = field(default_factory=dict)
     # The conversation waits with this message (always so for a retry).
     holds_order: bool = False
-
-
-@dataclass(frozen=True)
-class Parked:
-    """A conversation's messages parked by another worker, head first, the head due in
-    `delay` (a delay queue's wait)."""
-
-    messages: list[str]
-    delay: float
 
 
 @dataclass(frozen=True)
@@ -135,10 +128,14 @@ class StageWorker(ABC, Generic[E]):
     async def decide(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         """Do the work for one message and say what becomes of it."""
 
-    async def parked_elsewhere(self, envelope: E) -> Parked | None:
-        """The envelope's conversation as another worker may have parked it (asked the first
-        time this worker meets the conversation). None: nothing is known of such parking."""
-        return None
+    @abstractmethod
+    async def unfinished_before(self, envelope: E) -> list[Unfinished]:
+        """The conversation's earlier messages not finished with, oldest first: asked the
+        first time this worker meets the conversation, to find parking left by another."""
+
+    def parking_key(self, message_id: str) -> str:
+        """The parking key (see `keys`) of a stored message."""
+        return message_id
 
     @property
     def active_partitions(self) -> set[int]:
@@ -338,14 +335,23 @@ class StageWorker(ABC, Generic[E]):
         if not subscription.first_sight(conversation):
             return True
         try:
-            parked = await self.parked_elsewhere(envelope)
+            unfinished = await self.unfinished_before(envelope)
         except Exception as error:
             subscription.unsee(conversation)
             log.warning("parking_lookup_failed", error=f"{type(error).__name__}: {error}")
             return False
-        if parked is not None:
-            log.info("parking_adopted", waiting_behind=len(parked.messages))
-            self.parking.adopt(conversation, parked.messages, parked.delay)
+        now = utcnow()
+        found = still_waiting(unfinished, now, self.parking.grace)
+        if found is not None:
+            due, waiting = found
+            delays = self._broker.topology.stage_delays(self.stage)
+            remaining = (due - now).total_seconds()
+            log.info("parking_adopted", waiting_ahead=len(waiting), due_in=round(remaining, 3))
+            self.parking.adopt(
+                conversation,
+                [self.parking_key(row.message_id) for row in waiting],
+                hop(remaining, delays) or min(delays),
+            )
         return True
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from relay.store import Unfinished
 
 
 class Parking:
@@ -80,3 +83,17 @@ class Parking:
     def parked(self, conversation: str) -> list[str]:
         """The conversation's parked messages, head first."""
         return list(self._queues.get(conversation, []))
+
+
+def still_waiting(
+    unfinished: list[Unfinished], now: datetime, grace: float
+) -> tuple[datetime, list[Unfinished]] | None:
+    """Parking left by another worker, as the store shows it: from the first message whose
+    retry is still to come (or overdue by less than `grace`), it and those after it, which
+    were parked behind it; with the time it is due. Messages never tried before it are not
+    waited for: nothing says they are anywhere but lost or dead."""
+    horizon = now - timedelta(seconds=grace)
+    for index, row in enumerate(unfinished):
+        if row.retry_at is not None and row.retry_at >= horizon:
+            return row.retry_at, unfinished[index:]
+    return None

@@ -41,9 +41,12 @@ async def picky(message: InboundEnvelope, context: BotContext) -> None:
 
 
 async def flaky(message: InboundEnvelope, context: BotContext) -> None:
-    """Fails on "fail" always, on "flaky" twice, answers everything else."""
+    """Fails on "fail" always, on "flaky" twice, on "once" once, answers everything else."""
     if message.text == "fail":
         raise RuntimeError("the bot is broken for this message")
+    if message.text == "once" and not _failures[message.bundle.message.id]:
+        _failures[message.bundle.message.id] += 1
+        raise ConnectionError("the bot is down for a moment")
     if message.text == "flaky" and _failures[message.bundle.message.id] < 2:
         _failures[message.bundle.message.id] += 1
         raise ConnectionError("the bot is down for a moment")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 from relay.auth import reply_token, reply_token_valid
 from relay.lanes import Lanes
-from relay.parking import Parking
+from relay.parking import Parking, still_waiting
+from relay.store import Unfinished
 from workers.bot.adapters.http import replies_of
 
 
@@ -52,6 +54,23 @@ def test_parking_found_elsewhere_leads_the_conversation():
     assert parking.wait_behind("c", "m5") == 3.0
     parking.adopt("d", [], 3.0)  # nothing found: nothing held
     assert parking.wait_behind("d", "x") is None
+
+
+def test_the_parking_found_in_the_store_starts_at_the_first_retry_still_to_come():
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def row(n: int, retry_in: float | None) -> Unfinished:
+        retry_at = None if retry_in is None else now + timedelta(seconds=retry_in)
+        return Unfinished(message_id=f"m{n}", retry_at=retry_at)
+
+    never_tried, long_overdue, waiting, parked = row(1, None), row(2, -700), row(3, 5), row(4, None)
+    found = [never_tried, long_overdue, waiting, parked]
+    assert still_waiting(found, now, grace=600) == (waiting.retry_at, [waiting, parked])
+    assert still_waiting(found, now, grace=800) == (
+        long_overdue.retry_at,
+        [long_overdue, waiting, parked],
+    )
+    assert still_waiting([never_tried, parked], now, grace=600) is None  # none waits to retry
 
 
 async def test_lanes_keep_order_per_key_and_run_keys_concurrently():

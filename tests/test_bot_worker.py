@@ -7,6 +7,8 @@ import json
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from relay.broker.topology import delete
+from relay.ingress.app import topology_of
 from relay.models import InboundEnvelope, OutboundEnvelope
 from relay.settings import Settings
 from relay.store import SqlStore
@@ -19,6 +21,7 @@ from tests.helpers import (
     message,
     settled,
     start_bot_worker,
+    start_ingress,
     take_until,
 )
 from workers.bot.worker import BotWorker
@@ -157,6 +160,43 @@ async def test_a_bot_that_keeps_failing_dead_letters_the_message_and_the_rest_fo
     assert envelope.text == "fail"
     assert "broken for this message" in headers["x-relay-reason"]
     assert headers["x-relay-attempt"] == len(settings.bot_retry_delays)
+
+
+async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_next(
+    store: SqlStore, settings: Settings, amqp: AbstractRobustConnection
+):
+    # Queues of its own with a long retry delay: the first message's turn is tried again in
+    # five seconds, so a worker can stop and another start while it is away.
+    moved = with_bot(settings, "tests.bots:flaky").model_copy(
+        update={"queue_prefix": settings.queue_prefix + "-moved", "bot_retry_delays": [5.0]}
+    )
+    topology = topology_of(moved)
+    queues = Queues(amqp, topology)
+    integration_id, token = await make_integration(store, moved)
+    try:
+        async with start_ingress(moved) as ingress:
+            await ingress.post(integration_id, token, message("m1", text="once"))
+            async with start_bot_worker(moved) as first_worker:
+                await eventually(lambda: _settled(first_worker, "retry", 1))
+                await ingress.post(integration_id, token, message("m2", text="second"))
+                await eventually(lambda: _settled(first_worker, "wait", 1))  # parked
+            # The next worker knows nothing of that parking but what the store says.
+            async with start_bot_worker(moved) as next_worker:
+                await ingress.post(integration_id, token, message("m3", text="third"))
+                responses = await take_until(queues, "outbound", 3, timeout=30)
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology)
+    assert [r["body"]["payload"]["text"] for r in by_conversation(responses)["conv-1"]] == [
+        "ok once",
+        "ok second",
+        "ok third",
+    ]
+    assert settled(next_worker, "wait") >= 1  # the third waited behind the first
+
+
+async def _settled(worker: BotWorker, outcome: str, count: int) -> bool:
+    return settled(worker, outcome) >= count
 
 
 async def take_dead(

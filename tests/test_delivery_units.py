@@ -13,8 +13,6 @@ import pytest
 from relay.backoff import hop, jittered, next_delay, parse_retry_after
 from relay.breaker import Breakers, State, endpoint_of
 from relay.ssrf import EndpointRefused, GuardedResolver, check_url, is_public
-from relay.store import Undelivered
-from workers.delivery.worker import still_waiting
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -57,25 +55,6 @@ def test_waits_hop_through_fixed_delay_queues():
         remaining -= step
         hops += 1
     assert hops == 13 + 3 + 2  # 13x300, 3x30, 2x5 (and 0 left)
-
-
-def test_the_parking_found_in_the_store_starts_at_the_first_retry_still_to_come():
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def row(n: int, next_in: float | None) -> Undelivered:
-        next_at = None if next_in is None else now + timedelta(seconds=next_in)
-        return Undelivered(
-            message_id=f"m{n}",
-            sequence=n,
-            attempts=int(next_at is not None),
-            next_attempt_at=next_at,
-        )
-
-    never_tried, long_overdue, waiting, parked = row(1, None), row(2, -700), row(3, 5), row(4, None)
-    found = [never_tried, long_overdue, waiting, parked]
-    assert still_waiting(found, now, grace=600) == [waiting, parked]
-    assert still_waiting(found, now, grace=800) == [long_overdue, waiting, parked]
-    assert still_waiting([never_tried, parked], now, grace=600) == []  # nothing waits to retry
 
 
 def test_breaker_opens_after_failures_probes_once_then_closes():

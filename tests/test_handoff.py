@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from relay.broker import Broker
+from relay.broker import Broker, partition_of
 from relay.broker.presence import Presence
 from relay.handoff import fair_share, surplus
 from relay.ingress.app import topology_of
@@ -89,17 +89,24 @@ async def test_a_joining_worker_gets_partitions_handed_over_and_order_holds(
 ):
     integration_id, token = await make_integration(store, settings)
     partitions = settings.partitions
+    covered: set[int] = set()
 
     async def post(c: int, n: int) -> None:
-        status, _ = await ingress.post(
+        status, sent = await ingress.post(
             integration_id, token, message(f"{c}-{n}", conversationId=f"h{c}", text=f"{c}:{n}")
         )
         assert status == 200
+        covered.add(partition_of(sent["conversation"]["id"], partitions))
 
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(start_bot_worker(settings))
-        for n in range(3):
-            await asyncio.gather(*[post(c, n) for c in range(16)])
+        # Conversation ids are random: sixteen, and more until every partition has one.
+        conversations = 0
+        while conversations < 16 or len(covered) < partitions:
+            await post(conversations, 0)
+            conversations += 1
+        for n in (1, 2):
+            await asyncio.gather(*[post(c, n) for c in range(conversations)])
 
         async def first_holds_all() -> bool:
             return first.active_partitions == set(range(partitions))
@@ -110,17 +117,17 @@ async def test_a_joining_worker_gets_partitions_handed_over_and_order_holds(
 
         async def shared() -> bool:
             nonlocal n
-            await asyncio.gather(*[post(c, n) for c in range(16)])
+            await asyncio.gather(*[post(c, n) for c in range(conversations)])
             n += 1
             held = (first.active_partitions, second.active_partitions)
             return all(len(h) == fair_share(partitions, 2) for h in held)
 
         await eventually(shared, timeout=30, interval=0.1)
         assert not first.active_partitions & second.active_partitions
-        responses = await take_until(queues, "outbound", 16 * n * 2, timeout=30)
+        responses = await take_until(queues, "outbound", conversations * n * 2, timeout=30)
     assert all(r["acceptedAt"] for r in responses)  # for the end-to-end latency
     grouped = by_conversation(responses)
-    for c in range(16):
+    for c in range(conversations):
         texts = [
             r["body"]["payload"]["text"] for r in grouped[f"h{c}"] if r["body"]["type"] == "text"
         ]

@@ -251,11 +251,37 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
     conversation = accepted.bundle.conversation.id
     since = now - timedelta(hours=1)
     found = await store.undelivered_before(conversation, replies[5].sequence, since)
-    assert [(u.message_id, u.attempts) for u in found] == [(replies[2].id, 1), (replies[4].id, 0)]
-    assert found[0].next_attempt_at == later
-    assert found[1].next_attempt_at is None
+    assert [(u.message_id, u.retry_at) for u in found] == [
+        (replies[2].id, later),
+        (replies[4].id, None),
+    ]
     assert await store.undelivered_before(conversation, replies[2].sequence, since) == []
     assert await store.undelivered_before(conversation, 99, now + timedelta(hours=1)) == []
+
+
+async def test_unhandled_messages_are_the_earlier_queued_ones_no_turn_handled(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = []
+    for n in range(5):
+        one = await store.accept_incoming(integration_id, inbound(f"unhandled-{n}"), lease(), None)
+        if n != 3:  # 3 is still pending: its publish was never confirmed
+            await store.mark_queued(one.bundle.message.id)
+        accepted.append(one.bundle.message.id)
+    conversation = one.bundle.conversation
+    await store.record_replies(accepted[0], [("text", {"text": "handled"})])
+    retry_at = utcnow() + timedelta(seconds=30)
+    await store.set_retry(accepted[1], retry_at)
+    since = utcnow() - timedelta(hours=1)
+    found = await store.unhandled_before(conversation.id, accepted[4], since)
+    assert [(u.message_id, u.retry_at) for u in found] == [
+        (accepted[1], retry_at),
+        (accepted[2], None),
+    ]
+    await store.set_retry(accepted[1], None)  # dead-lettered: no retry to come
+    found = await store.unhandled_before(conversation.id, accepted[2], since)
+    assert [(u.message_id, u.retry_at) for u in found] == [(accepted[1], None)]
 
 
 async def test_only_the_lease_holder_may_discard(store: SqlStore, settings: Settings):

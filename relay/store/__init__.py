@@ -19,7 +19,7 @@ from relay.store.base import (
     Store,
     TokenKind,
     TokenRecord,
-    Undelivered,
+    Unfinished,
 )
 from relay.store.driver import Driver, IntegrityViolation, StoreError, StoreUnavailable
 from relay.store.postgres import PostgresDriver
@@ -42,7 +42,7 @@ __all__ = [
     "StoreUnavailable",
     "TokenKind",
     "TokenRecord",
-    "Undelivered",
+    "Unfinished",
     "open_store",
     "open_store_patiently",
 ]

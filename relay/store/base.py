@@ -99,16 +99,14 @@ class AttemptRecord(BaseModel):
     created_at: datetime
 
 
-class Undelivered(BaseModel):
-    """A response no attempt has finished with: never tried, or tried with a retry to come."""
+class Unfinished(BaseModel):
+    """A message not finished with: never tried, or tried and waiting for a retry."""
 
     model_config = ConfigDict(frozen=True)
 
     message_id: str
-    sequence: int
-    attempts: int
-    # When its last attempt said it would be tried again (None if never tried).
-    next_attempt_at: datetime | None
+    # When it is tried again (None if it has not been tried).
+    retry_at: datetime | None
 
 
 class OutgoingRecord(BaseModel):
@@ -255,9 +253,18 @@ class Store(Protocol):
 
     async def undelivered_before(
         self, conversation_id: str, sequence: int, since: datetime
-    ) -> list[Undelivered]:
+    ) -> list[Unfinished]:
         """The conversation's responses below `sequence`, created since `since`, that no
         attempt has finished with, by sequence."""
+
+    async def unhandled_before(
+        self, conversation_id: str, message_id: str, since: datetime
+    ) -> list[Unfinished]:
+        """The conversation's queued incoming messages accepted before `message_id` (and
+        since `since`) that no bot turn has handled, oldest first."""
+
+    async def set_retry(self, message_id: str, retry_at: datetime | None) -> None:
+        """When an incoming message's failed turn is tried again (None: no more)."""
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         """Every attempt of a delivery, oldest first."""

@@ -106,10 +106,11 @@ CREATE TABLE delivery_attempts (
 CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, created_at)
 """
 
-# Delivery order across workers: a worker asks which of a conversation's responses are still
-# waiting for a retry, by message.
+# Order across workers: a worker meeting a conversation asks which of its messages still wait
+# for a retry (responses: by their attempt log; inbound messages: `retry_at`).
 _V4 = """
-CREATE INDEX delivery_attempts_message ON delivery_attempts (message_id, created_at)
+CREATE INDEX delivery_attempts_message ON delivery_attempts (message_id, created_at);
+ALTER TABLE messages ADD COLUMN retry_at {ts}
 """
 
 MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2, _V3, _V4]

@@ -28,7 +28,7 @@ from relay.store.base import (
     PendingMessage,
     TokenKind,
     TokenRecord,
-    Undelivered,
+    Unfinished,
 )
 from relay.store.driver import (
     Conn,
@@ -386,7 +386,7 @@ class SqlStore(RepliesMixin):
 
     async def undelivered_before(
         self, conversation_id: str, sequence: int, since: datetime
-    ) -> list[Undelivered]:
+    ) -> list[Unfinished]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 "SELECT m.id AS message_id, m.sequence,"
@@ -400,8 +400,33 @@ class SqlStore(RepliesMixin):
                 sequence,
                 since,
             )
-        found = [Undelivered.model_validate(row) for row in rows]
-        return [row for row in found if row.attempts == 0 or row.next_attempt_at is not None]
+        return [
+            Unfinished(message_id=row["message_id"], retry_at=row["next_attempt_at"])
+            for row in rows
+            if row["attempts"] == 0 or row["next_attempt_at"] is not None
+        ]
+
+    async def unhandled_before(
+        self, conversation_id: str, message_id: str, since: datetime
+    ) -> list[Unfinished]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT m.id AS message_id, m.retry_at FROM messages m"
+                " WHERE m.conversation_id = ? AND m.direction = 'incoming'"
+                " AND m.state = 'queued' AND m.handled_at IS NULL AND m.created_at >= ?"
+                " AND m.created_at < (SELECT created_at FROM messages WHERE id = ?)"
+                " ORDER BY m.created_at",
+                conversation_id,
+                since,
+                message_id,
+            )
+        return [Unfinished.model_validate(row) for row in rows]
+
+    async def set_retry(self, message_id: str, retry_at: datetime | None) -> None:
+        async with self._driver.connection() as conn:
+            await conn.execute(
+                "UPDATE messages SET retry_at = ? WHERE id = ?", retry_at, message_id
+            )
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         async with self._driver.connection() as conn:

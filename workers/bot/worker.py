@@ -7,14 +7,16 @@ stored is not shown to the bot again; its replies are (re)published if need be.
 
 Order: each partition queue has a single active consumer, and within a worker the messages
 of one conversation run one at a time in arrival order (`Lanes`). A message whose bot fails
-waits in a delay queue; the messages behind it wait with it (`Parking`).
+waits in a delay queue; the messages behind it wait with it (`Parking`). Its retry time is
+noted in the store, so a worker meeting the conversation later (the first one stopped or
+died) parks the messages behind it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -23,15 +25,17 @@ from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
 from relay.consumer import Outcome, StageWorker, Verdict, attempt_of, stale
 from relay.metrics import Metrics
-from relay.models import InboundEnvelope
+from relay.models import InboundEnvelope, utcnow
 from relay.replies import ReplyPublisher
 from relay.settings import Settings
-from relay.store import ConversationRecord, InboundState, Store, StoreError
+from relay.store import ConversationRecord, InboundState, Store, StoreError, Unfinished
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
 
 log = structlog.get_logger(__name__)
 
 REPLY_TOKEN_SECONDS = 24 * 3600
+# How far back a worker meeting a conversation looks for messages parked by another.
+PARKING_LOOKBACK = timedelta(days=1)
 
 
 class BotWorker(StageWorker[InboundEnvelope]):
@@ -63,6 +67,14 @@ class BotWorker(StageWorker[InboundEnvelope]):
         """When the ingress accepted the message."""
         return envelope.acceptedAt
 
+    async def unfinished_before(self, envelope: InboundEnvelope) -> list[Unfinished]:
+        """The conversation's earlier messages that no turn has handled yet."""
+        return await self._store.unhandled_before(
+            envelope.bundle.conversation.id,
+            envelope.bundle.message.id,
+            utcnow() - PARKING_LOOKBACK - timedelta(seconds=sum(self._delays)),
+        )
+
     async def decide(self, message: AbstractIncomingMessage, envelope: InboundEnvelope) -> Verdict:
         """Run the turn (or republish stored replies) and say what becomes of the message."""
         try:
@@ -86,7 +98,7 @@ class BotWorker(StageWorker[InboundEnvelope]):
             try:
                 replies = await self._run_turn(envelope)
             except BotFailure as failure:
-                return self._failed(failure, attempt)
+                return await self._failed(message_id, failure, attempt)
         else:
             replies = []  # handled before: the stored replies are all there is
         records = await self._store.record_replies(message_id, replies)
@@ -114,11 +126,17 @@ class BotWorker(StageWorker[InboundEnvelope]):
             state = await self._store.inbound_state(message_id)
         return state
 
-    def _failed(self, failure: BotFailure, attempt: int) -> Verdict:
+    async def _failed(self, message_id: str, failure: BotFailure, attempt: int) -> Verdict:
+        """Retry or dead-letter, noting in the store when (if ever) the turn is tried again:
+        another worker meeting the conversation meanwhile parks its later messages."""
         self._metrics.bot_failures.inc()
         if failure.permanent or attempt >= len(self._delays):
+            if attempt > 0:
+                await self._store.set_retry(message_id, None)
             return Verdict(Outcome.DEAD, reason=str(failure))
-        return Verdict(Outcome.RETRY, delay=self._delays[attempt], reason=str(failure))
+        delay = self._delays[attempt]
+        await self._store.set_retry(message_id, utcnow() + timedelta(seconds=delay))
+        return Verdict(Outcome.RETRY, delay=delay, reason=str(failure))
 
     async def _run_turn(self, envelope: InboundEnvelope) -> list[tuple[str, dict[str, object]]]:
         context = await self._context(envelope)

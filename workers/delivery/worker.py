@@ -25,13 +25,13 @@ from aio_pika.abc import AbstractIncomingMessage
 from relay.backoff import hop, next_delay, parse_retry_after
 from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
-from relay.consumer import Outcome, Parked, StageWorker, Verdict
+from relay.consumer import Outcome, StageWorker, Verdict
 from relay.ingress.directory import Directory
 from relay.metrics import Metrics
 from relay.models import OutboundEnvelope, utcnow
 from relay.replies import delivery_id
 from relay.settings import Settings
-from relay.store import AttemptRecord, IntegrationRecord, Store, StoreError, Undelivered
+from relay.store import AttemptRecord, IntegrationRecord, Store, StoreError, Unfinished
 from workers.delivery.sender import Sender, Sent
 
 log = structlog.get_logger(__name__)
@@ -94,20 +94,18 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
                 return Verdict(Outcome.DEAD, reason="the integration's endpoint is disabled")
             return await self._attempt(envelope, integration)
 
-    async def parked_elsewhere(self, envelope: OutboundEnvelope) -> Parked | None:
-        """The conversation's earlier responses that another worker left waiting for a retry
-        (by the attempt log), with those parked behind them."""
-        now = utcnow()
-        undelivered = await self._store.undelivered_before(
+    async def unfinished_before(self, envelope: OutboundEnvelope) -> list[Unfinished]:
+        """The conversation's earlier responses that no attempt has finished with (by the
+        attempt log)."""
+        return await self._store.undelivered_before(
             envelope.body.botpressConversationId,
             envelope.body.sequence,
-            now - timedelta(seconds=self._settings.delivery_max_age),
+            utcnow() - timedelta(seconds=self._settings.delivery_max_age),
         )
-        waiting = still_waiting(undelivered, now, self.parking.grace)
-        if not waiting or waiting[0].next_attempt_at is None:
-            return None
-        delay, _ = self._due_in((waiting[0].next_attempt_at - now).total_seconds())
-        return Parked([delivery_id(row.message_id) for row in waiting], delay)
+
+    def parking_key(self, message_id: str) -> str:
+        """Responses park under their delivery id."""
+        return delivery_id(message_id)
 
     def _due_in(self, seconds: float) -> tuple[float, dict[str, str | int]]:
         """The first delay-queue hop of a wait, and the header saying when it is over."""
@@ -248,17 +246,6 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
 
 
 _STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
-
-
-def still_waiting(undelivered: list[Undelivered], now: datetime, grace: float) -> list[Undelivered]:
-    """From the first response whose retry is still to come (or overdue by less than
-    `grace`): it and the ones after it, which were parked behind it. Responses never tried
-    before it are not waited for: nothing says they are anywhere but lost or dead."""
-    horizon = now - timedelta(seconds=grace)
-    for index, row in enumerate(undelivered):
-        if row.next_attempt_at is not None and row.next_attempt_at >= horizon:
-            return undelivered[index:]
-    return []
 
 
 def _permanent(status: int | None) -> bool:
