@@ -12,6 +12,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+from aiohttp import web
 from pydantic import ValidationError
 
 from relay import admin, queues
@@ -54,11 +55,16 @@ async def _delivery_worker(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_all(settings: Settings, _: argparse.Namespace) -> int:
-    # One process, one port: the ingress routes, and the workers alongside.
+def create_all_app(settings: Settings) -> web.Application:
+    """Every service in one application: the ingress routes, and the workers alongside."""
     app = create_app(settings)
     app.cleanup_ctx.append(bot_worker_context(settings))
     app.cleanup_ctx.append(delivery_worker_context(settings))
+    return app
+
+
+async def _run_all(settings: Settings, _: argparse.Namespace) -> int:
+    app = create_all_app(settings)
     await serve(app, settings.http_host, settings.http_port, settings.shutdown_timeout)
     return 0
 

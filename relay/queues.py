@@ -127,6 +127,29 @@ def export(stats: list[QueueStat], metrics: Metrics) -> None:
             metrics.dead_letters.labels(stat.stage).set(stat.ready)
 
 
+class Watcher:
+    """Keeps the queue gauges fresh: one per process, however many services it runs (`relay
+    run` has three), since every one of them would look at the same queues."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, broker: Broker, metrics: Metrics, interval: float) -> bool:
+        """Start watching through `broker`; False if this process already watches."""
+        if self._task is not None:
+            return False
+        self._task = asyncio.create_task(watch(broker, metrics, interval), name="queue-watch")
+        return True
+
+    async def stop(self) -> None:
+        """Stop watching (the one who started it, before closing its broker)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def watch(broker: Broker, metrics: Metrics, interval: float) -> None:
     """Refresh the queue gauges every `interval` seconds while the service runs."""
     while True:

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from relay.broker import Broker, BrokerUnavailable
 from relay.errors import ApiError, Unavailable, error_response
 from relay.metrics import Metrics
+from relay.queues import Watcher
 from relay.store import Store, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -23,6 +24,7 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 # A readiness check returns None when fine, or a short reason.
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 READINESS_KEY = web.AppKey("readiness", list[tuple[str, ReadinessCheck]])
+WATCHER_KEY = web.AppKey("queue_watcher", Watcher)
 
 _HTTP_ERROR_CODES = {
     404: "not_found",
@@ -138,6 +140,7 @@ def create_service_app(
     app = web.Application(middlewares=[observe], client_max_size=client_max_size)
     app[METRICS_KEY] = metrics_
     app[READINESS_KEY] = list(checks)
+    app[WATCHER_KEY] = Watcher()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -3,19 +3,17 @@ and closed at stop after the worker finished or returned what it holds."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from relay import queues
 from relay.broker import Broker
 from relay.consumer import StageWorker
 from relay.ingress.app import topology_of
 from relay.metrics import Metrics
-from relay.service import METRICS_KEY, READINESS_KEY, broker_check, store_check
+from relay.service import METRICS_KEY, READINESS_KEY, WATCHER_KEY, broker_check, store_check
 from relay.settings import Settings
 from relay.store import Store, open_store_patiently
 
@@ -39,13 +37,12 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
             [(f"{name}_broker", broker_check(broker)), (f"{name}_store", store_check(store))]
         )
         await worker.start(settings.startup_wait)
-        watcher = asyncio.create_task(
-            queues.watch(broker, app[METRICS_KEY], settings.queue_watch_interval)
-        )
+        watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
         try:
             yield
         finally:
-            watcher.cancel()
+            if watching:
+                await app[WATCHER_KEY].stop()
             await worker.stop(settings.shutdown_timeout)
             await close_extra()
             await broker.close()

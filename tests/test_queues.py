@@ -12,11 +12,14 @@ import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from aiohttp.test_utils import TestServer
 
 from relay import queues
 from relay.broker import Topology, declare
+from relay.cli import create_all_app
 from relay.ingress.app import topology_of
 from relay.metrics import Metrics
+from relay.service import METRICS_KEY
 from relay.settings import Settings
 from tests.helpers import eventually
 from tests.test_cli import RELAY, relay, relay_env
@@ -172,3 +175,28 @@ async def test_relay_queues_watch_looks_again_until_interrupted(
             headers += "QUEUE" in line.decode()
     process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), 10) == 130
+
+
+async def test_one_process_running_every_service_watches_the_queues_once(
+    settings: Settings, topology: Topology
+):
+    app = create_all_app(settings.model_copy(update={"queue_watch_interval": 0.1}))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        watchers = [task for task in asyncio.all_tasks() if task.get_name() == "queue-watch"]
+        assert len(watchers) == 1  # not one per service
+        registry = app[METRICS_KEY].registry
+
+        async def gauges_set() -> bool:
+            return any(
+                sample.labels.get("queue") == topology.queue("outbound", 0)
+                for metric in registry.collect()
+                if metric.name == "relay_queue_messages"
+                for sample in metric.samples
+            )
+
+        await eventually(gauges_set)
+    finally:
+        await server.close()
+    assert all(task.done() for task in watchers)

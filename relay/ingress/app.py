@@ -10,7 +10,6 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
-from relay import queues
 from relay.broker import Broker, BrokerUnavailable, Topology
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
@@ -25,6 +24,7 @@ from relay.replies import ReplyPublisher
 from relay.service import (
     METRICS_KEY,
     READINESS_KEY,
+    WATCHER_KEY,
     broker_check,
     create_service_app,
     store_check,
@@ -105,16 +105,15 @@ def _resources(
                 acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
             )
         )
-        watcher = asyncio.create_task(
-            queues.watch(broker, app[METRICS_KEY], settings.queue_watch_interval)
-        )
+        watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
         try:
             yield
         finally:
-            for task in (sweeper, watcher):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if watching:
+                await app[WATCHER_KEY].stop()
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await broker.close()
             await store.close()
 
