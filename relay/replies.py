@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from relay.batching import GroupCommit
 from relay.broker import Broker, partition_of
 from relay.metrics import Metrics
 from relay.models import OutboundEnvelope, WebhookResponse, dump_json, utcnow
@@ -43,6 +44,7 @@ class ReplyPublisher:
 
     def __init__(self, store: Store, broker: Broker, metrics: Metrics) -> None:
         self._store = store
+        self._queued = GroupCommit(store.mark_queued, "mark-responses-queued")
         self._broker = broker
         self._metrics = metrics
 
@@ -69,7 +71,7 @@ class ReplyPublisher:
                     "outbound", partition, dump_json(envelope), message_id=envelope.deliveryId
                 )
             self._metrics.published.labels("outbound").inc()
-            await asyncio.shield(self._store.mark_queued(record.id))
+            await asyncio.shield(self._queued.add(record.id))
             log.info(
                 "response_queued",
                 response_id=record.id,

@@ -8,7 +8,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook
 
 from relay import admin
+from relay.batching import GroupCommit
 from relay.broker import Broker
 from relay.broker.topology import delete
 from relay.dlq import DeadLetters
@@ -26,7 +27,7 @@ from relay.ingress.app import topology_of
 from relay.models import utcnow
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
-from relay.store import SqlStore
+from relay.store import AttemptRecord, SqlStore, StoreError
 from tests.helpers import (
     Ingress,
     Queues,
@@ -498,3 +499,48 @@ async def test_the_operator_commands(
     refused = await relay(settings, "dlq", "replay")
     assert refused.code == 1
     assert "--all" in refused.err
+
+
+class CountingStore:
+    """The real store, with its attempt-log writes counted (or refused)."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        self.batches: list[int] = []
+        self.refuse = False
+
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        self.batches.append(len(attempts))
+        if self.refuse:
+            raise StoreError("the database is away")
+        await self.store.record_attempts(attempts)
+
+
+async def test_the_attempt_log_commits_concurrent_attempts_together(store: SqlStore):
+    counting = CountingStore(store)
+    log = GroupCommit(counting.record_attempts, "attempt-log")
+    records = [
+        AttemptRecord(
+            delivery_id=f"msg_batch-{n}",
+            attempt=0,
+            integration_id="i",
+            message_id=f"batch-{n}",
+            status=200,
+            latency_ms=1.5,
+            error=None,
+            next_attempt_at=None,
+            response_body="ok",
+            created_at=utcnow(),
+        )
+        for n in range(50)
+    ]
+    await asyncio.gather(*[log.add(record) for record in records])
+    assert sum(counting.batches) == 50
+    assert len(counting.batches) < 50  # the ones that came while a batch was written waited
+    for record in records:
+        assert await store.list_attempts(record.delivery_id) == [record]
+    counting.refuse = True
+    outcomes = await asyncio.gather(
+        *[log.add(record) for record in records[:5]], return_exceptions=True
+    )
+    assert all(isinstance(outcome, StoreError) for outcome in outcomes)

@@ -125,7 +125,7 @@ async def test_concurrent_duplicates_create_exactly_one_message(
 async def test_mark_queued_settles_the_message(store: SqlStore, settings: Settings):
     integration_id, _ = await make_integration(store, settings)
     accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
-    await store.mark_queued(accepted.bundle.message.id)
+    await store.mark_queued([accepted.bundle.message.id])
     found = await store.find_incoming(integration_id, "msg-1")
     assert found is not None
     assert found.state == "queued"
@@ -149,7 +149,7 @@ async def test_discard_removes_everything_the_request_created(store: SqlStore, s
 async def test_discard_keeps_rows_that_other_messages_use(store: SqlStore, settings: Settings):
     integration_id, _ = await make_integration(store, settings)
     kept = await store.accept_incoming(integration_id, inbound(1), lease(), None)
-    await store.mark_queued(kept.bundle.message.id)
+    await store.mark_queued([kept.bundle.message.id])
     # A new conversation for the same user: only the conversation is this request's own.
     dropped = await store.accept_incoming(
         integration_id, inbound(2, conversationId="conv-2"), lease(), None
@@ -168,7 +168,7 @@ async def test_discard_keeps_rows_that_other_messages_use(store: SqlStore, setti
 async def test_discard_never_removes_a_queued_message(store: SqlStore, settings: Settings):
     integration_id, _ = await make_integration(store, settings)
     accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
-    await store.mark_queued(accepted.bundle.message.id)
+    await store.mark_queued([accepted.bundle.message.id])
     await store.discard_pending(accepted)
     assert await store.find_incoming(integration_id, "msg-1") is not None
 
@@ -180,7 +180,7 @@ async def test_claims_only_pending_messages_whose_lease_expired(
     live = await store.accept_incoming(integration_id, inbound(1), lease(30), None)
     stale = await store.accept_incoming(integration_id, inbound(2), lease(-1), "req-stale")
     done = await store.accept_incoming(integration_id, inbound(3), lease(-1), None)
-    await store.mark_queued(done.bundle.message.id)
+    await store.mark_queued([done.bundle.message.id])
     now = utcnow()
     assert not await store.claim_pending(live.bundle.message.id, now, now + timedelta(60))
 
@@ -200,7 +200,7 @@ async def test_responses_waiting_to_be_published_are_not_taken_for_inbound_messa
     # Both are "pending" until published; each outbox must take only its own direction.
     integration_id, _ = await make_integration(store, settings)
     accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
-    await store.mark_queued(accepted.bundle.message.id)
+    await store.mark_queued([accepted.bundle.message.id])
     [reply] = await store.record_replies(accepted.bundle.message.id, [("text", {"text": "hi"})])
     now = utcnow()
     # The response outbox claimed it once, and that claim ran out.
@@ -218,7 +218,7 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
 ):
     integration_id, _ = await make_integration(store, settings)
     accepted = await store.accept_incoming(integration_id, inbound("undelivered"), lease(), None)
-    await store.mark_queued(accepted.bundle.message.id)
+    await store.mark_queued([accepted.bundle.message.id])
     replies = await store.record_replies(
         accepted.bundle.message.id, [("text", {"text": str(n)}) for n in range(6)]
     )
@@ -227,19 +227,21 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
 
     async def attempt(index: int, status: int, next_at: object, seconds: float) -> None:
         reply = replies[index]
-        await store.record_attempt(
-            AttemptRecord(
-                delivery_id=f"msg_{reply.id}",
-                attempt=0,
-                integration_id=integration_id,
-                message_id=reply.id,
-                status=status,
-                latency_ms=1.0,
-                error=None,
-                next_attempt_at=next_at,
-                response_body=None,
-                created_at=now + timedelta(seconds=seconds),
-            )
+        await store.record_attempts(
+            [
+                AttemptRecord(
+                    delivery_id=f"msg_{reply.id}",
+                    attempt=0,
+                    integration_id=integration_id,
+                    message_id=reply.id,
+                    status=status,
+                    latency_ms=1.0,
+                    error=None,
+                    next_attempt_at=next_at,
+                    response_body=None,
+                    created_at=now + timedelta(seconds=seconds),
+                )
+            ]
         )
 
     await attempt(0, 200, None, 0)  # delivered
@@ -267,7 +269,7 @@ async def test_unhandled_messages_are_the_earlier_queued_ones_no_turn_handled(
     for n in range(5):
         one = await store.accept_incoming(integration_id, inbound(f"unhandled-{n}"), lease(), None)
         if n != 3:  # 3 is still pending: its publish was never confirmed
-            await store.mark_queued(one.bundle.message.id)
+            await store.mark_queued([one.bundle.message.id])
         accepted.append(one.bundle.message.id)
     conversation = one.bundle.conversation
     await store.record_replies(accepted[0], [("text", {"text": "handled"})])

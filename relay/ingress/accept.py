@@ -22,6 +22,7 @@ from datetime import timedelta
 
 import structlog
 
+from relay.batching import GroupCommit
 from relay.broker import Broker, BrokerUnavailable, partition_of
 from relay.errors import Conflict, Unavailable
 from relay.metrics import Metrics
@@ -45,6 +46,7 @@ class Acceptor:
         self, store: Store, broker: Broker, metrics: Metrics, lease: float, wait: float
     ) -> None:
         self._store = store
+        self._queued = GroupCommit(store.mark_queued, "mark-inbound-queued")
         self._broker = broker
         self._metrics = metrics
         self._lease = timedelta(seconds=lease)
@@ -87,7 +89,7 @@ class Acceptor:
             await asyncio.shield(self._store.discard_pending(accepted))
             raise _retry_later("the broker cannot take the message now; send it again") from error
         try:
-            await asyncio.shield(self._store.mark_queued(message_id))
+            await asyncio.shield(self._queued.add(message_id))
         except StoreError as error:
             # The broker holds it: it is accepted. The row stays pending, so the outbox
             # publishes it again after the lease (consumers deduplicate on the relay id).
@@ -171,7 +173,7 @@ class Acceptor:
             # Left pending: the lease just taken runs out and a later sweep tries again.
             log.warning("outbox_publish_failed", message_id=message.id, error=str(error))
             return 0
-        await asyncio.shield(self._store.mark_queued(message.id))
+        await asyncio.shield(self._queued.add(message.id))
         log.info(
             "outbox_published",
             message_id=message.id,

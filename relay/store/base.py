@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -191,8 +192,8 @@ class Store(Protocol):
     async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
         """The inbound message with that caller messageId, or None."""
 
-    async def mark_queued(self, message_id: str) -> None:
-        """The broker confirmed the message: it is accepted for good."""
+    async def mark_queued(self, message_ids: Sequence[str]) -> None:
+        """The broker confirmed the messages: they are accepted for good."""
 
     async def discard_pending(self, accepted: Accepted) -> bool:
         """Undo `accept_incoming` after a failed publish, if the caller still holds the lease.
@@ -248,8 +249,8 @@ class Store(Protocol):
     async def set_disabled(self, integration_id: str, disabled_at: datetime | None) -> bool:
         """Disable the integration's endpoint (410 Gone), or enable it again with None."""
 
-    async def record_attempt(self, attempt: AttemptRecord) -> None:
-        """Log one delivery attempt."""
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        """Log delivery attempts, in one transaction."""
 
     async def undelivered_before(
         self, conversation_id: str, sequence: int, since: datetime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -365,12 +366,14 @@ class SqlStore(RepliesMixin):
             )
         return changed == 1
 
-    async def record_attempt(self, attempt: AttemptRecord) -> None:
-        async with self._driver.connection() as conn:
-            await conn.execute(
-                "INSERT INTO delivery_attempts (id, delivery_id, attempt, integration_id,"
-                " message_id, status, latency_ms, error, next_attempt_at, response_body,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        if not attempts:
+            return
+        rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(attempts))
+        values = [
+            value
+            for attempt in attempts
+            for value in (
                 new_id(),
                 attempt.delivery_id,
                 attempt.attempt,
@@ -382,6 +385,15 @@ class SqlStore(RepliesMixin):
                 attempt.next_attempt_at,
                 attempt.response_body,
                 attempt.created_at,
+            )
+        ]
+        async with self._driver.connection() as conn:
+            # One statement: atomic on its own, and one commit for the whole batch.
+            await conn.execute(
+                "INSERT INTO delivery_attempts (id, delivery_id, attempt, integration_id,"
+                " message_id, status, latency_ms, error, next_attempt_at, response_body,"
+                " created_at) VALUES " + rows,
+                *values,
             )
 
     async def undelivered_before(
@@ -586,13 +598,15 @@ class SqlStore(RepliesMixin):
             )
         return _accepted(row) if row else None
 
-    async def mark_queued(self, message_id: str) -> None:
+    async def mark_queued(self, message_ids: Sequence[str]) -> None:
+        if not message_ids:
+            return
         # One statement: autocommit, no transaction round trips on the hot path.
         async with self._driver.connection() as conn:
             await conn.execute(
                 "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL"
-                " WHERE id = ?",
-                message_id,
+                f" WHERE id IN ({', '.join(['?'] * len(message_ids))})",
+                *message_ids,
             )
 
     async def discard_pending(self, accepted: Accepted) -> bool:

@@ -23,6 +23,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.backoff import hop, next_delay, parse_retry_after
+from relay.batching import GroupCommit
 from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
 from relay.consumer import Outcome, StageWorker, Verdict
@@ -53,6 +54,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         super().__init__(broker, metrics, settings.delivery_concurrency, settings)
         self._settings = settings
         self._store = store
+        self._attempts = GroupCommit(store.record_attempts, "attempt-log")
         self._sender = sender
         self._directory = Directory(store, settings.auth_cache_seconds)
         self._queues = sorted(settings.delivery_delay_queues)
@@ -232,9 +234,10 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             created_at=utcnow(),
         )
         try:
-            await self._store.record_attempt(record)
+            await self._attempts.add(record)
         except StoreError as error:
-            # The log is for people; the delivery's fate does not hang on it.
+            # The delivery's fate does not hang on the log (only the order across a change of
+            # worker at this very moment does).
             log.warning("attempt_not_logged", error=str(error))
         log.info(
             "delivery_attempt",
