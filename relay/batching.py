@@ -11,12 +11,13 @@ committed, so nothing is acknowledged earlier than before.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-BATCH_LIMIT = 200  # rows per statement: far below either database's parameter limit
+BATCH_LIMIT = 200  # items per write (the store splits statements to its parameter limit)
 
 
 class GroupCommit(Generic[T]):
@@ -33,19 +34,47 @@ class GroupCommit(Generic[T]):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name=self._name)
+            # A context of its own: the first writer's log context is not the batch's.
+            self._writer = asyncio.create_task(
+                self._drain(), name=self._name, context=contextvars.Context()
+            )
         await done
 
     async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
-            try:
-                await self._write([item for item, _ in batch])
-            except Exception as error:  # each writer gets it, as if it had written alone
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(error)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+        batch: list[tuple[T, asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
+                try:
+                    await self._write([item for item, _ in batch])
+                except Exception:
+                    # One bad item must not fail the others: each is written alone.
+                    for item, done in batch:
+                        await self._write_alone(item, done)
+                else:
+                    for _, done in batch:
+                        _settle(done, None)
+        except BaseException as error:  # cancelled: no writer may wait forever
+            for _, done in [*batch, *self._waiting]:
+                _settle(done, error)
+            self._waiting = []
+            raise
+
+    async def _write_alone(self, item: T, done: asyncio.Future[None]) -> None:
+        try:
+            await self._write([item])
+        except Exception as error:
+            _settle(done, error)
+        else:
+            _settle(done, None)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # its writer was cancelled, or it was settled already
+        return
+    if error is None:
+        done.set_result(None)
+    elif isinstance(error, Exception):
+        done.set_exception(error)
+    else:
+        done.cancel()

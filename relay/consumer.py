@@ -319,7 +319,7 @@ class StageWorker(ABC, Generic[E]):
             if envelope is None:
                 verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
             elif not await self._recall_parking(delivery.subscription, envelope):
-                verdict = Verdict(Outcome.AGAIN, reason="the store is away")
+                verdict = self._unrecalled(conversation or "", message_key or "")
             elif (
                 delay := self.parking.wait_behind(conversation or "", message_key or "")
             ) is not None:
@@ -353,6 +353,14 @@ class StageWorker(ABC, Generic[E]):
                 hop(remaining, delays) or min(delays),
             )
         return True
+
+    def _unrecalled(self, conversation: str, message_key: str) -> Verdict:
+        """The parking look-up failed: a message behind a parked one waits as parked; only
+        the head (or a message of an unparked conversation) waits holding the order."""
+        delay = self.parking.wait_behind(conversation, message_key)
+        if delay is not None:
+            return Verdict(Outcome.WAIT, delay=delay, reason="parked")
+        return Verdict(Outcome.AGAIN, reason="the parking look-up failed")
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         try:

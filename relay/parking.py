@@ -62,6 +62,8 @@ class Parking:
         """`message` (the head, or a message of an unparked conversation) goes to a delay."""
         queue = self._queues.setdefault(conversation, [])
         if not queue or queue[0] != message:
+            if message in queue:  # never twice: `done` takes out one
+                queue.remove(message)
             queue.insert(0, message)
         self._delays[conversation] = delay
         self._deadlines[conversation] = self._clock() + delay + self.grace

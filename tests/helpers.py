@@ -20,7 +20,7 @@ from relay.broker import Broker, StageName, Topology, declare
 from relay.ingress.app import BROKER_KEY, create_app, topology_of
 from relay.metrics import Metrics
 from relay.settings import Settings
-from relay.store import Store, open_store
+from relay.store import SqlStore, Store, open_store
 from workers.bot.adapters import BotAdapter, load_adapter
 from workers.bot.worker import BotWorker
 from workers.delivery.sender import Sender
@@ -245,9 +245,13 @@ def settled(worker: BotWorker, outcome: str) -> float:
 
 
 @contextlib.asynccontextmanager
-async def start_delivery_worker(settings: Settings) -> AsyncIterator[DeliveryWorker]:
-    """A delivery worker in this process until the block ends."""
-    store = await open_store(settings.database_url)
+async def start_delivery_worker(
+    settings: Settings, wrap: Callable[[SqlStore], Any] | None = None
+) -> AsyncIterator[DeliveryWorker]:
+    """A delivery worker in this process until the block ends (its store seen through
+    `wrap`, e.g. to make one call fail)."""
+    opened = await open_store(settings.database_url)
+    store = wrap(opened) if wrap else opened
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
     sender = Sender(
@@ -264,4 +268,4 @@ async def start_delivery_worker(settings: Settings) -> AsyncIterator[DeliveryWor
         await worker.stop(5)
         await sender.close()
         await broker.close()
-        await store.close()
+        await opened.close()

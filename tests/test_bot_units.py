@@ -43,6 +43,17 @@ def test_followers_wait_behind_a_failing_head_and_take_over_in_order():
     assert parking.wait_behind("c", "m4") is None
 
 
+def test_a_head_delayed_again_is_never_parked_twice():
+    parking = Parking()
+    parking.delay_head("c", "m1", 1.0)
+    assert parking.wait_behind("c", "m2") == 1.0
+    parking.delay_head("c", "m2", 1.0)  # (only a head should be; never a duplicate)
+    assert parking.parked("c") == ["m2", "m1"]
+    parking.done("c", "m2")
+    parking.done("c", "m1")
+    assert parking.parked("c") == []
+
+
 def test_parking_found_elsewhere_leads_the_conversation():
     parking = Parking()
     parking.delay_head("c", "m5", 1.0)  # parked here before the other worker's were found

@@ -27,7 +27,7 @@ from relay.ingress.app import topology_of
 from relay.models import utcnow
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
-from relay.store import AttemptRecord, SqlStore, StoreError
+from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable
 from tests.helpers import (
     Ingress,
     Queues,
@@ -302,6 +302,50 @@ async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_
     assert sample("relay_messages_consumed_total", {"stage": "outbound", "outcome": "wait"})
 
 
+class ForgetfulStore:
+    """The real store, whose parking look-ups fail for a while (the database is away)."""
+
+    def __init__(self, store: SqlStore, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def undelivered_before(self, *args: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("the database is away")
+        return await self._store.undelivered_before(*args)
+
+
+async def test_failed_parking_look_ups_keep_the_order(
+    store: SqlStore, settings: Settings, amqp: AbstractRobustConnection, receiver: Receiver
+):
+    # Queues of its own, so both responses are in the queue before the worker starts and
+    # reach the same lane together: each one's look-up fails.
+    lookups = settings.model_copy(update={"queue_prefix": settings.queue_prefix + "-lookups"})
+    url = receiver.url("lookups")
+    integration_id, token = await make_integration(store, lookups, response_url=url)
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    try:
+        async with start_ingress(lookups) as ingress:
+            _, sent = await ingress.post(integration_id, token, message("lookups"))
+            conversation = sent["conversation"]["id"]
+            pushed = [
+                await push_text(ingress, conversation, bot_token, text) for text in ("a", "b", "c")
+            ]
+            async with start_delivery_worker(lookups, lambda s: ForgetfulStore(s, 3)) as worker:
+                await eventually(lambda: _delivered(receiver, "lookups", 3), timeout=20)
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology_of(lookups))
+    delivered = [hit.headers["webhook-id"] for hit in receiver.at("lookups")]
+    assert delivered == [f"msg_{m['id']}" for m in pushed]
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("relay_messages_consumed_total", {"stage": "outbound", "outcome": "again"})
+
+
 async def _delivered(receiver: Receiver, path: str, count: int) -> bool:
     return len([hit for hit in receiver.at(path) if hit.status == 200]) >= count
 
@@ -511,8 +555,8 @@ class CountingStore:
 
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         self.batches.append(len(attempts))
-        if self.refuse:
-            raise StoreError("the database is away")
+        if self.refuse or any(a.error == "poison" for a in attempts):
+            raise StoreError("the database refused it")
         await self.store.record_attempts(attempts)
 
 
@@ -539,6 +583,12 @@ async def test_the_attempt_log_commits_concurrent_attempts_together(store: SqlSt
     assert len(counting.batches) < 50  # the ones that came while a batch was written waited
     for record in records:
         assert await store.list_attempts(record.delivery_id) == [record]
+    poison = records[0].model_copy(update={"delivery_id": "msg_poison", "error": "poison"})
+    fine = records[1].model_copy(update={"delivery_id": "msg_fine"})
+    outcomes = await asyncio.gather(log.add(poison), log.add(fine), return_exceptions=True)
+    assert isinstance(outcomes[0], StoreError)
+    assert outcomes[1] is None  # the other one in its batch was written alone
+    assert await store.list_attempts("msg_fine") == [fine]
     counting.refuse = True
     outcomes = await asyncio.gather(
         *[log.add(record) for record in records[:5]], return_exceptions=True

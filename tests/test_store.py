@@ -261,6 +261,55 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
     assert await store.undelivered_before(conversation, 99, now + timedelta(hours=1)) == []
 
 
+async def test_batches_beyond_a_statement_s_parameter_limit_are_written_whole(
+    store: SqlStore, settings: Settings
+):
+    now = utcnow()
+    attempts = [
+        AttemptRecord(
+            delivery_id=f"msg_many-{n}",
+            attempt=0,
+            integration_id="i",
+            message_id=f"many-{n}",
+            status=200,
+            latency_ms=1.0,
+            error=None,
+            next_attempt_at=None,
+            response_body=None,
+            created_at=now,
+        )
+        for n in range(250)  # 2,750 values: three statements on the 999 limit
+    ]
+    await store.record_attempts(attempts)
+    assert await store.list_attempts("msg_many-249") == [attempts[-1]]
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound("many"), lease(), None)
+    ids = [f"unknown-{n}" for n in range(1500)] + [accepted.bundle.message.id]
+    await store.mark_queued(ids)
+    assert await store.inbound_state(accepted.bundle.message.id) == "queued"
+
+
+async def test_a_value_the_database_refuses_is_a_store_error(store: SqlStore):
+    attempt = AttemptRecord(
+        delivery_id="msg_nul",
+        attempt=0,
+        integration_id="i",
+        message_id="nul",
+        status=200,
+        latency_ms=1.0,
+        error=None,
+        next_attempt_at=None,
+        response_body="a\x00b",
+        created_at=utcnow(),
+    )
+    if store.driver.dialect == "postgresql":  # text cannot hold NUL there
+        with pytest.raises(StoreError):
+            await store.record_attempts([attempt])
+    else:
+        await store.record_attempts([attempt])
+        assert await store.list_attempts("msg_nul") == [attempt]
+
+
 async def test_unhandled_messages_are_the_earlier_queued_ones_no_turn_handled(
     store: SqlStore, settings: Settings
 ):
@@ -274,16 +323,16 @@ async def test_unhandled_messages_are_the_earlier_queued_ones_no_turn_handled(
     conversation = one.bundle.conversation
     await store.record_replies(accepted[0], [("text", {"text": "handled"})])
     retry_at = utcnow() + timedelta(seconds=30)
-    await store.set_retry(accepted[1], retry_at)
+    await store.mark_retrying(accepted[1], retry_at)
     since = utcnow() - timedelta(hours=1)
     found = await store.unhandled_before(conversation.id, accepted[4], since)
     assert [(u.message_id, u.retry_at) for u in found] == [
         (accepted[1], retry_at),
         (accepted[2], None),
     ]
-    await store.set_retry(accepted[1], None)  # dead-lettered: no retry to come
-    found = await store.unhandled_before(conversation.id, accepted[2], since)
-    assert [(u.message_id, u.retry_at) for u in found] == [(accepted[1], None)]
+    await store.mark_dead(accepted[1], utcnow())  # dead-lettered: no turn to come
+    found = await store.unhandled_before(conversation.id, accepted[4], since)
+    assert [(u.message_id, u.retry_at) for u in found] == [(accepted[2], None)]
 
 
 async def test_only_the_lease_holder_may_discard(store: SqlStore, settings: Settings):

@@ -262,10 +262,14 @@ class Store(Protocol):
         self, conversation_id: str, message_id: str, since: datetime
     ) -> list[Unfinished]:
         """The conversation's queued incoming messages accepted before `message_id` (and
-        since `since`) that no bot turn has handled, oldest first."""
+        since `since`) that no bot turn has handled and that are not dead-lettered, oldest
+        first."""
 
-    async def set_retry(self, message_id: str, retry_at: datetime | None) -> None:
-        """When an incoming message's failed turn is tried again (None: no more)."""
+    async def mark_retrying(self, message_id: str, retry_at: datetime) -> None:
+        """An incoming message's failed turn is tried again at `retry_at`."""
+
+    async def mark_dead(self, message_id: str, dead_at: datetime) -> None:
+        """An incoming message was dead-lettered: no turn is to come for it."""
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         """Every attempt of a delivery, oldest first."""

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from relay.store.driver import IntegrityViolation, Row, StoreUnavailable
+from relay.store.driver import IntegrityViolation, Row, StoreError, StoreUnavailable
 
 _MIGRATION_LOCK = 0x52454C4159  # "RELAY": one migrator at a time across processes
 
@@ -57,6 +57,8 @@ async def translated() -> AsyncIterator[None]:
         asyncpg.OperatorInterventionError,
     ) as error:
         raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
+    except asyncpg.PostgresError as error:  # e.g. a value the column refuses
+        raise StoreError(f"{type(error).__name__}: {error}") from error
 
 
 async def drop_schema(server_url: str, schema: str) -> None:

@@ -107,10 +107,12 @@ CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, creat
 """
 
 # Order across workers: a worker meeting a conversation asks which of its messages still wait
-# for a retry (responses: by their attempt log; inbound messages: `retry_at`).
+# for a retry (responses: by their attempt log; inbound messages: `retry_at`, and `dead_at`
+# once dead-lettered).
 _V4 = """
 CREATE INDEX delivery_attempts_message ON delivery_attempts (message_id, created_at);
-ALTER TABLE messages ADD COLUMN retry_at {ts}
+ALTER TABLE messages ADD COLUMN retry_at {ts};
+ALTER TABLE messages ADD COLUMN dead_at {ts}
 """
 
 MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2, _V3, _V4]

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.models import (
     Conversation,
@@ -52,6 +52,9 @@ JOIN conversations c ON c.id = m.conversation_id
 
 
 _ATTEMPTS = 5
+# Bound values per statement: SQLite before 3.32 allows 999 (PostgreSQL 32767).
+MAX_PARAMETERS = 999
+T = TypeVar("T")
 
 
 class _Exists(Exception):
@@ -367,8 +370,10 @@ class SqlStore(RepliesMixin):
         return changed == 1
 
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
-        if not attempts:
-            return
+        for chunk in _chunks(attempts, MAX_PARAMETERS // 11):
+            await self._insert_attempts(chunk)
+
+    async def _insert_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(attempts))
         values = [
             value
@@ -425,19 +430,32 @@ class SqlStore(RepliesMixin):
             rows = await conn.fetchall(
                 "SELECT m.id AS message_id, m.retry_at FROM messages m"
                 " WHERE m.conversation_id = ? AND m.direction = 'incoming'"
-                " AND m.state = 'queued' AND m.handled_at IS NULL AND m.created_at >= ?"
-                " AND m.created_at < (SELECT created_at FROM messages WHERE id = ?)"
-                " ORDER BY m.created_at",
+                " AND m.state = 'queued' AND m.handled_at IS NULL AND m.dead_at IS NULL"
+                " AND m.created_at >= ? AND m.id <> ?"
+                # Ties included: accepted in the same instant, either may be the earlier.
+                " AND m.created_at <= (SELECT created_at FROM messages WHERE id = ?)"
+                " ORDER BY m.created_at, m.id",
                 conversation_id,
                 since,
+                message_id,
                 message_id,
             )
         return [Unfinished.model_validate(row) for row in rows]
 
-    async def set_retry(self, message_id: str, retry_at: datetime | None) -> None:
+    async def mark_retrying(self, message_id: str, retry_at: datetime) -> None:
         async with self._driver.connection() as conn:
             await conn.execute(
-                "UPDATE messages SET retry_at = ? WHERE id = ?", retry_at, message_id
+                "UPDATE messages SET retry_at = ?, dead_at = NULL WHERE id = ?",
+                retry_at,
+                message_id,
+            )
+
+    async def mark_dead(self, message_id: str, dead_at: datetime) -> None:
+        async with self._driver.connection() as conn:
+            await conn.execute(
+                "UPDATE messages SET retry_at = NULL, dead_at = ? WHERE id = ?",
+                dead_at,
+                message_id,
             )
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
@@ -599,15 +617,14 @@ class SqlStore(RepliesMixin):
         return _accepted(row) if row else None
 
     async def mark_queued(self, message_ids: Sequence[str]) -> None:
-        if not message_ids:
-            return
-        # One statement: autocommit, no transaction round trips on the hot path.
-        async with self._driver.connection() as conn:
-            await conn.execute(
-                "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL"
-                f" WHERE id IN ({', '.join(['?'] * len(message_ids))})",
-                *message_ids,
-            )
+        # One statement per chunk: autocommit, no transaction round trips on the hot path.
+        for chunk in _chunks(message_ids, MAX_PARAMETERS):
+            async with self._driver.connection() as conn:
+                await conn.execute(
+                    "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL"
+                    f" WHERE id IN ({', '.join(['?'] * len(chunk))})",
+                    *chunk,
+                )
 
     async def discard_pending(self, accepted: Accepted) -> bool:
         bundle = accepted.bundle
@@ -727,3 +744,8 @@ async def _get_or_create(
         if row is None:  # the conflicting row was committed, then discarded
             raise _Vanished
     return _Row(row["id"], external_id, row["created_at"], row["updated_at"], created=False)
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """`items` in slices of at most `size`."""
+    return [items[start : start + size] for start in range(0, len(items), size)]

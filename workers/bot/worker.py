@@ -131,11 +131,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         another worker meeting the conversation meanwhile parks its later messages."""
         self._metrics.bot_failures.inc()
         if failure.permanent or attempt >= len(self._delays):
-            if attempt > 0:
-                await self._store.set_retry(message_id, None)
+            await self._store.mark_dead(message_id, utcnow())
             return Verdict(Outcome.DEAD, reason=str(failure))
         delay = self._delays[attempt]
-        await self._store.set_retry(message_id, utcnow() + timedelta(seconds=delay))
+        await self._store.mark_retrying(message_id, utcnow() + timedelta(seconds=delay))
         return Verdict(Outcome.RETRY, delay=delay, reason=str(failure))
 
     async def _run_turn(self, envelope: InboundEnvelope) -> list[tuple[str, dict[str, object]]]:

@@ -63,7 +63,8 @@ class Sender:
                     response.status,
                     _ms(started),
                     retry_after=response.headers.get("Retry-After"),
-                    body=text.decode(errors="replace"),
+                    # PostgreSQL text cannot hold NUL; the log is for reading.
+                    body=text.decode(errors="replace").replace("\x00", "\ufffd"),
                 )
         except EndpointRefused as error:
             return Sent(None, _ms(started), error=str(error), refused=True)

@@ -235,10 +235,10 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         )
         try:
             await self._attempts.add(record)
-        except StoreError as error:
+        except Exception as error:
             # The delivery's fate does not hang on the log (only the order across a change of
             # worker at this very moment does).
-            log.warning("attempt_not_logged", error=str(error))
+            log.warning("attempt_not_logged", error=f"{type(error).__name__}: {error}")
         log.info(
             "delivery_attempt",
             status=sent.status,
