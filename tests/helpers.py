@@ -19,8 +19,9 @@ from relay import admin
 from relay.broker import Broker, StageName, Topology, declare
 from relay.ingress.app import BROKER_KEY, create_app, topology_of
 from relay.metrics import Metrics
+from relay.models import utcnow
 from relay.settings import Settings
-from relay.store import SqlStore, Store, open_store
+from relay.store import AttemptRecord, SqlStore, Store, open_store
 from workers.bot.adapters import BotAdapter, load_adapter
 from workers.bot.worker import BotWorker
 from workers.delivery.sender import Sender
@@ -269,3 +270,20 @@ async def start_delivery_worker(
         await sender.close()
         await broker.close()
         await opened.close()
+
+
+def attempt_record(message_id: str, **overrides: Any) -> AttemptRecord:
+    """A delivery attempt of the response `message_id`: a 200, unless overridden."""
+    fields: dict[str, Any] = {
+        "delivery_id": f"msg_{message_id}",
+        "attempt": 0,
+        "integration_id": "i",
+        "message_id": message_id,
+        "status": 200,
+        "latency_ms": 1.0,
+        "error": None,
+        "next_attempt_at": None,
+        "response_body": None,
+        "created_at": utcnow(),
+    }
+    return AttemptRecord(**{**fields, **overrides})

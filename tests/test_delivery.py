@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import random
@@ -31,6 +32,7 @@ from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable
 from tests.helpers import (
     Ingress,
     Queues,
+    attempt_record,
     eventually,
     make_integration,
     message,
@@ -261,41 +263,58 @@ async def test_order_per_conversation_holds_while_the_endpoint_flaps(
         assert delivered == list(range(1, 11))
 
 
+@contextlib.asynccontextmanager
+async def own_conversation(
+    store: SqlStore,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    url: str,
+    name: str,
+    **updates: Any,
+) -> AsyncIterator[tuple[Settings, Ingress, str, str]]:
+    """Queues of their own (deleted afterwards, so nothing other tests left is seen), an
+    ingress on them, and a conversation of an integration answering at `url`: (settings,
+    ingress, conversation id, bot token)."""
+    own = settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}-{name}", **updates})
+    integration_id, token = await make_integration(store, own, response_url=url)
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    try:
+        async with start_ingress(own) as ingress:
+            _, sent = await ingress.post(integration_id, token, message(name))
+            yield own, ingress, sent["conversation"]["id"], bot_token
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology_of(own))
+
+
 async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_next(
     store: SqlStore, settings: Settings, amqp: AbstractRobustConnection, receiver: Receiver
 ):
-    # Queues of its own with a long delay queue: the first response waits five seconds for
-    # its retry, so a worker can stop and another start while it is away.
-    moved = settings.model_copy(
-        update={
-            "queue_prefix": settings.queue_prefix + "-moved",
-            "delivery_delay_queues": [0.5, 5.0],
-            "delivery_retry_schedule": [0, 5],
-        }
-    )
+    # A long delay queue: the first response waits five seconds for its retry, so a worker
+    # can stop and another start while it is away.
     url = receiver.on("moved", 503)
-    integration_id, token = await make_integration(store, moved, response_url=url)
-    bot_token, _ = await admin.create_token(store, integration_id, "bot")
-    try:
-        async with start_ingress(moved) as ingress:
-            _, sent = await ingress.post(integration_id, token, message("moved"))
-            conversation = sent["conversation"]["id"]
-            async with start_delivery_worker(moved) as first_worker:
-                first = await push_text(ingress, conversation, bot_token, "first")
-                await eventually(lambda: _hits(receiver, "moved", 1))  # 503: retry in 5 s
-                second = await push_text(ingress, conversation, bot_token, "second")
+    async with own_conversation(
+        store,
+        settings,
+        amqp,
+        url,
+        "moved",
+        delivery_delay_queues=[0.5, 5.0],
+        delivery_retry_schedule=[0, 5],
+    ) as (moved, ingress, conversation, bot_token):
+        async with start_delivery_worker(moved) as first_worker:
+            first = await push_text(ingress, conversation, bot_token, "first")
+            await eventually(lambda: _hits(receiver, "moved", 1))  # 503: retry in 5 s
+            second = await push_text(ingress, conversation, bot_token, "second")
 
-                async def second_parked() -> bool:
-                    return f"msg_{second['id']}" in first_worker.parking.parked(conversation)
+            async def second_parked() -> bool:
+                return f"msg_{second['id']}" in first_worker.parking.parked(conversation)
 
-                await eventually(second_parked)
-            # The next worker knows nothing of that parking but what the store says.
-            async with start_delivery_worker(moved) as next_worker:
-                third = await push_text(ingress, conversation, bot_token, "third")
-                await eventually(lambda: _delivered(receiver, "moved", 3), timeout=30)
-    finally:
-        async with amqp.channel() as channel:
-            await delete(channel, topology_of(moved))
+            await eventually(second_parked)
+        # The next worker knows nothing of that parking but what the store says.
+        async with start_delivery_worker(moved) as next_worker:
+            third = await push_text(ingress, conversation, bot_token, "third")
+            await eventually(lambda: _delivered(receiver, "moved", 3), timeout=30)
     delivered = [hit.headers["webhook-id"] for hit in receiver.at("moved") if hit.status == 200]
     assert delivered == [f"msg_{m['id']}" for m in (first, second, third)]
     sample = next_worker.metrics.registry.get_sample_value
@@ -322,24 +341,20 @@ class ForgetfulStore:
 async def test_failed_parking_look_ups_keep_the_order(
     store: SqlStore, settings: Settings, amqp: AbstractRobustConnection, receiver: Receiver
 ):
-    # Queues of its own, so both responses are in the queue before the worker starts and
-    # reach the same lane together: each one's look-up fails.
-    lookups = settings.model_copy(update={"queue_prefix": settings.queue_prefix + "-lookups"})
+    # The responses are all queued before the worker starts, so they reach the same lane
+    # together: each one's look-up fails.
     url = receiver.url("lookups")
-    integration_id, token = await make_integration(store, lookups, response_url=url)
-    bot_token, _ = await admin.create_token(store, integration_id, "bot")
-    try:
-        async with start_ingress(lookups) as ingress:
-            _, sent = await ingress.post(integration_id, token, message("lookups"))
-            conversation = sent["conversation"]["id"]
-            pushed = [
-                await push_text(ingress, conversation, bot_token, text) for text in ("a", "b", "c")
-            ]
-            async with start_delivery_worker(lookups, lambda s: ForgetfulStore(s, 3)) as worker:
-                await eventually(lambda: _delivered(receiver, "lookups", 3), timeout=20)
-    finally:
-        async with amqp.channel() as channel:
-            await delete(channel, topology_of(lookups))
+    async with own_conversation(store, settings, amqp, url, "lookups") as (
+        lookups,
+        ingress,
+        conversation,
+        bot_token,
+    ):
+        pushed = [
+            await push_text(ingress, conversation, bot_token, text) for text in ("a", "b", "c")
+        ]
+        async with start_delivery_worker(lookups, lambda s: ForgetfulStore(s, 3)) as worker:
+            await eventually(lambda: _delivered(receiver, "lookups", 3), timeout=20)
     delivered = [hit.headers["webhook-id"] for hit in receiver.at("lookups")]
     assert delivered == [f"msg_{m['id']}" for m in pushed]
     sample = worker.metrics.registry.get_sample_value
@@ -563,21 +578,7 @@ class CountingStore:
 async def test_the_attempt_log_commits_concurrent_attempts_together(store: SqlStore):
     counting = CountingStore(store)
     log = GroupCommit(counting.record_attempts, "attempt-log")
-    records = [
-        AttemptRecord(
-            delivery_id=f"msg_batch-{n}",
-            attempt=0,
-            integration_id="i",
-            message_id=f"batch-{n}",
-            status=200,
-            latency_ms=1.5,
-            error=None,
-            next_attempt_at=None,
-            response_body="ok",
-            created_at=utcnow(),
-        )
-        for n in range(50)
-    ]
+    records = [attempt_record(f"batch-{n}") for n in range(50)]
     await asyncio.gather(*[log.add(record) for record in records])
     assert sum(counting.batches) == 50
     assert len(counting.batches) < 50  # the ones that came while a batch was written waited

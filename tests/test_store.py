@@ -11,9 +11,9 @@ import pytest
 from relay.auth import hash_token
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
-from relay.store import AttemptRecord, SqlStore, StoreError, open_store, schema
+from relay.store import SqlStore, StoreError, open_store, schema
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
-from tests.helpers import make_integration, message
+from tests.helpers import attempt_record, make_integration, message
 
 
 def inbound(n: int | str = 1, **overrides: object) -> InboundRequest:
@@ -227,22 +227,14 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
 
     async def attempt(index: int, status: int, next_at: object, seconds: float) -> None:
         reply = replies[index]
-        await store.record_attempts(
-            [
-                AttemptRecord(
-                    delivery_id=f"msg_{reply.id}",
-                    attempt=0,
-                    integration_id=integration_id,
-                    message_id=reply.id,
-                    status=status,
-                    latency_ms=1.0,
-                    error=None,
-                    next_attempt_at=next_at,
-                    response_body=None,
-                    created_at=now + timedelta(seconds=seconds),
-                )
-            ]
+        record = attempt_record(
+            reply.id,
+            integration_id=integration_id,
+            status=status,
+            next_attempt_at=next_at,
+            created_at=now + timedelta(seconds=seconds),
         )
+        await store.record_attempts([record])
 
     await attempt(0, 200, None, 0)  # delivered
     await attempt(1, 503, now, 0)  # failed, then delivered: the last attempt counts
@@ -264,22 +256,8 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
 async def test_batches_beyond_a_statement_s_parameter_limit_are_written_whole(
     store: SqlStore, settings: Settings
 ):
-    now = utcnow()
-    attempts = [
-        AttemptRecord(
-            delivery_id=f"msg_many-{n}",
-            attempt=0,
-            integration_id="i",
-            message_id=f"many-{n}",
-            status=200,
-            latency_ms=1.0,
-            error=None,
-            next_attempt_at=None,
-            response_body=None,
-            created_at=now,
-        )
-        for n in range(250)  # 2,750 values: three statements on the 999 limit
-    ]
+    # 2,750 values: three statements on the 999 limit
+    attempts = [attempt_record(f"many-{n}") for n in range(250)]
     await store.record_attempts(attempts)
     assert await store.list_attempts("msg_many-249") == [attempts[-1]]
     integration_id, _ = await make_integration(store, settings)
@@ -290,18 +268,7 @@ async def test_batches_beyond_a_statement_s_parameter_limit_are_written_whole(
 
 
 async def test_a_value_the_database_refuses_is_a_store_error(store: SqlStore):
-    attempt = AttemptRecord(
-        delivery_id="msg_nul",
-        attempt=0,
-        integration_id="i",
-        message_id="nul",
-        status=200,
-        latency_ms=1.0,
-        error=None,
-        next_attempt_at=None,
-        response_body="a\x00b",
-        created_at=utcnow(),
-    )
+    attempt = attempt_record("nul", response_body="a\x00b")
     if store.driver.dialect == "postgresql":  # text cannot hold NUL there
         with pytest.raises(StoreError):
             await store.record_attempts([attempt])
