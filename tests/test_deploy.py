@@ -257,6 +257,15 @@ def test_dockerignore_lets_in_exactly_what_the_build_copies() -> None:
     assert not {".env", ".relay", ".git", ".venv"} & allowed
 
 
+def test_the_root_dockerignore_is_the_same_allow_list() -> None:
+    # Without BuildKit, docker reads only the context root's .dockerignore.
+    def rules(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if not line.startswith("#")]
+
+    root = DEPLOY.parent
+    assert rules(root / ".dockerignore") == rules(DEPLOY / "Dockerfile.dockerignore")
+
+
 def test_hadolint() -> None:
     hadolint = shutil.which("hadolint")
     if hadolint is None:
