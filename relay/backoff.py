@@ -59,6 +59,11 @@ def next_delay(
     return delay
 
 
+def first_hop(remaining: float, queues: Sequence[float]) -> float:
+    """The delay queue a wait of `remaining` seconds starts in (the shortest if it is due)."""
+    return hop(remaining, queues) or min(queues)
+
+
 def hop(remaining: float, queues: Sequence[float]) -> float | None:
     """The delay queue for the next hop of a wait of `remaining` seconds; None if due."""
     if remaining <= 0:

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import BaseModel, ValidationError
 
-from relay.backoff import hop
+from relay.backoff import first_hop
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
 from relay.broker.presence import Presence
 from relay.handoff import Subscription, surplus
@@ -318,7 +318,9 @@ class StageWorker(ABC, Generic[E]):
                 self._metrics.message_age.labels(self.stage).observe(max(age, 0.0))
             if envelope is None:
                 verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
-            elif not await self._recall_parking(delivery.subscription, envelope):
+            elif not await self._recall_parking(
+                delivery.subscription, conversation or "", envelope
+            ):
                 verdict = self._unrecalled(conversation or "", message_key or "")
             elif (
                 delay := self.parking.wait_behind(conversation or "", message_key or "")
@@ -328,10 +330,11 @@ class StageWorker(ABC, Generic[E]):
                 verdict = await self._decide_safely(message, envelope)
             await self._settle(message, conversation, message_key, verdict)
 
-    async def _recall_parking(self, subscription: Subscription, envelope: E) -> bool:
+    async def _recall_parking(
+        self, subscription: Subscription, conversation: str, envelope: E
+    ) -> bool:
         """On meeting a conversation, adopt the parking another worker left (False: it
         could not be looked up, and the message waits)."""
-        conversation = self.keys(envelope)[0]
         if not subscription.first_sight(conversation):
             return True
         try:
@@ -350,7 +353,7 @@ class StageWorker(ABC, Generic[E]):
             self.parking.adopt(
                 conversation,
                 [self.parking_key(row.message_id) for row in waiting],
-                hop(remaining, delays) or min(delays),
+                first_hop(remaining, delays),
             )
         return True
 

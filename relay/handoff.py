@@ -98,9 +98,8 @@ def fair_share(partitions: int, workers: int) -> int:
 def surplus(partitions: int, workers: int, held: set[int], parked: set[int]) -> list[int]:
     """The partitions to hand over: those beyond the fair share, if any.
 
-    Partitions with a conversation waiting on a retry (`parked`) stay: its order is kept in
-    this worker's memory (the next delivery worker would find it in the store, the next bot
-    worker would not).
+    Partitions with a conversation waiting on a retry (`parked`) stay: the next worker would
+    find the parking in the store, but only after messages bounced through delay queues.
     """
     extra = len(held) - fair_share(partitions, workers)
     if extra <= 0:

@@ -6,8 +6,8 @@ sent to the delay queue the head is in now, so they come back after it. When the
 done (delivered, or dead-lettered), the next parked message becomes the head.
 
 The state is in the worker's memory. A worker that meets a conversation for the first time
-(it took the partition over, or restarted) may find it parked by another worker: it asks
-the subclass (the delivery worker asks the store) and adopts that parking. Pure logic, no
+(it took the partition over, or restarted) may find it parked by another worker: the
+worker asks the store and adopts that parking (`adopt`, `still_waiting`). Pure logic, no
 I/O.
 """
 

@@ -55,6 +55,8 @@ _ATTEMPTS = 5
 # Bound values per statement: SQLite before 3.32 allows 999 (PostgreSQL 32767).
 MAX_PARAMETERS = 999
 T = TypeVar("T")
+# The columns of delivery_attempts besides its id: the record's fields, by name.
+_ATTEMPT_FIELDS = tuple(AttemptRecord.model_fields)
 
 
 class _Exists(Exception):
@@ -370,34 +372,21 @@ class SqlStore(RepliesMixin):
         return changed == 1
 
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
-        for chunk in _chunks(attempts, MAX_PARAMETERS // 11):
+        for chunk in _chunks(attempts, MAX_PARAMETERS // (len(_ATTEMPT_FIELDS) + 1)):
             await self._insert_attempts(chunk)
 
     async def _insert_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
-        rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(attempts))
+        row = "(" + ", ".join(["?"] * (len(_ATTEMPT_FIELDS) + 1)) + ")"
         values = [
             value
             for attempt in attempts
-            for value in (
-                new_id(),
-                attempt.delivery_id,
-                attempt.attempt,
-                attempt.integration_id,
-                attempt.message_id,
-                attempt.status,
-                attempt.latency_ms,
-                attempt.error,
-                attempt.next_attempt_at,
-                attempt.response_body,
-                attempt.created_at,
-            )
+            for value in (new_id(), *(getattr(attempt, name) for name in _ATTEMPT_FIELDS))
         ]
         async with self._driver.connection() as conn:
             # One statement: atomic on its own, and one commit for the whole batch.
             await conn.execute(
-                "INSERT INTO delivery_attempts (id, delivery_id, attempt, integration_id,"
-                " message_id, status, latency_ms, error, next_attempt_at, response_body,"
-                " created_at) VALUES " + rows,
+                f"INSERT INTO delivery_attempts (id, {', '.join(_ATTEMPT_FIELDS)})"
+                f" VALUES {', '.join([row] * len(attempts))}",
                 *values,
             )
 
@@ -406,7 +395,7 @@ class SqlStore(RepliesMixin):
     ) -> list[Unfinished]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
-                "SELECT m.id AS message_id, m.sequence,"
+                "SELECT m.id AS message_id,"
                 " (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id)"
                 " AS attempts,"
                 " (SELECT a.next_attempt_at FROM delivery_attempts a WHERE a.message_id = m.id"

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from relay.backoff import hop, next_delay, parse_retry_after
+from relay.backoff import first_hop, next_delay, parse_retry_after
 from relay.batching import GroupCommit
 from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
@@ -111,7 +111,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
 
     def _due_in(self, seconds: float) -> tuple[float, dict[str, str | int]]:
         """The first delay-queue hop of a wait, and the header saying when it is over."""
-        delay = hop(seconds, self._queues) or min(self._queues)
+        delay = first_hop(seconds, self._queues)
         return delay, {DUE_HEADER: int((time.time() + seconds) * 1000)}
 
     def _wait(self, seconds: float, reason: str) -> Verdict:
