@@ -13,11 +13,13 @@ import enum
 import functools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
@@ -98,9 +100,11 @@ class StageWorker(ABC, Generic[E]):
         self.presence = Presence(broker, self.stage, settings.presence_interval)
         self._interval = settings.presence_interval
         self._grace = settings.shutdown_timeout  # for a hand-off's messages in hand
+        self._stall_seconds = settings.stall_seconds
         self._subscriptions: dict[int, Subscription] = {}
-        self._handing_off: set[asyncio.Task[None]] = set()
-        self._balancer: asyncio.Task[None] | None = None
+        # One (re)subscription of a partition at a time.
+        self._subscribing: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     @property
@@ -129,9 +133,10 @@ class StageWorker(ABC, Generic[E]):
         """Do the work for one message and say what becomes of it."""
 
     @abstractmethod
-    async def unfinished_before(self, envelope: E) -> list[Unfinished]:
-        """The conversation's earlier messages not finished with, oldest first: asked the
-        first time this worker meets the conversation, to find parking left by another."""
+    async def unfinished(self, envelope: E) -> list[Unfinished]:
+        """The conversation's messages not finished with (this one among them, unless it
+        was), oldest first: asked the first time this worker meets the conversation, to find
+        parking left by another worker, or by itself before a restart."""
 
     def parking_key(self, message_id: str) -> str:
         """The parking key (see `keys`) of a stored message."""
@@ -141,6 +146,22 @@ class StageWorker(ABC, Generic[E]):
     def active_partitions(self) -> set[int]:
         """Partitions this worker has taken messages from since it subscribed."""
         return {number for number, sub in self._subscriptions.items() if sub.active}
+
+    @property
+    def releasing(self) -> set[int]:
+        """Partitions being handed over: their messages in hand are being finished."""
+        return {n for n, sub in self._subscriptions.items() if sub.holding and sub.is_open}
+
+    @property
+    def subscribed(self) -> set[int]:
+        """Partitions with an open subscription that takes messages (active or waiting)."""
+        return {n for n, sub in self._subscriptions.items() if sub.is_open and not sub.holding}
+
+    def stalled(self) -> dict[int, float]:
+        """Partitions whose oldest message held unstarted waited longer than the stall
+        limit: the seconds it has waited, by partition."""
+        ages = {n: sub.oldest_unstarted() for n, sub in self._subscriptions.items()}
+        return {n: round(age, 1) for n, age in ages.items() if age > self._stall_seconds}
 
     async def start(self, wait: float = 60.0) -> None:
         """Join the stage's workers and subscribe to every partition (waits for the broker).
@@ -165,15 +186,12 @@ class StageWorker(ABC, Generic[E]):
                 delay = min(delay * 2, 5.0)
 
     async def _start_once(self) -> None:
-        connection = self._broker.connection
-        if connection is None:
+        if self._broker.connection is None:
             raise BrokerUnavailable("no broker connection")
         await self.presence.start()
         for partition in range(self._broker.topology.partitions):
-            self._subscriptions[partition] = await self._subscribe(partition)
-        # After a reconnect the broker picks active consumers anew.
-        connection.reconnect_callbacks.add(self._forget_activity)
-        self._balancer = asyncio.create_task(self._balance_forever(), name=f"balance-{self.stage}")
+            await self._subscribe(partition)
+        self._spawn(self._balance_forever(), f"balance-{self.stage}")
         log.info(
             "worker_started",
             stage=self.stage,
@@ -188,21 +206,68 @@ class StageWorker(ABC, Generic[E]):
         self._subscriptions.clear()
 
     async def _subscribe(self, partition: int) -> Subscription:
+        """Consume the partition on a channel of its own, which becomes its current
+        subscription (before the first delivery can come)."""
         connection = self._broker.connection
-        if connection is None:
+        if connection is None or connection.is_closed:
             raise BrokerUnavailable("no broker connection")
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self._prefetch)
-        queue = await channel.get_queue(self._broker.topology.queue(self.stage, partition))
+        # Not `connection.channel()`: the robust connection would reopen that channel after a
+        # reconnect, with its consumer, even after the worker closed it in a hand-off.
+        channel = aio_pika.Channel(connection)
+        await channel.initialize()
         subscription = Subscription(partition, channel)
-        await queue.consume(functools.partial(self._on_delivery, subscription))
+        self._subscriptions[partition] = subscription
+        channel.close_callbacks.add(functools.partial(self._on_channel_closed, subscription))
+        try:
+            await channel.set_qos(prefetch_count=self._prefetch)
+            queue = await channel.get_queue(self._broker.topology.queue(self.stage, partition))
+            await queue.consume(functools.partial(self._on_delivery, subscription))
+        except BaseException:
+            await subscription.close()
+            raise
         return subscription
+
+    def _on_channel_closed(self, subscription: Subscription, *_: Any) -> None:
+        """A partition's channel closed without this worker closing it (the connection was
+        lost, or the broker closed it): subscribe again, until it works."""
+        if subscription.closing or self._stopping:
+            return
+        subscription.abandon()
+        if self._subscriptions.get(subscription.partition) is subscription:
+            log.warning("partition_lost", stage=self.stage, partition=subscription.partition)
+            self._spawn(self._resubscribe(subscription.partition), "resubscribe")
+
+    async def _resubscribe(self, partition: int) -> None:
+        """Make sure the partition has an open subscription, trying until it has one."""
+        async with self._subscribing[partition]:
+            delay = 0.2
+            while not self._stopping:
+                current = self._subscriptions.get(partition)
+                if current is not None and current.is_open:
+                    return
+                try:
+                    await self._subscribe(partition)
+                    log.info("partition_subscribed", stage=self.stage, partition=partition)
+                    return
+                except START_ERRORS as error:
+                    log.warning("resubscribe_failed", partition=partition, error=str(error))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _on_delivery(
         self, subscription: Subscription, message: AbstractIncomingMessage
     ) -> None:
         # Each delivery runs as a task started in delivery order; nothing here awaits before
         # `submit`, which fixes the order.
+        if subscription.closing:
+            return  # unacked: the closing channel returns it to the queue
+        if self._subscriptions.get(subscription.partition) is not subscription:
+            # Impossible by construction; should it happen, the messages go back and the
+            # consumer ends rather than keep the partition with nobody handling it.
+            log.error("delivery_to_unknown_subscription", partition=subscription.partition)
+            self._spawn(subscription.close(), "close-unknown")
+            return
+        subscription.arrived(message)
         if subscription.holding or self._stopping:
             subscription.held.append(message)  # unacked: a close returns it to the head
             return
@@ -214,27 +279,46 @@ class StageWorker(ABC, Generic[E]):
         key = self.keys(envelope)[0] if envelope is not None else message.message_id
         self._lanes.submit(str(key), Delivery(message, envelope, subscription))
 
-    def _forget_activity(self, *_: object) -> None:
-        for subscription in self._subscriptions.values():
-            subscription.forget()
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the background; stop cancels it; a failure is logged, never lost."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("background_task_failed", task=task.get_name(), exc_info=error)
 
     async def _balance_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self.rebalance()
+            try:
+                self.rebalance()
+                self.watch()
+            except Exception:
+                log.exception("rebalance_failed", stage=self.stage)
+
+    def watch(self) -> None:
+        """Export each partition's oldest unstarted message; say when one stalls, or when
+        messages wait on a subscription that is not being handed over."""
+        for partition, subscription in self._subscriptions.items():
+            age = subscription.oldest_unstarted()
+            self._metrics.oldest_unstarted.labels(self.stage, str(partition)).set(age)
+            if age > self._stall_seconds:
+                log.error("partition_stalled", stage=self.stage, partition=partition, age=age)
+            if subscription.held and not subscription.holding and not self._stopping:
+                log.error("messages_held_without_hand_off", partition=partition)
 
     def rebalance(self) -> None:
         """Hand over the partitions beyond this worker's fair share (in the background)."""
         if self._stopping:
             return
-        releasing = {n for n, sub in self._subscriptions.items() if sub.holding}
-        held = self.active_partitions - releasing
+        held = self.active_partitions - {n for n, s in self._subscriptions.items() if s.holding}
         self._metrics.partitions_held.labels(self.stage).set(len(held))
         partitions, peers = self._broker.topology.partitions, self.presence.peers()
         for partition in surplus(partitions, peers, held, self._parked_partitions()):
-            task = asyncio.create_task(self._hand_off(partition), name=f"hand-off-{partition}")
-            self._handing_off.add(task)
-            task.add_done_callback(self._handing_off.discard)
+            self._spawn(self._hand_off(partition), f"hand-off-{partition}")
 
     def _parked_partitions(self) -> set[int]:
         return {
@@ -253,7 +337,8 @@ class StageWorker(ABC, Generic[E]):
         subscription.holding = True
         self._withdraw(lambda delivery: delivery.subscription is subscription)
         finished = await subscription.settled(self._grace)
-        if self._parked_partitions() & {partition} and not self._stopping:
+        keep = self._parked_partitions() & {partition} and not self._stopping
+        if keep and subscription.is_open:
             # A message of the partition went to a retry meanwhile: keep it, take what waited.
             subscription.holding = False
             held, subscription.held = subscription.held, []
@@ -262,12 +347,7 @@ class StageWorker(ABC, Generic[E]):
             return
         await subscription.close()
         log.info("partition_handed_off", stage=self.stage, partition=partition, finished=finished)
-        if self._stopping:
-            return
-        try:
-            self._subscriptions[partition] = await self._subscribe(partition)
-        except BROKER_ERRORS as error:
-            log.warning("resubscribe_failed", partition=partition, error=str(error))
+        await self._resubscribe(partition)
 
     def _withdraw(self, predicate: Callable[[Delivery[E]], bool]) -> None:
         """Take back deliveries not yet started: they wait with the held ones (returned on
@@ -279,17 +359,19 @@ class StageWorker(ABC, Generic[E]):
     async def stop(self, grace: float) -> None:
         """Stop taking messages, finish those being handled (bounded), return the rest."""
         self._stopping = True
-        if self._balancer is not None:
-            self._balancer.cancel()
         await self.presence.stop()
         self._withdraw(lambda _: True)
         finished = await self._lanes.drain(grace)
-        await asyncio.gather(*self._handing_off, return_exceptions=True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for subscription in self._subscriptions.values():
             await subscription.close()
         log.info("worker_stopped", stage=self.stage, finished=finished)
 
     async def _process(self, delivery: Delivery[E]) -> None:
+        delivery.subscription.started(delivery.message)
         try:
             await self._handle(delivery)
         except Exception:
@@ -338,23 +420,23 @@ class StageWorker(ABC, Generic[E]):
         if not subscription.first_sight(conversation):
             return True
         try:
-            unfinished = await self.unfinished_before(envelope)
+            unfinished = await self.unfinished(envelope)
         except Exception as error:
             subscription.unsee(conversation)
             log.warning("parking_lookup_failed", error=f"{type(error).__name__}: {error}")
             return False
         now = utcnow()
         found = still_waiting(unfinished, now, self.parking.grace)
-        if found is not None:
-            due, waiting = found
-            delays = self._broker.topology.stage_delays(self.stage)
-            remaining = (due - now).total_seconds()
-            log.info("parking_adopted", waiting_ahead=len(waiting), due_in=round(remaining, 3))
-            self.parking.adopt(
-                conversation,
-                [self.parking_key(row.message_id) for row in waiting],
-                first_hop(remaining, delays),
-            )
+        if found is None:
+            return True
+        due, waiting = found
+        keys = [self.parking_key(row.message_id) for row in waiting]
+        if keys == [self.keys(envelope)[1]]:
+            return True  # only this message: nothing to wait for
+        delays = self._broker.topology.stage_delays(self.stage)
+        remaining = (due - now).total_seconds()
+        log.info("parking_adopted", unfinished=len(keys), due_in=round(remaining, 3))
+        self.parking.adopt(conversation, keys, first_hop(remaining, delays))
         return True
 
     def _unrecalled(self, conversation: str, message_key: str) -> Verdict:

@@ -7,6 +7,11 @@ over the partitions beyond its fair share: it stops taking messages of the parti
 finishes those it holds, closes the partition's channel (the broker returns what was
 prefetched to the head of the queue and activates the next subscriber) and subscribes
 again, at the back of the line.
+
+A subscription's channel is a plain one, never restored by the robust connection: once
+closed (by the worker, or by a lost connection) it stays closed, and the worker subscribes
+anew on purpose. A consumer restored behind the worker's back would keep a partition with
+nobody handling its messages.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import OrderedDict
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -40,6 +46,29 @@ class Subscription:
         self._settled = asyncio.Event()
         self._settled.set()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # Closed, or being closed, by this worker: nothing of it is to be taken any more.
+        self.closing = False
+        # Deliveries not started yet (in a lane, or held), by tag: when each arrived.
+        self._unstarted: OrderedDict[int, float] = OrderedDict()
+
+    @property
+    def is_open(self) -> bool:
+        """The channel is open and this worker has not begun to close it."""
+        return not self.closing and not self.channel.is_closed
+
+    def arrived(self, message: AbstractIncomingMessage) -> None:
+        """A delivery came and waits to be started."""
+        self._unstarted[message.delivery_tag or 0] = time.monotonic()
+
+    def started(self, message: AbstractIncomingMessage) -> None:
+        """A delivery's handling began (or it was dropped)."""
+        self._unstarted.pop(message.delivery_tag or 0, None)
+
+    def oldest_unstarted(self) -> float:
+        """Seconds the oldest delivery not yet started has waited (0 when none)."""
+        for since in self._unstarted.values():
+            return time.monotonic() - since
+        return 0.0
 
     def first_sight(self, conversation: str) -> bool:
         """True the first time a conversation's message comes through this subscription
@@ -56,11 +85,6 @@ class Subscription:
     def unsee(self, conversation: str) -> None:
         """Meet the conversation for the first time again (its look-up failed)."""
         self._seen.pop(conversation, None)
-
-    def forget(self) -> None:
-        """The broker may have given the partition to another worker meanwhile."""
-        self.active = False
-        self._seen.clear()
 
     def take(self) -> None:
         """A delivery went to a lane."""
@@ -83,10 +107,20 @@ class Subscription:
             return False
         return True
 
+    def abandon(self) -> None:
+        """Take nothing more of this subscription: what it holds is the broker's again
+        (returned when the channel closes, or already returned with a lost connection)."""
+        self.closing = True
+        self.held.clear()
+        self._unstarted.clear()
+
     async def close(self) -> None:
-        """Close the channel: its consumer ends and its unacked messages go back."""
+        """Close the channel: its consumer ends and its unacked messages go back. Marked
+        closed first, whatever the channel's state, so that nothing of it is taken again."""
+        self.abandon()
         if not self.channel.is_closed:
-            with contextlib.suppress(*BROKER_ERRORS):
+            # RuntimeError: aiormq's word for a connection that closed meanwhile.
+            with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
                 await self.channel.close()
 
 

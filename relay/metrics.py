@@ -100,6 +100,13 @@ class Metrics:
             ["stage"],
             registry=self.registry,
         )
+        self.oldest_unstarted = Gauge(
+            "relay_partition_oldest_unstarted_seconds",
+            "Age of the oldest message this worker holds of the partition without having "
+            "started it (0 when none): one that keeps growing is a stalled partition.",
+            ["stage", "partition"],
+            registry=self.registry,
+        )
         self.queue_messages = Gauge(
             "relay_queue_messages",
             "Messages ready in each relay queue (as of the last look).",

@@ -7,8 +7,9 @@ done (delivered, or dead-lettered), the next parked message becomes the head.
 
 The state is in the worker's memory. A worker that meets a conversation for the first time
 (it took the partition over, or restarted) may find it parked by another worker: the
-worker asks the store and adopts that parking (`adopt`, `still_waiting`). Pure logic, no
-I/O.
+worker asks the store for the conversation's earlier messages not finished with (tried or
+not: a message parked behind a failing head has never been tried) and lets them lead
+(`adopt`, `still_waiting`). Pure logic, no I/O.
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ class Parking:
 def still_waiting(
     unfinished: list[Unfinished], now: datetime, grace: float
 ) -> tuple[datetime, list[Unfinished]] | None:
-    """Parking left by another worker, as the store shows it: from the first message whose
-    retry is still to come (or overdue by less than `grace`), it and those after it, which
-    were parked behind it; with the time it is due. Messages never tried before it are not
-    waited for: nothing says they are anywhere but lost or dead."""
+    """Parking left by another worker (or by this one before a restart), as the store shows
+    it: every earlier message not finished with, tried or not, head first, with the time the
+    head is due (now for one never tried: it is on its way, parked or queued). A message whose
+    retry is overdue by more than `grace` is given up, as `Parking` gives up a head."""
     horizon = now - timedelta(seconds=grace)
-    for index, row in enumerate(unfinished):
-        if row.retry_at is not None and row.retry_at >= horizon:
-            return row.retry_at, unfinished[index:]
-    return None
+    waiting = [row for row in unfinished if row.retry_at is None or row.retry_at >= horizon]
+    if not waiting:
+        return None
+    return waiting[0].retry_at or now, waiting

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=15.0, gt=0)
     # Workers announce themselves this often; each then keeps its fair share of partitions.
     presence_interval: float = Field(default=2.0, gt=0)
+    # A partition whose oldest message held unstarted is older than this is reported as
+    # stalled (metric, /readyz, an error log line).
+    stall_seconds: float = Field(default=60.0, gt=0)
     # Every service refreshes its queue gauges (depth, consumers, dead letters) this often.
     queue_watch_interval: float = Field(default=15.0, gt=0)
     # RabbitMQ's management API (http://user:pass@host:15672/vhost), for unacked counts.

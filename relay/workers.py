@@ -13,7 +13,14 @@ from relay.broker import Broker
 from relay.consumer import StageWorker
 from relay.ingress.app import topology_of
 from relay.metrics import Metrics
-from relay.service import METRICS_KEY, READINESS_KEY, WATCHER_KEY, broker_check, store_check
+from relay.service import (
+    METRICS_KEY,
+    READINESS_KEY,
+    WATCHER_KEY,
+    ReadinessCheck,
+    broker_check,
+    store_check,
+)
 from relay.settings import Settings
 from relay.store import Store, open_store_patiently
 
@@ -34,7 +41,11 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
         broker.start()
         worker, close_extra = factory(store, broker, app[METRICS_KEY])
         app[READINESS_KEY].extend(
-            [(f"{name}_broker", broker_check(broker)), (f"{name}_store", store_check(store))]
+            [
+                (f"{name}_broker", broker_check(broker)),
+                (f"{name}_store", store_check(store)),
+                (f"{name}_partitions", stall_check(worker)),
+            ]
         )
         await worker.start(settings.startup_wait)
         watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
@@ -49,3 +60,16 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
             await store.close()
 
     return lambda app: running(app)
+
+
+def stall_check(worker: StageWorker[Any]) -> ReadinessCheck:
+    """Not ready while a partition holds a message unstarted beyond the stall limit."""
+
+    async def check() -> str | None:
+        stalled = worker.stalled()
+        if not stalled:
+            return None
+        listed = ", ".join(f"{n} ({age}s)" for n, age in sorted(stalled.items()))
+        return f"stalled partitions (oldest unstarted message): {listed}"
+
+    return check

@@ -67,7 +67,7 @@ def test_parking_found_elsewhere_leads_the_conversation():
     assert parking.wait_behind("d", "x") is None
 
 
-def test_the_parking_found_in_the_store_starts_at_the_first_retry_still_to_come():
+def test_the_parking_found_in_the_store_is_every_earlier_message_not_finished():
     now = datetime(2026, 1, 1, tzinfo=UTC)
 
     def row(n: int, retry_in: float | None) -> Unfinished:
@@ -76,12 +76,15 @@ def test_the_parking_found_in_the_store_starts_at_the_first_retry_still_to_come(
 
     never_tried, long_overdue, waiting, parked = row(1, None), row(2, -700), row(3, 5), row(4, None)
     found = [never_tried, long_overdue, waiting, parked]
-    assert still_waiting(found, now, grace=600) == (waiting.retry_at, [waiting, parked])
-    assert still_waiting(found, now, grace=800) == (
-        long_overdue.retry_at,
-        [long_overdue, waiting, parked],
+    # Parked behind a failing head and never tried, it is still on its way: it leads, now.
+    assert still_waiting(found, now, grace=600) == (now, [never_tried, waiting, parked])
+    assert still_waiting(found, now, grace=800) == (now, found)
+    assert still_waiting([long_overdue, waiting, parked], now, grace=600) == (
+        waiting.retry_at,
+        [waiting, parked],
     )
-    assert still_waiting([never_tried, parked], now, grace=600) is None  # none waits to retry
+    assert still_waiting([long_overdue], now, grace=600) is None  # given up
+    assert still_waiting([], now, grace=600) is None
 
 
 async def test_lanes_keep_order_per_key_and_run_keys_concurrently():

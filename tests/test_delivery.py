@@ -331,11 +331,11 @@ class ForgetfulStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def undelivered_before(self, *args: Any) -> Any:
+    async def undelivered(self, *args: Any) -> Any:
         if self.failures > 0:
             self.failures -= 1
             raise StoreUnavailable("the database is away")
-        return await self._store.undelivered_before(*args)
+        return await self._store.undelivered(*args)
 
 
 async def test_failed_parking_look_ups_keep_the_order(

@@ -54,6 +54,7 @@ METRICS_CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "relay_http_requests": ("counter", frozenset({"method", "route", "status"})),
     "relay_messages_consumed": ("counter", frozenset({"stage", "outcome"})),
     "relay_bot_failures": ("counter", frozenset()),
+    "relay_partition_oldest_unstarted_seconds": ("gauge", frozenset({"stage", "partition"})),
 }
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
@@ -674,6 +675,7 @@ def test_alerts_cover_the_failure_modes() -> None:
         "relay_queue_messages",
         "relay_message_age_seconds_bucket",
         "relay_endpoint_circuit",
+        "relay_partition_oldest_unstarted_seconds",
         "up",
     ):
         assert sample in used, f"no alert on {sample}"

@@ -241,16 +241,19 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
     await attempt(1, 200, None, 1)
     await attempt(2, 503, later, 0)  # waiting for its retry
     await attempt(3, 400, None, 0)  # dead-lettered
-    # 4 was never tried; 5 is not before the sequence asked about
+    # 4 and 5 were never tried
     conversation = accepted.bundle.conversation.id
     since = now - timedelta(hours=1)
-    found = await store.undelivered_before(conversation, replies[5].sequence, since)
+    found = await store.undelivered(conversation, since)
     assert [(u.message_id, u.retry_at) for u in found] == [
         (replies[2].id, later),
         (replies[4].id, None),
+        (replies[5].id, None),
     ]
-    assert await store.undelivered_before(conversation, replies[2].sequence, since) == []
-    assert await store.undelivered_before(conversation, 99, now + timedelta(hours=1)) == []
+    assert await store.undelivered(conversation, now + timedelta(hours=1)) == []
+    await store.mark_dead(replies[4].id, now)  # dead-lettered before any attempt
+    found = await store.undelivered(conversation, since)
+    assert [u.message_id for u in found] == [replies[2].id, replies[5].id]
 
 
 async def test_batches_beyond_a_statement_s_parameter_limit_are_written_whole(
@@ -277,7 +280,7 @@ async def test_a_value_the_database_refuses_is_a_store_error(store: SqlStore):
         assert await store.list_attempts("msg_nul") == [attempt]
 
 
-async def test_unhandled_messages_are_the_earlier_queued_ones_no_turn_handled(
+async def test_unhandled_messages_are_the_queued_ones_no_turn_handled(
     store: SqlStore, settings: Settings
 ):
     integration_id, _ = await make_integration(store, settings)
@@ -292,14 +295,15 @@ async def test_unhandled_messages_are_the_earlier_queued_ones_no_turn_handled(
     retry_at = utcnow() + timedelta(seconds=30)
     await store.mark_retrying(accepted[1], retry_at)
     since = utcnow() - timedelta(hours=1)
-    found = await store.unhandled_before(conversation.id, accepted[4], since)
+    found = await store.unhandled(conversation.id, since)
     assert [(u.message_id, u.retry_at) for u in found] == [
         (accepted[1], retry_at),
         (accepted[2], None),
+        (accepted[4], None),
     ]
     await store.mark_dead(accepted[1], utcnow())  # dead-lettered: no turn to come
-    found = await store.unhandled_before(conversation.id, accepted[4], since)
-    assert [(u.message_id, u.retry_at) for u in found] == [(accepted[2], None)]
+    found = await store.unhandled(conversation.id, since)
+    assert [u.message_id for u in found] == [accepted[2], accepted[4]]
 
 
 async def test_only_the_lease_holder_may_discard(store: SqlStore, settings: Settings):

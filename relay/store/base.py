@@ -252,24 +252,20 @@ class Store(Protocol):
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         """Log delivery attempts, in one transaction."""
 
-    async def undelivered_before(
-        self, conversation_id: str, sequence: int, since: datetime
-    ) -> list[Unfinished]:
-        """The conversation's responses below `sequence`, created since `since`, that no
-        attempt has finished with, by sequence."""
+    async def undelivered(self, conversation_id: str, since: datetime) -> list[Unfinished]:
+        """The conversation's responses created since `since` that no attempt has finished
+        with and that were not dead-lettered, by sequence."""
 
-    async def unhandled_before(
-        self, conversation_id: str, message_id: str, since: datetime
-    ) -> list[Unfinished]:
-        """The conversation's queued incoming messages accepted before `message_id` (and
-        since `since`) that no bot turn has handled and that are not dead-lettered, oldest
-        first."""
+    async def unhandled(self, conversation_id: str, since: datetime) -> list[Unfinished]:
+        """The conversation's queued incoming messages accepted since `since` that no bot
+        turn has handled and that are not dead-lettered, oldest first."""
 
     async def mark_retrying(self, message_id: str, retry_at: datetime) -> None:
         """An incoming message's failed turn is tried again at `retry_at`."""
 
     async def mark_dead(self, message_id: str, dead_at: datetime) -> None:
-        """An incoming message was dead-lettered: no turn is to come for it."""
+        """A message (incoming, or a response) was dead-lettered: nothing more is to come
+        for it, and nothing waits behind it."""
 
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         """Every attempt of a delivery, oldest first."""

@@ -40,6 +40,20 @@ def split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
+# A value or a statement the database refuses: sending it again cannot help.
+_REFUSED: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.SyntaxOrAccessError)
+# Everything else asyncpg (or the socket under it) raises is the database being away or
+# busy, wherever it surfaces: a query, a commit, or the pool releasing a broken connection
+# (`InternalClientError: cannot switch to state …` during a server restart).
+_AWAY: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 @asynccontextmanager
 async def translated() -> AsyncIterator[None]:
     """Raise the store's own errors for asyncpg's."""
@@ -47,18 +61,10 @@ async def translated() -> AsyncIterator[None]:
         yield
     except asyncpg.IntegrityConstraintViolationError as error:
         raise IntegrityViolation(str(error)) from error
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.InsufficientResourcesError,
-        asyncpg.OperatorInterventionError,
-    ) as error:
-        raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
-    except asyncpg.PostgresError as error:  # e.g. a value the column refuses
+    except _REFUSED as error:  # e.g. a value the column refuses
         raise StoreError(f"{type(error).__name__}: {error}") from error
+    except _AWAY as error:
+        raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
 
 
 async def drop_schema(server_url: str, schema: str) -> None:

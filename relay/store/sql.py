@@ -390,9 +390,7 @@ class SqlStore(RepliesMixin):
                 *values,
             )
 
-    async def undelivered_before(
-        self, conversation_id: str, sequence: int, since: datetime
-    ) -> list[Unfinished]:
+    async def undelivered(self, conversation_id: str, since: datetime) -> list[Unfinished]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 "SELECT m.id AS message_id,"
@@ -401,9 +399,8 @@ class SqlStore(RepliesMixin):
                 " (SELECT a.next_attempt_at FROM delivery_attempts a WHERE a.message_id = m.id"
                 " ORDER BY a.created_at DESC LIMIT 1) AS next_attempt_at"
                 " FROM messages m WHERE m.conversation_id = ? AND m.direction = 'outgoing'"
-                " AND m.sequence < ? AND m.created_at >= ? ORDER BY m.sequence",
+                " AND m.dead_at IS NULL AND m.created_at >= ? ORDER BY m.sequence",
                 conversation_id,
-                sequence,
                 since,
             )
         return [
@@ -412,22 +409,15 @@ class SqlStore(RepliesMixin):
             if row["attempts"] == 0 or row["next_attempt_at"] is not None
         ]
 
-    async def unhandled_before(
-        self, conversation_id: str, message_id: str, since: datetime
-    ) -> list[Unfinished]:
+    async def unhandled(self, conversation_id: str, since: datetime) -> list[Unfinished]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 "SELECT m.id AS message_id, m.retry_at FROM messages m"
                 " WHERE m.conversation_id = ? AND m.direction = 'incoming'"
                 " AND m.state = 'queued' AND m.handled_at IS NULL AND m.dead_at IS NULL"
-                " AND m.created_at >= ? AND m.id <> ?"
-                # Ties included: accepted in the same instant, either may be the earlier.
-                " AND m.created_at <= (SELECT created_at FROM messages WHERE id = ?)"
-                " ORDER BY m.created_at, m.id",
+                " AND m.created_at >= ? ORDER BY m.created_at, m.id",
                 conversation_id,
                 since,
-                message_id,
-                message_id,
             )
         return [Unfinished.model_validate(row) for row in rows]
 

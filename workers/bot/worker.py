@@ -67,11 +67,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         """When the ingress accepted the message."""
         return envelope.acceptedAt
 
-    async def unfinished_before(self, envelope: InboundEnvelope) -> list[Unfinished]:
-        """The conversation's earlier messages that no turn has handled yet."""
-        return await self._store.unhandled_before(
+    async def unfinished(self, envelope: InboundEnvelope) -> list[Unfinished]:
+        """The conversation's queued messages that no turn has handled yet."""
+        return await self._store.unhandled(
             envelope.bundle.conversation.id,
-            envelope.bundle.message.id,
             utcnow() - PARKING_LOOKBACK - timedelta(seconds=sum(self._delays)),
         )
 

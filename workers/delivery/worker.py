@@ -80,8 +80,8 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         ):
             age = (utcnow() - envelope.createdAt).total_seconds()
             if age > self._settings.delivery_max_age:
-                return Verdict(
-                    Outcome.DEAD, reason=f"older than {self._settings.delivery_max_age}s"
+                return await self._dead(
+                    envelope, f"older than {self._settings.delivery_max_age}s"
                 )
             due = (message.headers or {}).get(DUE_HEADER)
             if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
@@ -93,15 +93,23 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             except StoreError as error:
                 return Verdict(Outcome.AGAIN, reason=str(error))
             if integration is None or integration.disabled_at is not None:
-                return Verdict(Outcome.DEAD, reason="the integration's endpoint is disabled")
+                return await self._dead(envelope, "the integration's endpoint is disabled")
             return await self._attempt(envelope, integration)
 
-    async def unfinished_before(self, envelope: OutboundEnvelope) -> list[Unfinished]:
-        """The conversation's earlier responses that no attempt has finished with (by the
-        attempt log)."""
-        return await self._store.undelivered_before(
+    async def _dead(self, envelope: OutboundEnvelope, reason: str) -> Verdict:
+        """Dead-letter a response no attempt finished with, noted in the store first: a
+        worker meeting the conversation later must not wait behind it."""
+        try:
+            await self._store.mark_dead(envelope.body.botpressMessageId, utcnow())
+        except StoreError as error:
+            return Verdict(Outcome.AGAIN, reason=str(error))
+        return Verdict(Outcome.DEAD, reason=reason)
+
+    async def unfinished(self, envelope: OutboundEnvelope) -> list[Unfinished]:
+        """The conversation's responses that no attempt has finished with (by the attempt
+        log) and that were not dead-lettered."""
+        return await self._store.undelivered(
             envelope.body.botpressConversationId,
-            envelope.body.sequence,
             utcnow() - timedelta(seconds=self._settings.delivery_max_age),
         )
 
@@ -155,7 +163,10 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
                 _STATE_VALUE[self._breakers.state(endpoint).value]
             )
         verdict = await self._judge(envelope, integration, sent)
-        await self._log_attempt(envelope, sent, verdict)
+        if not await self._log_attempt(envelope, sent, verdict):
+            # The log is what tells a worker meeting the conversation later that this
+            # response is finished: unlogged, it is sent again (same webhook-id) later.
+            return Verdict(Outcome.AGAIN, reason="the attempt could not be logged")
         return verdict
 
     async def _judge(
@@ -214,7 +225,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             if envelope.acceptedAt is not None:
                 self._metrics.end_to_end.observe((now - envelope.acceptedAt).total_seconds())
 
-    async def _log_attempt(self, envelope: OutboundEnvelope, sent: Sent, verdict: Verdict) -> None:
+    async def _log_attempt(self, envelope: OutboundEnvelope, sent: Sent, verdict: Verdict) -> bool:
         due = verdict.headers.get(DUE_HEADER)
         next_at = (
             datetime.fromtimestamp(due / 1000, UTC)
@@ -233,12 +244,6 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             response_body=sent.body,
             created_at=utcnow(),
         )
-        try:
-            await self._attempts.add(record)
-        except Exception as error:
-            # The delivery's fate does not hang on the log (only the order across a change of
-            # worker at this very moment does).
-            log.warning("attempt_not_logged", error=f"{type(error).__name__}: {error}")
         log.info(
             "delivery_attempt",
             status=sent.status,
@@ -246,6 +251,12 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             latency_ms=sent.latency_ms,
             outcome=verdict.outcome.value,
         )
+        try:
+            await self._attempts.add(record)
+        except Exception as error:
+            log.warning("attempt_not_logged", error=f"{type(error).__name__}: {error}")
+            return False
+        return True
 
 
 _STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
