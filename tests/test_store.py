@@ -6,12 +6,14 @@ import asyncio
 from dataclasses import replace
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from relay.auth import hash_token
 from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
-from relay.store import SqlStore, StoreError, open_store, schema
+from relay.store import SqlStore, StoreError, StoreUnavailable, open_store, schema
+from relay.store.postgres import translated
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
 from tests.helpers import attempt_record, make_integration, message
 
@@ -405,3 +407,27 @@ async def test_the_bot_secret_is_made_once_even_on_concurrent_first_use(store: S
     assert await store.bot_secret(integration.id) == secrets[0]
     with pytest.raises(StoreError):
         await store.bot_secret("no-such-integration")
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        # What asyncpg raised while the pool released a connection broken by a restart.
+        asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+        ConnectionResetError("reset by peer"),
+    ],
+)
+async def test_every_postgresql_failure_is_the_store_being_unavailable(raised: Exception):
+    with pytest.raises(StoreUnavailable):
+        async with translated():
+            raise raised
+
+
+async def test_a_value_postgresql_refuses_is_a_store_error_not_unavailability():
+    with pytest.raises(StoreError) as caught:
+        async with translated():
+            raise asyncpg.UntranslatableCharacterError("unsupported Unicode escape sequence")
+    assert not isinstance(caught.value, StoreUnavailable)
