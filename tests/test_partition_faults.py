@@ -120,75 +120,78 @@ def fast(settings: Settings) -> Settings:
     return settings.model_copy(update={"shutdown_timeout": 30.0, "stall_seconds": 1.0})
 
 
+@pytest.fixture
+async def publisher(fast: Settings, amqp_url: str) -> AsyncIterator[Broker]:
+    broker = Broker(amqp_url, topology_of(fast), fast.publish_timeout)
+    broker.start()
+    try:
+        await asyncio.wait_for(broker.wait_connected(), 15)
+        yield broker
+    finally:
+        await broker.close()
+
+
+def handled(worker: NoteWorker, conversation: str) -> list[int]:
+    return [n for c, n in worker.handled if c == conversation]
+
+
+async def start_a_hand_off_that_waits(
+    first: NoteWorker, publisher: Broker, fast: Settings, amqp_url: str, conversation: str
+) -> None:
+    """Note 1 of `conversation` is in hand and stays so; a peer comes and goes, and the
+    partition is being handed over, waiting for note 1."""
+    partitions = fast.partitions
+    first.gates[1] = asyncio.Event()
+    await send(publisher, conversation, 1, partitions)
+    await eventually(lambda: _true(1 in first.waiting))
+    async with note_worker(fast, amqp_url):
+        partition = partition_of(conversation, partitions)
+        await eventually(lambda: _true(partition in first.releasing), timeout=20)
+
+
 @pytest.mark.timeout(120)
 async def test_a_connection_lost_while_a_hand_off_waits_leaves_no_partition_behind(
-    fast: Settings, amqp_url: str, proxy: Proxy
+    fast: Settings, amqp_url: str, proxy: Proxy, publisher: Broker
 ):
     partitions = fast.partitions
     conversations = [conversation_in(p, partitions) for p in range(partitions)]
     last = partitions - 1  # handed over first (the highest numbers go)
     # The worker under test reaches the broker through the proxy; it retries fast.
     proxied = with_address(amqp_url, proxy.url_host) + "?reconnect_interval=0.3"
-    publisher = Broker(amqp_url, topology_of(fast), fast.publish_timeout)
-    publisher.start()
-    try:
-        await asyncio.wait_for(publisher.wait_connected(), 15)
-        async with note_worker(fast, proxied) as first:
-            for conversation in conversations:
-                await send(publisher, conversation, 0, partitions)
-
-            async def holds_all() -> bool:
-                return first.active_partitions == set(range(partitions))
-
-            await eventually(holds_all, timeout=20)
-            # Note 1 of the last partition is in hand, and stays so.
-            first.gates[1] = asyncio.Event()
-            await send(publisher, conversations[last], 1, partitions)
-            await eventually(lambda: _true(1 in first.waiting))
-            # A peer joins: the last partition is to be handed over once note 1 is done.
-            async with note_worker(fast, amqp_url):
-
-                async def handing_over() -> bool:
-                    return last in first.releasing
-
-                await eventually(handing_over, timeout=20)
-            # The peer left again; now the connection goes, and stays gone a while.
-            proxy.blackhole = True
-            await proxy.cut()
-            await eventually(lambda: _true(not first.broker.ready), timeout=10)
-            first.gates[1].set()  # the hand-off goes on while the broker is away
-
-            async def closed() -> bool:
-                return last not in first.releasing
-
-            await eventually(closed, timeout=10)
-            proxy.blackhole = False
-            await proxy.cut()  # a connection attempt stuck in the blackhole ends now
-            for n in range(2, 12):
-                await send(publisher, conversations[last], n, partitions)
-
-            async def all_handled() -> bool:
-                done = [n for c, n in first.handled if c == conversations[last]]
-                return set(done) >= set(range(12))
-
-            await eventually(all_handled, timeout=60, interval=0.1)
-            # The partitions that were not being handed over lost their channels with the
-            # connection: each was subscribed again, and consumes.
-            assert first.subscribed == set(range(partitions))
-            for conversation in conversations[:last]:
-                await send(publisher, conversation, 100, partitions)
-
-            async def others_handled() -> bool:
-                return {c for c, n in first.handled if n == 100} == set(conversations[:last])
-
-            await eventually(others_handled, timeout=30, interval=0.1)
-            done = [n for c, n in first.handled if c == conversations[last]]
-            # Note 1 was handled when released, and again when redelivered (its ack went
-            # with the connection); after it, the rest in order.
-            assert [n for n in done if n > 1] == list(range(2, 12))
-            assert first.stalled() == {}
-    finally:
-        await publisher.close()
+    async with note_worker(fast, proxied) as first:
+        for conversation in conversations:
+            await send(publisher, conversation, 0, partitions)
+        await eventually(lambda: _true(first.active_partitions == set(range(partitions))))
+        await start_a_hand_off_that_waits(first, publisher, fast, amqp_url, conversations[last])
+        # The peer left again; now the connection goes, and stays gone a while.
+        proxy.blackhole = True
+        await proxy.cut()
+        await eventually(lambda: _true(not first.broker.ready), timeout=10)
+        first.gates[1].set()  # the hand-off goes on while the broker is away
+        await eventually(lambda: _true(last not in first.releasing), timeout=10)
+        proxy.blackhole = False
+        await proxy.cut()  # a connection attempt stuck in the blackhole ends now
+        for n in range(2, 12):
+            await send(publisher, conversations[last], n, partitions)
+        await eventually(
+            lambda: _true(set(handled(first, conversations[last])) >= set(range(12))),
+            timeout=60,
+            interval=0.1,
+        )
+        # The partitions that were not being handed over lost their channels with the
+        # connection: each was subscribed again, and consumes.
+        assert first.subscribed == set(range(partitions))
+        for conversation in conversations[:last]:
+            await send(publisher, conversation, 100, partitions)
+        await eventually(
+            lambda: _true(all(100 in handled(first, c) for c in conversations[:last])),
+            timeout=30,
+            interval=0.1,
+        )
+        # Note 1 was handled when released, and again when redelivered (its ack went with
+        # the connection); after it, the rest in order.
+        assert [n for n in handled(first, conversations[last]) if n > 1] == list(range(2, 12))
+        assert first.stalled() == {}
 
 
 @pytest.mark.timeout(60)
