@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -12,6 +13,7 @@ from relay.auth import hash_token, new_signing_secret, new_token
 from relay.models import utcnow
 from relay.settings import Settings
 from relay.signing import signature_headers
+from relay.ssrf import EndpointRefused, check_scheme, check_url, guarded_session
 from relay.store import IntegrationRecord, Store, TokenKind, TokenRecord
 
 TEST_EVENT = {"type": "test", "payload": "test"}
@@ -21,21 +23,56 @@ class AdminError(Exception):
     """A command that cannot be carried out; the message is shown to the user."""
 
 
-async def verify_endpoint(url: str, secret: str, seconds: float = 10.0) -> None:
-    """POST a signed test event to `url`; AdminError unless it answers 2xx."""
+async def verify_endpoint(url: str, secret: str, settings: Settings, seconds: float = 10.0) -> None:
+    """POST a signed test event to `url`; AdminError unless it answers 2xx.
+
+    Through the same guard as deliveries (`relay.ssrf`): the URL's scheme and a literal
+    address are checked, and a name is resolved only to addresses the guard allows, so the
+    check cannot be used to reach what deliveries may not.
+    """
+    networks = settings.allowed_endpoint_networks
     body = json.dumps(TEST_EVENT).encode()
     headers = signature_headers([secret], "msg_" + uuid.uuid4().hex, body, utcnow())
     headers["Content-Type"] = "application/json"
+    shown = _shown(url)
     try:
+        check_url(url, networks, settings.https_only)
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds)) as http,
+            guarded_session(networks, aiohttp.ClientTimeout(total=seconds)) as http,
             http.post(url, data=body, headers=headers, allow_redirects=False) as response,
         ):
             status = response.status
+    except EndpointRefused as error:
+        raise _refused(shown, error) from error
+    except aiohttp.ClientConnectorError as error:
+        if isinstance(error.os_error, EndpointRefused):
+            raise _refused(shown, error.os_error) from error
+        raise _no_answer(shown, error) from error
     except (aiohttp.ClientError, TimeoutError) as error:
-        raise AdminError(f"the response endpoint {url} did not answer: {error!r}") from error
+        raise _no_answer(shown, error) from error
     if not 200 <= status < 300:
-        raise AdminError(f"the response endpoint {url} answered {status} to a test event")
+        raise AdminError(f"the response endpoint {shown} answered {status} to a test event")
+
+
+def _refused(shown: str, error: EndpointRefused) -> AdminError:
+    return AdminError(
+        f"the response endpoint {shown} is refused: {error} "
+        "(RELAY_ALLOWED_ENDPOINT_NETWORKS lists networks deliveries may reach)"
+    )
+
+
+def _no_answer(shown: str, error: Exception) -> AdminError:
+    reason = str(error) or type(error).__name__  # a timeout has no text
+    return AdminError(f"the response endpoint {shown} did not answer: {reason}")
+
+
+def _shown(url: str) -> str:
+    """The URL for a message: without user info, query or fragment, which may hold secrets."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(not a valid URL)"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def integration_view(record: IntegrationRecord, settings: Settings) -> dict[str, Any]:
@@ -53,12 +90,16 @@ def integration_view(record: IntegrationRecord, settings: Settings) -> dict[str,
 async def create_integration(
     store: Store, settings: Settings, name: str, response_url: str, verify: bool
 ) -> dict[str, Any]:
-    """Create an integration after checking its response endpoint answers."""
-    if not response_url.startswith(("http://", "https://")):
-        raise AdminError("--response-url must be an http:// or https:// URL")
+    """Create an integration after checking its response endpoint answers (unless not
+    `verify`); its scheme must be one deliveries use (https:// only with RELAY_HTTPS_ONLY)."""
+    try:
+        # Always, even unverified: deliveries would refuse this scheme on every attempt.
+        check_scheme(response_url, settings.https_only)
+    except EndpointRefused as error:
+        raise AdminError(f"--response-url {_shown(response_url)}: {error}") from error
     secret = new_signing_secret()
     if verify:
-        await verify_endpoint(response_url, secret)
+        await verify_endpoint(response_url, secret, settings)
     record = await store.create_integration(name, response_url, secret)
     return integration_view(record, settings)
 

@@ -13,6 +13,10 @@ from typing import TextIO
 import structlog
 from structlog.typing import Processor
 
+# Libraries whose debug lines carry data, not events: aiosqlite logs every statement with its
+# parameters (token hashes, bot secrets, user text). Kept at info even when Relay is at debug.
+_QUIET = ("aiosqlite",)
+
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
@@ -39,6 +43,8 @@ def configure_logging(level: str = "info", stream: TextIO = sys.stdout) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(max(root.level, logging.INFO))
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,

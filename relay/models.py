@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
     StringConstraints,
 )
+from typing_extensions import TypeAliasType
 
 
 def _iso_millis(value: datetime) -> str:
@@ -43,9 +46,11 @@ def storable_text(value: str) -> str:
 
 
 def storable_json(value: Any) -> Any:
-    """`storable_text` for every key and string inside a JSON value."""
+    """`storable_text` for every key and string inside a JSON value; numbers finite."""
     if isinstance(value, str):
         storable_text(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must not hold NaN or infinite numbers")
     elif isinstance(value, dict):
         for key, item in value.items():
             storable_text(key)
@@ -56,12 +61,36 @@ def storable_json(value: Any) -> Any:
     return value
 
 
-Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(storable_text)]
+# The JSON Schema side of the rules above, for /openapi.json. An unpaired surrogate cannot be
+# written in a JSON Schema pattern; a NUL can, so every schema-valid string is a storable one.
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+NO_NUL = Field(json_schema_extra={"pattern": NO_NUL_PATTERN})
+StorableString = TypeAliasType("StorableString", Annotated[str, NO_NUL])
+# What `storable_json` accepts. Named aliases, so the schema can refer to itself (and keys are
+# described by `propertyNames`, not by `patternProperties`, which would let any key through).
+StorableValue = TypeAliasType(
+    "StorableValue",
+    "StorableString | int | float | bool | list[StorableValue] | StorableObject | None",
+)
+StorableObject = TypeAliasType("StorableObject", "dict[StorableString, StorableValue]")
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(storable_text), NO_NUL]
 CallerId = Annotated[
-    str, StringConstraints(min_length=1, max_length=256), AfterValidator(storable_text)
+    str, StringConstraints(min_length=1, max_length=256), AfterValidator(storable_text), NO_NUL
 ]
 MessageType = CallerId
-JsonObject = Annotated[dict[str, Any], AfterValidator(storable_json)]
+JsonObject = Annotated[
+    dict[str, Any],
+    # Validation is `dict` and `storable_json`; the do-nothing validator only declares the
+    # JSON Schema of what they accept.
+    BeforeValidator(_as_is, json_schema_input_type=StorableObject),
+    AfterValidator(storable_json),
+]
 
 
 def utcnow() -> datetime:
@@ -228,3 +257,9 @@ class OutgoingMessage(BaseModel):
     userId: str
     sequence: int
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class PushAnswer(BaseModel):
+    """The `201` answer of the bot push API: the stored message."""
+
+    message: OutgoingMessage

@@ -26,10 +26,16 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from relay.models import storable_text
+from relay.models import NO_NUL, NO_NUL_PATTERN, StorableValue, storable_text
 
 MAX_URL_LENGTH = 4096
 _TYPE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# The same rule, for /openapi.json.
+TYPE_NAME_PATTERN = f"^{_TYPE_NAME.pattern}$"
+# URLs `_http_url` accepts, for /openapi.json: a case-insensitive http(s) scheme and a host of
+# URL characters (no brackets: urlsplit refuses a malformed IPv6 host, and no characters it
+# would drop or that could normalize into a separator).
+URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.:@%_~!$&'()*+,;=-]+([/?#][^\\u0000]*)?$"
 
 
 def _http_url(value: str) -> str:
@@ -39,19 +45,25 @@ def _http_url(value: str) -> str:
     return value
 
 
-Str = Annotated[str, AfterValidator(storable_text)]
-Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(storable_text)]
+Str = Annotated[str, AfterValidator(storable_text), NO_NUL]
+Text = Annotated[str, StringConstraints(min_length=1), AfterValidator(storable_text), NO_NUL]
 Url = Annotated[
     str,
     StringConstraints(max_length=MAX_URL_LENGTH),
     AfterValidator(storable_text),
     AfterValidator(_http_url),
+    Field(json_schema_extra={"pattern": URL_PATTERN}),
 ]
 
 
 class _Model(BaseModel):
     # strict: a number is not silently turned into a string; extra: bots add metadata.
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(
+        strict=True, extra="allow", json_schema_extra={"propertyNames": {"pattern": NO_NUL_PATTERN}}
+    )
+    # Extra fields are any storable JSON (checked by `_json_problems` before the model runs);
+    # typed, so the JSON Schema says so.
+    __pydantic_extra__: dict[str, StorableValue] = Field(init=False)
 
 
 class TextPayload(_Model):

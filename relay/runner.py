@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import structlog
 from aiohttp import web
 
+from relay.service import ServiceRunner
+
 log = structlog.get_logger(__name__)
 
 
@@ -44,7 +46,8 @@ async def wait_for_stop() -> str:
 
 async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
     """Serve `app` until a stop signal; in-flight requests get `shutdown_timeout` to finish."""
-    runner = web.AppRunner(
+    # ServiceRunner: what aiohttp answers by itself (unparsable requests) is JSON too.
+    runner = ServiceRunner(
         app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log=None
     )
     with stop_signals() as stopped:

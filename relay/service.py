@@ -8,7 +8,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -27,17 +28,35 @@ READINESS_KEY = web.AppKey("readiness", list[tuple[str, ReadinessCheck]])
 WATCHER_KEY = web.AppKey("queue_watcher", Watcher)
 
 _HTTP_ERROR_CODES = {
+    400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    431: "headers_too_large",
+    500: "internal",
+    504: "timeout",
 }
+# An error's own headers (Allow, Retry-After...) are kept; these describe aiohttp's text body.
+_BODY_HEADERS = frozenset({hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH})
+_REQUEST_ID_MAX = 128
+
+
+def _request_id(request: web.Request) -> str:
+    """The caller's X-Request-Id if it looks like an id, else a new one.
+
+    It is logged and echoed: a long or odd value (a pasted header, a token) is not kept.
+    """
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= _REQUEST_ID_MAX and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
 
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, render every error as JSON, log and count the request."""
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request_id = _request_id(request)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
@@ -73,7 +92,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         if error.status < 400:
             raise
         code = _HTTP_ERROR_CODES.get(error.status, "http_error")
-        return error_response(error.status, code, error.reason)
+        # A 405 must say what is allowed (`Allow`): the error's own headers are kept.
+        headers = {k: v for k, v in error.headers.items() if k not in _BODY_HEADERS}
+        return error_response(error.status, code, error.reason, headers=headers)
     except Exception:
         log.exception("unhandled_error")
         return error_response(500, "internal", "internal error")
@@ -145,3 +166,73 @@ def create_service_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+class _JsonErrorHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering the errors it handles itself as Relay's JSON.
+
+    A request aiohttp cannot parse (a request line or header over the limit, a malformed
+    line) never reaches the application or its middleware: aiohttp answers it from
+    `handle_error`, in plain text holding the exception's text — which quotes the start of
+    the offending line, an `Authorization` header say — and logs it with a traceback at
+    error level. aiohttp has no public hook for this (aio-libs/aiohttp#3287), so this
+    override is the one place it can be done.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A JSON error that echoes nothing of the request; logged without its text."""
+        if request.writer.output_size > 0:
+            # As aiohttp does: part of an answer went out already, only closing is left.
+            raise ConnectionError("an answer was sent already, cannot send an error")
+        status, text = _low_level_error(status, exc)
+        if status >= 500:
+            log.error("unhandled_error", status=status, exc_info=exc)
+        else:
+            # The exception's text quotes the request: its type is enough to tell what it was.
+            log.info("bad_http_request", status=status, reason=type(exc).__name__)
+        response = error_response(status, _HTTP_ERROR_CODES.get(status, "http_error"), text)
+        response.force_close()
+        return response
+
+
+def _low_level_error(status: int, exc: BaseException | None) -> tuple[int, str]:
+    """The status and message for an error aiohttp caught before the application ran."""
+    if isinstance(exc, LineTooLong):
+        # aiohttp raises the same error for the request line and for a header.
+        return 431, "the request line or a header is too long"
+    if isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received":
+        return 431, "too many headers"
+    if status == 400:
+        return 400, "the request is not valid HTTP"
+    if status == 504:
+        return 504, "the request took too long"
+    return status, "internal error"
+
+
+class _JsonErrorServer(web.Server):
+    """aiohttp's server, making connections with `_JsonErrorHandler`."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ServiceRunner(web.AppRunner):
+    """The runner of every Relay HTTP service: aiohttp's own error answers become JSON.
+
+    aiohttp builds its `Server` inside `AppRunner` (application start-up, freezing, handler
+    arguments); the server it built is kept as it is, only its connections get the handler
+    above.
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
@@ -58,18 +59,41 @@ def allowed(address: Address, networks: Sequence[Network]) -> bool:
     return is_public(address) or any(address in network for network in networks)
 
 
+def _split(url: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError as error:  # e.g. a malformed IPv6 host
+        raise EndpointRefused(f"not a valid URL: {error}") from error
+
+
+def check_scheme(url: str, https_only: bool) -> None:
+    """Refuse a URL whose scheme endpoints may not use (only https:// if `https_only`)."""
+    allowed_schemes = ("https",) if https_only else ("http", "https")
+    scheme = _split(url).scheme
+    if scheme not in allowed_schemes:
+        wanted = " or ".join(f"{name}://" for name in allowed_schemes)
+        raise EndpointRefused(f"scheme {scheme!r} is not allowed for endpoints (use {wanted})")
+
+
 def check_url(url: str, networks: Sequence[Network], https_only: bool) -> None:
     """Refuse a URL by its text: scheme, and a literal address (names are checked later)."""
-    parts = urlsplit(url)
-    if parts.scheme not in (("https",) if https_only else ("http", "https")):
-        raise EndpointRefused(f"scheme {parts.scheme!r} is not allowed for endpoints")
-    host = (parts.hostname or "").strip("[]")
+    check_scheme(url, https_only)
+    host = (_split(url).hostname or "").strip("[]")
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
         return
     if not allowed(literal, networks):
         raise EndpointRefused(f"{literal} is not a public address")
+
+
+def guarded_session(
+    networks: Sequence[Network], timeout: aiohttp.ClientTimeout
+) -> aiohttp.ClientSession:
+    """A client session that connects only to addresses the guard allows (names resolved
+    through `GuardedResolver`; literal addresses are for `check_url`)."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(networks), limit=0)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
 class GuardedResolver(AbstractResolver):

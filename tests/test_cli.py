@@ -115,11 +115,22 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
+# The test endpoints listen on loopback, which the SSRF guard refuses unless allowed.
+LOOPBACK_ALLOWED = {"RELAY_ALLOWED_ENDPOINT_NETWORKS": "127.0.0.0/8"}
+
+
 async def test_integrations_create_checks_the_endpoint_with_a_signed_test_event(
     settings: Settings, receiver: Receiver
 ):
     run = await relay(
-        settings, "integrations", "create", "--name", "shop", "--response-url", receiver.url
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        "shop",
+        "--response-url",
+        receiver.url,
+        env=LOOPBACK_ALLOWED,
     )
     assert run.code == 0, run.err
     created = json.loads(run.out)
@@ -143,7 +154,14 @@ async def test_integrations_create_refuses_an_endpoint_that_fails(
 ):
     receiver.status[0] = 500
     run = await relay(
-        settings, "integrations", "create", "--name", "broken", "--response-url", receiver.url
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        "broken",
+        "--response-url",
+        receiver.url,
+        env=LOOPBACK_ALLOWED,
     )
     assert run.code == 1
     assert "answered 500" in run.err
@@ -157,7 +175,16 @@ async def test_integrations_create_refuses_an_unreachable_endpoint_unless_told(s
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once closed
     url = f"http://127.0.0.1:{port}/nothing"
-    run = await relay(settings, "integrations", "create", "--name", "n", "--response-url", url)
+    run = await relay(
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        "n",
+        "--response-url",
+        url,
+        env=LOOPBACK_ALLOWED,
+    )
     assert run.code == 1
     assert "did not answer" in run.err
     run = await relay(
@@ -185,6 +212,52 @@ async def test_integrations_create_refuses_an_unreachable_endpoint_unless_told(s
     )
     assert bad.code == 1
     assert "http://" in bad.err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "{receiver}",  # a loopback address, not in RELAY_ALLOWED_ENDPOINT_NETWORKS
+        "{receiver_by_name}",  # a name that resolves to one: checked at connect time
+        "http://10.1.2.3/hook",  # a private address
+        "http://[::ffff:127.0.0.1]/hook",  # loopback inside IPv6
+    ],
+)
+async def test_integrations_create_refuses_what_deliveries_may_not_reach(
+    settings: Settings, receiver: Receiver, url: str
+):
+    url = url.format(
+        receiver=receiver.url, receiver_by_name=receiver.url.replace("127.0.0.1", "localhost")
+    )
+    run = await relay(settings, "integrations", "create", "--name", "ssrf", "--response-url", url)
+    assert run.code == 1, run.out
+    assert "is refused" in run.err
+    assert "public" in run.err
+    assert "Traceback" not in run.err
+    assert receiver.received == []  # the guard refused before any request was sent
+    listed = json.loads((await relay(settings, "integrations", "list", "--json")).out)
+    assert "ssrf" not in [item["name"] for item in listed]
+
+
+async def test_integrations_create_refuses_plain_http_when_https_is_required(
+    settings: Settings, receiver: Receiver
+):
+    https_only = {**LOOPBACK_ALLOWED, "RELAY_HTTPS_ONLY": "true"}
+    for verify in ([], ["--no-verify"]):
+        run = await relay(
+            settings,
+            "integrations",
+            "create",
+            "--name",
+            "plain",
+            "--response-url",
+            receiver.url,
+            *verify,
+            env=https_only,
+        )
+        assert run.code == 1, run.out
+        assert "https://" in run.err
+    assert receiver.received == []
 
 
 async def test_tokens_create_list_and_revoke(settings: Settings, store: SqlStore):

@@ -36,11 +36,11 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from relay.auth import reply_token_valid
 from relay.broker import BrokerUnavailable
@@ -120,12 +120,19 @@ class SuggestedActions(_Wire):
     actions: list[CardAction] = Field(default_factory=list)
 
 
+def _no_number(value: Any) -> Any:
+    # pydantic would read a number as unix seconds; the Activity schema says an ISO 8601 string.
+    if isinstance(value, int | float):
+        raise ValueError("must be an ISO 8601 date-time string")
+    return value
+
+
 class Activity(_Wire):
     """A Bot Framework Activity: what the relay sends the bot, and what the bot sends back."""
 
     type: str
     id: str | None = None
-    timestamp: Timestamp | None = None
+    timestamp: Annotated[Timestamp | None, BeforeValidator(_no_number)] = None
     channelId: str | None = None
     serviceUrl: str | None = None
     from_: ChannelAccount | None = Field(default=None, alias="from")

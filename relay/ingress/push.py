@@ -8,6 +8,7 @@ handed with the message. The response is stored and queued exactly like a turn's
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -15,17 +16,22 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from relay.auth import REPLY_PREFIX, bearer_token, reply_token_valid, token_matches
+from relay.auth import REPLY_PREFIX, reply_token_valid, token_matches
 from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
 from relay.ingress.directory import Directory
-from relay.ingress.handlers import parse_json_object, plausible_id
+from relay.ingress.handlers import parse_json_object, plausible_id, request_token
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import BotReply, OutgoingMessage
+from relay.models import BotReply, OutgoingMessage, PushAnswer
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.replies import ReplyPublisher
 from relay.store import ConversationRecord, OutgoingRecord, Store
 
 log = structlog.get_logger(__name__)
+
+# Visible ASCII, spaces inside (HTTP drops outer ones): a header byte that is not UTF-8
+# reaches us as a lone surrogate, which no store can keep.
+IDEMPOTENCY_KEY = re.compile(r"[!-~]([ -~]*[!-~])?")
+IDEMPOTENCY_KEY_MAX = 256
 
 
 def outgoing_view(record: OutgoingRecord) -> OutgoingMessage:
@@ -40,6 +46,17 @@ def outgoing_view(record: OutgoingRecord) -> OutgoingMessage:
         conversationId=record.conversation_id,
         userId=record.user_id,
         sequence=record.sequence,
+    )
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's Idempotency-Key, if any; InvalidBody if it is not a valid one."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None or (len(key) <= IDEMPOTENCY_KEY_MAX and IDEMPOTENCY_KEY.fullmatch(key)):
+        return key
+    raise InvalidBody(
+        f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters",
+        details=[{"field": "Idempotency-Key", "message": "not a valid key"}],
     )
 
 
@@ -68,7 +85,8 @@ async def addressed_conversation(store: Store, request: web.Request) -> Conversa
         await store.get_conversation(conversation_id) if plausible_id(conversation_id) else None
     )
     if conversation is None:
-        raise NotFound("unknown conversation", details={"conversationId": conversation_id[:256]})
+        # Not echoed: what a caller put in the path could be a token.
+        raise NotFound("unknown conversation")
     structlog.contextvars.bind_contextvars(
         integration_id=conversation.integration_id, conversation_id=conversation.id
     )
@@ -95,23 +113,17 @@ class PushHandler:
                 "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
             )
         reply = validate_reply(parse_json_object(await request.read()))
-        key = request.headers.get("Idempotency-Key")
-        if key is not None and not 0 < len(key) <= 256:
-            raise InvalidBody(
-                "Idempotency-Key must be 1 to 256 characters",
-                details=[{"field": "Idempotency-Key", "message": "bad length"}],
-            )
+        key = idempotency_key(request)
         record, created = await self._replies.push(conversation, reply.type, reply.payload, key)
         log.info("bot_message_pushed", message_id=record.id, created=created)
         headers = {} if created else {"Idempotent-Replayed": "true"}
-        body = {"message": outgoing_view(record).model_dump(mode="json")}
-        return web.json_response(body, status=201, headers=headers)
+        body = PushAnswer(message=outgoing_view(record)).model_dump_json()
+        return web.json_response(text=body, status=201, headers=headers)
 
     async def authenticate(self, request: web.Request) -> ConversationRecord:
         """The addressed conversation, if the bearer may post into it; 404/401 otherwise."""
         conversation = await addressed_conversation(self._store, request)
-        token = bearer_token(request.headers.get("Authorization"))
-        if not await self._allowed(token, conversation):
+        if not await self._allowed(request_token(request), conversation):
             raise Unauthorized("missing or invalid token")
         return conversation
 

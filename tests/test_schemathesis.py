@@ -1,0 +1,137 @@
+"""Schemathesis against the served `/openapi.json`: the document describes what the server does.
+
+A real ingress on 127.0.0.1 (the production runner, so even aiohttp's own error answers are
+the ones a client gets), a real integration, integration token, bot token, conversation and
+reply token, so generated requests reach the handlers instead of stopping at 401/404. Every
+check runs — not a server error, status codes, content types, response schemas and headers,
+valid data accepted, invalid data refused, 405 with `Allow`, auth enforced — in every phase
+(examples, coverage, fuzzing, stateful), with a bounded number of examples and a fixed seed,
+so the run is reproducible and takes seconds. `st` runs as its own process: its HTTP client
+is blocking, and the ingress runs in this test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from relay import admin
+from relay.auth import reply_token
+from relay.ingress.app import BROKER_KEY, create_app
+from relay.service import ServiceRunner
+from relay.settings import Settings
+from relay.store import SqlStore
+from tests.helpers import make_integration, message
+
+# Enough for every phase to reach every operation and status; small enough for < 60 s.
+MAX_EXAMPLES = 10
+SEED = 20261202
+
+
+@contextlib.asynccontextmanager
+async def serve_ingress(settings: Settings) -> AsyncIterator[str]:
+    """The ingress as `relay ingress` serves it (ServiceRunner), on a free port."""
+    app = create_app(settings)
+    runner = ServiceRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        await asyncio.wait_for(app[BROKER_KEY].wait_connected(), 15)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a TOML basic string
+
+
+async def config_for(base: str, store: SqlStore, settings: Settings, path: Path) -> Path:
+    """A schemathesis.toml pinning the ids and tokens of a real integration."""
+    integration_id, token = await make_integration(store, settings, name="schemathesis")
+    bot_token, _ = await admin.create_token(store, integration_id, "bot")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{base}/webhooks/{integration_id}",
+            json=message(1),
+            headers={"Authorization": f"Bearer {token}"},
+        ) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        conversation_id = (await answer.json())["conversation"]["id"]
+    secret = await store.bot_secret(integration_id)
+    reply = reply_token(secret, conversation_id, int(time.time()) + 3600)
+    await asyncio.to_thread(
+        path.write_text,
+        f"""
+[parameters]
+"path.integrationId" = {toml_string(integration_id)}
+"path.conversationId" = {toml_string(conversation_id)}
+"path.token" = {toml_string(reply)}
+
+[[operations]]
+include-path = "/webhooks/{{integrationId}}"
+headers = {{ Authorization = {toml_string(f"Bearer {token}")} }}
+
+[[operations]]
+include-path = "/bot/conversations/{{conversationId}}/messages"
+headers = {{ Authorization = {toml_string(f"Bearer {bot_token}")} }}
+# Every valid shape of the 13 payload types, but not every way to break each (thousands of
+# requests, most of the run): invalid bodies come from the fuzzing phase, and
+# tests/test_payloads.py goes through the validation rules one by one.
+phases = {{ coverage = {{ generation = {{ mode = "positive" }} }} }}
+""",
+    )
+    return path
+
+
+@pytest.mark.timeout(120)
+async def test_the_openapi_document_holds_for_generated_requests(
+    settings: Settings, store: SqlStore, tmp_path: Path
+):
+    # The production default: thousands of requests need not look the token hashes up each.
+    cached = settings.model_copy(update={"auth_cache_seconds": 5.0})
+    async with serve_ingress(cached) as base:
+        config = await config_for(base, store, settings, tmp_path / "schemathesis.toml")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(config),
+            "--no-color",
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            str(MAX_EXAMPLES),
+            "--seed",
+            str(SEED),
+            "--request-timeout",
+            "10",
+            # one worker: the generator is not thread-safe (Hypothesis reports it "flaky")
+            "--workers",
+            "1",
+            cwd=tmp_path,  # its caches and reports stay out of the tree
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 100)
+    report = out.decode(errors="replace")
+    assert process.returncode == 0, report
+    assert "No issues found" in report, report
+    # every operation of the document was tested
+    assert "Tested: 8" in report, report
