@@ -22,8 +22,10 @@ def new_signing_secret() -> str:
 
 
 def hash_token(token: str) -> str:
-    """SHA-256 of the token; tokens carry 256 random bits, so no slow hash is needed."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """SHA-256 of the token; tokens carry 256 random bits, so no slow hash is needed.
+
+    Whatever a caller sends hashes (a lone surrogate too): it then matches no token."""
+    return hashlib.sha256(token.encode(errors="surrogatepass")).hexdigest()
 
 
 def bearer_token(header: str | None) -> str | None:

@@ -217,3 +217,8 @@ def test_sql_helpers():
     late = to_db(datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC))
     assert len(early) == len(late)
     assert early < late
+
+
+def test_any_string_hashes_as_a_token_even_a_lone_surrogate():
+    assert hash_token("\ud800") != hash_token("\ud801")
+    assert len(hash_token("\ud800")) == 64
