@@ -26,7 +26,14 @@ from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import BaseModel, ValidationError
 
 from relay.backoff import first_hop
-from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
+from relay.broker import (
+    BROKER_ERRORS,
+    CONNECTION_ERRORS,
+    Broker,
+    BrokerUnavailable,
+    StageName,
+    partition_of,
+)
 from relay.broker.presence import Presence
 from relay.handoff import Subscription, surplus
 from relay.lanes import Lanes
@@ -39,8 +46,7 @@ from relay.store import Unfinished
 log = structlog.get_logger(__name__)
 
 ATTEMPT_HEADER = "x-relay-attempt"
-# aiormq raises a bare RuntimeError for a channel asked of a connection that just closed.
-START_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, BrokerUnavailable, RuntimeError)
+START_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, BrokerUnavailable)
 E = TypeVar("E", bound=BaseModel)
 
 

@@ -17,7 +17,7 @@ import aiohttp
 import structlog
 from aio_pika.abc import AbstractConnection
 
-from relay.broker import BROKER_ERRORS, Broker, Topology
+from relay.broker import BROKER_ERRORS, CONNECTION_ERRORS, Broker, Topology
 from relay.broker.topology import QueueKind
 from relay.metrics import Metrics
 
@@ -157,6 +157,8 @@ async def watch(broker: Broker, metrics: Metrics, interval: float) -> None:
         if connection is not None and broker.ready:
             try:
                 export(await look(connection, broker.topology), metrics)
-            except BROKER_ERRORS as error:
+            except CONNECTION_ERRORS as error:
                 log.debug("queue_look_failed", error=str(error))
+            except Exception:
+                log.exception("queue_look_failed")  # never the end of the gauges
         await asyncio.sleep(interval)

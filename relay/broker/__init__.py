@@ -1,10 +1,11 @@
 """RabbitMQ: topology, partitioning and the confirming publisher."""
 
-from relay.broker.client import BROKER_ERRORS, Broker, BrokerUnavailable
+from relay.broker.client import BROKER_ERRORS, CONNECTION_ERRORS, Broker, BrokerUnavailable
 from relay.broker.topology import STAGES, StageName, Topology, declare, partition_of
 
 __all__ = [
     "BROKER_ERRORS",
+    "CONNECTION_ERRORS",
     "STAGES",
     "Broker",
     "BrokerUnavailable",

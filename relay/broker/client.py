@@ -24,6 +24,9 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# Those, and aiormq's bare RuntimeError for a connection that closed meanwhile.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, RuntimeError)
+
 
 class BrokerUnavailable(Exception):
     """The broker did not take the message; nothing may be counted as published."""
@@ -77,10 +80,13 @@ class Broker:
             try:
                 await self._connect_once()
                 return
-            except BROKER_ERRORS as error:
+            except CONNECTION_ERRORS as error:
                 log.warning("broker_connect_failed", error=str(error), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            except Exception:
+                # Not the broker's word: still never the end of connecting, and never unseen.
+                log.exception("broker_connect_failed", retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     async def _connect_once(self) -> None:
         connection = await aio_pika.connect_robust(self.url, timeout=10)

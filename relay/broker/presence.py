@@ -19,7 +19,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from relay.broker.client import BROKER_ERRORS, Broker, BrokerUnavailable
+from relay.broker.client import BROKER_ERRORS, CONNECTION_ERRORS, Broker, BrokerUnavailable
 from relay.broker.topology import StageName
 
 log = structlog.get_logger(__name__)
@@ -89,7 +89,11 @@ class Presence:
 
     async def _beat_forever(self) -> None:
         while True:
-            await self._beat(leaving=False)
+            try:
+                await self._beat(leaving=False)
+            except Exception:
+                # Silent peers count this worker gone: a beat's failure never ends the beating.
+                log.exception("presence_beat_failed", stage=self._stage)
             await asyncio.sleep(self._interval)
 
     async def _beat(self, leaving: bool) -> None:
@@ -101,7 +105,7 @@ class Presence:
             await self._exchange.publish(
                 aio_pika.Message(body, expiration=self._horizon), routing_key=""
             )
-        except BROKER_ERRORS as error:
+        except CONNECTION_ERRORS as error:
             log.debug("presence_beat_failed", error=str(error))
 
     async def stop(self) -> None:
