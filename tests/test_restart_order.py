@@ -46,7 +46,10 @@ async def own_queues(
             "queue_prefix": f"{settings.queue_prefix}-{name}",
             "delivery_delay_queues": [0.25, 1.0],
             "delivery_retry_schedule": [0] + [1.0] * 60,
-            "breaker_threshold": 5,
+            # Every conversation's head is tried before the circuit opens (one probe a
+            # second would then leave some untried for long); after that, responses are
+            # held back by the open circuit, untried.
+            "breaker_threshold": 3 * CONVERSATIONS,
             "breaker_cooldown": 1.0,
             "bot_retry_delays": [0.25, 1.0] + [1.0] * 60,
         }
