@@ -239,6 +239,7 @@ class StageWorker(ABC, Generic[E]):
         if subscription.closing or self._stopping:
             return
         subscription.abandon()
+        self._forget_parking(subscription.partition)
         if self._subscriptions.get(subscription.partition) is subscription:
             log.warning("partition_lost", stage=self.stage, partition=subscription.partition)
             self._spawn(self._resubscribe(subscription.partition), "resubscribe")
@@ -326,6 +327,14 @@ class StageWorker(ABC, Generic[E]):
         for partition in surplus(partitions, peers, held, self._parked_partitions()):
             self._spawn(self._hand_off(partition), f"hand-off-{partition}")
 
+    def _forget_parking(self, partition: int) -> None:
+        """The partition's conversations are the next holder's now: whatever this worker
+        parked of them is in the store, and in the delay queues, for it to find."""
+        partitions = self._broker.topology.partitions
+        self.parking.forget(
+            c for c in self.parking.conversations() if partition_of(c, partitions) == partition
+        )
+
     def _parked_partitions(self) -> set[int]:
         return {
             partition_of(conversation, self._broker.topology.partitions)
@@ -352,6 +361,7 @@ class StageWorker(ABC, Generic[E]):
                 self._take(subscription, message)
             return
         await subscription.close()
+        self._forget_parking(partition)
         log.info("partition_handed_off", stage=self.stage, partition=partition, finished=finished)
         await self._resubscribe(partition)
 
@@ -432,16 +442,14 @@ class StageWorker(ABC, Generic[E]):
             log.warning("parking_lookup_failed", error=f"{type(error).__name__}: {error}")
             return False
         now = utcnow()
-        found = still_waiting(unfinished, now, self.parking.grace)
-        if found is None:
-            return True
-        due, waiting = found
+        due, waiting = still_waiting(unfinished, now, self.parking.grace) or (now, [])
         keys = [self.parking_key(row.message_id) for row in waiting]
         if keys == [self.keys(envelope)[1]]:
-            return True  # only this message: nothing to wait for
-        delays = self._broker.topology.stage_delays(self.stage)
+            keys = []  # only this message: nothing to wait for
         remaining = (due - now).total_seconds()
-        log.info("parking_adopted", unfinished=len(keys), due_in=round(remaining, 3))
+        if keys:
+            log.info("parking_adopted", unfinished=len(keys), due_in=round(remaining, 3))
+        delays = self._broker.topology.stage_delays(self.stage)
         self.parking.adopt(conversation, keys, first_hop(remaining, delays))
         return True
 

@@ -15,7 +15,7 @@ not: a message parked behind a failing head has never been tried) and lets them 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from relay.store import Unfinished
@@ -50,14 +50,22 @@ class Parking:
         return self._delays[conversation]
 
     def adopt(self, conversation: str, messages: list[str], delay: float) -> None:
-        """Messages parked elsewhere (by another worker, or before a restart), head first,
-        the head due in `delay`: they lead the conversation, ahead of any parked here."""
-        if not messages:
-            return
-        mine = [m for m in self._queues.get(conversation, []) if m not in messages]
-        self._queues[conversation] = [*messages, *mine]
-        self._delays[conversation] = delay
-        self._deadlines[conversation] = self._clock() + delay + self.grace
+        """The conversation's parking as the store shows it (every message not finished
+        with, head first, the head due in `delay`), in place of what this worker remembered:
+        that is stale once the partition was elsewhere, a head finished by another worker
+        would hold the conversation until the grace ran out."""
+        self.forget([conversation])
+        if messages:
+            self._queues[conversation] = list(messages)
+            self._delays[conversation] = delay
+            self._deadlines[conversation] = self._clock() + delay + self.grace
+
+    def forget(self, conversations: Iterable[str]) -> None:
+        """Drop these conversations' parking (their partition went to another worker)."""
+        for conversation in conversations:
+            self._queues.pop(conversation, None)
+            self._delays.pop(conversation, None)
+            self._deadlines.pop(conversation, None)
 
     def delay_head(self, conversation: str, message: str, delay: float) -> None:
         """`message` (the head, or a message of an unparked conversation) goes to a delay."""

@@ -54,17 +54,25 @@ def test_a_head_delayed_again_is_never_parked_twice():
     assert parking.parked("c") == []
 
 
-def test_parking_found_elsewhere_leads_the_conversation():
+def test_parking_found_in_the_store_replaces_what_the_worker_remembered():
     parking = Parking()
-    parking.delay_head("c", "m5", 1.0)  # parked here before the other worker's were found
+    # Parked here during an earlier tenure of the partition; finished since by another
+    # worker: the store no longer lists it, and it must not hold the conversation.
+    parking.delay_head("c", "m0", 1.0)
     parking.adopt("c", ["m1", "m2"], 3.0)
-    assert parking.parked("c") == ["m1", "m2", "m5"]
+    assert parking.parked("c") == ["m1", "m2"]
     assert parking.wait_behind("c", "m6") == 3.0
-    assert parking.wait_behind("c", "m1") is None  # the head found elsewhere goes first
+    assert parking.wait_behind("c", "m1") is None  # the head found in the store goes first
     parking.done("c", "m1")
-    assert parking.wait_behind("c", "m5") == 3.0
+    parking.done("c", "m2")
+    assert parking.wait_behind("c", "m6") is None  # parked behind them, it leads now
+    parking.done("c", "m6")
+    parking.delay_head("d", "x", 1.0)
     parking.adopt("d", [], 3.0)  # nothing found: nothing held
-    assert parking.wait_behind("d", "x") is None
+    assert parking.wait_behind("d", "y") is None
+    parking.delay_head("e", "z", 1.0)
+    parking.forget(["e"])
+    assert parking.conversations() == []
 
 
 def test_the_parking_found_in_the_store_is_every_earlier_message_not_finished():
