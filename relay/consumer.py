@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 ATTEMPT_HEADER = "x-relay-attempt"
 START_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, BrokerUnavailable)
+SUBSCRIBE_TIMEOUT = 10.0  # seconds for each step of subscribing to a partition
 E = TypeVar("E", bound=BaseModel)
 
 
@@ -194,7 +195,8 @@ class StageWorker(ABC, Generic[E]):
     async def _start_once(self) -> None:
         if self._broker.connection is None:
             raise BrokerUnavailable("no broker connection")
-        await self.presence.start()
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+            await self.presence.start()
         for partition in range(self._broker.topology.partitions):
             await self._subscribe(partition)
         self._spawn(self._balance_forever(), f"balance-{self.stage}")
@@ -220,14 +222,18 @@ class StageWorker(ABC, Generic[E]):
         # Not `connection.channel()`: the robust connection would reopen that channel after a
         # reconnect, with its consumer, even after the worker closed it in a hand-off.
         channel = aio_pika.Channel(connection)
-        await channel.initialize()
+        # Bounded: on a connection that went silent (not closed yet) opening a channel waits
+        # for an answer that never comes; the caller tries again.
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+            await channel.initialize()
         subscription = Subscription(partition, channel)
         self._subscriptions[partition] = subscription
         channel.close_callbacks.add(functools.partial(self._on_channel_closed, subscription))
         try:
-            await channel.set_qos(prefetch_count=self._prefetch)
-            queue = await channel.get_queue(self._broker.topology.queue(self.stage, partition))
-            await queue.consume(functools.partial(self._on_delivery, subscription))
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await channel.set_qos(prefetch_count=self._prefetch)
+                queue = await channel.get_queue(self._broker.topology.queue(self.stage, partition))
+                await queue.consume(functools.partial(self._on_delivery, subscription))
         except BaseException:
             await subscription.close()
             raise

@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from relay.broker.client import BROKER_ERRORS
 
 SEEN_LIMIT = 50_000
+CLOSE_TIMEOUT = 5.0  # seconds a channel's close may take
 
 
 class Subscription:
@@ -119,9 +120,12 @@ class Subscription:
         closed first, whatever the channel's state, so that nothing of it is taken again."""
         self.abandon()
         if not self.channel.is_closed:
-            # RuntimeError: aiormq's word for a connection that closed meanwhile.
+            # RuntimeError: aiormq's word for a connection that closed meanwhile. Bounded: on
+            # a connection gone silent the close waits for an answer that never comes (the
+            # channel dies with the connection anyway).
             with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
-                await self.channel.close()
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self.channel.close()
 
 
 def fair_share(partitions: int, workers: int) -> int:
