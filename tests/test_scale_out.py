@@ -10,31 +10,22 @@ consuming (it can only get partitions handed over by the others).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.store.postgres import drop_schema
+from tests.fleet import Service, fleet, sample
 from tests.helpers import eventually, make_integration, message
 from tests.receivers import Hit, Receiver
-from tests.test_cli import RELAY, free_port, relay_env
 
 CONVERSATIONS = 100
 PER_CONVERSATION = 50
-PORT_SETTING = {
-    "ingress": "RELAY_HTTP_PORT",
-    "bot-worker": "RELAY_BOT_WORKER_PORT",
-    "delivery-worker": "RELAY_DELIVERY_WORKER_PORT",
-}
 
 
 @pytest.fixture(scope="module")
@@ -43,109 +34,6 @@ async def database_url(postgres_server: str) -> AsyncIterator[str]:
     schema = "t_" + uuid.uuid4().hex[:12]
     yield f"{postgres_server}?schema={schema}"
     await drop_schema(postgres_server, schema)
-
-
-@dataclass
-class Service:
-    role: str
-    port: int
-    process: asyncio.subprocess.Process
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass
-class Fleet:
-    """`relay` service processes; whatever still runs at the end gets SIGTERM."""
-
-    settings: Settings
-    # Readiness and metrics only: a session the load does not use, since busy keep-alive
-    # clients re-take a freed connection before a waiting request gets it.
-    http: aiohttp.ClientSession
-    services: list[Service] = field(default_factory=list)
-
-    async def start(self, role: str) -> Service:
-        """Start `role` on a free port and wait until it is ready; another port if the one
-        found free was taken before the service bound it."""
-        for _ in range(3):
-            service = await self._start_on(role, free_port())
-            if await self._ready_or_gone(service):
-                return service
-            self.services.remove(service)
-        raise AssertionError(f"{role} did not start")
-
-    async def _ready_or_gone(self, service: Service) -> bool:
-        async def settled() -> bool:
-            return service.process.returncode is not None or await self.ready(service)
-
-        await eventually(settled, timeout=60, interval=0.2)
-        return service.process.returncode is None
-
-    async def _start_on(self, role: str, port: int) -> Service:
-        env = relay_env(
-            self.settings,
-            {
-                PORT_SETTING[role]: str(port),
-                "RELAY_LOG_LEVEL": "warning",
-                "RELAY_RATE_LIMIT_PER_SECOND": "0",
-                "RELAY_ALLOWED_ENDPOINT_NETWORKS": "127.0.0.0/8",
-                "RELAY_QUEUE_WATCH_INTERVAL": "1",
-                # One receiver stands for every back end here: let each worker use all of its
-                # concurrency on it, rather than wait in delay queues for an endpoint slot.
-                "RELAY_ENDPOINT_CONCURRENCY": "64",
-                # Eight processes share PostgreSQL's 100 connections with the test's own.
-                "RELAY_DATABASE_POOL_SIZE": "5",
-            },
-        )
-        process = await asyncio.create_subprocess_exec(*RELAY, role, env=env)
-        service = Service(role, port, process)
-        self.services.append(service)
-        return service
-
-    async def ready(self, service: Service) -> bool:
-        try:
-            async with self.http.get(f"{service.url}/readyz") as answer:
-                return answer.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    async def stop(self, service: Service) -> int:
-        """SIGTERM, and the exit code (bounded wait)."""
-        service.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(service.process.wait(), 60)
-
-    async def metrics(
-        self, service: Service
-    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        async with self.http.get(f"{service.url}/metrics") as answer:
-            text = await answer.text()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-
-@contextlib.asynccontextmanager
-async def fleet(settings: Settings) -> AsyncIterator[Fleet]:
-    async with aiohttp.ClientSession() as http:
-        running = Fleet(settings, http)
-        try:
-            yield running
-        finally:
-            for service in running.services:
-                if service.process.returncode is None:
-                    service.process.send_signal(signal.SIGTERM)
-            for service in running.services:
-                await asyncio.wait_for(service.process.wait(), 60)
-
-
-def sample(
-    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def reached(count: list[int], target: int) -> bool:
