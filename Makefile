@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-ingress clean
+.PHONY: install run test test-faults lint bench bench-ingress clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ run: install
 test: install
 	@scripts/ensure-services --postgres || echo "(continuing: the tests fall back to testcontainers)"
 	$(BIN)/pytest
+
+# The fault suite (kill -9, broker and PostgreSQL restarts, a network partition, a flapping
+# endpoint) on a private broker node and PostgreSQL cluster: about 10 minutes.
+test-faults: install
+	RELAY_FAULT_SUITE=1 $(BIN)/pytest tests/test_faults.py
 
 lint: install
 	$(BIN)/ruff check .
