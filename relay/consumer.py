@@ -239,6 +239,24 @@ class StageWorker(ABC, Generic[E]):
             raise
         return subscription
 
+    async def _subscribe_within(self, partition: int, seconds: float) -> None:
+        """Subscribe, or raise TimeoutError after `seconds` without waiting for the attempt.
+
+        On a connection gone silent an attempt can outlive its own timeouts (a library's
+        clean-up after the cancel waits for the broker's answer): it is left to end with the
+        connection. Should it succeed after all, it is the partition's subscription, and
+        one made meanwhile replaces it (its deliveries are then returned, see
+        `_on_delivery`).
+        """
+        attempt = asyncio.ensure_future(self._subscribe(partition))
+        done, _ = await asyncio.wait({attempt}, timeout=seconds)
+        if attempt in done:
+            attempt.result()
+            return
+        attempt.cancel()
+        attempt.add_done_callback(_observed)
+        raise TimeoutError(f"subscribing to partition {partition} took over {seconds}s")
+
     def _on_channel_closed(self, subscription: Subscription, *_: Any) -> None:
         """A partition's channel closed without this worker closing it (the connection was
         lost, or the broker closed it): subscribe again, until it works."""
@@ -259,7 +277,7 @@ class StageWorker(ABC, Generic[E]):
                 if current is not None and current.is_open:
                     return
                 try:
-                    await self._subscribe(partition)
+                    await self._subscribe_within(partition, 2 * SUBSCRIBE_TIMEOUT)
                     log.info("partition_subscribed", stage=self.stage, partition=partition)
                     return
                 except START_ERRORS as error:
@@ -560,6 +578,12 @@ class StageWorker(ABC, Generic[E]):
             self.parking.delay_head(conversation, message_key, verdict.delay)
         elif verdict.outcome in (Outcome.DONE, Outcome.DROP, Outcome.DEAD):
             self.parking.done(conversation, message_key)
+
+
+def _observed(task: asyncio.Future[Any]) -> None:
+    """Take a left-behind attempt's outcome, so that it is never reported unretrieved."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.info("left_attempt_failed", error=f"{type(error).__name__}: {error}")
 
 
 def stale(message: AbstractIncomingMessage) -> bool:
