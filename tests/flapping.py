@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.receivers import Hit
+from tests.receivers import Hit, serving
 
 # Hit.status of a request that was not answered.
 TIMED_OUT = -1
@@ -81,12 +81,6 @@ async def serve_flapping(hang: float) -> AsyncIterator[FlappingEndpoint]:
 
     app = web.Application()
     app.router.add_post("/{path}", handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
+    async with serving(app) as base:
+        state.base = base
         yield state
-    finally:
-        await runner.cleanup()

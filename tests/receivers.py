@@ -73,10 +73,19 @@ async def serve_receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/{path}", handle)
+    async with serving(app) as base:
+        state.base = base
+        yield state
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 until the block ends; its base URL."""
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    state.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
