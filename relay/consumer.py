@@ -198,7 +198,7 @@ class StageWorker(ABC, Generic[E]):
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
             await self.presence.start()
         for partition in range(self._broker.topology.partitions):
-            await self._subscribe(partition)
+            await self._subscribe_within(partition, 2 * SUBSCRIBE_TIMEOUT)
         self._spawn(self._balance_forever(), f"balance-{self.stage}")
         log.info(
             "worker_started",
@@ -251,6 +251,10 @@ class StageWorker(ABC, Generic[E]):
         attempt = asyncio.ensure_future(self._subscribe(partition))
         done, _ = await asyncio.wait({attempt}, timeout=seconds)
         if attempt in done:
+            if attempt.cancelled():
+                # aiormq cancels what waits on a connection it closes: a failure to try
+                # again, not a cancellation of this worker (which would end the retries).
+                raise BrokerUnavailable("the connection closed while subscribing")
             attempt.result()
             return
         attempt.cancel()
@@ -318,7 +322,10 @@ class StageWorker(ABC, Generic[E]):
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
+        if task.cancelled():
+            if not self._stopping:  # only stop cancels them: anything else is a fault
+                log.error("background_task_cancelled", task=task.get_name())
+        elif (error := task.exception()) is not None:
             log.error("background_task_failed", task=task.get_name(), exc_info=error)
 
     async def _balance_forever(self) -> None:
