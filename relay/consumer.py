@@ -369,7 +369,7 @@ class StageWorker(ABC, Generic[E]):
     def _parked_partitions(self) -> set[int]:
         return {
             partition_of(conversation, self._broker.topology.partitions)
-            for conversation in self.parking.conversations()
+            for conversation in self.parking.away()
         }
 
     async def _hand_off(self, partition: int) -> None:
@@ -475,13 +475,17 @@ class StageWorker(ABC, Generic[E]):
         now = utcnow()
         due, waiting = still_waiting(unfinished, now, self.parking.grace) or (now, [])
         keys = [self.parking_key(row.message_id) for row in waiting]
-        if keys == [self.keys(envelope)[1]]:
+        own = self.keys(envelope)[1]
+        if keys == [own]:
             keys = []  # only this message: nothing to wait for
         remaining = (due - now).total_seconds()
         if keys:
             log.info("parking_adopted", unfinished=len(keys), due_in=round(remaining, 3))
         delays = self._broker.topology.stage_delays(self.stage)
-        self.parking.adopt(conversation, keys, first_hop(remaining, delays))
+        # Led by this very message, the list only orders what comes after it: nothing is
+        # away, and the partition may be handed over meanwhile (the next holder asks too).
+        head_away = bool(keys) and keys[0] != own
+        self.parking.adopt(conversation, keys, first_hop(remaining, delays), head_away)
         return True
 
     def _unrecalled(self, conversation: str, message_key: str) -> Verdict:

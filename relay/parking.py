@@ -34,6 +34,8 @@ class Parking:
         self._queues: dict[str, list[str]] = {}
         self._delays: dict[str, float] = {}
         self._deadlines: dict[str, float] = {}
+        # Conversations whose head is away in a delay queue (not merely listed first).
+        self._away: set[str] = set()
         self.grace = grace
         self._clock = clock
 
@@ -49,7 +51,9 @@ class Parking:
             queue.append(message)
         return self._delays[conversation]
 
-    def adopt(self, conversation: str, messages: list[str], delay: float) -> None:
+    def adopt(
+        self, conversation: str, messages: list[str], delay: float, head_away: bool = True
+    ) -> None:
         """The conversation's parking as the store shows it (every message not finished
         with, head first, the head due in `delay`), in place of what this worker remembered:
         that is stale once the partition was elsewhere, a head finished by another worker
@@ -59,6 +63,8 @@ class Parking:
             self._queues[conversation] = list(messages)
             self._delays[conversation] = delay
             self._deadlines[conversation] = self._clock() + delay + self.grace
+            if head_away:
+                self._away.add(conversation)
 
     def forget(self, conversations: Iterable[str]) -> None:
         """Drop these conversations' parking (their partition went to another worker)."""
@@ -66,6 +72,7 @@ class Parking:
             self._queues.pop(conversation, None)
             self._delays.pop(conversation, None)
             self._deadlines.pop(conversation, None)
+            self._away.discard(conversation)
 
     def delay_head(self, conversation: str, message: str, delay: float) -> None:
         """`message` (the head, or a message of an unparked conversation) goes to a delay."""
@@ -76,6 +83,7 @@ class Parking:
             queue.insert(0, message)
         self._delays[conversation] = delay
         self._deadlines[conversation] = self._clock() + delay + self.grace
+        self._away.add(conversation)
 
     def done(self, conversation: str, message: str) -> None:
         """`message` is finished for good: the next parked one becomes the head."""
@@ -83,13 +91,16 @@ class Parking:
         if queue and queue[0] == message:
             queue.pop(0)
         if not queue:
-            self._queues.pop(conversation, None)
-            self._delays.pop(conversation, None)
-            self._deadlines.pop(conversation, None)
+            self.forget([conversation])
 
     def conversations(self) -> list[str]:
-        """The conversations with a message waiting in a delay queue."""
+        """The conversations with parked messages."""
         return list(self._queues)
+
+    def away(self) -> list[str]:
+        """The conversations whose head waits in a delay queue (a retry, or a wait holding
+        the order): their partition is better kept until it is back."""
+        return [c for c in self._queues if c in self._away]
 
     def parked(self, conversation: str) -> list[str]:
         """The conversation's parked messages, head first."""
