@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import BaseModel, ValidationError
 
+from relay.aio import cancelled_from_outside
 from relay.backoff import first_hop
 from relay.broker import (
     BROKER_ERRORS,
@@ -426,6 +427,12 @@ class StageWorker(ABC, Generic[E]):
             # stranded unacked. This one goes back to its queue.
             log.exception("message_handling_failed", message_id=delivery.message.message_id)
             await _quietly(delivery.message.nack(requeue=True))
+        except asyncio.CancelledError:
+            if cancelled_from_outside():
+                raise
+            # A future aiormq cancelled as its connection closed: not the end of the lane.
+            log.error("message_handling_cancelled", message_id=delivery.message.message_id)
+            await _quietly(delivery.message.nack(requeue=True))
         finally:
             delivery.subscription.done()
 
@@ -451,10 +458,8 @@ class StageWorker(ABC, Generic[E]):
                 delivery.subscription, conversation or "", envelope
             ):
                 verdict = self._unrecalled(conversation or "", message_key or "")
-            elif (
-                delay := self.parking.wait_behind(conversation or "", message_key or "")
-            ) is not None:
-                verdict = Verdict(Outcome.WAIT, delay=delay, reason="parked")
+            elif (parked := self._parked(conversation or "", message_key or "")) is not None:
+                verdict = parked
             else:
                 verdict = await self._decide_safely(message, envelope)
             await self._settle(message, conversation, message_key, verdict)
@@ -491,10 +496,17 @@ class StageWorker(ABC, Generic[E]):
     def _unrecalled(self, conversation: str, message_key: str) -> Verdict:
         """The parking look-up failed: a message behind a parked one waits as parked; only
         the head (or a message of an unparked conversation) waits holding the order."""
-        delay = self.parking.wait_behind(conversation, message_key)
-        if delay is not None:
-            return Verdict(Outcome.WAIT, delay=delay, reason="parked")
-        return Verdict(Outcome.AGAIN, reason="the parking look-up failed")
+        return self._parked(conversation, message_key) or Verdict(
+            Outcome.AGAIN, reason="the parking look-up failed"
+        )
+
+    def _parked(self, conversation: str, message_key: str) -> Verdict | None:
+        """The wait of a message parked behind its conversation's head (None: it goes)."""
+        wait = self.parking.wait_behind(conversation, message_key)
+        if wait is None:
+            return None
+        delay = first_hop(wait, self._broker.topology.stage_delays(self.stage))
+        return Verdict(Outcome.WAIT, delay=delay, reason="parked")
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         try:
@@ -587,6 +599,8 @@ class StageWorker(ABC, Generic[E]):
     def _track_parking(self, conversation: str, message_key: str, verdict: Verdict) -> None:
         if verdict.outcome is Outcome.RETRY or verdict.holds_order:
             self.parking.delay_head(conversation, message_key, verdict.delay)
+        elif verdict.outcome is Outcome.WAIT:
+            self.parking.sent_away(conversation, message_key, verdict.delay)
         elif verdict.outcome in (Outcome.DONE, Outcome.DROP, Outcome.DEAD):
             self.parking.done(conversation, message_key)
 
@@ -620,3 +634,7 @@ async def _quietly(action: object) -> None:
         await action  # type: ignore[misc]
     except BROKER_ERRORS as error:
         log.warning("ack_failed", error=str(error))
+    except asyncio.CancelledError:
+        if cancelled_from_outside():
+            raise
+        log.warning("ack_failed", error="the connection closed")

@@ -2,8 +2,9 @@
 
 When a conversation's head message fails and goes to a delay queue, the messages behind it
 must not overtake it: they join it in the delay loop ("parked"), in arrival order, each
-sent to the delay queue the head is in now, so they come back after it. When the head is
-done (delivered, or dead-lettered), the next parked message becomes the head.
+timed to come back when the messages ahead of it are back (the head's retry, or a message
+parked earlier), so that the whole list returns together and drains at once when the head
+is done (delivered, or dead-lettered): the next parked message becomes the head.
 
 The state is in the worker's memory. A worker that meets a conversation for the first time
 (it took the partition over, or restarted) may find it parked by another worker: the
@@ -34,22 +35,37 @@ class Parking:
         self._queues: dict[str, list[str]] = {}
         self._delays: dict[str, float] = {}
         self._deadlines: dict[str, float] = {}
+        # When each message sent to a delay queue is back (by the clock), if this worker sent it.
+        self._back_at: dict[str, float] = {}
         # Conversations whose head is away in a delay queue (not merely listed first).
         self._away: set[str] = set()
         self.grace = grace
         self._clock = clock
 
     def wait_behind(self, conversation: str, message: str) -> float | None:
-        """If `message` must wait behind its conversation's head: the delay to wait."""
+        """If `message` must wait behind its conversation's head: for how long.
+
+        Until every message ahead of it is back from its delay queue; if they should all be
+        back already (the head is being tried right now), as long as the head's last delay.
+        """
         queue = self._queues.get(conversation)
         if queue and queue[0] != message and self._clock() > self._deadlines[conversation]:
-            queue.pop(0)  # the head is overdue: the next one leads
+            self._back_at.pop(queue.pop(0), None)  # the head is overdue: the next one leads
             self._deadlines[conversation] = self._clock() + self._delays[conversation] + self.grace
         if not queue or queue[0] == message:
             return None
         if message not in queue:
             queue.append(message)
+        ahead = queue[: queue.index(message)]
+        back = max((self._back_at[m] for m in ahead if m in self._back_at), default=None)
+        if back is not None and back > self._clock():
+            return back - self._clock()
         return self._delays[conversation]
+
+    def sent_away(self, conversation: str, message: str, delay: float) -> None:
+        """`message` went to a delay queue of `delay` seconds (noted if it is parked)."""
+        if message in self._queues.get(conversation, []):
+            self._back_at[message] = self._clock() + delay
 
     def adopt(
         self, conversation: str, messages: list[str], delay: float, head_away: bool = True
@@ -65,10 +81,13 @@ class Parking:
             self._deadlines[conversation] = self._clock() + delay + self.grace
             if head_away:
                 self._away.add(conversation)
+                self._back_at[messages[0]] = self._clock() + delay
 
     def forget(self, conversations: Iterable[str]) -> None:
         """Drop these conversations' parking (their partition went to another worker)."""
         for conversation in conversations:
+            for message in self._queues.get(conversation, []):
+                self._back_at.pop(message, None)
             self._queues.pop(conversation, None)
             self._delays.pop(conversation, None)
             self._deadlines.pop(conversation, None)
@@ -83,6 +102,7 @@ class Parking:
             queue.insert(0, message)
         self._delays[conversation] = delay
         self._deadlines[conversation] = self._clock() + delay + self.grace
+        self._back_at[message] = self._clock() + delay
         self._away.add(conversation)
 
     def done(self, conversation: str, message: str) -> None:
@@ -90,6 +110,7 @@ class Parking:
         queue = self._queues.get(conversation)
         if queue and queue[0] == message:
             queue.pop(0)
+        self._back_at.pop(message, None)
         if not queue:
             self.forget([conversation])
 

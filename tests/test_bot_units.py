@@ -25,14 +25,16 @@ def test_a_head_that_never_comes_back_stops_holding_its_conversation():
 
 
 def test_followers_wait_behind_a_failing_head_and_take_over_in_order():
-    parking = Parking()
+    now = [0.0]
+    parking = Parking(clock=lambda: now[0])
     assert parking.wait_behind("c", "m1") is None  # nothing parked: go ahead
     parking.delay_head("c", "m1", 1.0)  # m1 failed, waits 1 s
     assert parking.wait_behind("c", "m2") == 1.0
     assert parking.wait_behind("c", "m3") == 1.0
     assert parking.wait_behind("other", "x") is None  # other conversations are not held
+    now[0] = 1.0  # m1 is back and tried again
     parking.delay_head("c", "m1", 5.0)  # failed again: now a longer wait
-    assert parking.wait_behind("c", "m2") == 5.0  # m2 came back early: waits again
+    assert parking.wait_behind("c", "m2") == 5.0  # m2 came back: waits again
     assert parking.parked("c") == ["m1", "m2", "m3"]
     parking.done("c", "m1")
     assert parking.wait_behind("c", "m2") is None  # the new head goes
@@ -43,8 +45,31 @@ def test_followers_wait_behind_a_failing_head_and_take_over_in_order():
     assert parking.wait_behind("c", "m4") is None
 
 
+def test_parked_messages_come_back_with_the_messages_ahead_of_them():
+    now = [0.0]
+    parking = Parking(clock=lambda: now[0])
+    parking.delay_head("c", "m1", 2.0)  # the head is back at 2.0
+    now[0] = 0.5
+    assert parking.wait_behind("c", "m2") == 1.5  # parked to be back with the head
+    parking.sent_away("c", "m2", 1.5)
+    now[0] = 1.0
+    assert parking.wait_behind("c", "m3") == 1.0
+    parking.sent_away("c", "m3", 0.5)  # the longest delay queue that fits: back early
+    now[0] = 1.5
+    assert parking.wait_behind("c", "m3") == 0.5  # so it waits the rest
+    parking.sent_away("c", "m3", 0.5)
+    now[0] = 2.0
+    parking.done("c", "m1")  # the head made it: the next one is due back now
+    assert parking.wait_behind("c", "m2") is None
+    # Everything ahead should be back, yet is not done (m2 is being tried): the head's
+    # last delay, not a busy loop through the shortest queue.
+    assert parking.wait_behind("c", "m3") == 2.0
+    parking.sent_away("c", "unparked", 1.0)  # not parked: nothing to remember
+    assert parking.parked("c") == ["m2", "m3"]
+
+
 def test_a_head_delayed_again_is_never_parked_twice():
-    parking = Parking()
+    parking = Parking(clock=lambda: 0.0)
     parking.delay_head("c", "m1", 1.0)
     assert parking.wait_behind("c", "m2") == 1.0
     parking.delay_head("c", "m2", 1.0)  # (only a head should be; never a duplicate)
@@ -55,7 +80,7 @@ def test_a_head_delayed_again_is_never_parked_twice():
 
 
 def test_parking_found_in_the_store_replaces_what_the_worker_remembered():
-    parking = Parking()
+    parking = Parking(clock=lambda: 0.0)
     # Parked here during an earlier tenure of the partition; finished since by another
     # worker: the store no longer lists it, and it must not hold the conversation.
     parking.delay_head("c", "m0", 1.0)

@@ -1,7 +1,9 @@
-"""Plain functions with no I/O: auth, rate limiting, models, settings, partitioning, signing."""
+"""Plain functions with (almost) no I/O: auth, rate limiting, models, settings, partitioning,
+signing, telling cancellations apart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
+from relay.aio import cancelled_from_outside
 from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
 from relay.broker import Topology, partition_of
 from relay.ingress.ratelimit import RateLimiter, retry_after
@@ -222,3 +225,30 @@ def test_sql_helpers():
 def test_any_string_hashes_as_a_token_even_a_lone_surrogate():
     assert hash_token("\ud800") != hash_token("\ud801")
     assert len(hash_token("\ud800")) == 64
+
+
+async def test_a_future_cancelled_under_a_task_is_told_from_the_task_being_cancelled():
+    # aiormq cancels the confirm a publish waits for when its connection closes: that
+    # CancelledError must be a failed publish, while a stop's cancel must still stop.
+    seen: list[bool] = []
+
+    async def wait_on(future: asyncio.Future[None]) -> None:
+        try:
+            await future
+        except asyncio.CancelledError:
+            seen.append(cancelled_from_outside())
+            raise
+
+    loop = asyncio.get_running_loop()
+    under = loop.create_future()
+    task = asyncio.create_task(wait_on(under))
+    await asyncio.sleep(0)
+    under.cancel()  # the library's doing
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stopped = asyncio.create_task(wait_on(loop.create_future()))
+    await asyncio.sleep(0)
+    stopped.cancel()  # a stop's doing
+    with pytest.raises(asyncio.CancelledError):
+        await stopped
+    assert seen == [False, True]

@@ -11,6 +11,7 @@ import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from relay.aio import cancelled_from_outside
 from relay.broker.topology import StageName, Topology, declare
 
 log = structlog.get_logger(__name__)
@@ -181,6 +182,12 @@ class Broker:
             raise BrokerUnavailable(f"refused by the broker: {error}") from error
         except BROKER_ERRORS as error:
             raise BrokerUnavailable(f"{type(error).__name__}: {error}") from error
+        except asyncio.CancelledError as error:
+            if cancelled_from_outside():
+                raise
+            # aiormq cancels the confirm it waits for when the connection closes under it
+            # (a heartbeat timeout): the publish failed, the caller was not cancelled.
+            raise BrokerUnavailable("the connection closed during the publish") from error
 
     async def close(self) -> None:
         """Stop connecting and close the connection."""

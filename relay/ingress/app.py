@@ -10,6 +10,7 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
+from relay.aio import cancelled_from_outside
 from relay.broker import Broker, BrokerUnavailable, Topology
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
@@ -128,14 +129,26 @@ async def _sweep_forever(
     while True:
         await asyncio.sleep(interval)
         try:
-            await acceptor.sweep_outbox()
-            now = utcnow()
-            stale = await store.claim_stale_outgoing(
-                now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
-            )
-            # A response published twice carries the same webhook-id: receivers deduplicate.
-            await replies.publish(stale)
+            # Bounded: one sweep stuck on a dependency must not end the sweeping.
+            async with asyncio.timeout(max(lease, 30.0)):
+                await _sweep_once(acceptor, replies, store, lease)
         except (BrokerUnavailable, StoreError, OSError) as error:
-            log.warning("outbox_sweep_failed", error=str(error))
+            log.warning("outbox_sweep_failed", error=f"{type(error).__name__}: {error}")
+        except asyncio.CancelledError:
+            if cancelled_from_outside():
+                raise
+            log.error("outbox_sweep_failed", error="cancelled under the sweep")
         except Exception:
             log.exception("outbox_sweep_failed")
+
+
+async def _sweep_once(
+    acceptor: Acceptor, replies: ReplyPublisher, store: Store, lease: float
+) -> None:
+    await acceptor.sweep_outbox()
+    now = utcnow()
+    stale = await store.claim_stale_outgoing(
+        now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
+    )
+    # A response published twice carries the same webhook-id: receivers deduplicate.
+    await replies.publish(stale)

@@ -40,6 +40,11 @@ def split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
+# No call waits on the database for ever: a server that stopped answering (a restart, a
+# network partition) is the store being away, and the caller retries or answers 503.
+STATEMENT_TIMEOUT = 30.0
+ACQUIRE_TIMEOUT = 10.0
+
 # A value or a statement the database refuses: sending it again cannot help.
 _REFUSED: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.SyntaxOrAccessError)
 # Everything else asyncpg (or the socket under it) raises is the database being away or
@@ -117,18 +122,26 @@ class PostgresDriver:
             finally:
                 await conn.close()
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=max_size, server_settings=settings
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            server_settings=settings,
+            command_timeout=STATEMENT_TIMEOUT,
         )
         return cls(pool)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_PgConn]:
-        async with translated(), self._pool.acquire() as conn, conn.transaction():
+        async with (
+            translated(),
+            self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+            conn.transaction(),
+        ):
             yield _PgConn(conn)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[_PgConn]:
-        async with translated(), self._pool.acquire() as conn:
+        async with translated(), self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             yield _PgConn(conn)
 
     async def close(self) -> None:
