@@ -45,8 +45,10 @@ class Parking:
     def wait_behind(self, conversation: str, message: str) -> float | None:
         """If `message` must wait behind its conversation's head: for how long.
 
-        Until every message ahead of it is back from its delay queue; if they should all be
-        back already (the head is being tried right now), as long as the head's last delay.
+        Until every message ahead of it is back from its delay queue. If they should all be
+        back already (the one ahead is being tried right now), as long again as that has
+        taken so far (at most the head's last delay): a quick delivery lets the list drain
+        through the shortest delay queue, a slow one is not polled in a busy loop.
         """
         queue = self._queues.get(conversation)
         if queue and queue[0] != message and self._clock() > self._deadlines[conversation]:
@@ -58,9 +60,9 @@ class Parking:
             queue.append(message)
         ahead = queue[: queue.index(message)]
         back = max((self._back_at[m] for m in ahead if m in self._back_at), default=None)
-        if back is not None and back > self._clock():
-            return back - self._clock()
-        return self._delays[conversation]
+        if back is None or back > self._clock():
+            return self._delays[conversation] if back is None else back - self._clock()
+        return min(self._clock() - back, self._delays[conversation])
 
     def sent_away(self, conversation: str, message: str, delay: float) -> None:
         """`message` went to a delay queue of `delay` seconds (noted if it is parked)."""

@@ -61,9 +61,10 @@ def test_parked_messages_come_back_with_the_messages_ahead_of_them():
     now[0] = 2.0
     parking.done("c", "m1")  # the head made it: the next one is due back now
     assert parking.wait_behind("c", "m2") is None
-    # Everything ahead should be back, yet is not done (m2 is being tried): the head's
-    # last delay, not a busy loop through the shortest queue.
-    assert parking.wait_behind("c", "m3") == 2.0
+    now[0] = 2.25
+    # Everything ahead should be back, yet is not done (m2 is being tried, since 2.0): as
+    # long again as that took so far, not a busy loop through the shortest queue.
+    assert parking.wait_behind("c", "m3") == 0.25
     parking.sent_away("c", "unparked", 1.0)  # not parked: nothing to remember
     assert parking.parked("c") == ["m2", "m3"]
 
