@@ -64,13 +64,6 @@ def first_hop(remaining: float, queues: Sequence[float]) -> float:
     return hop(remaining, queues) or min(queues)
 
 
-def hop_past(remaining: float, queues: Sequence[float]) -> float:
-    """The one delay queue that outlasts a wait of `remaining` seconds (the longest if none
-    does): a parked message spends one hop, not several, to come back just after the
-    message it waits for; a little late costs less than the hops would."""
-    return min((q for q in queues if q >= remaining), default=max(queues))
-
-
 def hop(remaining: float, queues: Sequence[float]) -> float | None:
     """The delay queue for the next hop of a wait of `remaining` seconds; None if due."""
     if remaining <= 0:

@@ -26,7 +26,7 @@ from aiormq.exceptions import ChannelInvalidStateError
 from pydantic import BaseModel, ValidationError
 
 from relay.aio import cancelled_from_outside
-from relay.backoff import first_hop, hop_past
+from relay.backoff import first_hop
 from relay.broker import (
     BROKER_ERRORS,
     CONNECTION_ERRORS,
@@ -505,7 +505,7 @@ class StageWorker(ABC, Generic[E]):
         wait = self.parking.wait_behind(conversation, message_key)
         if wait is None:
             return None
-        delay = hop_past(wait, self._broker.topology.stage_delays(self.stage))
+        delay = first_hop(wait, self._broker.topology.stage_delays(self.stage))
         return Verdict(Outcome.WAIT, delay=delay, reason="parked")
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:

@@ -105,6 +105,9 @@ FAULT_ENV = {
     "RELAY_DELIVERY_CONNECT_TIMEOUT": "1",
     # 33 attempts over about a minute: a response outlives the 30 s of flapping.
     "RELAY_DELIVERY_RETRY_SCHEDULE": ",".join(["0", "0.5", "1"] + ["2"] * 30),
+    # Scaled down with the retry schedule (the default is 30 s): an endpoint back from an
+    # outage is probed within seconds, as it would be within a minute in production.
+    "RELAY_BREAKER_COOLDOWN": "5",
     "RELAY_SHUTDOWN_TIMEOUT": "5",
     "RELAY_QUEUE_WATCH_INTERVAL": "5",
     # `RELAY_FAULTS_LOG_LEVEL=info pytest tests/test_faults.py` to see more when digging.
