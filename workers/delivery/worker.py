@@ -80,9 +80,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         ):
             age = (utcnow() - envelope.createdAt).total_seconds()
             if age > self._settings.delivery_max_age:
-                return await self._dead(
-                    envelope, f"older than {self._settings.delivery_max_age}s"
-                )
+                return await self._dead(envelope, f"older than {self._settings.delivery_max_age}s")
             due = (message.headers or {}).get(DUE_HEADER)
             if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
                 return self._wait(left, "not due yet")
