@@ -10,11 +10,11 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from relay.auth import hash_token, new_signing_secret, new_token
-from relay.models import utcnow
 from relay.settings import Settings
 from relay.signing import signature_headers
 from relay.ssrf import EndpointRefused, check_scheme, check_url, guarded_session
 from relay.store import IntegrationRecord, Store, TokenKind, TokenRecord
+from relay.wire import utcnow
 
 TEST_EVENT = {"type": "test", "payload": "test"}
 

@@ -22,12 +22,12 @@ from relay.dlq import DeadLetter, DeadLetters
 from relay.ingress.app import create_app, topology_of
 from relay.logs import configure_logging
 from relay.metrics import Metrics
-from relay.models import utcnow
 from relay.runner import serve
 from relay.service import create_service_app
 from relay.settings import Settings, describe_error
 from relay.sink import SinkOptions, create_sink_app
 from relay.store import SqlStore, open_store
+from relay.wire import utcnow
 from workers.bot.service import bot_worker_context
 from workers.delivery.service import delivery_worker_context
 

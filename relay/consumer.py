@@ -39,14 +39,13 @@ from relay.broker.presence import Presence
 from relay.handoff import Subscription, surplus
 from relay.lanes import Lanes
 from relay.metrics import Metrics
-from relay.models import utcnow
 from relay.parking import Parking, still_waiting
 from relay.settings import Settings
 from relay.store import Unfinished
+from relay.wire import ATTEMPT_HEADER, DEAD_AT_HEADER, REASON_HEADER, utcnow
 
 log = structlog.get_logger(__name__)
 
-ATTEMPT_HEADER = "x-relay-attempt"
 START_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, BrokerUnavailable)
 SUBSCRIBE_TIMEOUT = 10.0  # seconds for each step of subscribing to a partition
 E = TypeVar("E", bound=BaseModel)
@@ -590,8 +589,8 @@ class StageWorker(ABC, Generic[E]):
                 message_id=message.message_id or "",
                 headers={
                     ATTEMPT_HEADER: attempt,
-                    "x-relay-reason": verdict.reason[:1000],
-                    "x-relay-dead-at": int(time.time()),
+                    REASON_HEADER: verdict.reason[:1000],
+                    DEAD_AT_HEADER: int(time.time()),
                     **verdict.headers,
                 },
             )

@@ -15,8 +15,8 @@ import structlog
 from relay.batching import GroupCommit
 from relay.broker import Broker, partition_of
 from relay.metrics import Metrics
-from relay.models import OutboundEnvelope, WebhookResponse, dump_json, utcnow
 from relay.store import ConversationRecord, OutgoingRecord, Store
+from relay.wire import OutboundEnvelope, WebhookResponse, dump_json, utcnow
 
 log = structlog.get_logger(__name__)
 

@@ -18,8 +18,8 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from relay.models import utcnow
 from relay.store import Store
+from relay.wire import utcnow
 
 
 @dataclass

@@ -9,9 +9,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from relay.broker.topology import delete
 from relay.ingress.app import topology_of
-from relay.models import InboundEnvelope, OutboundEnvelope
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundEnvelope, OutboundEnvelope
 from tests.helpers import (
     Ingress,
     Queues,

@@ -25,10 +25,10 @@ from relay.broker import Broker
 from relay.broker.topology import delete
 from relay.dlq import DeadLetters
 from relay.ingress.app import topology_of
-from relay.models import utcnow
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
 from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable
+from relay.wire import utcnow
 from tests.helpers import (
     Ingress,
     Queues,

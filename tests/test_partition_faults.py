@@ -21,9 +21,9 @@ from relay.broker import Broker, StageName, partition_of
 from relay.consumer import Outcome, StageWorker, Verdict
 from relay.ingress.app import topology_of
 from relay.metrics import Metrics
-from relay.models import utcnow
 from relay.settings import Settings
 from relay.store import Unfinished
+from relay.wire import utcnow
 from relay.workers import stall_check
 from tests.helpers import eventually, with_address
 from tests.proxy import Proxy

@@ -26,8 +26,15 @@ from relay.batching import GroupCommit
 from relay.broker import Broker, BrokerUnavailable, partition_of
 from relay.errors import Conflict, Unavailable
 from relay.metrics import Metrics
-from relay.models import InboundEnvelope, InboundRequest, MessageBundle, dump_json, utcnow
 from relay.store import Accepted, PendingMessage, Store, StoreError
+from relay.wire import (
+    REQUEST_ID_HEADER,
+    InboundEnvelope,
+    InboundRequest,
+    MessageBundle,
+    dump_json,
+    utcnow,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +157,7 @@ class Acceptor:
                 partition,
                 dump_json(envelope),
                 message_id=bundle.message.id,
-                headers={"x-request-id": request_id or ""},
+                headers={REQUEST_ID_HEADER: request_id or ""},
             )
         self._metrics.published.labels("inbound").inc()
 

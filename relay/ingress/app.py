@@ -20,7 +20,6 @@ from relay.ingress.openapi import openapi_handler
 from relay.ingress.push import PushHandler
 from relay.ingress.ratelimit import RateLimiter
 from relay.metrics import Metrics
-from relay.models import utcnow
 from relay.replies import ReplyPublisher
 from relay.service import (
     METRICS_KEY,
@@ -32,6 +31,7 @@ from relay.service import (
 )
 from relay.settings import Settings
 from relay.store import Store, StoreError, open_store_patiently
+from relay.wire import utcnow
 
 log = structlog.get_logger(__name__)
 

@@ -15,8 +15,8 @@ from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
 from relay.ingress.accept import Acceptor
 from relay.ingress.directory import Directory
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import InboundRequest, storable_text
 from relay.store import IntegrationRecord
+from relay.wire import InboundRequest, storable_text
 
 log = structlog.get_logger(__name__)
 

@@ -21,10 +21,10 @@ from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
 from relay.ingress.directory import Directory
 from relay.ingress.handlers import parse_json_object, plausible_id, request_token
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import BotReply, OutgoingMessage, PushAnswer
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.replies import ReplyPublisher
 from relay.store import ConversationRecord, OutgoingRecord, Store
+from relay.wire import BotReply, OutgoingMessage, PushAnswer
 
 log = structlog.get_logger(__name__)
 

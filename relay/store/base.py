@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from relay.models import InboundRequest, MessageBundle
+from relay.wire import InboundRequest, MessageBundle
 
 TokenKind = Literal["integration", "bot"]
 MessageState = Literal["pending", "queued"]

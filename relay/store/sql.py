@@ -10,15 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from relay.models import (
-    Conversation,
-    InboundRequest,
-    Message,
-    MessageBundle,
-    Tags,
-    User,
-    utcnow,
-)
 from relay.store.base import (
     Accepted,
     AttemptRecord,
@@ -38,6 +29,15 @@ from relay.store.driver import (
     Row,
     StoreError,
     StoreUnavailable,
+)
+from relay.wire import (
+    Conversation,
+    InboundRequest,
+    Message,
+    MessageBundle,
+    Tags,
+    User,
+    utcnow,
 )
 
 _BUNDLE_SELECT = """

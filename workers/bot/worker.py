@@ -25,10 +25,10 @@ from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
 from relay.consumer import Outcome, StageWorker, Verdict, attempt_of, stale
 from relay.metrics import Metrics
-from relay.models import InboundEnvelope, utcnow
 from relay.replies import ReplyPublisher
 from relay.settings import Settings
 from relay.store import ConversationRecord, InboundState, Store, StoreError, Unfinished
+from relay.wire import InboundEnvelope, utcnow
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
 
 log = structlog.get_logger(__name__)

@@ -29,15 +29,20 @@ from relay.broker import Broker, StageName
 from relay.consumer import Outcome, StageWorker, Verdict
 from relay.ingress.directory import Directory
 from relay.metrics import Metrics
-from relay.models import OutboundEnvelope, utcnow
 from relay.replies import delivery_id
 from relay.settings import Settings
 from relay.store import AttemptRecord, IntegrationRecord, Store, StoreError, Unfinished
+from relay.wire import (
+    ATTEMPTS_HEADER,
+    DUE_HEADER,
+    LAST_STATUS_HEADER,
+    OutboundEnvelope,
+    utcnow,
+)
 from workers.delivery.sender import Sender, Sent
 
 log = structlog.get_logger(__name__)
 
-DUE_HEADER = "x-relay-due"  # unix milliseconds before which the response waits
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 BUSY_WAIT = 5.0  # seconds a response waits in its lane for a busy endpoint's slot
 
@@ -175,8 +180,8 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             return Verdict(Outcome.DONE)
         reason = sent.error or f"the endpoint answered {sent.status}"
         headers: dict[str, str | int] = {
-            "x-relay-last-status": sent.status or 0,
-            "x-relay-attempts": envelope.attempt + 1,
+            LAST_STATUS_HEADER: sent.status or 0,
+            ATTEMPTS_HEADER: envelope.attempt + 1,
         }
         if sent.status == 410:
             await self._store.set_disabled(integration.id, utcnow())
