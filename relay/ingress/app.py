@@ -14,7 +14,6 @@ from relay.aio import cancelled_from_outside
 from relay.broker import Broker, BrokerUnavailable, Topology
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
-from relay.ingress.directory import Directory
 from relay.ingress.handlers import WebhookHandler
 from relay.ingress.openapi import openapi_handler
 from relay.ingress.push import PushHandler
@@ -31,6 +30,7 @@ from relay.service import (
 )
 from relay.settings import Settings
 from relay.store import Store, StoreError, open_store_patiently
+from relay.store.directory import Directory
 from relay.wire import utcnow
 
 log = structlog.get_logger(__name__)

@@ -49,7 +49,7 @@ from relay.ingress.handlers import parse_json_object
 from relay.ingress.push import addressed_conversation
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.replies import ReplyPublisher
-from relay.store import ConversationRecord, Store
+from relay.store import ConversationRecord, Conversations, Store
 from relay.wire.botframework import (
     Activity,
     Attachment,
@@ -194,7 +194,7 @@ def idempotency_key(activity_id: str, index: int) -> str:
 class Connector:
     """Authenticates the bot's calls and stores the messages of each Activity."""
 
-    def __init__(self, store: Store, replies: ReplyPublisher) -> None:
+    def __init__(self, store: Conversations, replies: ReplyPublisher) -> None:
         self._store = store
         self._replies = replies
 

@@ -18,20 +18,29 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.backoff import first_hop, next_delay, parse_retry_after
-from relay.batching import GroupCommit
 from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
 from relay.consumer import Outcome, StageWorker, Verdict
-from relay.ingress.directory import Directory
 from relay.metrics import Metrics
 from relay.replies import delivery_id
 from relay.settings import Settings
-from relay.store import AttemptRecord, IntegrationRecord, Store, StoreError, Unfinished
+from relay.store import (
+    AttemptRecord,
+    Attempts,
+    IntegrationLookup,
+    IntegrationRecord,
+    ParkingQueries,
+    StoreError,
+    Unfinished,
+)
+from relay.store.batching import GroupCommit
+from relay.store.directory import Directory
 from relay.wire import (
     ATTEMPTS_HEADER,
     DUE_HEADER,
@@ -47,6 +56,11 @@ RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 BUSY_WAIT = 5.0  # seconds a response waits in its lane for a busy endpoint's slot
 
 
+class DeliveryStore(Attempts, ParkingQueries, IntegrationLookup, Protocol):
+    """The store as the delivery worker uses it: the attempt log, the parking queries, and
+    the integration of each response (through the directory)."""
+
+
 class DeliveryWorker(StageWorker[OutboundEnvelope]):
     """Consumes every outbound partition; one instance per process."""
 
@@ -54,7 +68,12 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
     stage: StageName = "outbound"
 
     def __init__(
-        self, settings: Settings, store: Store, broker: Broker, sender: Sender, metrics: Metrics
+        self,
+        settings: Settings,
+        store: DeliveryStore,
+        broker: Broker,
+        sender: Sender,
+        metrics: Metrics,
     ) -> None:
         super().__init__(broker, metrics, settings.delivery_concurrency, settings)
         self._settings = settings
