@@ -15,15 +15,15 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from relay import admin, queues
+from relay import admin
 from relay.auth import new_signing_secret
-from relay.broker import BROKER_ERRORS, Broker
+from relay.broker import BROKER_ERRORS, Broker, queues, topology_of
 from relay.dlq import DeadLetter, DeadLetters
-from relay.ingress.app import create_app, topology_of
+from relay.ingress.app import create_app
 from relay.logs import configure_logging
 from relay.metrics import Metrics
-from relay.runner import serve
-from relay.service import create_service_app
+from relay.service.app import create_service_app
+from relay.service.runner import serve
 from relay.settings import Settings, describe_error
 from relay.sink import SinkOptions, create_sink_app
 from relay.store import SqlStore, open_store

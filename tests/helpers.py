@@ -16,8 +16,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiohttp.test_utils import TestServer
 
 from relay import admin
-from relay.broker import Broker, StageName, Topology, declare
-from relay.ingress.app import BROKER_KEY, create_app, topology_of
+from relay.broker import Broker, StageName, Topology, declare, topology_of
+from relay.ingress.app import BROKER_KEY, create_app
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.store import AttemptRecord, SqlStore, Store, open_store

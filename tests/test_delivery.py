@@ -20,10 +20,9 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook
 
 from relay import admin
-from relay.broker import Broker
+from relay.broker import Broker, topology_of
 from relay.broker.topology import delete
 from relay.dlq import DeadLetters
-from relay.ingress.app import topology_of
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
 from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable

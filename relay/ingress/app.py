@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from relay.aio import cancelled_from_outside
-from relay.broker import Broker, BrokerUnavailable, Topology
+from relay.broker import Broker, BrokerUnavailable
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
 from relay.ingress.handlers import WebhookHandler
@@ -20,16 +20,10 @@ from relay.ingress.push import PushHandler
 from relay.ingress.ratelimit import RateLimiter
 from relay.metrics import Metrics
 from relay.replies import ReplyPublisher
-from relay.service import (
-    METRICS_KEY,
-    READINESS_KEY,
-    WATCHER_KEY,
-    broker_check,
-    create_service_app,
-    store_check,
-)
+from relay.service.app import METRICS_KEY, create_service_app
+from relay.service.lifecycle import dependencies, queue_gauges
 from relay.settings import Settings
-from relay.store import Store, StoreError, open_store_patiently
+from relay.store import Store, StoreError
 from relay.store.directory import Directory
 from relay.wire import utcnow
 
@@ -41,18 +35,6 @@ ACCEPTOR_KEY = web.AppKey("acceptor", Acceptor)
 HANDLER_KEY = web.AppKey("webhook_handler", WebhookHandler)
 PUSH_KEY = web.AppKey("push_handler", PushHandler)
 REPLIES_KEY = web.AppKey("replies", ReplyPublisher)
-
-
-def topology_of(settings: Settings) -> Topology:
-    """The queue topology the settings describe (every service declares the same)."""
-    return Topology(
-        prefix=settings.queue_prefix,
-        partitions=settings.partitions,
-        delays=(
-            ("inbound", tuple(settings.bot_retry_delays)),
-            ("outbound", tuple(settings.delivery_delay_queues)),
-        ),
-    )
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
@@ -81,42 +63,33 @@ def _resources(
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = await open_store_patiently(
-            settings.database_url, settings.database_pool_size, settings.startup_wait
-        )
-        broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
-        broker.start()
-        acceptor = Acceptor(
-            store,
-            broker,
-            app[METRICS_KEY],
-            settings.outbox_lease,
-            wait=settings.publish_timeout + 2,
-        )
-        app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
-        directory = Directory(store, settings.auth_cache_seconds)
-        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-        replies = ReplyPublisher(store, broker, app[METRICS_KEY])
-        app[HANDLER_KEY] = WebhookHandler(directory, limiter, acceptor)
-        app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
-        app[REPLIES_KEY] = replies
-        app[READINESS_KEY].extend([("broker", broker_check(broker)), ("store", store_check(store))])
-        sweeper = asyncio.create_task(
-            _sweep_forever(
-                acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
+        async with dependencies(app, settings) as (store, broker):
+            acceptor = Acceptor(
+                store,
+                broker,
+                app[METRICS_KEY],
+                settings.outbox_lease,
+                wait=settings.publish_timeout + 2,
             )
-        )
-        watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
-        try:
-            yield
-        finally:
-            if watching:
-                await app[WATCHER_KEY].stop()
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            await broker.close()
-            await store.close()
+            app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
+            directory = Directory(store, settings.auth_cache_seconds)
+            limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+            replies = ReplyPublisher(store, broker, app[METRICS_KEY])
+            app[HANDLER_KEY] = WebhookHandler(directory, limiter, acceptor)
+            app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
+            app[REPLIES_KEY] = replies
+            sweeper = asyncio.create_task(
+                _sweep_forever(
+                    acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
+                )
+            )
+            try:
+                async with queue_gauges(app, broker, settings):
+                    yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
 
     return lambda app: resources(app)
 

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from relay.broker import Broker, BrokerUnavailable
 from relay.errors import ApiError, Unavailable, error_response
 from relay.metrics import Metrics
-from relay.queues import Watcher
+from relay.service.gauges import Watcher
 from relay.store import StoreHandle, StoreUnavailable
 
 log = structlog.get_logger(__name__)
