@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from relay import admin
 from relay.auth import new_signing_secret
 from relay.broker import BROKER_ERRORS, Broker, queues, topology_of
-from relay.dlq import DeadLetter, DeadLetters
 from relay.ingress.app import create_app
 from relay.logs import configure_logging
 from relay.metrics import Metrics
+from relay.pipeline.dlq import DeadLetter, DeadLetters
 from relay.service.app import create_service_app
 from relay.service.runner import serve
 from relay.settings import Settings, describe_error

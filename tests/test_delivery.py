@@ -22,7 +22,7 @@ from standardwebhooks import Webhook
 from relay import admin
 from relay.broker import Broker, topology_of
 from relay.broker.topology import delete
-from relay.dlq import DeadLetters
+from relay.pipeline.dlq import DeadLetters
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
 from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable

@@ -7,7 +7,7 @@ import contextlib
 
 from relay.broker import Broker, partition_of, topology_of
 from relay.broker.presence import Presence
-from relay.handoff import fair_share, surplus
+from relay.pipeline.partitions import fair_share, surplus
 from relay.settings import Settings
 from relay.store import SqlStore
 from tests.helpers import (

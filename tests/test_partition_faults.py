@@ -18,8 +18,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
 from relay.broker import Broker, StageName, partition_of, topology_of
-from relay.consumer import Outcome, StageWorker, Verdict
 from relay.metrics import Metrics
+from relay.pipeline.settle import Outcome, Verdict
+from relay.pipeline.stage import StageWorker
 from relay.service.lifecycle import stall_check
 from relay.settings import Settings
 from relay.store import Unfinished

@@ -1,17 +1,17 @@
-"""`create_app(settings)`: the ingress application, its resources and its routes."""
+"""`create_app(settings)`: the ingress application, its resources and its routes.
+
+It also runs the outbox sweep (`relay.pipeline.outbox`) for the whole relay.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
 
-import structlog
 from aiohttp import web
 
-from relay.aio import cancelled_from_outside
-from relay.broker import Broker, BrokerUnavailable
+from relay.broker import Broker
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
 from relay.ingress.handlers import WebhookHandler
@@ -19,15 +19,13 @@ from relay.ingress.openapi import openapi_handler
 from relay.ingress.push import PushHandler
 from relay.ingress.ratelimit import RateLimiter
 from relay.metrics import Metrics
-from relay.replies import ReplyPublisher
+from relay.pipeline.outbox import sweep_forever
+from relay.pipeline.replies import ReplyPublisher
 from relay.service.app import METRICS_KEY, create_service_app
 from relay.service.lifecycle import dependencies, queue_gauges
 from relay.settings import Settings
-from relay.store import Store, StoreError
+from relay.store import Store
 from relay.store.directory import Directory
-from relay.wire import utcnow
-
-log = structlog.get_logger(__name__)
 
 STORE_KEY = web.AppKey("store", Store)
 BROKER_KEY = web.AppKey("broker", Broker)
@@ -79,7 +77,7 @@ def _resources(
             app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
             app[REPLIES_KEY] = replies
             sweeper = asyncio.create_task(
-                _sweep_forever(
+                sweep_forever(
                     acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
                 )
             )
@@ -92,36 +90,3 @@ def _resources(
                     await sweeper
 
     return lambda app: resources(app)
-
-
-async def _sweep_forever(
-    acceptor: Acceptor, replies: ReplyPublisher, store: Store, lease: float, interval: float
-) -> None:
-    """Publish what a crashed process left pending: inbound messages (see
-    `relay.ingress.accept`) and responses stored but never confirmed by the broker."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            # Bounded: one sweep stuck on a dependency must not end the sweeping.
-            async with asyncio.timeout(max(lease, 30.0)):
-                await _sweep_once(acceptor, replies, store, lease)
-        except (BrokerUnavailable, StoreError, OSError) as error:
-            log.warning("outbox_sweep_failed", error=f"{type(error).__name__}: {error}")
-        except asyncio.CancelledError:
-            if cancelled_from_outside():
-                raise
-            log.error("outbox_sweep_failed", error="cancelled under the sweep")
-        except Exception:
-            log.exception("outbox_sweep_failed")
-
-
-async def _sweep_once(
-    acceptor: Acceptor, replies: ReplyPublisher, store: Store, lease: float
-) -> None:
-    await acceptor.sweep_outbox()
-    now = utcnow()
-    stale = await store.claim_stale_outgoing(
-        now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
-    )
-    # A response published twice carries the same webhook-id: receivers deduplicate.
-    await replies.publish(stale)

@@ -48,7 +48,7 @@ from relay.errors import InvalidBody, Unauthorized, Unavailable
 from relay.ingress.handlers import parse_json_object
 from relay.ingress.push import addressed_conversation
 from relay.payloads import InvalidPayload, validate_outgoing
-from relay.replies import ReplyPublisher
+from relay.pipeline.replies import ReplyPublisher
 from relay.store import ConversationRecord, Conversations, Store
 from relay.wire.botframework import (
     Activity,

@@ -21,7 +21,7 @@ from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
 from relay.ingress.handlers import parse_json_object, plausible_id, request_token
 from relay.ingress.ratelimit import RateLimiter, retry_after
 from relay.payloads import InvalidPayload, validate_outgoing
-from relay.replies import ReplyPublisher
+from relay.pipeline.replies import ReplyPublisher
 from relay.store import ConversationRecord, Conversations, OutgoingRecord
 from relay.store.directory import Directory
 from relay.wire import BotReply, OutgoingMessage, PushAnswer

@@ -13,8 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from relay.broker import Broker, topology_of
-from relay.consumer import StageWorker
 from relay.metrics import Metrics
+from relay.pipeline.stage import StageWorker
 from relay.service.app import (
     METRICS_KEY,
     READINESS_KEY,

@@ -24,9 +24,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
-from relay.consumer import Outcome, StageWorker, Verdict, attempt_of, stale
 from relay.metrics import Metrics
-from relay.replies import ReplyPublisher
+from relay.pipeline.replies import ReplyPublisher
+from relay.pipeline.settle import Outcome, Verdict, attempt_of, stale
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
 from relay.store import (
     ConversationRecord,

@@ -23,12 +23,12 @@ from typing import Protocol
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from relay.backoff import first_hop, next_delay, parse_retry_after
-from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
-from relay.consumer import Outcome, StageWorker, Verdict
 from relay.metrics import Metrics
-from relay.replies import delivery_id
+from relay.pipeline.delays import first_hop
+from relay.pipeline.replies import delivery_id
+from relay.pipeline.settle import Outcome, Verdict
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
 from relay.store import (
     AttemptRecord,
@@ -48,6 +48,8 @@ from relay.wire import (
     OutboundEnvelope,
     utcnow,
 )
+from workers.delivery.backoff import next_delay, parse_retry_after
+from workers.delivery.breaker import Breakers, State, endpoint_of
 from workers.delivery.sender import Sender, Sent
 
 log = structlog.get_logger(__name__)

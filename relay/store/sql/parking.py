@@ -56,5 +56,7 @@ class ParkingSql:
     async def mark_dead(self, message_id: str, dead_at: datetime) -> None:
         async with self._driver.connection() as conn:
             await conn.execute(
-                "UPDATE messages SET retry_at = NULL, dead_at = ? WHERE id = ?", dead_at, message_id
+                "UPDATE messages SET retry_at = NULL, dead_at = ? WHERE id = ?",
+                dead_at,
+                message_id,
             )
