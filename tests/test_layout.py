@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,40 +132,37 @@ def _inside(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
-def test_workers_do_not_import_the_ingress() -> None:
-    graph = imports(load_time_only=False)
-    offenders = sorted(
-        f"{module} imports {target}"
-        for module, targets in graph.items()
-        if _inside(module, "workers")
-        for target in targets
-        if _inside(target, "relay.ingress")
+def imports_of(target: str, allowed: Callable[[str], bool]) -> list[str]:
+    """Every import of `target` (or of a module in it) by a module not `allowed` to."""
+    return sorted(
+        f"{module} imports {imported}"
+        for module, imported_modules in imports(load_time_only=False).items()
+        if not allowed(module)
+        for imported in imported_modules
+        if _inside(imported, target)
     )
+
+
+def test_workers_do_not_import_the_ingress() -> None:
+    offenders = imports_of("relay.ingress", lambda module: not _inside(module, "workers"))
     assert not offenders, "workers/ must not import relay.ingress:\n" + "\n".join(offenders)
 
 
 def test_relay_imports_workers_only_in_the_cli() -> None:
-    graph = imports(load_time_only=False)
-    offenders = sorted(
-        f"{module} imports {target}"
-        for module, targets in graph.items()
-        if _inside(module, "relay") and module != "relay.cli"
-        for target in targets
-        if _inside(target, "workers")
+    offenders = imports_of(
+        "workers", lambda module: not _inside(module, "relay") or module == "relay.cli"
     )
     assert not offenders, "only relay/cli.py may import workers:\n" + "\n".join(offenders)
 
 
 def test_the_core_does_not_import_the_ingress() -> None:
-    graph = imports(load_time_only=False)
-    offenders = sorted(
-        f"{module} imports {target}"
-        for module, targets in graph.items()
-        if _inside(module, "relay")
-        and not _inside(module, "relay.ingress")
-        and module != "relay.cli"
-        for target in targets
-        if _inside(target, "relay.ingress")
+    offenders = imports_of(
+        "relay.ingress",
+        lambda module: (
+            not _inside(module, "relay")
+            or _inside(module, "relay.ingress")
+            or module == "relay.cli"
+        ),
     )
     assert not offenders, "only the CLI may import relay.ingress:\n" + "\n".join(offenders)
 
