@@ -59,8 +59,8 @@ from bench.common import (
 )
 from bench.raw import RawResult, raw_ceiling
 from relay import admin
+from relay.broker import topology_of
 from relay.broker.topology import Topology
-from relay.ingress.app import topology_of
 from relay.settings import Settings
 from relay.store import open_store
 

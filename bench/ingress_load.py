@@ -33,8 +33,8 @@ from bench.common import (
     service_env,
 )
 from relay import admin
+from relay.broker import topology_of
 from relay.broker.topology import Topology
-from relay.ingress.app import topology_of
 from relay.settings import Settings
 from relay.store import open_store
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.runner import wait_for_stop
+from relay.service.runner import wait_for_stop
 
 RECORDS = web.AppKey("records", list[tuple[float, str, bytes]])
 

@@ -10,11 +10,11 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from relay.auth import hash_token, new_signing_secret, new_token
-from relay.models import utcnow
 from relay.settings import Settings
 from relay.signing import signature_headers
 from relay.ssrf import EndpointRefused, check_scheme, check_url, guarded_session
-from relay.store import IntegrationRecord, Store, TokenKind, TokenRecord
+from relay.store import IntegrationRecord, Integrations, TokenKind, TokenRecord
+from relay.wire import utcnow
 
 TEST_EVENT = {"type": "test", "payload": "test"}
 
@@ -88,7 +88,7 @@ def integration_view(record: IntegrationRecord, settings: Settings) -> dict[str,
 
 
 async def create_integration(
-    store: Store, settings: Settings, name: str, response_url: str, verify: bool
+    store: Integrations, settings: Settings, name: str, response_url: str, verify: bool
 ) -> dict[str, Any]:
     """Create an integration after checking its response endpoint answers (unless not
     `verify`); its scheme must be one deliveries use (https:// only with RELAY_HTTPS_ONLY)."""
@@ -105,7 +105,7 @@ async def create_integration(
 
 
 async def create_token(
-    store: Store, integration_id: str, kind: TokenKind
+    store: Integrations, integration_id: str, kind: TokenKind
 ) -> tuple[str, TokenRecord]:
     """A new token for an integration: the token (shown once) and its record."""
     if await store.get_integration(integration_id) is None:

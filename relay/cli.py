@@ -15,19 +15,19 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from relay import admin, queues
+from relay import admin
 from relay.auth import new_signing_secret
-from relay.broker import BROKER_ERRORS, Broker
-from relay.dlq import DeadLetter, DeadLetters
-from relay.ingress.app import create_app, topology_of
+from relay.broker import BROKER_ERRORS, Broker, queues, topology_of
+from relay.ingress.app import create_app
 from relay.logs import configure_logging
 from relay.metrics import Metrics
-from relay.models import utcnow
-from relay.runner import serve
-from relay.service import create_service_app
+from relay.pipeline.dlq import DeadLetter, DeadLetters
+from relay.service.app import create_service_app
+from relay.service.runner import serve
 from relay.settings import Settings, describe_error
 from relay.sink import SinkOptions, create_sink_app
 from relay.store import SqlStore, open_store
+from relay.wire import utcnow
 from workers.bot.service import bot_worker_context
 from workers.delivery.service import delivery_worker_context
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.models import ErrorBody, ErrorDetail
+from relay.wire import ErrorBody, ErrorDetail
 
 
 class ApiError(Exception):

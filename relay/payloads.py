@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from relay.models import NO_NUL, NO_NUL_PATTERN, StorableValue, storable_text
+from relay.wire import NO_NUL, NO_NUL_PATTERN, StorableValue, storable_text
 
 MAX_URL_LENGTH = 4096
 _TYPE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -18,8 +18,8 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from relay.models import utcnow
-from relay.store import Store
+from relay.store import Integrations
+from relay.wire import utcnow
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SinkOptions:
 class Sink:
     """Verifies, prints and answers deliveries."""
 
-    def __init__(self, store: Store, options: SinkOptions, out: TextIO = sys.stdout) -> None:
+    def __init__(self, store: Integrations, options: SinkOptions, out: TextIO = sys.stdout) -> None:
         self._store = store
         self._options = options
         self._out = out
@@ -97,7 +97,7 @@ class Sink:
         print(line, file=self._out, flush=True)
 
 
-def create_sink_app(store: Store, options: SinkOptions) -> web.Application:
+def create_sink_app(store: Integrations, options: SinkOptions) -> web.Application:
     """The sink: POST to any path."""
     sink = Sink(store, options)
     app = web.Application()

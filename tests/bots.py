@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from relay.models import InboundEnvelope
 from relay.payloads import InvalidPayload
+from relay.wire import InboundEnvelope
 from workers.bot.adapters.base import BotContext
 
 _failures: Counter[str] = Counter()

@@ -16,12 +16,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiohttp.test_utils import TestServer
 
 from relay import admin
-from relay.broker import Broker, StageName, Topology, declare
-from relay.ingress.app import BROKER_KEY, create_app, topology_of
+from relay.broker import Broker, StageName, Topology, declare, topology_of
+from relay.ingress.app import BROKER_KEY, create_app
 from relay.metrics import Metrics
-from relay.models import utcnow
 from relay.settings import Settings
 from relay.store import AttemptRecord, SqlStore, Store, open_store
+from relay.wire import utcnow
 from workers.bot.adapters import BotAdapter, load_adapter
 from workers.bot.worker import BotWorker
 from workers.delivery.sender import Sender

@@ -6,8 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from relay.auth import reply_token, reply_token_valid
-from relay.lanes import Lanes
-from relay.parking import Parking, still_waiting
+from relay.pipeline.lanes import Lanes
+from relay.pipeline.parking import Parking, still_waiting
 from relay.store import Unfinished
 from workers.bot.adapters.http import replies_of
 

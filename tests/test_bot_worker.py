@@ -7,11 +7,11 @@ import json
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from relay.broker import topology_of
 from relay.broker.topology import delete
-from relay.ingress.app import topology_of
-from relay.models import InboundEnvelope, OutboundEnvelope
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundEnvelope, OutboundEnvelope
 from tests.helpers import (
     Ingress,
     Queues,

@@ -30,9 +30,9 @@ from botbuilder.schema import Activity, ActivityTypes, ConversationReference
 
 from relay.auth import reply_token
 from relay.ingress.app import BROKER_KEY, create_app
-from relay.models import InboundEnvelope, utcnow
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundEnvelope, utcnow
 from tests.helpers import (
     Ingress,
     Queues,

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 
 from relay import admin
-from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundRequest, utcnow
 from tests.helpers import (
     Ingress,
     Queues,

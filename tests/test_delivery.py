@@ -20,15 +20,14 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook
 
 from relay import admin
-from relay.batching import GroupCommit
-from relay.broker import Broker
+from relay.broker import Broker, topology_of
 from relay.broker.topology import delete
-from relay.dlq import DeadLetters
-from relay.ingress.app import topology_of
-from relay.models import utcnow
+from relay.pipeline.dlq import DeadLetters
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
 from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable
+from relay.store.batching import GroupCommit
+from relay.wire import utcnow
 from tests.helpers import (
     Ingress,
     Queues,

@@ -10,9 +10,10 @@ from email.utils import format_datetime
 
 import pytest
 
-from relay.backoff import hop, jittered, next_delay, parse_retry_after
-from relay.breaker import Breakers, State, endpoint_of
+from relay.pipeline.delays import hop
 from relay.ssrf import EndpointRefused, GuardedResolver, check_url, is_public
+from workers.delivery.backoff import jittered, next_delay, parse_retry_after
+from workers.delivery.breaker import Breakers, State, endpoint_of
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 

@@ -24,9 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from relay.broker import topology_of
 from relay.broker.topology import StageName, Topology
 from relay.cli import SERVICES, build_parser
-from relay.ingress.app import topology_of
 from relay.metrics import Metrics
 from relay.settings import Settings
 

@@ -52,9 +52,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from relay.broker import partition_of
+from relay.broker import partition_of, topology_of
 from relay.broker.topology import delete
-from relay.ingress.app import topology_of
 from relay.settings import Settings
 from relay.store import open_store
 from relay.store.postgres import drop_schema

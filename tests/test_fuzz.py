@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from relay.broker import Topology
-from relay.models import InboundRequest, storable_text
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundRequest, storable_text
 from tests.helpers import Ingress, Queues, make_integration
 
 # Any character at all, unpaired surrogates and NUL included: JSON can carry them.

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from relay.broker import Broker, partition_of
+from relay.broker import Broker, partition_of, topology_of
 from relay.broker.presence import Presence
-from relay.handoff import fair_share, surplus
-from relay.ingress.app import topology_of
+from relay.pipeline.partitions import fair_share, surplus
 from relay.settings import Settings
 from relay.store import SqlStore
 from tests.helpers import (

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from relay.broker import partition_of
-from relay.models import InboundEnvelope, MessageBundle
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundEnvelope, MessageBundle
 from tests.helpers import Ingress, Queues, make_integration, message
 
 Case = tuple[str, Any]

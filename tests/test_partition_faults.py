@@ -17,14 +17,14 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
-from relay.broker import Broker, StageName, partition_of
-from relay.consumer import Outcome, StageWorker, Verdict
-from relay.ingress.app import topology_of
+from relay.broker import Broker, StageName, partition_of, topology_of
 from relay.metrics import Metrics
-from relay.models import utcnow
+from relay.pipeline.settle import Outcome, Verdict
+from relay.pipeline.stage import StageWorker
+from relay.service.lifecycle import stall_check
 from relay.settings import Settings
 from relay.store import Unfinished
-from relay.workers import stall_check
+from relay.wire import utcnow
 from tests.helpers import eventually, with_address
 from tests.proxy import Proxy
 

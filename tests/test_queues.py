@@ -14,12 +14,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestServer
 
-from relay import queues
-from relay.broker import Topology, declare
+from relay.broker import Topology, declare, queues, topology_of
 from relay.cli import create_all_app
-from relay.ingress.app import topology_of
 from relay.metrics import Metrics
-from relay.service import METRICS_KEY
+from relay.service.app import METRICS_KEY
 from relay.settings import Settings
 from tests.helpers import eventually
 from tests.test_cli import RELAY, relay, relay_env

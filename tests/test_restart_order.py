@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from relay.broker import topology_of
 from relay.broker.topology import delete
-from relay.ingress.app import topology_of
-from relay.models import InboundEnvelope
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import InboundEnvelope
 from tests.helpers import (
     eventually,
     make_integration,

@@ -27,7 +27,7 @@ from aiohttp import web
 from relay import admin
 from relay.auth import reply_token
 from relay.ingress.app import BROKER_KEY, create_app
-from relay.service import ServiceRunner
+from relay.service.app import ServiceRunner
 from relay.settings import Settings
 from relay.store import SqlStore
 from tests.helpers import make_integration, message

@@ -10,11 +10,11 @@ import asyncpg
 import pytest
 
 from relay.auth import hash_token
-from relay.models import InboundRequest, utcnow
 from relay.settings import Settings
 from relay.store import SqlStore, StoreError, StoreUnavailable, open_store, schema
 from relay.store.postgres import translated
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
+from relay.wire import InboundRequest, utcnow
 from tests.helpers import attempt_record, make_integration, message
 
 

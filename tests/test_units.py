@@ -16,11 +16,11 @@ from relay.aio import cancelled_from_outside
 from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
 from relay.broker import Topology, partition_of
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import InboundRequest, Message, Tags
 from relay.settings import Settings, describe_error
 from relay.signing import signature_headers
 from relay.store.postgres import numbered, split_schema
 from relay.store.sqlite import sqlite_path, to_db
+from relay.wire import InboundRequest, Message, Tags
 from tests.helpers import message
 
 

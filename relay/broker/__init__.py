@@ -1,7 +1,14 @@
 """RabbitMQ: topology, partitioning and the confirming publisher."""
 
 from relay.broker.client import BROKER_ERRORS, CONNECTION_ERRORS, Broker, BrokerUnavailable
-from relay.broker.topology import STAGES, StageName, Topology, declare, partition_of
+from relay.broker.topology import (
+    STAGES,
+    StageName,
+    Topology,
+    declare,
+    partition_of,
+    topology_of,
+)
 
 __all__ = [
     "BROKER_ERRORS",
@@ -13,4 +20,5 @@ __all__ = [
     "Topology",
     "declare",
     "partition_of",
+    "topology_of",
 ]

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+from relay.settings import Settings
+
 StageName = Literal["inbound", "outbound"]
 STAGES: tuple[StageName, ...] = ("inbound", "outbound")
 QueueKind = Literal["partition", "delay", "dead"]
@@ -101,6 +103,18 @@ class Topology:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
+
+
+def topology_of(settings: Settings) -> Topology:
+    """The queue topology the settings describe (every service declares the same)."""
+    return Topology(
+        prefix=settings.queue_prefix,
+        partitions=settings.partitions,
+        delays=(
+            ("inbound", tuple(settings.bot_retry_delays)),
+            ("outbound", tuple(settings.delivery_delay_queues)),
+        ),
+    )
 
 
 async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, AbstractExchange]:

@@ -22,12 +22,19 @@ from datetime import timedelta
 
 import structlog
 
-from relay.batching import GroupCommit
 from relay.broker import Broker, BrokerUnavailable, partition_of
 from relay.errors import Conflict, Unavailable
 from relay.metrics import Metrics
-from relay.models import InboundEnvelope, InboundRequest, MessageBundle, dump_json, utcnow
-from relay.store import Accepted, PendingMessage, Store, StoreError
+from relay.store import Accepted, Inbound, PendingMessage, StoreError
+from relay.store.batching import GroupCommit
+from relay.wire import (
+    REQUEST_ID_HEADER,
+    InboundEnvelope,
+    InboundRequest,
+    MessageBundle,
+    dump_json,
+    utcnow,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +50,7 @@ class Acceptor:
     """Records and queues inbound messages; one per ingress, shared by its handlers."""
 
     def __init__(
-        self, store: Store, broker: Broker, metrics: Metrics, lease: float, wait: float
+        self, store: Inbound, broker: Broker, metrics: Metrics, lease: float, wait: float
     ) -> None:
         self._store = store
         self._queued = GroupCommit(store.mark_queued, "mark-inbound-queued")
@@ -150,7 +157,7 @@ class Acceptor:
                 partition,
                 dump_json(envelope),
                 message_id=bundle.message.id,
-                headers={"x-request-id": request_id or ""},
+                headers={REQUEST_ID_HEADER: request_id or ""},
             )
         self._metrics.published.labels("inbound").inc()
 

@@ -1,39 +1,31 @@
-"""`create_app(settings)`: the ingress application, its resources and its routes."""
+"""`create_app(settings)`: the ingress application, its resources and its routes.
+
+It also runs the outbox sweep (`relay.pipeline.outbox`) for the whole relay.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
 
-import structlog
 from aiohttp import web
 
-from relay.aio import cancelled_from_outside
-from relay.broker import Broker, BrokerUnavailable, Topology
+from relay.broker import Broker
 from relay.ingress.accept import Acceptor
 from relay.ingress.connector import add_connector_routes
-from relay.ingress.directory import Directory
 from relay.ingress.handlers import WebhookHandler
 from relay.ingress.openapi import openapi_handler
 from relay.ingress.push import PushHandler
 from relay.ingress.ratelimit import RateLimiter
 from relay.metrics import Metrics
-from relay.models import utcnow
-from relay.replies import ReplyPublisher
-from relay.service import (
-    METRICS_KEY,
-    READINESS_KEY,
-    WATCHER_KEY,
-    broker_check,
-    create_service_app,
-    store_check,
-)
+from relay.pipeline.outbox import sweep_forever
+from relay.pipeline.replies import ReplyPublisher
+from relay.service.app import METRICS_KEY, create_service_app
+from relay.service.lifecycle import dependencies, queue_gauges
 from relay.settings import Settings
-from relay.store import Store, StoreError, open_store_patiently
-
-log = structlog.get_logger(__name__)
+from relay.store import Store
+from relay.store.directory import Directory
 
 STORE_KEY = web.AppKey("store", Store)
 BROKER_KEY = web.AppKey("broker", Broker)
@@ -41,18 +33,6 @@ ACCEPTOR_KEY = web.AppKey("acceptor", Acceptor)
 HANDLER_KEY = web.AppKey("webhook_handler", WebhookHandler)
 PUSH_KEY = web.AppKey("push_handler", PushHandler)
 REPLIES_KEY = web.AppKey("replies", ReplyPublisher)
-
-
-def topology_of(settings: Settings) -> Topology:
-    """The queue topology the settings describe (every service declares the same)."""
-    return Topology(
-        prefix=settings.queue_prefix,
-        partitions=settings.partitions,
-        delays=(
-            ("inbound", tuple(settings.bot_retry_delays)),
-            ("outbound", tuple(settings.delivery_delay_queues)),
-        ),
-    )
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
@@ -81,74 +61,32 @@ def _resources(
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = await open_store_patiently(
-            settings.database_url, settings.database_pool_size, settings.startup_wait
-        )
-        broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
-        broker.start()
-        acceptor = Acceptor(
-            store,
-            broker,
-            app[METRICS_KEY],
-            settings.outbox_lease,
-            wait=settings.publish_timeout + 2,
-        )
-        app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
-        directory = Directory(store, settings.auth_cache_seconds)
-        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-        replies = ReplyPublisher(store, broker, app[METRICS_KEY])
-        app[HANDLER_KEY] = WebhookHandler(directory, limiter, acceptor)
-        app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
-        app[REPLIES_KEY] = replies
-        app[READINESS_KEY].extend([("broker", broker_check(broker)), ("store", store_check(store))])
-        sweeper = asyncio.create_task(
-            _sweep_forever(
-                acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
+        async with dependencies(app, settings) as (store, broker):
+            acceptor = Acceptor(
+                store,
+                broker,
+                app[METRICS_KEY],
+                settings.outbox_lease,
+                wait=settings.publish_timeout + 2,
             )
-        )
-        watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
-        try:
-            yield
-        finally:
-            if watching:
-                await app[WATCHER_KEY].stop()
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            await broker.close()
-            await store.close()
+            app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
+            directory = Directory(store, settings.auth_cache_seconds)
+            limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+            replies = ReplyPublisher(store, broker, app[METRICS_KEY])
+            app[HANDLER_KEY] = WebhookHandler(directory, limiter, acceptor)
+            app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
+            app[REPLIES_KEY] = replies
+            sweeper = asyncio.create_task(
+                sweep_forever(
+                    acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
+                )
+            )
+            try:
+                async with queue_gauges(app, broker, settings):
+                    yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
 
     return lambda app: resources(app)
-
-
-async def _sweep_forever(
-    acceptor: Acceptor, replies: ReplyPublisher, store: Store, lease: float, interval: float
-) -> None:
-    """Publish what a crashed process left pending: inbound messages (see
-    `relay.ingress.accept`) and responses stored but never confirmed by the broker."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            # Bounded: one sweep stuck on a dependency must not end the sweeping.
-            async with asyncio.timeout(max(lease, 30.0)):
-                await _sweep_once(acceptor, replies, store, lease)
-        except (BrokerUnavailable, StoreError, OSError) as error:
-            log.warning("outbox_sweep_failed", error=f"{type(error).__name__}: {error}")
-        except asyncio.CancelledError:
-            if cancelled_from_outside():
-                raise
-            log.error("outbox_sweep_failed", error="cancelled under the sweep")
-        except Exception:
-            log.exception("outbox_sweep_failed")
-
-
-async def _sweep_once(
-    acceptor: Acceptor, replies: ReplyPublisher, store: Store, lease: float
-) -> None:
-    await acceptor.sweep_outbox()
-    now = utcnow()
-    stale = await store.claim_stale_outgoing(
-        now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
-    )
-    # A response published twice carries the same webhook-id: receivers deduplicate.
-    await replies.publish(stale)

@@ -36,21 +36,27 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from relay.auth import reply_token_valid
 from relay.broker import BrokerUnavailable
 from relay.errors import InvalidBody, Unauthorized, Unavailable
 from relay.ingress.handlers import parse_json_object
 from relay.ingress.push import addressed_conversation
-from relay.models import Timestamp
 from relay.payloads import InvalidPayload, validate_outgoing
-from relay.replies import ReplyPublisher
-from relay.store import ConversationRecord, Store
+from relay.pipeline.replies import ReplyPublisher
+from relay.store import ConversationRecord, Conversations, Store
+from relay.wire.botframework import (
+    Activity,
+    Attachment,
+    CardAction,
+    HeroCard,
+    ResourceResponse,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -59,101 +65,6 @@ HERO_CARD = "application/vnd.microsoft.card.hero"
 
 Reply = tuple[str, dict[str, Any]]
 M = TypeVar("M", bound=BaseModel)
-
-
-class _Wire(BaseModel):
-    # Bot Framework objects carry many more fields than Relay reads: keep them all.
-    model_config = ConfigDict(extra="allow", validate_by_name=True, validate_by_alias=True)
-
-
-class ChannelAccount(_Wire):
-    """A user or bot in an Activity (`from`, `recipient`)."""
-
-    id: str
-    name: str | None = None
-
-
-class ConversationAccount(_Wire):
-    """The conversation of an Activity."""
-
-    id: str
-
-
-class CardAction(_Wire):
-    """A button (of a card or of suggested actions)."""
-
-    type: str
-    title: str | None = None
-    value: Any = None
-    text: str | None = None
-    displayText: str | None = None
-
-
-class CardImage(_Wire):
-    """An image of a card."""
-
-    url: str
-
-
-class HeroCard(_Wire):
-    """The content of a hero card attachment."""
-
-    title: str | None = None
-    subtitle: str | None = None
-    text: str | None = None
-    images: list[CardImage] = Field(default_factory=list)
-    buttons: list[CardAction] = Field(default_factory=list)
-
-
-class Attachment(_Wire):
-    """A file, picture or card attached to a message."""
-
-    contentType: str
-    contentUrl: str | None = None
-    content: Any = None
-    name: str | None = None
-
-
-class SuggestedActions(_Wire):
-    """Buttons offered under a message."""
-
-    actions: list[CardAction] = Field(default_factory=list)
-
-
-def _no_number(value: Any) -> Any:
-    # pydantic would read a number as unix seconds; the Activity schema says an ISO 8601 string.
-    if isinstance(value, int | float):
-        raise ValueError("must be an ISO 8601 date-time string")
-    return value
-
-
-class Activity(_Wire):
-    """A Bot Framework Activity: what the relay sends the bot, and what the bot sends back."""
-
-    type: str
-    id: str | None = None
-    timestamp: Annotated[Timestamp | None, BeforeValidator(_no_number)] = None
-    channelId: str | None = None
-    serviceUrl: str | None = None
-    from_: ChannelAccount | None = Field(default=None, alias="from")
-    recipient: ChannelAccount | None = None
-    conversation: ConversationAccount | None = None
-    replyToId: str | None = None
-    text: str | None = None
-    textFormat: str | None = None
-    attachments: list[Attachment] = Field(default_factory=list)
-    suggestedActions: SuggestedActions | None = None
-    channelData: Any = None
-
-    def wire(self) -> dict[str, Any]:
-        """The JSON object sent on the wire (camelCase, `from`; no nulls, no empty defaults)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
-
-
-class ResourceResponse(_Wire):
-    """The answer to an activity sent: the id of what was created."""
-
-    id: str
 
 
 # Bot Framework button types, by the Relay card action that does the same.
@@ -283,7 +194,7 @@ def idempotency_key(activity_id: str, index: int) -> str:
 class Connector:
     """Authenticates the bot's calls and stores the messages of each Activity."""
 
-    def __init__(self, store: Store, replies: ReplyPublisher) -> None:
+    def __init__(self, store: Conversations, replies: ReplyPublisher) -> None:
         self._store = store
         self._replies = replies
 

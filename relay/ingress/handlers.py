@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from relay.auth import bearer_token, token_matches
 from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
 from relay.ingress.accept import Acceptor
-from relay.ingress.directory import Directory
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import InboundRequest, storable_text
 from relay.store import IntegrationRecord
+from relay.store.directory import Directory
+from relay.wire import InboundRequest, storable_text
 
 log = structlog.get_logger(__name__)
 

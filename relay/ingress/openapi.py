@@ -1,7 +1,7 @@
 """`/openapi.json`: every route of the ingress, generated from the wire models so it cannot drift.
 
 The schemas say what the server really accepts, so a client (or a fuzzer) that follows them
-is never refused: strings hold no NUL (`relay.models.NO_NUL_PATTERN`), a pushed message's
+is never refused: strings hold no NUL (`relay.wire.NO_NUL_PATTERN`), a pushed message's
 payload has the shape of its type (`relay.payloads`), URLs are http(s) URLs.
 """
 
@@ -15,10 +15,11 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from relay.ingress.connector import CONNECTOR_PREFIX, Activity, ResourceResponse
+from relay.ingress.connector import CONNECTOR_PREFIX
 from relay.ingress.push import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX
-from relay.models import ErrorBody, InboundRequest, MessageBundle, PushAnswer
 from relay.payloads import PAYLOAD_MODELS, TYPE_NAME_PATTERN
+from relay.wire import ErrorBody, InboundRequest, MessageBundle, PushAnswer
+from relay.wire.botframework import Activity, ResourceResponse
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 

@@ -18,13 +18,13 @@ from pydantic import ValidationError
 
 from relay.auth import REPLY_PREFIX, reply_token_valid, token_matches
 from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
-from relay.ingress.directory import Directory
 from relay.ingress.handlers import parse_json_object, plausible_id, request_token
 from relay.ingress.ratelimit import RateLimiter, retry_after
-from relay.models import BotReply, OutgoingMessage, PushAnswer
 from relay.payloads import InvalidPayload, validate_outgoing
-from relay.replies import ReplyPublisher
-from relay.store import ConversationRecord, OutgoingRecord, Store
+from relay.pipeline.replies import ReplyPublisher
+from relay.store import ConversationRecord, Conversations, OutgoingRecord
+from relay.store.directory import Directory
+from relay.wire import BotReply, OutgoingMessage, PushAnswer
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +78,7 @@ def validate_reply(body: dict[str, Any]) -> BotReply:
     return reply
 
 
-async def addressed_conversation(store: Store, request: web.Request) -> ConversationRecord:
+async def addressed_conversation(store: Conversations, request: web.Request) -> ConversationRecord:
     """The conversation named by the `conversationId` route part; NotFound if none."""
     conversation_id = request.match_info["conversationId"]
     conversation = (
@@ -97,7 +97,11 @@ class PushHandler:
     """Authenticates bots and stores the messages they push."""
 
     def __init__(
-        self, store: Store, directory: Directory, limiter: RateLimiter, replies: ReplyPublisher
+        self,
+        store: Conversations,
+        directory: Directory,
+        limiter: RateLimiter,
+        replies: ReplyPublisher,
     ) -> None:
         self._store = store
         self._directory = directory

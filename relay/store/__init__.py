@@ -1,4 +1,5 @@
-"""Persistent state: one `Store` interface, SQLite and PostgreSQL behind it."""
+"""Persistent state: narrow protocols per role (`Store` is all of them), SQLite and
+PostgreSQL behind them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,22 @@ import time
 import asyncpg
 import structlog
 
-from relay.store.base import (
+from relay.store.driver import Driver, IntegrityViolation, StoreError, StoreUnavailable
+from relay.store.postgres import PostgresDriver
+from relay.store.protocols import (
+    Attempts,
+    Conversations,
+    Inbound,
+    IntegrationLookup,
+    Integrations,
+    Outgoing,
+    ParkingQueries,
+    Queued,
+    Store,
+    StoreHandle,
+    Turns,
+)
+from relay.store.records import (
     Accepted,
     AttemptRecord,
     ConversationRecord,
@@ -16,13 +32,10 @@ from relay.store.base import (
     IntegrationRecord,
     OutgoingRecord,
     PendingMessage,
-    Store,
     TokenKind,
     TokenRecord,
     Unfinished,
 )
-from relay.store.driver import Driver, IntegrityViolation, StoreError, StoreUnavailable
-from relay.store.postgres import PostgresDriver
 from relay.store.schema import apply_migrations
 from relay.store.sql import SqlStore
 from relay.store.sqlite import SqliteDriver
@@ -30,18 +43,28 @@ from relay.store.sqlite import SqliteDriver
 __all__ = [
     "Accepted",
     "AttemptRecord",
+    "Attempts",
     "ConversationRecord",
+    "Conversations",
+    "Inbound",
     "InboundState",
+    "IntegrationLookup",
     "IntegrationRecord",
+    "Integrations",
     "IntegrityViolation",
+    "Outgoing",
     "OutgoingRecord",
+    "ParkingQueries",
     "PendingMessage",
+    "Queued",
     "SqlStore",
     "Store",
     "StoreError",
+    "StoreHandle",
     "StoreUnavailable",
     "TokenKind",
     "TokenRecord",
+    "Turns",
     "Unfinished",
     "open_store",
     "open_store_patiently",

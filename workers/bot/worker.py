@@ -17,18 +17,29 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
-from relay.consumer import Outcome, StageWorker, Verdict, attempt_of, stale
 from relay.metrics import Metrics
-from relay.models import InboundEnvelope, utcnow
-from relay.replies import ReplyPublisher
+from relay.pipeline.replies import ReplyPublisher
+from relay.pipeline.settle import Outcome, Verdict, attempt_of, stale
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
-from relay.store import ConversationRecord, InboundState, Store, StoreError, Unfinished
+from relay.store import (
+    ConversationRecord,
+    Conversations,
+    InboundState,
+    Outgoing,
+    ParkingQueries,
+    StoreError,
+    Turns,
+    Unfinished,
+)
+from relay.wire import InboundEnvelope, utcnow
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
 
 log = structlog.get_logger(__name__)
@@ -36,6 +47,11 @@ log = structlog.get_logger(__name__)
 REPLY_TOKEN_SECONDS = 24 * 3600
 # How far back a worker meeting a conversation looks for messages parked by another.
 PARKING_LOOKBACK = timedelta(days=1)
+
+
+class BotStore(Turns, ParkingQueries, Conversations, Outgoing, Protocol):
+    """The store as the bot worker uses it: turns, the parking queries, the conversation's
+    bot secret, and the replies it publishes."""
 
 
 class BotWorker(StageWorker[InboundEnvelope]):
@@ -47,7 +63,7 @@ class BotWorker(StageWorker[InboundEnvelope]):
     def __init__(
         self,
         settings: Settings,
-        store: Store,
+        store: BotStore,
         broker: Broker,
         adapter: BotAdapter,
         metrics: Metrics,

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from relay.models import utcnow
 from relay.signing import signature_headers
 from relay.ssrf import EndpointRefused, GuardedResolver, Network, check_url
+from relay.wire import utcnow
 
 RESPONSE_BODY_LIMIT = 4096
 USER_AGENT = "Relay-Webhooks/1"

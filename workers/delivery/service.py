@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from relay.broker import Broker
 from relay.metrics import Metrics
+from relay.service.lifecycle import Closer, Context, worker_context
 from relay.settings import Settings
 from relay.store import Store
-from relay.workers import Closer, Context, worker_context
 from workers.delivery.sender import Sender
 from workers.delivery.worker import DeliveryWorker
 

@@ -18,28 +18,49 @@ import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from relay.backoff import first_hop, next_delay, parse_retry_after
-from relay.batching import GroupCommit
-from relay.breaker import Breakers, State, endpoint_of
 from relay.broker import Broker, StageName
-from relay.consumer import Outcome, StageWorker, Verdict
-from relay.ingress.directory import Directory
 from relay.metrics import Metrics
-from relay.models import OutboundEnvelope, utcnow
-from relay.replies import delivery_id
+from relay.pipeline.delays import first_hop
+from relay.pipeline.replies import delivery_id
+from relay.pipeline.settle import Outcome, Verdict
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
-from relay.store import AttemptRecord, IntegrationRecord, Store, StoreError, Unfinished
+from relay.store import (
+    AttemptRecord,
+    Attempts,
+    IntegrationLookup,
+    IntegrationRecord,
+    ParkingQueries,
+    StoreError,
+    Unfinished,
+)
+from relay.store.batching import GroupCommit
+from relay.store.directory import Directory
+from relay.wire import (
+    ATTEMPTS_HEADER,
+    DUE_HEADER,
+    LAST_STATUS_HEADER,
+    OutboundEnvelope,
+    utcnow,
+)
+from workers.delivery.backoff import next_delay, parse_retry_after
+from workers.delivery.breaker import Breakers, State, endpoint_of
 from workers.delivery.sender import Sender, Sent
 
 log = structlog.get_logger(__name__)
 
-DUE_HEADER = "x-relay-due"  # unix milliseconds before which the response waits
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 BUSY_WAIT = 5.0  # seconds a response waits in its lane for a busy endpoint's slot
+
+
+class DeliveryStore(Attempts, ParkingQueries, IntegrationLookup, Protocol):
+    """The store as the delivery worker uses it: the attempt log, the parking queries, and
+    the integration of each response (through the directory)."""
 
 
 class DeliveryWorker(StageWorker[OutboundEnvelope]):
@@ -49,7 +70,12 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
     stage: StageName = "outbound"
 
     def __init__(
-        self, settings: Settings, store: Store, broker: Broker, sender: Sender, metrics: Metrics
+        self,
+        settings: Settings,
+        store: DeliveryStore,
+        broker: Broker,
+        sender: Sender,
+        metrics: Metrics,
     ) -> None:
         super().__init__(broker, metrics, settings.delivery_concurrency, settings)
         self._settings = settings
@@ -80,9 +106,7 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         ):
             age = (utcnow() - envelope.createdAt).total_seconds()
             if age > self._settings.delivery_max_age:
-                return await self._dead(
-                    envelope, f"older than {self._settings.delivery_max_age}s"
-                )
+                return await self._dead(envelope, f"older than {self._settings.delivery_max_age}s")
             due = (message.headers or {}).get(DUE_HEADER)
             if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
                 return self._wait(left, "not due yet")
@@ -177,8 +201,8 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
             return Verdict(Outcome.DONE)
         reason = sent.error or f"the endpoint answered {sent.status}"
         headers: dict[str, str | int] = {
-            "x-relay-last-status": sent.status or 0,
-            "x-relay-attempts": envelope.attempt + 1,
+            LAST_STATUS_HEADER: sent.status or 0,
+            ATTEMPTS_HEADER: envelope.attempt + 1,
         }
         if sent.status == 410:
             await self._store.set_disabled(integration.id, utcnow())

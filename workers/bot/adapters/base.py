@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
-from relay.models import InboundEnvelope
 from relay.payloads import InvalidPayload, validate_outgoing
+from relay.wire import InboundEnvelope
 
 log = structlog.get_logger(__name__)
 

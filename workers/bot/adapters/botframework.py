@@ -50,9 +50,9 @@ import uuid
 import aiohttp
 from pydantic import BaseModel, Field, ValidationError
 
-from relay.ingress.connector import Activity, ChannelAccount, ConversationAccount
-from relay.models import InboundEnvelope, utcnow
 from relay.settings import Settings
+from relay.wire import InboundEnvelope, utcnow
+from relay.wire.botframework import Activity, ChannelAccount, ConversationAccount
 from workers.bot.adapters.base import BotContext, BotFailure, post_to_bot
 
 CHANNEL_ID = "relay"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.models import InboundEnvelope
+from relay.wire import InboundEnvelope
 from workers.bot.adapters.base import BotContext
 
 

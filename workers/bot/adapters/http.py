@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from relay.models import InboundEnvelope
+from relay.wire import InboundEnvelope
 from workers.bot.adapters.base import BotContext, BotFailure, keep_valid, post_to_bot
 
 

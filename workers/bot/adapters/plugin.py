@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from importlib.metadata import entry_points
 
-from relay.models import InboundEnvelope
+from relay.wire import InboundEnvelope
 from workers.bot.adapters.base import BotContext
 
 BotFunction = Callable[[InboundEnvelope, BotContext], Awaitable[None]]

@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from relay.broker import Broker, BrokerUnavailable
 from relay.errors import ApiError, Unavailable, error_response
 from relay.metrics import Metrics
-from relay.queues import Watcher
-from relay.store import Store, StoreUnavailable
+from relay.service.gauges import Watcher
+from relay.store import StoreHandle, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +140,7 @@ def broker_check(broker: Broker) -> ReadinessCheck:
     return check
 
 
-def store_check(store: Store) -> ReadinessCheck:
+def store_check(store: StoreHandle) -> ReadinessCheck:
     """Ready while the store answers within two seconds."""
 
     async def check() -> str | None:

@@ -1,7 +1,8 @@
-"""Integrations and their token hashes, cached for a few seconds per ingress process.
+"""Integrations and their token hashes, cached for a few seconds per process.
 
-Every request needs both; the cache keeps the store off the hot path. A revoked token
-or a new integration takes effect within `auth_cache_seconds`.
+Every ingress request needs both, and every delivery its integration; the cache keeps the
+store off the hot path. A revoked token or a new integration takes effect within
+`auth_cache_seconds`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from relay.store import IntegrationRecord, Store, TokenKind
+from relay.store.protocols import IntegrationLookup
+from relay.store.records import IntegrationRecord, TokenKind
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class Entry:
 class Directory:
     """Looks up integrations and token hashes through a short-lived cache."""
 
-    def __init__(self, store: Store, ttl: float) -> None:
+    def __init__(self, store: IntegrationLookup, ttl: float) -> None:
         self._store = store
         self._ttl = ttl
         self._entries: dict[tuple[str, TokenKind], Entry] = {}

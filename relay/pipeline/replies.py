@@ -12,11 +12,11 @@ from typing import Any
 
 import structlog
 
-from relay.batching import GroupCommit
 from relay.broker import Broker, partition_of
 from relay.metrics import Metrics
-from relay.models import OutboundEnvelope, WebhookResponse, dump_json, utcnow
-from relay.store import ConversationRecord, OutgoingRecord, Store
+from relay.store import ConversationRecord, Outgoing, OutgoingRecord
+from relay.store.batching import GroupCommit
+from relay.wire import OutboundEnvelope, WebhookResponse, dump_json, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +42,7 @@ def webhook_body(record: OutgoingRecord) -> WebhookResponse:
 class ReplyPublisher:
     """Publishes stored responses to their outbound partition, with confirms, then marks them."""
 
-    def __init__(self, store: Store, broker: Broker, metrics: Metrics) -> None:
+    def __init__(self, store: Outgoing, broker: Broker, metrics: Metrics) -> None:
         self._store = store
         self._queued = GroupCommit(store.mark_queued, "mark-responses-queued")
         self._broker = broker

@@ -1,4 +1,5 @@
-"""What is in the relay's queues: for `relay queues` and for every service's `/metrics`.
+"""What is in the relay's queues: for `relay queues` and for every service's `/metrics`
+(`relay.service.gauges` keeps those fresh).
 
 AMQP tells, per queue, the messages ready and the active consumers (a passive declare);
 it does not tell the unacknowledged ones. Those come from the management API when
@@ -7,21 +8,17 @@ it does not tell the unacknowledged ones. Those come from the management API whe
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from dataclasses import asdict, dataclass, replace
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
-import structlog
 from aio_pika.abc import AbstractConnection
 
-from relay.broker import BROKER_ERRORS, CONNECTION_ERRORS, Broker, Topology
-from relay.broker.topology import QueueKind
+from relay.broker.client import BROKER_ERRORS
+from relay.broker.topology import QueueKind, Topology
 from relay.metrics import Metrics
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,40 +122,3 @@ def export(stats: list[QueueStat], metrics: Metrics) -> None:
         metrics.queue_consumers.labels(stat.stage, stat.name).set(stat.consumers or 0)
         if stat.kind == "dead":
             metrics.dead_letters.labels(stat.stage).set(stat.ready)
-
-
-class Watcher:
-    """Keeps the queue gauges fresh: one per process, however many services it runs (`relay
-    run` has three), since every one of them would look at the same queues."""
-
-    def __init__(self) -> None:
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self, broker: Broker, metrics: Metrics, interval: float) -> bool:
-        """Start watching through `broker`; False if this process already watches."""
-        if self._task is not None:
-            return False
-        self._task = asyncio.create_task(watch(broker, metrics, interval), name="queue-watch")
-        return True
-
-    async def stop(self) -> None:
-        """Stop watching (the one who started it, before closing its broker)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-async def watch(broker: Broker, metrics: Metrics, interval: float) -> None:
-    """Refresh the queue gauges every `interval` seconds while the service runs."""
-    while True:
-        connection = broker.connection
-        if connection is not None and broker.ready:
-            try:
-                export(await look(connection, broker.topology), metrics)
-            except CONNECTION_ERRORS as error:
-                log.debug("queue_look_failed", error=str(error))
-            except Exception:
-                log.exception("queue_look_failed")  # never the end of the gauges
-        await asyncio.sleep(interval)

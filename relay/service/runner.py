@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import structlog
 from aiohttp import web
 
-from relay.service import ServiceRunner
+from relay.service.app import ServiceRunner
 
 log = structlog.get_logger(__name__)
 

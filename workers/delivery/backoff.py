@@ -1,15 +1,12 @@
-"""When to try a delivery again: the schedule, jitter, Retry-After, and delay-queue hops.
+"""When to try a delivery again: the schedule, jitter, Retry-After.
 
-Pure functions. A wait of any length is made of hops through a few delay queues with fixed
-TTLs (one TTL per queue, as the broker expires only at the head): each hop takes the
-longest queue that does not overshoot, and the message carries the time it is due, so a
-message back early simply hops again.
+Pure functions. The wait they give is spent in the outbound delay queues, in hops
+(`relay.pipeline.delays`).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -57,16 +54,3 @@ def next_delay(
     if overloaded:
         delay = max(delay, penalty)
     return delay
-
-
-def first_hop(remaining: float, queues: Sequence[float]) -> float:
-    """The delay queue a wait of `remaining` seconds starts in (the shortest if it is due)."""
-    return hop(remaining, queues) or min(queues)
-
-
-def hop(remaining: float, queues: Sequence[float]) -> float | None:
-    """The delay queue for the next hop of a wait of `remaining` seconds; None if due."""
-    if remaining <= 0:
-        return None
-    fitting = [q for q in queues if q <= remaining]
-    return max(fitting) if fitting else min(queues)

@@ -1,12 +1,5 @@
-"""Spreading a stage's partitions over its workers.
-
-Every worker subscribes to every partition queue; with single active consumer the broker
-delivers each partition to one of them, the first to subscribe, so a worker that starts
-first takes them all. Each worker therefore counts its live peers (`Presence`) and hands
-over the partitions beyond its fair share: it stops taking messages of the partition,
-finishes those it holds, closes the partition's channel (the broker returns what was
-prefetched to the head of the queue and activates the next subscriber) and subscribes
-again, at the back of the line.
+"""A partition queue as a worker consumes it: a `Subscription` on a channel of its own, and
+each `Delivery` taken from it.
 
 A subscription's channel is a plain one, never restored by the robust connection: once
 closed (by the worker, or by a lost connection) it stays closed, and the worker subscribes
@@ -18,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from pydantic import BaseModel
 
 from relay.broker.client import BROKER_ERRORS
 
 SEEN_LIMIT = 50_000
 CLOSE_TIMEOUT = 5.0  # seconds a channel's close may take
+E = TypeVar("E", bound=BaseModel)  # the stage's envelope model
 
 
 class Subscription:
@@ -128,18 +124,11 @@ class Subscription:
                     await self.channel.close()
 
 
-def fair_share(partitions: int, workers: int) -> int:
-    """The most partitions one of `workers` should hold."""
-    return math.ceil(partitions / max(workers, 1))
+@dataclass(frozen=True)
+class Delivery(Generic[E]):
+    """A message in a lane: its envelope (None if it is not one), and the subscription it
+    came through."""
 
-
-def surplus(partitions: int, workers: int, held: set[int], parked: set[int]) -> list[int]:
-    """The partitions to hand over: those beyond the fair share, if any.
-
-    Partitions with a conversation waiting on a retry (`parked`) stay: the next worker would
-    find the parking in the store, but only after messages bounced through delay queues.
-    """
-    extra = len(held) - fair_share(partitions, workers)
-    if extra <= 0:
-        return []
-    return sorted(held - parked, reverse=True)[:extra]
+    message: AbstractIncomingMessage
+    envelope: E | None
+    subscription: Subscription

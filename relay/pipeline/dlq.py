@@ -16,8 +16,14 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from relay.broker import Broker, StageName, partition_of
-from relay.consumer import ATTEMPT_HEADER
-from relay.models import utcnow
+from relay.wire import (
+    ATTEMPT_HEADER,
+    ATTEMPTS_HEADER,
+    DEAD_AT_HEADER,
+    LAST_STATUS_HEADER,
+    REASON_HEADER,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,10 @@ def read(stage: StageName, message: AbstractIncomingMessage) -> DeadLetter:
         stage=stage,
         integration_id=body.get("integrationId", ""),
         conversation_id=conversation,
-        reason=str(headers.get("x-relay-reason", "")),
-        attempts=_int(headers.get("x-relay-attempts", headers.get(ATTEMPT_HEADER))) or 0,
-        last_status=_int(headers.get("x-relay-last-status")) or None,
-        dead_at=_int(headers.get("x-relay-dead-at")),
+        reason=str(headers.get(REASON_HEADER, "")),
+        attempts=_int(headers.get(ATTEMPTS_HEADER, headers.get(ATTEMPT_HEADER))) or 0,
+        last_status=_int(headers.get(LAST_STATUS_HEADER)) or None,
+        dead_at=_int(headers.get(DEAD_AT_HEADER)),
         body=body,
     )
 

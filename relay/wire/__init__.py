@@ -1,7 +1,8 @@
-"""Every wire format and queue envelope, in one place.
+"""Every wire format and queue envelope, and every header a queue message carries, in one place.
 
 Field names here are the wire names (camelCase), because these models *are* the contract
-of DESIGN.md; they are reused by the ingress, the workers, the CLI and the tests.
+of DESIGN.md; they are reused by the ingress, the workers, the CLI and the tests. The Bot
+Framework's own objects (the Activity) are in `relay.wire.botframework`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from pydantic import (
     StringConstraints,
 )
 from typing_extensions import TypeAliasType
+
+# The headers of the relay's queue messages (AMQP), by what they say.
+ATTEMPT_HEADER = "x-relay-attempt"  # the attempt a message is on (0 for the first)
+DUE_HEADER = "x-relay-due"  # unix milliseconds before which a response waits
+REASON_HEADER = "x-relay-reason"  # why a message was dead-lettered
+DEAD_AT_HEADER = "x-relay-dead-at"  # when it was, in unix seconds
+LAST_STATUS_HEADER = "x-relay-last-status"  # a dead response's last HTTP status (0: none)
+ATTEMPTS_HEADER = "x-relay-attempts"  # the attempts a dead response was given
+REQUEST_ID_HEADER = "x-request-id"  # the ingress request that accepted an inbound message
 
 
 def _iso_millis(value: datetime) -> str:

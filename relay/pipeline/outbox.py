@@ -1,0 +1,65 @@
+"""The outbox: what a crashed process stored but never saw confirmed by the broker,
+published again.
+
+Two kinds are left `pending` by a crash between the store's commit and the broker's
+confirm: inbound messages (the acceptor's lease runs out: `relay.ingress.accept` claims and
+publishes them under the same relay id) and bot responses (`relay.pipeline.replies`). One
+loop sweeps both; the ingress runs it. A message published twice is deduplicated
+downstream (the same relay id, the same `webhook-id`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Protocol
+
+import structlog
+
+from relay.aio import cancelled_from_outside
+from relay.broker import BrokerUnavailable
+from relay.pipeline.replies import ReplyPublisher
+from relay.store import Outgoing, StoreError
+from relay.wire import utcnow
+
+log = structlog.get_logger(__name__)
+
+
+class InboundSweep(Protocol):
+    """The inbound outbox: publishes pending messages whose lease ran out (the acceptor)."""
+
+    async def sweep_outbox(self, limit: int = 100) -> int:
+        """Publish pending messages whose lease ran out; how many were queued."""
+
+
+async def sweep_forever(
+    acceptor: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float, interval: float
+) -> None:
+    """Publish what a crashed process left pending: inbound messages (see
+    `relay.ingress.accept`) and responses stored but never confirmed by the broker."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            # Bounded: one sweep stuck on a dependency must not end the sweeping.
+            async with asyncio.timeout(max(lease, 30.0)):
+                await _sweep_once(acceptor, replies, store, lease)
+        except (BrokerUnavailable, StoreError, OSError) as error:
+            log.warning("outbox_sweep_failed", error=f"{type(error).__name__}: {error}")
+        except asyncio.CancelledError:
+            if cancelled_from_outside():
+                raise
+            log.error("outbox_sweep_failed", error="cancelled under the sweep")
+        except Exception:
+            log.exception("outbox_sweep_failed")
+
+
+async def _sweep_once(
+    acceptor: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float
+) -> None:
+    await acceptor.sweep_outbox()
+    now = utcnow()
+    stale = await store.claim_stale_outgoing(
+        now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
+    )
+    # A response published twice carries the same webhook-id: receivers deduplicate.
+    await replies.publish(stale)

@@ -1,0 +1,100 @@
+"""One lifecycle for every role: the store and the broker opened at start with their
+readiness checks, the queue gauges watched while the role runs, and everything closed at
+stop in the reverse order. The ingress (`relay.ingress.app`) and each stage worker
+(`worker_context`) run inside it; a worker is stopped, having finished or returned what it
+holds, before its broker and store close."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from relay.broker import Broker, topology_of
+from relay.metrics import Metrics
+from relay.pipeline.stage import StageWorker
+from relay.service.app import (
+    METRICS_KEY,
+    READINESS_KEY,
+    WATCHER_KEY,
+    ReadinessCheck,
+    broker_check,
+    store_check,
+)
+from relay.settings import Settings
+from relay.store import SqlStore, Store, open_store_patiently
+
+Closer = Callable[[], Awaitable[None]]
+WorkerFactory = Callable[[Store, Broker, Metrics], tuple[StageWorker[Any], Closer]]
+Context = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
+
+
+@contextlib.asynccontextmanager
+async def dependencies(
+    app: web.Application, settings: Settings, name: str = ""
+) -> AsyncIterator[tuple[SqlStore, Broker]]:
+    """The store (waited for up to `startup_wait`) and a broker connecting in the background,
+    with their readiness checks (`broker` and `store`, after `{name}_` if named); closed on
+    exit, the broker first."""
+    store = await open_store_patiently(
+        settings.database_url, settings.database_pool_size, settings.startup_wait
+    )
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker.start()
+    prefix = f"{name}_" if name else ""
+    app[READINESS_KEY].extend(
+        [(f"{prefix}broker", broker_check(broker)), (f"{prefix}store", store_check(store))]
+    )
+    try:
+        yield store, broker
+    finally:
+        await broker.close()
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def queue_gauges(
+    app: web.Application, broker: Broker, settings: Settings
+) -> AsyncIterator[None]:
+    """Refresh the queue gauges through `broker` while in scope, unless another service of
+    this process does already."""
+    watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
+    try:
+        yield
+    finally:
+        if watching:
+            await app[WATCHER_KEY].stop()
+
+
+def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Context:
+    """A cleanup context that runs the worker `factory` builds while the application runs."""
+
+    @contextlib.asynccontextmanager
+    async def running(app: web.Application) -> AsyncIterator[None]:
+        async with dependencies(app, settings, name) as (store, broker):
+            worker, close_extra = factory(store, broker, app[METRICS_KEY])
+            app[READINESS_KEY].append((f"{name}_partitions", stall_check(worker)))
+            await worker.start(settings.startup_wait)
+            try:
+                async with queue_gauges(app, broker, settings):
+                    yield
+            finally:
+                await worker.stop(settings.shutdown_timeout)
+                await close_extra()
+
+    return lambda app: running(app)
+
+
+def stall_check(worker: StageWorker[Any]) -> ReadinessCheck:
+    """Not ready while a partition holds a message unstarted beyond the stall limit."""
+
+    async def check() -> str | None:
+        stalled = worker.stalled()
+        if not stalled:
+            return None
+        listed = ", ".join(f"{n} ({age}s)" for n, age in sorted(stalled.items()))
+        return f"stalled partitions (oldest unstarted message): {listed}"
+
+    return check

@@ -1,0 +1,37 @@
+"""The store's logic and SQL, shared by both dialects through the `Driver` interface: one
+module per role, `SqlStore` all of them over one driver."""
+
+from __future__ import annotations
+
+from relay.store.driver import Driver
+from relay.store.sql.attempts import AttemptsSql
+from relay.store.sql.inbound import InboundSql
+from relay.store.sql.integrations import IntegrationsSql
+from relay.store.sql.outgoing import OutgoingSql
+from relay.store.sql.parking import ParkingSql
+
+__all__ = ["SqlStore"]
+
+
+class SqlStore(IntegrationsSql, InboundSql, OutgoingSql, ParkingSql, AttemptsSql):
+    """`Store` over a `Driver`; every statement here runs on SQLite and PostgreSQL."""
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+
+    @property
+    def driver(self) -> Driver:
+        """The driver, for tools and tests that inspect the tables directly."""
+        return self._driver
+
+    @property
+    def dialect(self) -> str:
+        """`sqlite` or `postgresql`."""
+        return self._driver.dialect
+
+    async def ping(self) -> None:
+        async with self._driver.connection() as conn:
+            await conn.fetchone("SELECT 1 AS ok")
+
+    async def close(self) -> None:
+        await self._driver.close()

@@ -1,0 +1,310 @@
+"""Inbound messages: accepted once per messageId in `pending` state with a lease, marked
+queued once the broker confirmed them, discarded or claimed again when not."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
+from relay.store.records import Accepted, PendingMessage
+from relay.store.sql.common import MAX_PARAMETERS, chunks, new_id
+from relay.wire import Conversation, InboundRequest, Message, MessageBundle, Tags, User, utcnow
+
+_BUNDLE_SELECT = """
+SELECT m.id, m.external_id, m.type, m.text, m.payload, m.direction, m.fingerprint, m.state,
+       m.lease_until, m.created_at, m.updated_at, m.integration_id, m.request_id,
+       u.id AS u_id, u.external_id AS u_ext, u.created_at AS u_created, u.updated_at AS u_updated,
+       c.id AS c_id, c.external_id AS c_ext, c.created_at AS c_created, c.updated_at AS c_updated
+FROM messages m
+JOIN users u ON u.id = m.user_id
+JOIN conversations c ON c.id = m.conversation_id
+"""
+
+
+_ATTEMPTS = 5
+
+
+class _Exists(Exception):
+    """The messageId was recorded already (perhaps by a concurrent transaction)."""
+
+
+class _Vanished(Exception):
+    """A row seen a moment ago was removed by a concurrent discard."""
+
+
+def _bundle(row: Row) -> MessageBundle:
+    return MessageBundle(
+        user=User(
+            id=row["u_id"],
+            createdAt=row["u_created"],
+            updatedAt=row["u_updated"],
+            tags=Tags(id=row["u_ext"]),
+        ),
+        conversation=Conversation(
+            id=row["c_id"],
+            createdAt=row["c_created"],
+            updatedAt=row["c_updated"],
+            tags=Tags(id=row["c_ext"]),
+        ),
+        message=Message(
+            id=row["id"],
+            createdAt=row["created_at"],
+            updatedAt=row["updated_at"],
+            tags=Tags(id=row["external_id"] or row["id"]),
+            type=row["type"],
+            payload=json.loads(row["payload"]),
+            direction=row["direction"],
+            conversationId=row["c_id"],
+            userId=row["u_id"],
+        ),
+    )
+
+
+def _accepted(row: Row) -> Accepted:
+    """An inbound message found in the store (so not created by this call)."""
+    lease = row["lease_until"]
+    return Accepted(
+        bundle=_bundle(row),
+        text=row["text"],
+        fingerprint=row["fingerprint"],
+        state=row["state"],
+        created=False,
+        lease_until=datetime.fromisoformat(lease) if isinstance(lease, str) else lease,
+    )
+
+
+class InboundSql:
+    """`Inbound` over a `Driver`: every statement runs on SQLite and PostgreSQL."""
+
+    _driver: Driver
+
+    async def accept_incoming(
+        self,
+        integration_id: str,
+        request: InboundRequest,
+        lease_until: datetime,
+        request_id: str | None,
+    ) -> Accepted:
+        # No look-up first: the unique key finds a repeated messageId, and new messages
+        # (the common case) save a round trip.
+        for _ in range(_ATTEMPTS):
+            try:
+                async with self._driver.transaction() as conn:
+                    return await self._insert_incoming(
+                        conn, integration_id, request, lease_until, request_id
+                    )
+            except _Exists:
+                found = await self.find_incoming(integration_id, request.messageId)
+                if found is not None:
+                    return found
+                # The first writer's publish failed and it discarded the row: try again.
+            except (_Vanished, IntegrityViolation):
+                # A user or conversation was removed by a concurrent discard: try again.
+                continue
+        raise StoreUnavailable("could not record the message under contention; retry")
+
+    async def _insert_incoming(
+        self,
+        conn: Conn,
+        integration_id: str,
+        request: InboundRequest,
+        lease_until: datetime,
+        request_id: str | None,
+    ) -> Accepted:
+        now = utcnow()
+        user = await _get_or_create(conn, "users", integration_id, request.userId, now)
+        conv = await _get_or_create(
+            conn, "conversations", integration_id, request.conversationId, now
+        )
+        message = Message(
+            id=new_id(),
+            createdAt=now,
+            updatedAt=now,
+            tags=Tags(id=request.messageId),
+            type=request.type,
+            payload=request.normalized_payload(),
+            direction="incoming",
+            conversationId=conv.id,
+            userId=user.id,
+        )
+        fingerprint, owner = request.fingerprint(), new_id()
+        inserted = await conn.execute(
+            "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
+            " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
+            " request_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"
+            " ON CONFLICT (integration_id, external_id) DO NOTHING",
+            message.id,
+            integration_id,
+            request.messageId,
+            conv.id,
+            user.id,
+            request.type,
+            request.text,
+            json.dumps(message.payload),
+            fingerprint,
+            lease_until,
+            owner,
+            request_id,
+            now,
+            now,
+        )
+        if inserted != 1:
+            raise _Exists
+        return Accepted(
+            bundle=MessageBundle(
+                user=User(**user.entity()),
+                conversation=Conversation(**conv.entity()),
+                message=message,
+            ),
+            text=request.text,
+            fingerprint=fingerprint,
+            state="pending",
+            created=True,
+            lease_until=lease_until,
+            lease_owner=owner,
+            created_user=user.created,
+            created_conversation=conv.created,
+        )
+
+    async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                _BUNDLE_SELECT + " WHERE m.integration_id = ? AND m.external_id = ?",
+                integration_id,
+                message_id,
+            )
+        return _accepted(row) if row else None
+
+    async def mark_queued(self, message_ids: Sequence[str]) -> None:
+        # One statement per chunk: autocommit, no transaction round trips on the hot path.
+        for chunk in chunks(message_ids, MAX_PARAMETERS):
+            async with self._driver.connection() as conn:
+                await conn.execute(
+                    "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL"
+                    f" WHERE id IN ({', '.join(['?'] * len(chunk))})",
+                    *chunk,
+                )
+
+    async def discard_pending(self, accepted: Accepted) -> bool:
+        bundle = accepted.bundle
+        async with self._driver.connection() as conn:
+            deleted = await conn.execute(
+                "DELETE FROM messages WHERE id = ? AND state = 'pending' AND lease_owner = ?",
+                bundle.message.id,
+                accepted.lease_owner,
+            )
+        if deleted != 1:
+            return False
+        # Best effort, one statement each: a message that came to use them since (even one
+        # not yet committed) makes the foreign key refuse, and then they stay.
+        if accepted.created_conversation:
+            await self._delete_unused("conversations", "conversation_id", bundle.conversation.id)
+        if accepted.created_user:
+            await self._delete_unused("users", "user_id", bundle.user.id)
+        return True
+
+    async def _delete_unused(self, table: str, column: str, row_id: str) -> None:
+        try:
+            async with self._driver.connection() as conn:
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE id = ? AND NOT EXISTS"
+                    f" (SELECT 1 FROM messages WHERE {column} = ?)",
+                    row_id,
+                    row_id,
+                )
+        except IntegrityViolation:
+            pass
+
+    async def claim_pending(
+        self, message_id: str, now: datetime, lease_until: datetime
+    ) -> str | None:
+        owner = new_id()
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                "UPDATE messages SET lease_until = ?, lease_owner = ?"
+                " WHERE id = ? AND direction = 'incoming' AND state = 'pending'"
+                " AND lease_until < ?",
+                lease_until,
+                owner,
+                message_id,
+                now,
+            )
+        return owner if changed == 1 else None
+
+    async def claim_stale_pending(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> list[PendingMessage]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                # Responses are pending too until published; they have an outbox of their own.
+                _BUNDLE_SELECT + " WHERE m.direction = 'incoming' AND m.state = 'pending'"
+                " AND m.lease_until < ?"
+                " ORDER BY m.created_at LIMIT ?",
+                now,
+                limit,
+            )
+        claimed = []
+        for row in rows:
+            # A conditional update per row: whichever ingress wins it publishes it.
+            owner = await self.claim_pending(row["id"], now, lease_until)
+            if owner is not None:
+                claimed.append(
+                    PendingMessage(
+                        integration_id=row["integration_id"],
+                        bundle=_bundle(row),
+                        text=row["text"],
+                        request_id=row["request_id"],
+                        lease_owner=owner,
+                    )
+                )
+        return claimed
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: str
+    external_id: str
+    created_at: Any
+    updated_at: Any
+    created: bool
+
+    def entity(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "tags": Tags(id=self.external_id),
+        }
+
+
+async def _get_or_create(
+    conn: Conn, table: str, integration_id: str, external_id: str, now: datetime
+) -> _Row:
+    """The user/conversation with that caller id, created if missing."""
+    select = (
+        f"SELECT id, created_at, updated_at FROM {table}"
+        " WHERE integration_id = ? AND external_id = ?"
+    )
+    row = await conn.fetchone(select, integration_id, external_id)
+    if row is None:
+        new = new_id()
+        inserted = await conn.execute(
+            f"INSERT INTO {table} (id, integration_id, external_id, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (integration_id, external_id) DO NOTHING",
+            new,
+            integration_id,
+            external_id,
+            now,
+            now,
+        )
+        if inserted == 1:
+            return _Row(new, external_id, now, now, created=True)
+        row = await conn.fetchone(select, integration_id, external_id)
+        if row is None:  # the conflicting row was committed, then discarded
+            raise _Vanished
+    return _Row(row["id"], external_id, row["created_at"], row["updated_at"], created=False)

@@ -1,0 +1,193 @@
+"""Bot responses: numbered per conversation, stored once per inbound message, claimed by
+the outbox when never confirmed; the conversation and bot secret a bot's own calls need."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime
+from typing import Any
+
+from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreError
+from relay.store.records import ConversationRecord, InboundState, OutgoingRecord
+from relay.store.sql.common import new_id
+from relay.wire import utcnow
+
+_OUTGOING_SELECT = """
+SELECT m.id, m.integration_id, m.conversation_id, c.external_id AS conversation_external_id,
+       m.user_id, m.type, m.payload, m.sequence, m.state, m.created_at
+FROM messages m JOIN conversations c ON c.id = m.conversation_id
+"""
+
+
+def _outgoing(row: Row) -> OutgoingRecord:
+    return OutgoingRecord.model_validate({**row, "payload": json.loads(row["payload"])})
+
+
+class OutgoingSql:
+    """Bot replies: numbered per conversation, stored once per inbound message."""
+
+    _driver: Driver
+
+    async def inbound_state(self, message_id: str) -> InboundState:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                "SELECT state, handled_at FROM messages WHERE id = ? AND direction = 'incoming'",
+                message_id,
+            )
+        if row is None:
+            return "missing"
+        if row["handled_at"] is not None:
+            return "handled"
+        state: InboundState = row["state"]
+        return state
+
+    async def record_replies(
+        self, inbound_id: str, replies: list[tuple[str, dict[str, Any]]]
+    ) -> list[OutgoingRecord]:
+        async with self._driver.transaction() as conn:
+            inbound = await conn.fetchone(
+                "SELECT integration_id, conversation_id, user_id, handled_at FROM messages"
+                " WHERE id = ?",
+                inbound_id,
+            )
+            if inbound is None:
+                raise StoreError(f"no inbound message {inbound_id}")
+            if inbound["handled_at"] is None:
+                await _insert_outgoing(conn, inbound, replies, reply_to=inbound_id, key=None)
+                await conn.execute(
+                    "UPDATE messages SET handled_at = ? WHERE id = ?", utcnow(), inbound_id
+                )
+            rows = await conn.fetchall(
+                _OUTGOING_SELECT + " WHERE m.reply_to = ? ORDER BY m.sequence", inbound_id
+            )
+        return [_outgoing(row) for row in rows]
+
+    async def record_pushed(
+        self,
+        conversation: ConversationRecord,
+        type_: str,
+        payload: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> tuple[OutgoingRecord, bool]:
+        target = {
+            "integration_id": conversation.integration_id,
+            "conversation_id": conversation.id,
+            "user_id": conversation.user_id,
+        }
+        try:
+            async with self._driver.transaction() as conn:
+                [new_id_] = await _insert_outgoing(
+                    conn, target, [(type_, payload)], reply_to=None, key=idempotency_key
+                )
+                row = await conn.fetchone(_OUTGOING_SELECT + " WHERE m.id = ?", new_id_)
+        except IntegrityViolation:
+            # The idempotency key was used in this conversation: answer what it created.
+            async with self._driver.connection() as conn:
+                row = await conn.fetchone(
+                    _OUTGOING_SELECT + " WHERE m.conversation_id = ? AND m.idempotency_key = ?",
+                    conversation.id,
+                    idempotency_key,
+                )
+            if row is None:
+                raise
+            return _outgoing(row), False
+        if row is None:
+            raise StoreError("a stored message could not be read back")
+        return _outgoing(row), True
+
+    async def claim_stale_outgoing(
+        self, before: datetime, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutgoingRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                _OUTGOING_SELECT + " WHERE m.direction = 'outgoing' AND m.state = 'pending'"
+                " AND m.created_at < ? AND (m.lease_until IS NULL OR m.lease_until < ?)"
+                " ORDER BY m.conversation_id, m.sequence LIMIT ?",
+                before,
+                now,
+                limit,
+            )
+        claimed = []
+        for row in rows:
+            # A conditional update per row: one sweeper per lease publishes it.
+            async with self._driver.connection() as conn:
+                won = await conn.execute(
+                    "UPDATE messages SET lease_until = ? WHERE id = ? AND state = 'pending'"
+                    " AND (lease_until IS NULL OR lease_until < ?)",
+                    lease_until,
+                    row["id"],
+                    now,
+                )
+            if won == 1:
+                claimed.append(_outgoing(row))
+        return claimed
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                "SELECT c.id, c.integration_id, c.external_id, m.user_id FROM conversations c"
+                " JOIN messages m ON m.conversation_id = c.id AND m.direction = 'incoming'"
+                " WHERE c.id = ? ORDER BY m.created_at DESC LIMIT 1",
+                conversation_id,
+            )
+        return ConversationRecord.model_validate(row) if row else None
+
+    async def bot_secret(self, integration_id: str) -> str:
+        select = "SELECT bot_secret FROM integrations WHERE id = ?"
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(select, integration_id)
+            if row is not None and row["bot_secret"] is None:
+                # Made on first use; whoever writes first wins, everyone reads the winner's.
+                await conn.execute(
+                    "UPDATE integrations SET bot_secret = ? WHERE id = ? AND bot_secret IS NULL",
+                    secrets.token_urlsafe(32),
+                    integration_id,
+                )
+                row = await conn.fetchone(select, integration_id)
+        if row is None:
+            raise StoreError(f"no integration {integration_id}")
+        return str(row["bot_secret"])
+
+
+async def _insert_outgoing(
+    conn: Conn,
+    target: Row,
+    replies: list[tuple[str, dict[str, Any]]],
+    reply_to: str | None,
+    key: str | None,
+) -> list[str]:
+    """Insert outgoing messages with the next sequence numbers of their conversation."""
+    if not replies:
+        return []
+    counter = await conn.fetchone(
+        "UPDATE conversations SET next_sequence = next_sequence + ? WHERE id = ?"
+        " RETURNING next_sequence",
+        len(replies),
+        target["conversation_id"],
+    )
+    if counter is None:
+        raise StoreError(f"no conversation {target['conversation_id']}")
+    first = int(counter["next_sequence"]) - len(replies) + 1
+    now, ids = utcnow(), []
+    for offset, (type_, payload) in enumerate(replies):
+        ids.append(new_id())
+        await conn.execute(
+            "INSERT INTO messages (id, integration_id, conversation_id, user_id, direction,"
+            " type, text, payload, fingerprint, state, sequence, reply_to, idempotency_key,"
+            " created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, 'outgoing', ?, ?, ?, '', 'pending', ?, ?, ?, ?, ?)",
+            ids[-1],
+            target["integration_id"],
+            target["conversation_id"],
+            target["user_id"],
+            type_,
+            str(payload.get("text", "")),
+            json.dumps(payload),
+            first + offset,
+            reply_to,
+            key,
+            now,
+            now,
+        )
+    return ids
