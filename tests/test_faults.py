@@ -27,9 +27,9 @@ the incomplete conversations (their partition, the first message not finished wi
 every log line naming it), the services' metrics, their log events counted, and the end
 of every log.
 
-Run: `make test-faults` (marked `faults`; `make test` leaves it out; about 7-9 minutes on 2 cores when every
-scenario passes, each failing one adds up to 80 s of waiting). Processes log at warning
-level; `RELAY_FAULTS_LOG_LEVEL=info` makes them log every message, for digging.
+Run: `make test-faults` (marked `faults`, which `make test` leaves out; about 6-9 minutes on
+2 cores when every scenario passes, each failing one adds up to 80 s of waiting). Processes
+log at warning level; `RELAY_FAULTS_LOG_LEVEL=info` makes them log every message.
 """
 
 from __future__ import annotations
