@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 from relay.auth import reply_token, reply_token_valid
 from relay.pipeline.lanes import Lanes
 from relay.pipeline.parking import Parking, still_waiting
+from relay.pipeline.waiting import WaitingRoom
 from relay.store import Unfinished
+from tests.helpers import eventually
 from workers.bot.adapters.http import replies_of
 
 
@@ -180,3 +182,36 @@ def test_bot_answers_in_botpress_and_rasa_shapes():
         ("custom", {"anything": 1}),
         ("file", {"fileUrl": "https://x/f.pdf"}),
     ]
+
+
+async def test_the_waiting_room_resumes_a_conversation_when_its_head_moves_on():
+    resumed: list[tuple[str, str]] = []
+    room: WaitingRoom[str] = WaitingRoom(lambda c, item: resumed.append((c, item)), capacity=2)
+    assert room.hold("c", 0, "m2", 0.05)
+    assert room.hold("c", 0, "m3", 0.05)
+    assert not room.hold("d", 0, "x", 0.05)  # the partition's room is full
+    assert room.hold("d", 1, "y", 0.05)  # another partition has its own
+    assert not room.hold("e", 1, "long", 5.0)  # a long wait goes to a delay queue
+    room.release("c")  # the head is done: both look again, in the order they came
+    assert resumed == [("c", "m2"), ("c", "m3")]
+    assert room.count(0) == 0
+    room.forget(1)  # the partition's channel is gone: the broker has them back
+    assert room.count(1) == 0
+    assert room.hold("f", 0, "later", 0.1)  # its timer runs after the cancelled ones
+    await eventually(lambda: _true(("f", "later") in resumed))
+    # Nothing resumed twice, nothing forgotten came back.
+    assert resumed == [("c", "m2"), ("c", "m3"), ("f", "later")]
+
+
+async def test_a_wait_in_the_waiting_room_ends_by_itself():
+    resumed: list[str] = []
+    room: WaitingRoom[str] = WaitingRoom(lambda _, item: resumed.append(item), capacity=4)
+    assert room.hold("c", 0, "m2", 0.0)  # at least the minimum wait: no busy loop
+    assert resumed == []
+    await eventually(lambda: _true(resumed == ["m2"]))
+    assert room.count(0) == 0
+    room.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -88,7 +88,9 @@ class ParkingAdoption(ABC, Generic[E]):
     def _parked(self, conversation: str, message_key: str) -> Verdict | None:
         """The wait of a message parked behind its conversation's head (None: it goes)."""
         wait = self.parking.wait_behind(conversation, message_key)
-        if wait is None:
-            return None
+        return None if wait is None else self._parked_for(wait)
+
+    def _parked_for(self, wait: float) -> Verdict:
+        """A parked message's wait of `wait` seconds, in the broker."""
         delay = first_hop(wait, self._broker.topology.stage_delays(self.stage))
         return Verdict(Outcome.WAIT, delay=delay, reason="parked")

@@ -33,6 +33,7 @@ from relay.broker.presence import Presence
 from relay.metrics import Metrics
 from relay.pipeline.parking import Parking
 from relay.pipeline.subscription import Delivery, Subscription
+from relay.pipeline.waiting import WaitingRoom
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +47,7 @@ class Partitions(ABC, Generic[E]):
 
     stage: StageName
     parking: Parking
+    waiting: WaitingRoom[Any]
     presence: Presence
     _broker: Broker
     _metrics: Metrics
@@ -220,6 +222,7 @@ class Partitions(ABC, Generic[E]):
         self.parking.forget(
             c for c in self.parking.conversations() if partition_of(c, partitions) == partition
         )
+        self.waiting.forget(partition)
 
     def _parked_partitions(self) -> set[int]:
         return {

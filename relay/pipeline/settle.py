@@ -12,6 +12,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -21,6 +22,7 @@ from relay.aio import cancelled_from_outside
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName
 from relay.metrics import Metrics
 from relay.pipeline.parking import Parking
+from relay.pipeline.waiting import WaitingRoom
 from relay.wire import ATTEMPT_HEADER, DEAD_AT_HEADER, REASON_HEADER
 
 log = structlog.get_logger(__name__)
@@ -55,6 +57,7 @@ class Settling:
 
     stage: StageName
     parking: Parking
+    waiting: WaitingRoom[Any]
     _broker: Broker
     _metrics: Metrics
 
@@ -143,8 +146,12 @@ class Settling:
             self.parking.delay_head(conversation, message_key, verdict.delay)
         elif verdict.outcome is Outcome.WAIT:
             self.parking.sent_away(conversation, message_key, verdict.delay)
+            return
         elif verdict.outcome in (Outcome.DONE, Outcome.DROP, Outcome.DEAD):
             self.parking.done(conversation, message_key)
+        # The head went on, or away: what waits in memory behind it looks again (the next
+        # one goes now; the others wait for it, or for the head in a delay queue).
+        self.waiting.release(conversation)
 
 
 def stale(message: AbstractIncomingMessage) -> bool:

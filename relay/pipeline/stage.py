@@ -34,6 +34,7 @@ from relay.pipeline.parking import Parking
 from relay.pipeline.partitions import START_ERRORS, SUBSCRIBE_TIMEOUT, Partitions
 from relay.pipeline.settle import Outcome, Settling, Verdict, _quietly, attempt_of, stale
 from relay.pipeline.subscription import Delivery, Subscription
+from relay.pipeline.waiting import WaitingRoom
 from relay.settings import Settings
 from relay.wire import utcnow
 
@@ -64,6 +65,8 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         self._lanes: Lanes[Delivery[E]] = Lanes(self._process, concurrency)
         self._prefetch = concurrency  # per partition channel
         self.parking = Parking()
+        # Half the prefetch at most: the other half stays free for the heads coming back.
+        self.waiting: WaitingRoom[Delivery[E]] = WaitingRoom(self._resume, concurrency // 2)
         self.presence = Presence(broker, self.stage, settings.presence_interval)
         self._interval = settings.presence_interval
         self._grace = settings.shutdown_timeout  # for a hand-off's messages in hand
@@ -141,6 +144,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
     async def stop(self, grace: float) -> None:
         """Stop taking messages, finish those being handled (bounded), return the rest."""
         self._stopping = True
+        self.waiting.close()
         await self.presence.stop()
         self._withdraw(lambda _: True)
         finished = await self._lanes.drain(grace)
@@ -224,11 +228,34 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
                 delivery.subscription, conversation or "", envelope
             ):
                 verdict = self._unrecalled(conversation or "", message_key or "")
-            elif (parked := self._parked(conversation or "", message_key or "")) is not None:
-                verdict = parked
+            elif (
+                wait := self.parking.wait_behind(conversation or "", message_key or "")
+            ) is not None:
+                if self._wait_in_memory(delivery, conversation or "", wait):
+                    return
+                verdict = self._parked_for(wait)
             else:
                 verdict = await self._decide_safely(message, envelope)
             await self._settle(message, conversation, message_key, verdict)
+
+    def _wait_in_memory(self, delivery: Delivery[E], conversation: str, wait: float) -> bool:
+        """Keep a parked message whose turn is near, unacked, rather than bounce it through
+        a delay queue (False: it goes to one)."""
+        if self._stopping or delivery.subscription.holding:
+            return False
+        return self.waiting.hold(conversation, delivery.subscription.partition, delivery, wait)
+
+    def _resume(self, conversation: str, delivery: Delivery[E]) -> None:
+        """A message back from the waiting room: into its lane again (or with the held ones,
+        during a hand-off; nowhere if its channel is gone: the broker has it back)."""
+        subscription = delivery.subscription
+        if subscription.closing:
+            return
+        if subscription.holding or self._stopping:
+            subscription.held.append(delivery.message)
+            return
+        subscription.take()
+        self._lanes.submit(conversation, delivery)
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         try:

@@ -1,0 +1,92 @@
+"""Short waits of parked messages, in the worker's memory rather than in a delay queue.
+
+A parked message whose turn is near (the message ahead of it is being handled, or due back
+within a second) waits here, unacked, and is handed back to its conversation's lane the
+moment the conversation's head is done, or when its wait is over. A delay queue would
+return it up to a whole hop later, and a list draining behind a recovered endpoint would
+then move one message per hop, the broker busy with messages bouncing round. Long waits
+still go to the delay queues: memory holds only what the prefetch allows, and a worker's
+memory does not survive it (unacked, these messages go back to the queue when it dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+MAX_WAIT = 1.0  # seconds: a longer wait goes to a delay queue
+MIN_WAIT = 0.05  # seconds: no busy loop while the message ahead is being handled
+
+
+@dataclass(eq=False)
+class _Waiting(Generic[Item]):
+    item: Item
+    partition: int
+    timer: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class WaitingRoom(Generic[Item]):
+    """Items waiting a short while per conversation, at most `capacity` per partition."""
+
+    def __init__(self, resume: Callable[[str, Item], None], capacity: int) -> None:
+        self._resume = resume
+        self._capacity = capacity
+        self._by_conversation: dict[str, list[_Waiting[Item]]] = {}
+
+    def hold(self, conversation: str, partition: int, item: Item, wait: float) -> bool:
+        """Keep `item` for `wait` seconds at most (False: too long, or no room left)."""
+        if wait > MAX_WAIT or self.count(partition) >= self._capacity:
+            return False
+        loop = asyncio.get_running_loop()
+        waiting: _Waiting[Item] = _Waiting(item, partition, loop.call_later(0, lambda: None))
+        waiting.cancel()
+        waiting.timer = loop.call_later(max(wait, MIN_WAIT), self._time_up, conversation, waiting)
+        self._by_conversation.setdefault(conversation, []).append(waiting)
+        return True
+
+    def release(self, conversation: str) -> None:
+        """The conversation's head moved on: every item waiting in it resumes, in order."""
+        for waiting in self._by_conversation.pop(conversation, []):
+            waiting.cancel()
+            self._resume(conversation, waiting.item)
+
+    def forget(self, partition: int) -> None:
+        """Drop what waits of a partition (its channel is gone: the broker has it back)."""
+        for conversation, entries in list(self._by_conversation.items()):
+            kept = [w for w in entries if w.partition != partition]
+            for waiting in entries:
+                if waiting.partition == partition:
+                    waiting.cancel()
+            if kept:
+                self._by_conversation[conversation] = kept
+            else:
+                del self._by_conversation[conversation]
+
+    def count(self, partition: int) -> int:
+        """How many items of a partition wait."""
+        return sum(
+            w.partition == partition for entries in self._by_conversation.values() for w in entries
+        )
+
+    def close(self) -> None:
+        """Cancel every wait (stop: the channels' close returns the messages)."""
+        for entries in self._by_conversation.values():
+            for waiting in entries:
+                waiting.cancel()
+        self._by_conversation.clear()
+
+    def _time_up(self, conversation: str, waiting: _Waiting[Item]) -> None:
+        entries = self._by_conversation.get(conversation, [])
+        if waiting in entries:
+            entries.remove(waiting)
+            if not entries:
+                del self._by_conversation[conversation]
+            self._resume(conversation, waiting.item)
