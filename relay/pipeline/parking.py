@@ -46,10 +46,9 @@ class Parking:
         """If `message` must wait behind its conversation's head: for how long.
 
         Until every message ahead of it is back from its delay queue. If they should all be
-        back already: next in line (the one ahead is being tried right now), as long again
-        as that has taken so far (at most the head's last delay), so that a quick delivery
-        lets the list drain at once, and a slow one is not polled in a busy loop; further
-        back, the head's last delay.
+        back already (the one ahead is being tried right now), as long again as that has
+        taken so far (at most the head's last delay): a quick delivery lets the list drain
+        through the shortest delay queue, a slow one is not polled in a busy loop.
         """
         queue = self._queues.get(conversation)
         if queue and queue[0] != message and self._clock() > self._deadlines[conversation]:
@@ -63,11 +62,6 @@ class Parking:
         back = max((self._back_at[m] for m in ahead if m in self._back_at), default=None)
         if back is None or back > self._clock():
             return self._delays[conversation] if back is None else back - self._clock()
-        if len(ahead) > 1:
-            # Late, and more than one message to go first: no hurry. Bouncing through the
-            # shortest queue would keep the broker busy with the whole list while the
-            # messages it waits for are stuck behind it.
-            return self._delays[conversation]
         return min(self._clock() - back, self._delays[conversation])
 
     def sent_away(self, conversation: str, message: str, delay: float) -> None:
