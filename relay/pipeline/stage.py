@@ -63,10 +63,12 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         self._broker = broker
         self._metrics = metrics
         self._lanes: Lanes[Delivery[E]] = Lanes(self._process, concurrency)
-        self._prefetch = concurrency  # per partition channel
+        # Per partition channel: as many messages as the lanes handle at once, and as many
+        # again waiting in memory for their turn (so a full waiting room never keeps the
+        # heads they wait for from being delivered).
+        self._prefetch = 2 * concurrency
         self.parking = Parking()
-        # Half the prefetch at most: the other half stays free for the heads coming back.
-        self.waiting: WaitingRoom[Delivery[E]] = WaitingRoom(self._resume, concurrency // 2)
+        self.waiting: WaitingRoom[Delivery[E]] = WaitingRoom(self._resume, concurrency)
         self.presence = Presence(broker, self.stage, settings.presence_interval)
         self._interval = settings.presence_interval
         self._grace = settings.shutdown_timeout  # for a hand-off's messages in hand

@@ -1,7 +1,7 @@
 """Short waits of parked messages, in the worker's memory rather than in a delay queue.
 
 A parked message whose turn is near (the message ahead of it is being handled, or due back
-within a second) waits here, unacked, and is handed back to its conversation's lane the
+within two seconds) waits here, unacked, and is handed back to its conversation's lane the
 moment the conversation's head is done, or when its wait is over. A delay queue would
 return it up to a whole hop later, and a list draining behind a recovered endpoint would
 then move one message per hop, the broker busy with messages bouncing round. Long waits
@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 
-MAX_WAIT = 1.0  # seconds: a longer wait goes to a delay queue
+MAX_WAIT = 2.0  # seconds: a longer wait goes to a delay queue
 MIN_WAIT = 0.05  # seconds: no busy loop while the message ahead is being handled
 
 
