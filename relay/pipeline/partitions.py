@@ -47,7 +47,7 @@ class Partitions(ABC, Generic[E]):
 
     stage: StageName
     parking: Parking
-    waiting: WaitingRoom[Any]
+    waiting_room: WaitingRoom[Any]
     presence: Presence
     _broker: Broker
     _metrics: Metrics
@@ -222,7 +222,7 @@ class Partitions(ABC, Generic[E]):
         self.parking.forget(
             c for c in self.parking.conversations() if partition_of(c, partitions) == partition
         )
-        self.waiting.forget(partition)
+        self.waiting_room.forget(partition)
 
     def _parked_partitions(self) -> set[int]:
         return {

@@ -57,7 +57,7 @@ class Settling:
 
     stage: StageName
     parking: Parking
-    waiting: WaitingRoom[Any]
+    waiting_room: WaitingRoom[Any]
     _broker: Broker
     _metrics: Metrics
 
@@ -151,7 +151,7 @@ class Settling:
             self.parking.done(conversation, message_key)
         # The head went on, or away: what waits in memory behind it looks again (the next
         # one goes now; the others wait for it, or for the head in a delay queue).
-        self.waiting.release(conversation)
+        self.waiting_room.release(conversation)
 
 
 def stale(message: AbstractIncomingMessage) -> bool:

@@ -68,7 +68,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         # heads they wait for from being delivered).
         self._prefetch = 2 * concurrency
         self.parking = Parking()
-        self.waiting: WaitingRoom[Delivery[E]] = WaitingRoom(self._resume, concurrency)
+        self.waiting_room: WaitingRoom[Delivery[E]] = WaitingRoom(self._resume, concurrency)
         self.presence = Presence(broker, self.stage, settings.presence_interval)
         self._interval = settings.presence_interval
         self._grace = settings.shutdown_timeout  # for a hand-off's messages in hand
@@ -146,7 +146,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
     async def stop(self, grace: float) -> None:
         """Stop taking messages, finish those being handled (bounded), return the rest."""
         self._stopping = True
-        self.waiting.close()
+        self.waiting_room.close()
         await self.presence.stop()
         self._withdraw(lambda _: True)
         finished = await self._lanes.drain(grace)
@@ -245,7 +245,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         a delay queue (False: it goes to one)."""
         if self._stopping or delivery.subscription.holding:
             return False
-        return self.waiting.hold(conversation, delivery.subscription.partition, delivery, wait)
+        return self.waiting_room.hold(conversation, delivery.subscription.partition, delivery, wait)
 
     def _resume(self, conversation: str, delivery: Delivery[E]) -> None:
         """A message back from the waiting room: into its lane again (or with the held ones,

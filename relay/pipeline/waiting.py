@@ -45,10 +45,10 @@ class WaitingRoom(Generic[Item]):
         """Keep `item` for `wait` seconds at most (False: too long, or no room left)."""
         if wait > MAX_WAIT or self.count(partition) >= self._capacity:
             return False
-        loop = asyncio.get_running_loop()
-        waiting: _Waiting[Item] = _Waiting(item, partition, loop.call_later(0, lambda: None))
-        waiting.cancel()
-        waiting.timer = loop.call_later(max(wait, MIN_WAIT), self._time_up, conversation, waiting)
+        waiting: _Waiting[Item] = _Waiting(item, partition)
+        waiting.timer = asyncio.get_running_loop().call_later(
+            max(wait, MIN_WAIT), self._time_up, conversation, waiting
+        )
         self._by_conversation.setdefault(conversation, []).append(waiting)
         return True
 
