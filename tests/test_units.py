@@ -4,6 +4,7 @@ signing, telling cancellations apart."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from relay.aio import cancelled_from_outside
 from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
 from relay.broker import Topology, partition_of
 from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.retry import pauses
 from relay.settings import Settings, describe_error
 from relay.signing import signature_headers
 from relay.store.postgres import numbered, split_schema
@@ -252,3 +254,7 @@ async def test_a_future_cancelled_under_a_task_is_told_from_the_task_being_cance
     with pytest.raises(asyncio.CancelledError):
         await stopped
     assert seen == [False, True]
+
+
+def test_the_retry_loops_back_off_doubling_up_to_a_cap():
+    assert list(itertools.islice(pauses(0.5, 5.0), 6)) == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from relay.aio import cancelled_from_outside
 from relay.broker.topology import StageName, Topology, declare
+from relay.retry import pauses
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +77,7 @@ class Broker:
         await self._connected.wait()
 
     async def _connect_forever(self) -> None:
-        delay = 0.5
-        while True:
+        for delay in pauses(0.5, 10.0):
             try:
                 await self._connect_once()
                 return
@@ -87,7 +87,6 @@ class Broker:
                 # Not the broker's word: still never the end of connecting, and never unseen.
                 log.exception("broker_connect_failed", retry_in=delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
     async def _connect_once(self) -> None:
         connection = await aio_pika.connect_robust(self.url, timeout=10)

@@ -25,6 +25,7 @@ import structlog
 from relay.broker import Broker, BrokerUnavailable, partition_of
 from relay.errors import Conflict, Unavailable
 from relay.metrics import Metrics
+from relay.retry import pauses
 from relay.store import Accepted, Inbound, PendingMessage, StoreError
 from relay.store.batching import GroupCommit
 from relay.wire import (
@@ -114,7 +115,7 @@ class Acceptor:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
-        pause = _POLL_FIRST
+        polls = pauses(_POLL_FIRST, _POLL_MAX)
         current: Accepted | None = accepted
         while current is not None and current.state == "pending":
             owner = await self._take_over(current)
@@ -124,8 +125,7 @@ class Acceptor:
             if loop.time() >= deadline:
                 raise _retry_later("the message is still being accepted; send it again")
             # The other request may run in another process: the store is the only shared view.
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _POLL_MAX)
+            await asyncio.sleep(next(polls))
             message = current.bundle.message
             current = await self._store.find_incoming(integration_id, message.tags.id)
             if current is not None and current.bundle.message.id != message.id:

@@ -34,6 +34,7 @@ from relay.metrics import Metrics
 from relay.pipeline.parking import Parking
 from relay.pipeline.subscription import Delivery, Subscription
 from relay.pipeline.waiting import WaitingRoom
+from relay.retry import pauses
 
 log = structlog.get_logger(__name__)
 
@@ -157,10 +158,9 @@ class Partitions(ABC, Generic[E]):
     async def _resubscribe(self, partition: int) -> None:
         """Make sure the partition has an open subscription, trying until it has one."""
         async with self._subscribing[partition]:
-            delay = 0.2
-            while not self._stopping:
+            for delay in pauses(0.2, 5.0):
                 current = self._subscriptions.get(partition)
-                if current is not None and current.is_open:
+                if self._stopping or (current is not None and current.is_open):
                     return
                 try:
                     await self._subscribe_within(partition, 2 * SUBSCRIBE_TIMEOUT)
@@ -169,7 +169,6 @@ class Partitions(ABC, Generic[E]):
                 except START_ERRORS as error:
                     log.warning("resubscribe_failed", partition=partition, error=str(error))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` in the background; stop cancels it; a failure is logged, never lost."""

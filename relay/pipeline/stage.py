@@ -35,6 +35,7 @@ from relay.pipeline.partitions import START_ERRORS, SUBSCRIBE_TIMEOUT, Partition
 from relay.pipeline.settle import Outcome, Settling, Verdict, _quietly, attempt_of, stale
 from relay.pipeline.subscription import Delivery, Subscription
 from relay.pipeline.waiting import WaitingRoom
+from relay.retry import pauses
 from relay.settings import Settings
 from relay.wire import utcnow
 
@@ -109,8 +110,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         """
         await self._broker.wait_connected()
         deadline = asyncio.get_running_loop().time() + wait
-        delay = 0.5
-        while True:
+        for delay in pauses(0.5, 5.0):
             try:
                 await self._start_once()
                 return
@@ -120,7 +120,6 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
                     raise
                 log.warning("worker_start_failed", error=str(error), retry_in=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _start_once(self) -> None:
         if self._broker.connection is None:

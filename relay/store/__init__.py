@@ -9,6 +9,7 @@ import time
 import asyncpg
 import structlog
 
+from relay.retry import pauses
 from relay.store.driver import Driver, IntegrityViolation, StoreError, StoreUnavailable
 from relay.store.postgres import PostgresDriver
 from relay.store.protocols import (
@@ -92,8 +93,7 @@ async def open_store_patiently(url: str, pool_size: int, wait: float) -> SqlStor
     """`open_store`, tried again with backoff for up to `wait` seconds while the database
     is away or full: a service starting next to its database must not just exit."""
     deadline = time.monotonic() + wait
-    delay = 0.5
-    while True:
+    for delay in pauses(0.5, 5.0):
         try:
             return await open_store(url, pool_size)
         except (OSError, asyncpg.PostgresError, StoreUnavailable) as error:
@@ -101,4 +101,4 @@ async def open_store_patiently(url: str, pool_size: int, wait: float) -> SqlStor
                 raise
             log.warning("store_connect_failed", error=str(error), retry_in=delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable: pauses() never ends")

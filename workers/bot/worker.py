@@ -28,6 +28,7 @@ from relay.metrics import Metrics
 from relay.pipeline.replies import ReplyPublisher
 from relay.pipeline.settle import Outcome, Verdict, attempt_of, stale
 from relay.pipeline.stage import StageWorker
+from relay.retry import pauses
 from relay.settings import Settings
 from relay.store import (
     ConversationRecord,
@@ -133,11 +134,11 @@ class BotWorker(StageWorker[InboundEnvelope]):
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.outbox_lease + self._settings.publish_timeout
-        pause = 0.005
         state = await self._store.inbound_state(message_id)
-        while state == "pending" and loop.time() < deadline:
+        for pause in pauses(0.005, 0.25):
+            if state != "pending" or loop.time() >= deadline:
+                break
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.25)
             state = await self._store.inbound_state(message_id)
         return state
 
