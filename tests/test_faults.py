@@ -85,7 +85,7 @@ pytestmark = [
 
 PARTITIONS = 4
 BOT_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
-DELIVERY_DELAY_QUEUES = (0.1, 0.5, 2.0, 5.0)
+DELIVERY_DELAY_QUEUES = (0.1, 0.5, 2.0)
 DELIVERY_TIMEOUT = 1.0
 HEARTBEAT = 2  # seconds, in the AMQP URL of the services behind the partition proxy
 # aiormq gives up on a silent connection after (heartbeat + 1) * 3 = 9 s and the broker after
