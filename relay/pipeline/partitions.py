@@ -150,7 +150,7 @@ class Partitions(ABC, Generic[E]):
         if subscription.closing or self._stopping:
             return
         subscription.abandon()
-        self._forget_parking(subscription.partition)
+        self._forget_parking(subscription)
         if self._subscriptions.get(subscription.partition) is subscription:
             log.warning("partition_lost", stage=self.stage, partition=subscription.partition)
             self._spawn(self._resubscribe(subscription.partition), "resubscribe")
@@ -214,14 +214,19 @@ class Partitions(ABC, Generic[E]):
         for partition in surplus(partitions, peers, held, self._parked_partitions()):
             self._spawn(self._hand_off(partition), f"hand-off-{partition}")
 
-    def _forget_parking(self, partition: int) -> None:
+    def _forget_parking(self, subscription: Subscription) -> None:
         """The partition's conversations are the next holder's now: whatever this worker
-        parked of them is in the store, and in the delay queues, for it to find."""
+        parked of them is in the store, and in the delay queues, for it to find. Unless the
+        partition has a newer subscription here already (its channel died during a
+        hand-off, and the worker subscribed again meanwhile): that one's parking stands."""
+        self.waiting_room.forget(subscription)
+        partition = subscription.partition
+        if self._subscriptions.get(partition, subscription) is not subscription:
+            return
         partitions = self._broker.topology.partitions
         self.parking.forget(
             c for c in self.parking.conversations() if partition_of(c, partitions) == partition
         )
-        self.waiting_room.forget(partition)
 
     def _parked_partitions(self) -> set[int]:
         return {
@@ -249,7 +254,7 @@ class Partitions(ABC, Generic[E]):
                 self._take(subscription, message)
             return
         await subscription.close()
-        self._forget_parking(partition)
+        self._forget_parking(subscription)
         log.info("partition_handed_off", stage=self.stage, partition=partition, finished=finished)
         await self._resubscribe(partition)
 

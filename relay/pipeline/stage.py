@@ -244,7 +244,10 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         a delay queue (False: it goes to one)."""
         if self._stopping or delivery.subscription.holding:
             return False
-        return self.waiting_room.hold(conversation, delivery.subscription.partition, delivery, wait)
+        subscription = delivery.subscription
+        return self.waiting_room.hold(
+            conversation, subscription.partition, subscription, delivery, wait
+        )
 
     def _resume(self, conversation: str, delivery: Delivery[E]) -> None:
         """A message back from the waiting room: into its lane again (or with the held ones,

@@ -26,6 +26,7 @@ MIN_WAIT = 0.05  # seconds: no busy loop while the message ahead is being handle
 class _Waiting(Generic[Item]):
     item: Item
     partition: int
+    owner: object  # the subscription it came through
     timer: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
@@ -41,11 +42,14 @@ class WaitingRoom(Generic[Item]):
         self._capacity = capacity
         self._by_conversation: dict[str, list[_Waiting[Item]]] = {}
 
-    def hold(self, conversation: str, partition: int, item: Item, wait: float) -> bool:
-        """Keep `item` for `wait` seconds at most (False: too long, or no room left)."""
+    def hold(
+        self, conversation: str, partition: int, owner: object, item: Item, wait: float
+    ) -> bool:
+        """Keep `item` (of `owner`, the subscription it came through) for `wait` seconds at
+        most (False: too long, or no room left in the partition)."""
         if wait > MAX_WAIT or self.count(partition) >= self._capacity:
             return False
-        waiting: _Waiting[Item] = _Waiting(item, partition)
+        waiting: _Waiting[Item] = _Waiting(item, partition, owner)
         waiting.timer = asyncio.get_running_loop().call_later(
             max(wait, MIN_WAIT), self._time_up, conversation, waiting
         )
@@ -58,12 +62,14 @@ class WaitingRoom(Generic[Item]):
             waiting.cancel()
             self._resume(conversation, waiting.item)
 
-    def forget(self, partition: int) -> None:
-        """Drop what waits of a partition (its channel is gone: the broker has it back)."""
+    def forget(self, owner: object) -> None:
+        """Drop what waits of a subscription (its channel is gone: the broker has it back).
+        By subscription, not partition: the partition's next subscription may have its own
+        messages waiting already."""
         for conversation, entries in list(self._by_conversation.items()):
-            kept = [w for w in entries if w.partition != partition]
+            kept = [w for w in entries if w.owner is not owner]
             for waiting in entries:
-                if waiting.partition == partition:
+                if waiting.owner is owner:
                     waiting.cancel()
             if kept:
                 self._by_conversation[conversation] = kept
