@@ -69,6 +69,8 @@ def test_parked_messages_come_back_with_the_messages_ahead_of_them():
     assert parking.wait_behind("c", "m3") == 0.25
     parking.sent_away("c", "unparked", 1.0)  # not parked: nothing to remember
     assert parking.parked("c") == ["m2", "m3"]
+    # How far back each is (one not parked would come last).
+    assert [parking.place("c", m) for m in ("m2", "m3", "x")] == [0, 1, 2]
 
 
 def test_a_head_delayed_again_is_never_parked_twice():
@@ -188,18 +190,19 @@ async def test_the_waiting_room_resumes_a_conversation_when_its_head_moves_on():
     resumed: list[tuple[str, str]] = []
     room: WaitingRoom[str] = WaitingRoom(lambda c, item: resumed.append((c, item)), capacity=2)
     first, second, newer = object(), object(), object()  # subscriptions
-    assert room.hold("c", 0, first, "m2", 0.05)
-    assert room.hold("c", 0, first, "m3", 0.05)
-    assert not room.hold("d", 0, first, "x", 0.05)  # the partition's room is full
-    assert room.hold("d", 1, second, "y", 0.05)  # another partition has its own
-    assert not room.hold("e", 1, second, "long", 5.0)  # a long wait goes to a delay queue
+    assert room.hold("c", 0, first, "m2", 0.05, place=1)
+    assert room.hold("c", 0, first, "m3", 0.05, place=1)
+    assert not room.hold("d", 0, first, "x", 0.05, place=1)  # the partition's room is full
+    assert room.hold("d", 1, second, "y", 0.05, place=1)  # another partition has its own
+    assert not room.hold("e", 1, second, "long", 5.0, place=1)  # a long wait: a delay queue
+    assert not room.hold("e", 1, second, "far", 0.05, place=9)  # far back: a delay queue
     room.release("c")  # the head is done: both look again, in the order they came
     assert resumed == [("c", "m2"), ("c", "m3")]
     assert room.count(0) == 0
-    assert room.hold("d", 1, newer, "z", 0.05)  # the partition's next subscription
+    assert room.hold("d", 1, newer, "z", 0.05, place=1)  # the partition's next subscription
     room.forget(second)  # the old channel is gone: the broker has its messages back
     assert room.count(1) == 1  # what came through the new one stays
-    assert room.hold("f", 0, first, "later", 0.1)  # its timer runs after the others
+    assert room.hold("f", 0, first, "later", 0.1, place=1)  # its timer runs after the others
     await eventually(lambda: _true(("f", "later") in resumed))
     # Nothing resumed twice, nothing forgotten came back.
     assert resumed == [("c", "m2"), ("c", "m3"), ("d", "z"), ("f", "later")]
@@ -208,7 +211,9 @@ async def test_the_waiting_room_resumes_a_conversation_when_its_head_moves_on():
 async def test_a_wait_in_the_waiting_room_ends_by_itself():
     resumed: list[str] = []
     room: WaitingRoom[str] = WaitingRoom(lambda _, item: resumed.append(item), capacity=4)
-    assert room.hold("c", 0, object(), "m2", 0.0)  # at least the minimum wait: no busy loop
+    assert room.hold(
+        "c", 0, object(), "m2", 0.0, place=1
+    )  # at least the minimum wait: no busy loop
     assert resumed == []
     await eventually(lambda: _true(resumed == ["m2"]))
     assert room.count(0) == 0

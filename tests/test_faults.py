@@ -349,11 +349,7 @@ async def test_postgres_restart_mid_stream(scene: Scene) -> None:
 
 @pytest.mark.timeout(240)
 async def test_response_endpoint_flapping_for_30_s(scene: Scene) -> None:
-    # At the combined scenario's pace (30 messages/s): 1,800 responses pile up behind the
-    # 30 s outage. At 50 messages/s for its whole length (3,000 responses), the drain took
-    # 44-68 s on this 2-core machine, bounded by throughput (every parked response bounces
-    # through a delay queue while it waits), not by a stall: see the README's Reliability.
-    await run_scenario(scene, flap_the_endpoint, pace=1.0, lead=5)
+    await run_scenario(scene, flap_the_endpoint, pace=0.6, lead=0)
 
 
 @pytest.mark.timeout(420)

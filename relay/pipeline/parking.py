@@ -125,6 +125,11 @@ class Parking:
         the order): their partition is better kept until it is back."""
         return [c for c in self._queues if c in self._away]
 
+    def place(self, conversation: str, message: str) -> int:
+        """How many messages of the conversation go before `message` (0: it leads)."""
+        queue = self._queues.get(conversation, [])
+        return queue.index(message) if message in queue else len(queue)
+
     def parked(self, conversation: str) -> list[str]:
         """The conversation's parked messages, head first."""
         return list(self._queues.get(conversation, []))

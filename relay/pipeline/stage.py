@@ -232,21 +232,24 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
             elif (
                 wait := self.parking.wait_behind(conversation or "", message_key or "")
             ) is not None:
-                if self._wait_in_memory(delivery, conversation or "", wait):
+                if self._wait_in_memory(delivery, conversation or "", message_key or "", wait):
                     return
                 verdict = self._parked_for(wait)
             else:
                 verdict = await self._decide_safely(message, envelope)
             await self._settle(message, conversation, message_key, verdict)
 
-    def _wait_in_memory(self, delivery: Delivery[E], conversation: str, wait: float) -> bool:
+    def _wait_in_memory(
+        self, delivery: Delivery[E], conversation: str, message_key: str, wait: float
+    ) -> bool:
         """Keep a parked message whose turn is near, unacked, rather than bounce it through
         a delay queue (False: it goes to one)."""
         if self._stopping or delivery.subscription.holding:
             return False
         subscription = delivery.subscription
+        place = self.parking.place(conversation, message_key)
         return self.waiting_room.hold(
-            conversation, subscription.partition, subscription, delivery, wait
+            conversation, subscription.partition, subscription, delivery, wait, place
         )
 
     def _resume(self, conversation: str, delivery: Delivery[E]) -> None:

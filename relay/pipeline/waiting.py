@@ -1,12 +1,13 @@
 """Short waits of parked messages, in the worker's memory rather than in a delay queue.
 
-A parked message whose turn is near (the message ahead of it is being handled, or due back
-within two seconds) waits here, unacked, and is handed back to its conversation's lane the
-moment the conversation's head is done, or when its wait is over. A delay queue would
-return it up to a whole hop later, and a list draining behind a recovered endpoint would
-then move one message per hop, the broker busy with messages bouncing round. Long waits
-still go to the delay queues: memory holds only what the prefetch allows, and a worker's
-memory does not survive it (unacked, these messages go back to the queue when it dies).
+A parked message whose turn is near (one of the first few behind its conversation's head,
+and what it waits for is being handled, or due back within two seconds) waits here,
+unacked, and is handed back to its conversation's lane the moment the conversation's head
+is done, or when its wait is over. A delay queue would return it up to a whole hop later,
+and a list draining behind a recovered endpoint would then move one message per hop, the
+broker busy with messages bouncing round. Long waits, and the messages further back, still
+go to the delay queues: memory holds only what the prefetch allows, and a worker's memory
+does not survive it (unacked, these messages go back to the queue when it dies).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ Item = TypeVar("Item")
 
 MAX_WAIT = 2.0  # seconds: a longer wait goes to a delay queue
 MIN_WAIT = 0.05  # seconds: no busy loop while the message ahead is being handled
+# Only the first few behind a head wait here: the room is for the messages that go next,
+# not for a whole list that would fill it while the next in line bounces in the broker.
+NEAR = 8
 
 
 @dataclass(eq=False)
@@ -43,11 +47,12 @@ class WaitingRoom(Generic[Item]):
         self._by_conversation: dict[str, list[_Waiting[Item]]] = {}
 
     def hold(
-        self, conversation: str, partition: int, owner: object, item: Item, wait: float
+        self, conversation: str, partition: int, owner: object, item: Item, wait: float, place: int
     ) -> bool:
-        """Keep `item` (of `owner`, the subscription it came through) for `wait` seconds at
-        most (False: too long, or no room left in the partition)."""
-        if wait > MAX_WAIT or self.count(partition) >= self._capacity:
+        """Keep `item` (of `owner`, the subscription it came through; `place` messages go
+        before it) for `wait` seconds at most (False: too long, too far back, or no room
+        left in the partition)."""
+        if wait > MAX_WAIT or place > NEAR or self.count(partition) >= self._capacity:
             return False
         waiting: _Waiting[Item] = _Waiting(item, partition, owner)
         waiting.timer = asyncio.get_running_loop().call_later(
