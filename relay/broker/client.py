@@ -27,6 +27,8 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 # Those, and aiormq's bare RuntimeError for a connection that closed meanwhile.
+CLOSE_TIMEOUT = 5.0  # seconds a service waits for its connection's close at stop
+
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, RuntimeError)
 
 
@@ -196,4 +198,7 @@ class Broker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self._connection is not None:
-            await self._connection.close()
+            # Bounded: a connection gone silent would keep a stopping service waiting.
+            with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._connection.close()

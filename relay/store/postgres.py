@@ -7,6 +7,7 @@ database without seeing each other.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ def split_schema(url: str) -> tuple[str, str | None]:
 # network partition) is the store being away, and the caller retries or answers 503.
 STATEMENT_TIMEOUT = 30.0
 ACQUIRE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0  # a graceful close of the pool; then its connections are cut
 
 # A value or a statement the database refuses: sending it again cannot help.
 _REFUSED: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.SyntaxOrAccessError)
@@ -145,4 +147,9 @@ class PostgresDriver:
             yield _PgConn(conn)
 
     async def close(self) -> None:
-        await self._pool.close()
+        # Bounded: after a server restart a graceful close can wait on connections that
+        # never answer, and a service must stop on SIGTERM whatever the database does.
+        try:
+            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self._pool.terminate()
