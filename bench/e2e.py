@@ -1,21 +1,28 @@
 """End-to-end throughput and latency of Relay on one machine, against the broker's ceiling.
 
-For each store (SQLite, PostgreSQL) on a fresh database and queue prefix: starts the real
-`relay ingress`, `relay bot-worker` (the echo bot) and `relay delivery-worker` as separate
-processes and a webhook receiver as a fourth; posts N messages over M conversations from a
-concurrent keep-alive client (closed loop, full load), then N/10 (at least 1,000) at half
-the delivered rate (open loop); matches every echoed text at the receiver to its POST.
-Then, on the same broker, the raw ceiling (`bench.raw`): aio-pika publish with confirms, consume
-and ack of as many messages of the inbound envelope's size over the same partitions.
+For each store (SQLite, PostgreSQL), bot and run mode, on a fresh database and queue
+prefix: starts the real `relay ingress`, `relay bot-worker` and `relay delivery-worker` as
+separate processes (mode `services`) or `relay run` as one (mode `run`), and a webhook
+receiver; posts N messages over M conversations from a concurrent keep-alive client
+(closed loop, full load), then N/10 (at least 1,000) at half the delivered rate (open
+loop); matches every echoed text at the receiver to its POST. Bots: `one-reply`
+(`bench.bots:one_reply`, one response per message: the raw chain's shape) and `echo` (a
+typing indicator, then the text: two responses).
 
-Reported per store: accepted and delivered msgs/s, POST->webhook latency percentiles at full
-and half load, errors, missing and duplicate deliveries, peak RSS and CPU of each service,
-the raw rate and the ratio end-to-end / raw. Each user message costs Relay three broker
-messages (one inbound, two outbound: the echo bot's typing indicator and its text) against
-the raw hop's one.
+Then, on the same broker, the raw two-hop chain (`bench.raw`): aio-pika publish with
+confirms -> a hop process that consumes, publishes on with a confirm and acks -> a sink
+process that consumes and acks, with as many messages of the inbound envelope's size over
+the same partitions. That is the least a relay keeping at-least-once can make the broker
+do per user message; `e2e/raw` is Relay's delivered rate over it.
+
+Reported per case: accepted and delivered msgs/s, POST->webhook latency percentiles at full
+and half load, errors, missing and duplicate deliveries, peak RSS and CPU milliseconds per
+user message of every process (each service, the receiver, RabbitMQ, PostgreSQL), and on
+PostgreSQL the commits, rows inserted, updated and read per user message.
 
     python -m bench.e2e [--messages 20000] [--conversations 200] [--concurrency 64]
-                        [--half-messages N] [--stores sqlite,postgresql] [--json]
+                        [--half-messages N] [--stores sqlite,postgresql]
+                        [--bots one-reply,echo] [--modes services,run] [--json]
                         [--set RELAY_NAME=value ...]
 
 `--set` passes a setting to the three services (e.g. RELAY_ENDPOINT_CONCURRENCY=64).
@@ -41,6 +48,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.common import (
@@ -64,7 +72,12 @@ from relay.broker.topology import Topology
 from relay.settings import Settings
 from relay.store import open_store
 
+RAW_BODY_BYTES = 1200  # the raw chain's body when no inbound envelope was sampled
 WARM_UP = 200  # messages through the whole pipeline before measuring (connections, caches)
+BOTS = {"one-reply": "bench.bots:one_reply", "echo": "echo"}
+MODES = ("services", "run")
+# PostgreSQL backends report their counters at most once a second when idle.
+PG_STATS_LAG = 1.2
 STALL_SECONDS = 60.0  # give up waiting for deliveries after this long without any
 SETTLE_SECONDS = 2.0  # after the last phase, how long late duplicates may take to show
 METRICS = (
@@ -116,13 +129,13 @@ class Resources:
 
 @dataclass
 class StoreResult:
-    """Everything measured for one store."""
+    """Everything measured for one case: a store, a bot, a run mode."""
 
     store: str
+    bot: str
+    mode: str
     full: Phase
     half: Phase
-    raw: RawResult
-    ratio: float  # end-to-end delivered msgs/s / raw msgs/s
     duplicates: int
     out_of_order: int  # responses with a sequence not above the conversation's last
     out_of_order_examples: list[dict[str, Any]]
@@ -133,6 +146,14 @@ class StoreResult:
     other_cpu_percent_full_load: float  # of one core: busy, but none of the processes above
     machine_iowait_percent_full_load: float  # of all cores: idle waiting for the disk
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # PostgreSQL only, per user message of the full-load phase: commits, rows in, up, read.
+    database: dict[str, float] = field(default_factory=dict)
+    ratio: float = 0.0  # delivered msgs/s / the raw two-hop chain's msgs/s
+
+    @property
+    def case(self) -> str:
+        """How the case is named in the tables."""
+        return f"{self.store} {self.mode} {self.bot}"
 
     @property
     def failed(self) -> bool:
@@ -454,14 +475,16 @@ class Options:
     concurrency: int
     half_messages: int
     stores: list[str]
+    bots: list[str]
+    modes: list[str]
     json: bool
     settings: dict[str, str]  # RELAY_* values for the services
 
 
-def run_settings(database_url: str, options: Options) -> Settings:
+def run_settings(database_url: str, bot: str, options: Options) -> Settings:
     """The services' settings: bench defaults, then --set values, then what must be fresh."""
     chosen: dict[str, Any] = {
-        "bot": "echo",
+        "bot": BOTS[bot],
         "log_level": "warning",
         "rate_limit_per_second": 0,  # 0 disables the per-integration rate limit
         "allowed_endpoint_networks": "127.0.0.0/8",  # the receiver is on loopback
@@ -484,6 +507,8 @@ def extra_env(settings: Settings, options: Options) -> dict[str, str]:
     return {
         **options.settings,
         "RELAY_BOT": settings.bot,
+        # The services run in an empty folder: the bench's bots must stay importable.
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
         "RELAY_ALLOWED_ENDPOINT_NETWORKS": networks,
     }
 
@@ -526,13 +551,25 @@ async def sample_envelope(topology: Topology, client: Client) -> bytes:
             return await got
 
 
-async def run_store(kind: str, options: Options) -> StoreResult:
-    """Start everything on a fresh store, run both phases, stop and clean up; then raw."""
+@dataclass
+class Case:
+    """One configuration to measure."""
+
+    store: str
+    bot: str
+    mode: str
+
+
+async def run_case(case: Case, options: Options) -> tuple[StoreResult, Settings, bytes | None]:
+    """Start everything on a fresh store, run both phases, stop and clean up.
+
+    Also the settings used and, in `services` mode, an inbound envelope as the ingress wrote
+    it (the raw chain's message body)."""
     async with contextlib.AsyncExitStack() as stack:
-        url = await stack.enter_async_context(database(kind))
+        url = await stack.enter_async_context(database(case.store))
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-"))
         receiver = await stack.enter_async_context(receiver_process())
-        settings = run_settings(url, options)
+        settings = run_settings(url, case.bot, options)
         store = await open_store(url)
         try:
             integration_id, token = await create_integration(
@@ -555,34 +592,64 @@ async def run_store(kind: str, options: Options) -> StoreResult:
             options.concurrency,
         )
         stack.push_async_callback(client.close)
-        ingress = await start("ingress", settings.http_port)
-        envelope = await sample_envelope(topology, client)
-        services = [
-            ingress,
-            await start("bot-worker", settings.bot_worker_port),
-            await start("delivery-worker", settings.delivery_worker_port),
-        ]
+        envelope: bytes | None = None
+        if case.mode == "run":
+            services = [await start("run", settings.http_port)]
+        else:
+            ingress = await start("ingress", settings.http_port)
+            envelope = await sample_envelope(topology, client)
+            services = [
+                ingress,
+                await start("bot-worker", settings.bot_worker_port),
+                await start("delivery-worker", settings.delivery_worker_port),
+            ]
         for running in services:
             running.check_pid()
         inbox = Inbox(receiver.base_url)
         stack.push_async_callback(inbox.close)
-        measured = await measure(services, receiver, client, inbox, options)
-    raw = await raw_ceiling(
-        AMQP_URL,
-        settings.partitions,
-        options.messages,
-        options.conversations,
-        envelope,
-        options.concurrency,
-        settings.bot_concurrency * 2,  # the prefetch of the workers' consuming channel
-    )
-    return StoreResult(
-        store=kind,
-        raw=raw,
-        ratio=round(measured["full"].delivered_per_second / raw.per_second, 3),
-        inbound_envelope_bytes=len(envelope),
+        counters = PostgresCounters(url) if case.store == "postgresql" else None
+        measured = await measure(services, receiver, client, inbox, options, counters)
+    result = StoreResult(
+        store=case.store,
+        bot=case.bot,
+        mode=case.mode,
+        inbound_envelope_bytes=len(envelope or b""),
         **measured,
     )
+    return result, settings, envelope
+
+
+class PostgresCounters:
+    """The database's own counters (pg_stat_database), read before and after a phase."""
+
+    FIELDS = ("xact_commit", "tup_inserted", "tup_updated", "tup_fetched")
+    NAMES = ("commits", "inserted", "updated", "read")
+
+    def __init__(self, url: str) -> None:
+        self._url = url.split("?", 1)[0]
+        self._before: dict[str, int] = {}
+
+    async def _read(self) -> dict[str, int]:
+        await asyncio.sleep(PG_STATS_LAG)  # until every backend has reported
+        connection = await asyncpg.connect(self._url)
+        try:
+            row = await connection.fetchrow(
+                f"SELECT {', '.join(self.FIELDS)} FROM pg_stat_database"
+                " WHERE datname = current_database()"
+            )
+        finally:
+            await connection.close()
+        assert row is not None
+        return {name: int(row[f]) for name, f in zip(self.NAMES, self.FIELDS, strict=True)}
+
+    async def start(self) -> None:
+        """Take the first reading."""
+        self._before = await self._read()
+
+    async def per_message(self, messages: int) -> dict[str, float]:
+        """What the database did since `start`, per user message."""
+        after = await self._read()
+        return {k: round((after[k] - self._before[k]) / messages, 2) for k in self.NAMES}
 
 
 async def measure(
@@ -591,17 +658,21 @@ async def measure(
     client: Client,
     inbox: Inbox,
     options: Options,
+    counters: PostgresCounters | None,
 ) -> dict[str, Any]:
     """Warm up, full load, half load; the figures, memory, CPU and the services' counters."""
     tag = uuid.uuid4().hex[:6]
     warm = messages(f"{tag}-warm", WARM_UP, min(options.conversations, WARM_UP), prefix="w")
     await full_load(client, inbox, warm)
+    if counters is not None:
+        await counters.start()
     meter = CpuMeter(services, receiver)
     meter.start()
     full = await full_load(
         client, inbox, messages(f"{tag}-full", options.messages, options.conversations)
     )
     meter.stop()
+    database_figures = await counters.per_message(options.messages) if counters else {}
     batch = messages(f"{tag}-half", options.half_messages, options.conversations)
     half = await half_load(client, inbox, batch, max(full.delivered_per_second / 2, 1.0))
     await asyncio.sleep(SETTLE_SECONDS)
@@ -627,6 +698,7 @@ async def measure(
         "other_cpu_percent_full_load": meter.other_percent,
         "machine_iowait_percent_full_load": meter.iowait_percent,
         "metrics": await scrape(services),
+        "database": database_figures,
     }
 
 
@@ -640,7 +712,7 @@ def _peak_rss(services: Sequence[Service], name: str) -> float | None:
 # ---------------------------------------------------------------------------- output
 
 
-def print_report(results: Sequence[StoreResult], options: Options) -> None:
+def print_report(results: Sequence[StoreResult], raw: RawResult, options: Options) -> None:
     """The figures as aligned tables."""
     print(
         f"{options.messages} messages over {options.conversations} conversations, "
@@ -649,7 +721,7 @@ def print_report(results: Sequence[StoreResult], options: Options) -> None:
     )
     rows = [
         {
-            "store": r.store,
+            "case": r.case,
             "accepted/s": r.full.accepted_per_second,
             "delivered/s": r.full.delivered_per_second,
             "p50": r.full.latency_p50_ms,
@@ -659,7 +731,6 @@ def print_report(results: Sequence[StoreResult], options: Options) -> None:
             "half p50": r.half.latency_p50_ms,
             "half p95": r.half.latency_p95_ms,
             "half p99": r.half.latency_p99_ms,
-            "raw/s": r.raw.per_second,
             "e2e/raw": r.ratio,
         }
         for r in results
@@ -668,7 +739,7 @@ def print_report(results: Sequence[StoreResult], options: Options) -> None:
     print("\nchecks (full + half load)")
     checks = [
         {
-            "store": r.store,
+            "case": r.case,
             "posted": r.full.messages + r.half.messages,
             "accepted": r.full.accepted + r.half.accepted,
             "errors": _merge(r.full.errors, r.half.errors) or 0,
@@ -688,7 +759,7 @@ def print_report(results: Sequence[StoreResult], options: Options) -> None:
                 f"{e['conversationId']}: {e['sequence']} after {e['after']}"
                 for e in r.out_of_order_examples[:5]
             )
-            print(f"{r.store}: responses out of order, e.g. {shown}")
+            print(f"{r.case}: responses out of order, e.g. {shown}")
     print(
         "\npeak RSS and CPU during full load (rabbitmq, postgres: every user of the shared"
         " server; (other): busy CPU of no process here, e.g. other jobs)"
@@ -696,14 +767,18 @@ def print_report(results: Sequence[StoreResult], options: Options) -> None:
     resources = [row for r in results for row in _resource_rows(r)]
     print(admin.table(resources, list(resources[0])))
     machine = ", ".join(
-        f"{r.store} {r.machine_cpu_percent_full_load}% busy,"
+        f"{r.case} {r.machine_cpu_percent_full_load}% busy,"
         f" {r.machine_iowait_percent_full_load}% iowait"
         for r in results
     )
     print(f"machine during full load (all cores): {machine}")
-    print(f"\nraw ceiling: {_raw_line(results[0].raw)}")
+    database = [{"case": r.case, **r.database} for r in results if r.database]
+    if database:
+        print("\nPostgreSQL per user message during full load")
+        print(admin.table(database, list(database[0])))
+    print(f"\nraw two-hop chain: {raw.per_second} msgs/s; {_raw_line(raw)}")
     for r in results:
-        print(f"\n{r.store}: counters at the end")
+        print(f"\n{r.case}: counters at the end")
         for name, counters in r.metrics.items():
             shown = ", ".join(f"{k} {v:g}" for k, v in counters.items())
             print(f"  {name}: {shown}")
@@ -719,7 +794,7 @@ def _merge(*counts: Mapping[str, int]) -> dict[str, int]:
 def _resource_rows(result: StoreResult) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {
-            "store": result.store,
+            "case": result.case,
             "process": name,
             "peak RSS MB": res.peak_rss_mb,
             "CPU % of a core": res.cpu_percent_full_load,
@@ -729,7 +804,7 @@ def _resource_rows(result: StoreResult) -> list[dict[str, Any]]:
     ]
     rows.append(
         {
-            "store": result.store,
+            "case": result.case,
             "process": "(other)",
             "CPU % of a core": result.other_cpu_percent_full_load,
         }
@@ -738,21 +813,20 @@ def _resource_rows(result: StoreResult) -> list[dict[str, Any]]:
 
 
 def _raw_line(raw: RawResult) -> str:
+    cpu = ", ".join(f"{name} {ms}" for name, ms in raw.cpu_ms_per_message.items())
     return (
-        f"aio-pika publish (persistent, confirms, {raw.concurrency} in flight) + consume "
-        f"(prefetch {raw.prefetch}) + ack of {raw.messages} x {raw.body_bytes}-byte messages"
-        f" over the same partitions; e2e/raw = delivered/s / raw/s (Relay moves 3 broker "
-        "messages per user message: 1 inbound, 2 outbound)"
+        f"aio-pika publish (persistent, confirms, {raw.concurrency} in flight) -> hop (consume,"
+        f" publish + confirm, ack; prefetch {raw.prefetch}) -> sink (consume, ack) of"
+        f" {raw.messages} x {raw.body_bytes}-byte messages over the same partitions;"
+        f" CPU ms/msg: {cpu}"
     )
 
 
-def report_json(results: Sequence[StoreResult], options: Options) -> str:
+def report_json(results: Sequence[StoreResult], raw: RawResult, options: Options) -> str:
     """One JSON document with the configuration and every figure."""
     config = {k: v for k, v in asdict(options).items() if k != "json"}
-    return json.dumps(
-        {"config": config, "results": [asdict(r) | {"ok": not r.failed} for r in results]},
-        indent=2,
-    )
+    cases = [asdict(r) | {"case": r.case, "ok": not r.failed} for r in results]
+    return json.dumps({"config": config, "raw": asdict(raw), "results": cases}, indent=2)
 
 
 # ---------------------------------------------------------------------------- main
@@ -765,14 +839,42 @@ async def main(options: Options) -> int:
     # SIGTERM unwinds like Ctrl-C: every process stopped, every queue and schema removed.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     results = []
-    for kind in options.stores:
-        print(f"running {kind}...", file=sys.stderr, flush=True)
-        results.append(await run_store(kind, options))
+    settings: Settings | None = None
+    envelope: bytes | None = None
+    for case in cases(options):
+        print(f"running {case.store} {case.mode} {case.bot}...", file=sys.stderr, flush=True)
+        result, settings, sampled = await run_case(case, options)
+        results.append(result)
+        envelope = envelope or sampled
+    assert settings is not None
+    print("running the raw two-hop chain...", file=sys.stderr, flush=True)
+    raw = await raw_ceiling(
+        AMQP_URL,
+        settings.partitions,
+        options.messages,
+        options.conversations,
+        envelope or b"x" * RAW_BODY_BYTES,
+        options.concurrency,
+        settings.bot_concurrency * 2,  # the prefetch of the workers' consuming channels
+        broker_pids=pids_named("beam.smp"),
+    )
+    for result in results:
+        result.ratio = round(result.full.delivered_per_second / raw.per_second, 3)
     if options.json:
-        print(report_json(results, options))
+        print(report_json(results, raw, options))
     else:
-        print_report(results, options)
+        print_report(results, raw, options)
     return 1 if any(r.failed for r in results) else 0
+
+
+def cases(options: Options) -> list[Case]:
+    """Every combination, the separate services first (they sample the raw chain's body)."""
+    return [
+        Case(store, bot, mode)
+        for mode in options.modes
+        for store in options.stores
+        for bot in options.bots
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -787,6 +889,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="messages of the half-load phase (default: a tenth of --messages, at least 1000)",
     )
     parser.add_argument("--stores", default=",".join(STORES), help="comma-separated")
+    parser.add_argument("--bots", default=",".join(BOTS), help="comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--set",
@@ -796,9 +900,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="a setting for the services (repeatable)",
     )
     args = parser.parse_args(argv)
-    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
-    if not stores or set(stores) - set(STORES):
-        parser.error(f"--stores: a comma-separated list of {', '.join(STORES)}")
+    stores, bots, modes = (
+        [s.strip() for s in text.split(",") if s.strip()]
+        for text in (args.stores, args.bots, args.modes)
+    )
+    for name, chosen, known in (
+        ("stores", stores, STORES),
+        ("bots", bots, BOTS),
+        ("modes", modes, MODES),
+    ):
+        if not chosen or set(chosen) - set(known):
+            parser.error(f"--{name}: a comma-separated list of {', '.join(known)}")
     if min(args.messages, args.conversations, args.concurrency, args.half_messages or 1) < 1:
         parser.error("--messages, --conversations, --concurrency, --half-messages: at least 1")
     pairs = [item.split("=", 1) for item in args.set]
@@ -806,7 +918,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
         parser.error("--set takes RELAY_NAME=VALUE")
     half = args.half_messages or max(1000, args.messages // 10)
     return Options(
-        args.messages, args.conversations, args.concurrency, half, stores, args.json, dict(pairs)
+        args.messages,
+        args.conversations,
+        args.concurrency,
+        half,
+        stores,
+        bots,
+        modes,
+        args.json,
+        dict(pairs),
     )
 
 

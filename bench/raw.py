@@ -1,40 +1,48 @@
-"""The raw ceiling of the broker for Relay's traffic: aio-pika alone, no HTTP, no store.
+"""The raw ceiling of the broker for Relay's shape of traffic: aio-pika alone, no HTTP, no
+store, two hops like ingress -> bot worker -> delivery worker.
 
 N messages of a given body are published persistently with publisher confirms to the same
 kind of queues Relay declares (durable quorum queues, single active consumer, the same
 arguments: `relay.broker.topology.declare` under a throwaway prefix), spread over the
 partitions by the same hash of the conversation, from `concurrency` publishers on one
-confirming channel (as the ingress has one publish in flight per request). Another process
-consumes every partition on one channel with the bot worker's prefetch and acks each
-message. The figure is N / (last ack - first publish).
+confirming channel (as the ingress has one publish in flight per request).
 
-The consumer is a separate process, like Relay's workers are: in one event loop with the
-publishers, both would share one core and the ceiling would be Python's, not the broker's.
+A `hop` process consumes every inbound partition (the bot worker's prefetch), publishes each
+message to its outbound partition with a confirm and then acks it (the least a worker that
+keeps at-least-once can do); a `sink` process consumes the outbound partitions and acks.
+The figure is N / (the sink's last ack - the first publish). With `hops=1` the sink reads
+the inbound partitions directly (the one-hop figure of earlier reports).
 
-    python -m bench.raw consume --amqp URL --prefix P --partitions 8 --messages N --prefetch 64
+The CPU each process and the broker spent over the run is measured too, so the broker's
+cost per message in the raw chain can be set against its cost under Relay.
+
+    python -m bench.raw hop|sink --amqp URL --prefix P --partitions 16 --messages N --prefetch 64
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractQueueIterator
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueueIterator
 
-from bench.common import remove_topology, stop_process
+from bench.common import process_cpu_seconds, remove_topology, stop_process
 from relay.broker.topology import Topology, declare, partition_of
 
 
 @dataclass
 class RawResult:
-    """The broker's own figures for one hop."""
+    """The broker's own figures for the chain."""
 
+    hops: int
     messages: int
     body_bytes: int
     concurrency: int
@@ -42,6 +50,8 @@ class RawResult:
     seconds: float
     per_second: float
     publish_per_second: float
+    # CPU milliseconds per message: publisher, hop, sink, rabbitmq.
+    cpu_ms_per_message: dict[str, float] = field(default_factory=dict)
 
 
 async def raw_ceiling(
@@ -52,27 +62,41 @@ async def raw_ceiling(
     body: bytes,
     concurrency: int,
     prefetch: int,
+    hops: int = 2,
+    broker_pids: list[int] | None = None,
 ) -> RawResult:
-    """Publish, consume and ack `messages` copies of `body`; the round-trip rate."""
+    """Publish `messages` copies of `body` through `hops` hops; the rate at the sink."""
     topology = Topology(prefix="bench-raw-" + uuid.uuid4().hex[:8], partitions=partitions)
     try:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             exchange = (await declare(channel, topology))[topology.exchange("inbound")]
-            consumer = await _start_consumer(amqp_url, topology, messages, prefetch)
+            sink_stage = "outbound" if hops == 2 else "inbound"
+            processes = {
+                "sink": await _start("sink", amqp_url, topology, messages, prefetch, sink_stage)
+            }
+            if hops == 2:
+                processes["hop"] = await _start(
+                    "hop", amqp_url, topology, messages, prefetch, "inbound"
+                )
             try:
+                groups = {name: [process.pid] for name, process in processes.items()}
+                cpu = _Cpu({**groups, "publisher": [os.getpid()], "rabbitmq": broker_pids or []})
                 started = time.monotonic()
                 await _publish_all(exchange, partitions, messages, conversations, body, concurrency)
                 published = time.monotonic()
                 async with asyncio.timeout(max(60.0, messages / 100)):
-                    report = await _report(consumer)
+                    report = await _report(processes["sink"])
+                used = cpu.used()
             finally:
-                await stop_process(consumer, 10)
+                for process in processes.values():
+                    await stop_process(process, 10)
     finally:
         await remove_topology(topology, amqp_url)
     seconds = report["last"] - started
     return RawResult(
+        hops,
         messages,
         len(body),
         concurrency,
@@ -80,22 +104,45 @@ async def raw_ceiling(
         round(seconds, 2),
         round(messages / seconds, 1),
         round(messages / (published - started), 1),
+        {name: round(s * 1000 / messages, 3) for name, s in used.items()},
     )
 
 
-async def _start_consumer(
-    amqp_url: str, topology: Topology, messages: int, prefetch: int
+class _Cpu:
+    """CPU seconds each group of processes used since the meter was made."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self._groups = groups
+        self._before = self._read()
+
+    def _read(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, pids in self._groups.items():
+            totals[name] = 0.0
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    totals[name] += process_cpu_seconds(pid)
+        return totals
+
+    def used(self) -> dict[str, float]:
+        after = self._read()
+        return {name: after[name] - self._before[name] for name in after}
+
+
+async def _start(
+    role: str, amqp_url: str, topology: Topology, messages: int, prefetch: int, stage: str
 ) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bench.raw",
-        "consume",
+        role,
         f"--amqp={amqp_url}",
         f"--prefix={topology.prefix}",
         f"--partitions={topology.partitions}",
         f"--messages={messages}",
         f"--prefetch={prefetch}",
+        f"--stage={stage}",
         stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
@@ -106,7 +153,7 @@ async def _start_consumer(
         line = b""
     if line.strip() != b"ready":
         await stop_process(process, 5)
-        raise RuntimeError(f"the raw consumer did not start (said {line!r})")
+        raise RuntimeError(f"the raw {role} did not start (said {line!r})")
     return process
 
 
@@ -114,7 +161,7 @@ async def _report(process: asyncio.subprocess.Process) -> dict[str, float]:
     assert process.stdout is not None
     line = await process.stdout.readline()
     if not line:
-        raise RuntimeError("the raw consumer exited without a report")
+        raise RuntimeError("the raw sink exited without a report")
     report: dict[str, float] = json.loads(line)
     return report
 
@@ -145,11 +192,54 @@ async def _publish_all(
     await asyncio.gather(*[publisher() for _ in range(concurrency)])
 
 
-async def consume(
-    amqp_url: str, prefix: str, partitions: int, messages: int, prefetch: int
-) -> None:
-    """Consume and ack `messages` from the inbound partitions; print when each began and ended."""
-    topology = Topology(prefix=prefix, partitions=partitions)
+async def _iterators(
+    channel: aio_pika.abc.AbstractChannel, topology: Topology, stage: str
+) -> list[AbstractQueueIterator]:
+    iterators = []
+    for partition in range(topology.partitions):
+        queue = await channel.get_queue(topology.queue(stage, partition))  # type: ignore[arg-type]
+        iterator = queue.iterator()
+        await iterator.consume()  # registered with the broker before we say "ready"
+        iterators.append(iterator)
+    return iterators
+
+
+async def hop(amqp_url: str, topology: Topology, prefetch: int, stage: str) -> None:
+    """Forward every message of `stage` to the same outbound partition: publish with a
+    confirm, then ack. Each message's forward runs as a task started in delivery order, so
+    the publishes of a partition leave in order and their confirms are awaited together."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        consuming = await connection.channel()
+        await consuming.set_qos(prefetch_count=prefetch)
+        publishing = await connection.channel(publisher_confirms=True)
+        outbound = await publishing.get_exchange(topology.exchange("outbound"))
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def forward(message: AbstractIncomingMessage) -> None:
+            copy = aio_pika.Message(
+                message.body,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                content_type="application/json",
+                message_id=message.message_id,
+            )
+            await outbound.publish(copy, routing_key=message.routing_key or "0")
+            await message.ack()
+
+        async def drain(incoming: AbstractQueueIterator) -> None:
+            async with incoming:
+                async for message in incoming:
+                    task = asyncio.create_task(forward(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+        iterators = await _iterators(consuming, topology, stage)
+        print("ready", flush=True)
+        await asyncio.gather(*[drain(iterator) for iterator in iterators])
+
+
+async def sink(amqp_url: str, topology: Topology, messages: int, prefetch: int, stage: str) -> None:
+    """Consume and ack `messages` from `stage`; print when the first and last arrived."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
@@ -158,7 +248,6 @@ async def consume(
         seen = {"count": 0, "first": 0.0, "last": 0.0}
 
         async def drain(incoming: AbstractQueueIterator) -> None:
-            # Like the workers: one in-order iterator per partition, one ack per message.
             async with incoming:
                 async for message in incoming:
                     await message.ack()
@@ -168,12 +257,7 @@ async def consume(
                     if seen["count"] >= messages:
                         done.set()
 
-        iterators = []
-        for partition in range(partitions):
-            queue = await channel.get_queue(topology.queue("inbound", partition))
-            iterator = queue.iterator()
-            await iterator.consume()  # registered with the broker before we say "ready"
-            iterators.append(iterator)
+        iterators = await _iterators(channel, topology, stage)
         tasks = [asyncio.create_task(drain(iterator)) for iterator in iterators]
         print("ready", flush=True)
         await done.wait()
@@ -184,16 +268,17 @@ async def consume(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="the raw ceiling's consumer")
-    parser.add_argument("role", choices=["consume"])
+    parser = argparse.ArgumentParser(description="the raw chain's hop and sink")
+    parser.add_argument("role", choices=["hop", "sink"])
     parser.add_argument("--amqp", required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--messages", type=int, required=True)
     parser.add_argument("--prefetch", type=int, required=True)
+    parser.add_argument("--stage", default="inbound")
     options = parser.parse_args()
-    asyncio.run(
-        consume(
-            options.amqp, options.prefix, options.partitions, options.messages, options.prefetch
-        )
-    )
+    chosen = Topology(prefix=options.prefix, partitions=options.partitions)
+    if options.role == "hop":
+        asyncio.run(hop(options.amqp, chosen, options.prefetch, options.stage))
+    else:
+        asyncio.run(sink(options.amqp, chosen, options.messages, options.prefetch, options.stage))

@@ -11,7 +11,15 @@ import pytest
 
 from relay.auth import hash_token
 from relay.settings import Settings
-from relay.store import SqlStore, StoreError, StoreUnavailable, open_store, schema
+from relay.store import (
+    Accepted,
+    ConversationRecord,
+    SqlStore,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+    schema,
+)
 from relay.store.postgres import translated
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
 from relay.wire import InboundRequest, utcnow
@@ -20,6 +28,17 @@ from tests.helpers import attempt_record, make_integration, message
 
 def inbound(n: int | str = 1, **overrides: object) -> InboundRequest:
     return InboundRequest.model_validate(message(n, **overrides))
+
+
+def replying(integration_id: str, accepted: Accepted) -> ConversationRecord:
+    """The conversation an accepted message's replies go to."""
+    bundle = accepted.bundle
+    return ConversationRecord(
+        id=bundle.conversation.id,
+        integration_id=integration_id,
+        external_id=bundle.conversation.tags.id,
+        user_id=bundle.user.id,
+    )
 
 
 def lease(seconds: float = 30) -> object:
@@ -203,7 +222,9 @@ async def test_responses_waiting_to_be_published_are_not_taken_for_inbound_messa
     integration_id, _ = await make_integration(store, settings)
     accepted = await store.accept_incoming(integration_id, inbound(1), lease(), None)
     await store.mark_queued([accepted.bundle.message.id])
-    [reply] = await store.record_replies(accepted.bundle.message.id, [("text", {"text": "hi"})])
+    [reply] = await store.record_replies(
+        replying(integration_id, accepted), accepted.bundle.message.id, [("text", {"text": "hi"})]
+    )
     now = utcnow()
     # The response outbox claimed it once, and that claim ran out.
     claimed = await store.claim_stale_outgoing(
@@ -222,7 +243,9 @@ async def test_undelivered_responses_are_those_no_attempt_finished(
     accepted = await store.accept_incoming(integration_id, inbound("undelivered"), lease(), None)
     await store.mark_queued([accepted.bundle.message.id])
     replies = await store.record_replies(
-        accepted.bundle.message.id, [("text", {"text": str(n)}) for n in range(6)]
+        replying(integration_id, accepted),
+        accepted.bundle.message.id,
+        [("text", {"text": str(n)}) for n in range(6)],
     )
     now = utcnow()
     later = now + timedelta(seconds=30)
@@ -293,7 +316,9 @@ async def test_unhandled_messages_are_the_queued_ones_no_turn_handled(
             await store.mark_queued([one.bundle.message.id])
         accepted.append(one.bundle.message.id)
     conversation = one.bundle.conversation
-    await store.record_replies(accepted[0], [("text", {"text": "handled"})])
+    await store.record_replies(
+        replying(integration_id, one), accepted[0], [("text", {"text": "handled"})]
+    )
     retry_at = utcnow() + timedelta(seconds=30)
     await store.mark_retrying(accepted[1], retry_at)
     since = utcnow() - timedelta(hours=1)
@@ -431,3 +456,93 @@ async def test_a_value_postgresql_refuses_is_a_store_error_not_unavailability():
         async with translated():
             raise asyncpg.UntranslatableCharacterError("unsupported Unicode escape sequence")
     assert not isinstance(caught.value, StoreUnavailable)
+
+
+async def test_replies_are_recorded_once_and_read_back_as_they_were_returned(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound("once"), lease(), None)
+    target, message_id = replying(integration_id, accepted), accepted.bundle.message.id
+    replies = [("typing", {"value": True}), ("text", {"text": "hi"})]
+    first = await store.record_replies(target, message_id, replies)
+    assert [(r.type, r.payload, r.sequence) for r in first] == [
+        ("typing", {"value": True}, 1),
+        ("text", {"text": "hi"}, 2),
+    ]
+    assert await store.inbound_state(message_id) == "handled"
+    # A redelivered turn gets what was stored, whatever it would answer now.
+    again = await store.record_replies(target, message_id, [("text", {"text": "other"})])
+    assert again == first
+    # The next turn in the conversation numbers on.
+    later = await store.accept_incoming(integration_id, inbound("later"), lease(), None)
+    [next_reply] = await store.record_replies(
+        target, later.bundle.message.id, [("text", {"text": "next"})]
+    )
+    assert next_reply.sequence == 3
+
+
+async def test_a_turn_without_replies_still_marks_its_message_handled(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound("silent"), lease(), None)
+    target, message_id = replying(integration_id, accepted), accepted.bundle.message.id
+    assert await store.record_replies(target, message_id, []) == []
+    assert await store.inbound_state(message_id) == "handled"
+    assert await store.record_replies(target, message_id, [("text", {"text": "x"})]) == []
+
+
+async def test_a_turn_on_a_message_never_accepted_is_a_store_error(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound("gone"), lease(), None)
+    assert await store.discard_pending(accepted)
+    with pytest.raises(StoreError):
+        await store.record_replies(
+            replying(integration_id, accepted), accepted.bundle.message.id, [("text", {})]
+        )
+
+
+async def test_a_message_handled_while_pending_is_neither_discarded_nor_republished(
+    store: SqlStore, settings: Settings
+):
+    # The bot worker may take a message before its ingress marks it queued; once handled,
+    # it is accepted for good, whatever becomes of the ingress's publish.
+    integration_id, _ = await make_integration(store, settings)
+    accepted = await store.accept_incoming(integration_id, inbound("early"), lease(0), None)
+    await store.record_replies(
+        replying(integration_id, accepted), accepted.bundle.message.id, [("text", {})]
+    )
+    assert await store.discard_pending(accepted) is False
+    now = utcnow()
+    claimed = await store.claim_stale_pending(now, now + timedelta(seconds=60), 100)
+    assert accepted.bundle.message.id not in [c.bundle.message.id for c in claimed]
+    found = await store.find_incoming(integration_id, "msg-early")
+    assert found is not None
+    assert found.state == "queued"
+
+
+async def test_a_remembered_conversation_removed_meanwhile_is_made_again(
+    store: SqlStore, settings: Settings, database_url: str
+):
+    # Another process discarded the first message of a conversation this one remembers.
+    integration_id, _ = await make_integration(store, settings)
+    first = await store.accept_incoming(
+        integration_id, inbound(1, conversationId="conv-x", userId="user-x"), lease(), None
+    )
+    other = await open_store(database_url)
+    try:
+        assert await other.discard_pending(first)
+    finally:
+        await other.close()
+    second = await store.accept_incoming(
+        integration_id, inbound(2, conversationId="conv-x", userId="user-x"), lease(), None
+    )
+    assert second.created
+    assert second.created_conversation
+    assert second.bundle.conversation.id != first.bundle.conversation.id
+    found = await store.find_incoming(integration_id, "msg-2")
+    assert found is not None
+    assert found.bundle == second.bundle

@@ -29,6 +29,7 @@ from relay.retry import pauses
 from relay.store import Accepted, Inbound, PendingMessage, StoreError
 from relay.store.batching import GroupCommit
 from relay.wire import (
+    FIRST_COPY_HEADER,
     REQUEST_ID_HEADER,
     InboundEnvelope,
     InboundRequest,
@@ -76,7 +77,9 @@ class Acceptor:
                     details={"messageId": request.messageId},
                 )
             if accepted.created:
-                return await self._publish_or_discard(integration_id, accepted, request_id)
+                return await self._publish_or_discard(
+                    integration_id, accepted, request_id, first=True
+                )
             settled = await self._settle_existing(integration_id, accepted, request_id)
             if settled is not None:
                 self._metrics.inbound.labels("duplicate").inc()
@@ -85,11 +88,13 @@ class Acceptor:
         raise _retry_later("the message could not be accepted; send it again")
 
     async def _publish_or_discard(
-        self, integration_id: str, accepted: Accepted, request_id: str | None
+        self, integration_id: str, accepted: Accepted, request_id: str | None, first: bool
     ) -> MessageBundle:
         message_id = accepted.bundle.message.id
         try:
-            await self.publish(integration_id, accepted.bundle, accepted.text, request_id)
+            await self.publish(
+                integration_id, accepted.bundle, accepted.text, request_id, first=first
+            )
         except BrokerUnavailable as error:
             self._metrics.inbound.labels("unavailable").inc()
             log.warning("publish_failed", message_id=message_id, error=str(error))
@@ -121,7 +126,7 @@ class Acceptor:
             owner = await self._take_over(current)
             if owner is not None:
                 mine = replace(current, lease_owner=owner)
-                return await self._publish_or_discard(integration_id, mine, request_id)
+                return await self._publish_or_discard(integration_id, mine, request_id, first=False)
             if loop.time() >= deadline:
                 raise _retry_later("the message is still being accepted; send it again")
             # The other request may run in another process: the store is the only shared view.
@@ -140,9 +145,15 @@ class Acceptor:
         return await self._store.claim_pending(accepted.bundle.message.id, now, now + self._lease)
 
     async def publish(
-        self, integration_id: str, bundle: MessageBundle, text: str, request_id: str | None
+        self,
+        integration_id: str,
+        bundle: MessageBundle,
+        text: str,
+        request_id: str | None,
+        first: bool = False,
     ) -> None:
-        """Put the message on its inbound partition and wait for the confirm."""
+        """Put the message on its inbound partition and wait for the confirm (`first`: the
+        message's first publish ever)."""
         envelope = InboundEnvelope(
             integrationId=integration_id,
             text=text,
@@ -157,7 +168,7 @@ class Acceptor:
                 partition,
                 dump_json(envelope),
                 message_id=bundle.message.id,
-                headers={REQUEST_ID_HEADER: request_id or ""},
+                headers={REQUEST_ID_HEADER: request_id or "", FIRST_COPY_HEADER: int(first)},
             )
         self._metrics.published.labels("inbound").inc()
 

@@ -55,29 +55,38 @@ class ReplyPublisher:
 
         `accepted_at`: when the user's message they answer was accepted (for latency).
         """
-        for record in sorted(records, key=lambda r: r.sequence):
-            if record.state == "queued":
-                continue
-            envelope = OutboundEnvelope(
-                integrationId=record.integration_id,
-                deliveryId=delivery_id(record.id),
-                body=webhook_body(record),
-                createdAt=utcnow(),
-                acceptedAt=accepted_at,
+        published: list[str] = []
+        try:
+            for record in sorted(records, key=lambda r: r.sequence):
+                if record.state != "queued":
+                    await self._publish_one(record, accepted_at)
+                    published.append(record.id)
+                    log.info(
+                        "response_queued",
+                        response_id=record.id,
+                        sequence=record.sequence,
+                        conversation_id=record.conversation_id,
+                    )
+        finally:
+            # Marked together, in one write (also those confirmed before a failure): should
+            # the marks be lost, the turn's message comes back and its replies are published
+            # again, in order, with the same webhook-ids.
+            await asyncio.shield(asyncio.gather(*(self._queued.add(id_) for id_ in published)))
+
+    async def _publish_one(self, record: OutgoingRecord, accepted_at: datetime | None) -> None:
+        envelope = OutboundEnvelope(
+            integrationId=record.integration_id,
+            deliveryId=delivery_id(record.id),
+            body=webhook_body(record),
+            createdAt=utcnow(),
+            acceptedAt=accepted_at,
+        )
+        partition = partition_of(record.conversation_id, self._broker.topology.partitions)
+        with self._metrics.publish_latency.labels("outbound").time():
+            await self._broker.publish(
+                "outbound", partition, dump_json(envelope), message_id=envelope.deliveryId
             )
-            partition = partition_of(record.conversation_id, self._broker.topology.partitions)
-            with self._metrics.publish_latency.labels("outbound").time():
-                await self._broker.publish(
-                    "outbound", partition, dump_json(envelope), message_id=envelope.deliveryId
-                )
-            self._metrics.published.labels("outbound").inc()
-            await asyncio.shield(self._queued.add(record.id))
-            log.info(
-                "response_queued",
-                response_id=record.id,
-                sequence=record.sequence,
-                conversation_id=record.conversation_id,
-            )
+        self._metrics.published.labels("outbound").inc()
 
     async def push(
         self,

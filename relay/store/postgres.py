@@ -103,6 +103,12 @@ class _PgConn:
         return _rowcount(await self._conn.execute(numbered(sql), *args))
 
 
+async def _keep_session(_: asyncpg.Connection[Any]) -> None:
+    """Nothing to reset when a connection goes back to the pool: the store sets no session
+    state (no SET, LISTEN, cursors or session locks; the migration lock is a transaction's).
+    asyncpg's default reset is a round trip on every release, a fifth of a hot path's."""
+
+
 class PostgresDriver:
     """The `Driver` for PostgreSQL, over an asyncpg pool."""
 
@@ -129,6 +135,7 @@ class PostgresDriver:
             max_size=max_size,
             server_settings=settings,
             command_timeout=STATEMENT_TIMEOUT,
+            reset=_keep_session,
         )
         return cls(pool)
 

@@ -155,9 +155,15 @@ class Turns(Protocol):
         """Whether an inbound message was accepted, and whether the bot's replies are stored."""
 
     async def record_replies(
-        self, inbound_id: str, replies: list[tuple[str, dict[str, Any]]]
+        self,
+        conversation: ConversationRecord,
+        inbound_id: str,
+        replies: list[tuple[str, dict[str, Any]]],
     ) -> list[OutgoingRecord]:
-        """Store the bot's replies to an inbound message, once: numbered, in one transaction.
+        """Store the bot's replies to an inbound message of `conversation`, once: numbered,
+        in one transaction that also marks the message handled (and queued: a handled
+        message was taken off the broker, so its ingress must neither discard nor republish
+        it).
 
         If they were stored before (a redelivered message), those are returned instead.
         """

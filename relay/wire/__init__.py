@@ -31,6 +31,9 @@ REASON_HEADER = "x-relay-reason"  # why a message was dead-lettered
 DEAD_AT_HEADER = "x-relay-dead-at"  # when it was, in unix seconds
 LAST_STATUS_HEADER = "x-relay-last-status"  # a dead response's last HTTP status (0: none)
 ATTEMPTS_HEADER = "x-relay-attempts"  # the attempts a dead response was given
+# On an ingress's first publish of an inbound message (not on a retry's, the outbox's or a
+# delay queue's): no bot turn can have handled it, so the bot worker need not look.
+FIRST_COPY_HEADER = "x-relay-first-copy"
 REQUEST_ID_HEADER = "x-request-id"  # the ingress request that accepted an inbound message
 
 

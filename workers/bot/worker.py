@@ -28,19 +28,17 @@ from relay.metrics import Metrics
 from relay.pipeline.replies import ReplyPublisher
 from relay.pipeline.settle import Outcome, Verdict, attempt_of, stale
 from relay.pipeline.stage import StageWorker
-from relay.retry import pauses
 from relay.settings import Settings
 from relay.store import (
     ConversationRecord,
     Conversations,
-    InboundState,
     Outgoing,
     ParkingQueries,
     StoreError,
     Turns,
     Unfinished,
 )
-from relay.wire import InboundEnvelope, utcnow
+from relay.wire import FIRST_COPY_HEADER, InboundEnvelope, utcnow
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
 
 log = structlog.get_logger(__name__)
@@ -48,6 +46,7 @@ log = structlog.get_logger(__name__)
 REPLY_TOKEN_SECONDS = 24 * 3600
 # How far back a worker meeting a conversation looks for messages parked by another.
 PARKING_LOOKBACK = timedelta(days=1)
+MAX_CACHED_SECRETS = 10_000
 
 
 class BotStore(Turns, ParkingQueries, Conversations, Outgoing, Protocol):
@@ -75,6 +74,7 @@ class BotWorker(StageWorker[InboundEnvelope]):
         self._adapter = adapter
         self._replies = ReplyPublisher(store, broker, metrics)
         self._delays = sorted(settings.bot_retry_delays)
+        self._secrets: dict[str, str] = {}
 
     def keys(self, envelope: InboundEnvelope) -> tuple[str, str]:
         """(conversation, message) relay ids."""
@@ -104,43 +104,33 @@ class BotWorker(StageWorker[InboundEnvelope]):
     ) -> Verdict:
         attempt = attempt_of(message)
         message_id = envelope.bundle.message.id
-        state = await self._settled_state(message_id)
+        conversation = _conversation_of(envelope)
+        # A message still `pending` is one whose confirm reached its ingress, or will: it is
+        # on the queue. Waiting for the ingress's mark would hold the lane for a commit.
+        state = "queued" if _first_copy(message) else await self._store.inbound_state(message_id)
         if state == "missing":
             return Verdict(Outcome.DROP, reason="never accepted")
-        if state == "pending":
-            # Still pending after a lease: its ingress died; the outbox will settle it.
-            return Verdict(Outcome.WAIT, delay=self._delays[0], reason="not yet accepted")
-        if state == "queued":
+        if state in ("pending", "queued"):
             try:
-                replies = await self._run_turn(envelope)
+                replies = await self._run_turn(envelope, conversation)
             except BotFailure as failure:
                 return await self._failed(message_id, failure, attempt)
         else:
             replies = []  # handled before: the stored replies are all there is
-        records = await self._store.record_replies(message_id, replies)
+        try:
+            records = await self._store.record_replies(conversation, message_id, replies)
+        except StoreError:
+            if await self._store.inbound_state(message_id) == "missing":
+                # Its ingress's publish failed and it discarded the message (and answered
+                # 503): the turn's replies go nowhere, as the message was never accepted.
+                return Verdict(Outcome.DROP, reason="discarded by its ingress")
+            raise
         if stale(message):
             # The broker connection was lost during the turn and the message is already on
             # its way to a consumer again: publishing now could overtake what comes first.
             return Verdict(Outcome.AGAIN, reason="the delivery's channel closed")
         await self._replies.publish(records, envelope.acceptedAt)
         return Verdict(Outcome.DONE)
-
-    async def _settled_state(self, message_id: str) -> InboundState:
-        """The message's state once the ingress has settled it.
-
-        The worker often gets a message in the moment between the broker's confirm and the
-        ingress marking it queued. Waiting here, in the conversation's lane, keeps the
-        order; a delay queue would let later messages overtake it.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.outbox_lease + self._settings.publish_timeout
-        state = await self._store.inbound_state(message_id)
-        for pause in pauses(0.005, 0.25):
-            if state != "pending" or loop.time() >= deadline:
-                break
-            await asyncio.sleep(pause)
-            state = await self._store.inbound_state(message_id)
-        return state
 
     async def _failed(self, message_id: str, failure: BotFailure, attempt: int) -> Verdict:
         """Retry or dead-letter, noting in the store when (if ever) the turn is tried again:
@@ -153,8 +143,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         await self._store.mark_retrying(message_id, utcnow() + timedelta(seconds=delay))
         return Verdict(Outcome.RETRY, delay=delay, reason=str(failure))
 
-    async def _run_turn(self, envelope: InboundEnvelope) -> list[tuple[str, dict[str, object]]]:
-        context = await self._context(envelope)
+    async def _run_turn(
+        self, envelope: InboundEnvelope, conversation: ConversationRecord
+    ) -> list[tuple[str, dict[str, object]]]:
+        context = await self._context(envelope, conversation)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.bot_timeout):
@@ -170,15 +162,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
             self._metrics.bot_latency.observe(time.perf_counter() - started)
         return context.finish()
 
-    async def _context(self, envelope: InboundEnvelope) -> BotContext:
-        bundle = envelope.bundle
-        conversation = ConversationRecord(
-            id=bundle.conversation.id,
-            integration_id=envelope.integrationId,
-            external_id=bundle.conversation.tags.id,
-            user_id=bundle.user.id,
-        )
-        secret = await self._store.bot_secret(envelope.integrationId)
+    async def _context(
+        self, envelope: InboundEnvelope, conversation: ConversationRecord
+    ) -> BotContext:
+        secret = await self._bot_secret(envelope.integrationId)
         token = reply_token(secret, conversation.id, int(time.time()) + REPLY_TOKEN_SECONDS)
         url = f"{self._settings.public_base_url}/bot/conversations/{conversation.id}/messages"
 
@@ -186,3 +173,29 @@ class BotWorker(StageWorker[InboundEnvelope]):
             await self._replies.push(conversation, type_, payload)
 
         return BotContext(envelope, url, token, late)
+
+    async def _bot_secret(self, integration_id: str) -> str:
+        # Made once per integration and never changed: one read per process, not per turn.
+        secret = self._secrets.get(integration_id)
+        if secret is None:
+            secret = await self._store.bot_secret(integration_id)
+            if len(self._secrets) >= MAX_CACHED_SECRETS:
+                self._secrets.clear()
+            self._secrets[integration_id] = secret
+        return secret
+
+
+def _first_copy(message: AbstractIncomingMessage) -> bool:
+    """The ingress's first publish of the message, delivered for the first time: no turn can
+    have handled it (should it have been discarded, `record_replies` finds no message)."""
+    return not message.redelivered and (message.headers or {}).get(FIRST_COPY_HEADER) == 1
+
+
+def _conversation_of(envelope: InboundEnvelope) -> ConversationRecord:
+    bundle = envelope.bundle
+    return ConversationRecord(
+        id=bundle.conversation.id,
+        integration_id=envelope.integrationId,
+        external_id=bundle.conversation.tags.id,
+        user_id=bundle.user.id,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from relay.store.driver import Driver
 from relay.store.sql.attempts import AttemptsSql
-from relay.store.sql.inbound import InboundSql
+from relay.store.sql.inbound import InboundSql, KnownRows
 from relay.store.sql.integrations import IntegrationsSql
 from relay.store.sql.outgoing import OutgoingSql
 from relay.store.sql.parking import ParkingSql
@@ -18,6 +18,7 @@ class SqlStore(IntegrationsSql, InboundSql, OutgoingSql, ParkingSql, AttemptsSql
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
+        self._known = KnownRows()
 
     @property
     def driver(self) -> Driver:

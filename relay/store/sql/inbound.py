@@ -4,8 +4,9 @@ queued once the broker confirmed them, discarded or claimed again when not."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +82,7 @@ class InboundSql:
     """`Inbound` over a `Driver`: every statement runs on SQLite and PostgreSQL."""
 
     _driver: Driver
+    _known: KnownRows
 
     async def accept_incoming(
         self,
@@ -90,21 +92,36 @@ class InboundSql:
         request_id: str | None,
     ) -> Accepted:
         # No look-up first: the unique key finds a repeated messageId, and new messages
-        # (the common case) save a round trip.
+        # (the common case) save a round trip. A user and conversation seen before are
+        # taken from memory: the message is then one statement, no transaction.
+        user_key = ("users", integration_id, request.userId)
+        conv_key = ("conversations", integration_id, request.conversationId)
         for _ in range(_ATTEMPTS):
+            user, conv = self._known.get(user_key), self._known.get(conv_key)
             try:
+                if user is not None and conv is not None:
+                    async with self._driver.connection() as conn:
+                        return await self._insert_incoming(
+                            conn, integration_id, request, (user, conv), lease_until, request_id
+                        )
                 async with self._driver.transaction() as conn:
-                    return await self._insert_incoming(
-                        conn, integration_id, request, lease_until, request_id
+                    rows = await _users_and_conversation(conn, integration_id, request)
+                    accepted = await self._insert_incoming(
+                        conn, integration_id, request, rows, lease_until, request_id
                     )
+                self._known.put(user_key, rows[0])
+                self._known.put(conv_key, rows[1])
+                return accepted
             except _Exists:
                 found = await self.find_incoming(integration_id, request.messageId)
                 if found is not None:
                     return found
                 # The first writer's publish failed and it discarded the row: try again.
             except (_Vanished, IntegrityViolation):
-                # A user or conversation was removed by a concurrent discard: try again.
-                continue
+                # A user or conversation was removed by a concurrent discard (perhaps one
+                # remembered here): look them up again.
+                self._known.forget(user_key)
+                self._known.forget(conv_key)
         raise StoreUnavailable("could not record the message under contention; retry")
 
     async def _insert_incoming(
@@ -112,14 +129,12 @@ class InboundSql:
         conn: Conn,
         integration_id: str,
         request: InboundRequest,
+        rows: tuple[_Row, _Row],
         lease_until: datetime,
         request_id: str | None,
     ) -> Accepted:
         now = utcnow()
-        user = await _get_or_create(conn, "users", integration_id, request.userId, now)
-        conv = await _get_or_create(
-            conn, "conversations", integration_id, request.conversationId, now
-        )
+        user, conv = rows
         message = Message(
             id=new_id(),
             createdAt=now,
@@ -263,6 +278,43 @@ class InboundSql:
                     )
                 )
         return claimed
+
+
+async def _users_and_conversation(
+    conn: Conn, integration_id: str, request: InboundRequest
+) -> tuple[_Row, _Row]:
+    now = utcnow()
+    user = await _get_or_create(conn, "users", integration_id, request.userId, now)
+    conv = await _get_or_create(conn, "conversations", integration_id, request.conversationId, now)
+    return user, conv
+
+
+class KnownRows:
+    """Users and conversations this process has seen, by (table, integration, caller id).
+
+    They are never changed once made; one may be removed (a discarded first message), and
+    then the message insert that names it fails on the foreign key and is tried again
+    without it. Bounded: the least recently used go first.
+    """
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._rows: OrderedDict[tuple[str, str, str], _Row] = OrderedDict()
+        self._limit = limit
+
+    def get(self, key: tuple[str, str, str]) -> _Row | None:
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+        return row
+
+    def put(self, key: tuple[str, str, str], row: _Row) -> None:
+        # As seen by later messages: not created by them.
+        self._rows[key] = replace(row, created=False)
+        if len(self._rows) > self._limit:
+            self._rows.popitem(last=False)
+
+    def forget(self, key: tuple[str, str, str]) -> None:
+        self._rows.pop(key, None)
 
 
 @dataclass(frozen=True)
