@@ -546,3 +546,26 @@ async def test_a_remembered_conversation_removed_meanwhile_is_made_again(
     found = await store.find_incoming(integration_id, "msg-2")
     assert found is not None
     assert found.bundle == second.bundle
+
+
+async def test_concurrent_messages_of_a_known_conversation_are_each_written_once(
+    store: SqlStore, settings: Settings
+):
+    # Written together in batches: each request still learns whether its message is new.
+    integration_id, _ = await make_integration(store, settings)
+    await store.accept_incoming(integration_id, inbound("known"), lease(), None)
+    requests = [inbound(f"batch-{n % 30}") for n in range(60)] + [inbound("known")]
+    results = await asyncio.gather(
+        *[store.accept_incoming(integration_id, r, lease(), None) for r in requests]
+    )
+    assert sum(r.created for r in results) == 30
+    by_message: dict[str, set[str]] = {}
+    for request, result in zip(requests, results, strict=True):
+        assert result.bundle.message.tags.id == request.messageId
+        by_message.setdefault(request.messageId, set()).add(result.bundle.message.id)
+    assert all(len(ids) == 1 for ids in by_message.values())
+    async with store.driver.connection() as conn:
+        rows = await conn.fetchall(
+            "SELECT external_id FROM messages WHERE integration_id = ?", integration_id
+        )
+    assert sorted(r["external_id"] for r in rows) == sorted(by_message)

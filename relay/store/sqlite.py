@@ -56,22 +56,28 @@ async def translated() -> AsyncIterator[None]:
 
 
 class _SqliteConn:
+    """Each statement in one hop to the connection's thread: aiosqlite's cursor API takes
+    two or three (execute, fetch, close), and every hop is a wake-up of both threads while
+    the process's one connection (and, in a transaction, the file's write lock) is held."""
+
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
 
     async def fetchone(self, sql: str, *args: Any) -> Row | None:
-        async with self._db.execute(sql, [to_db(a) for a in args]) as cursor:
-            row = await cursor.fetchone()
-        return dict(row) if row is not None else None
+        rows = await self._db.execute_fetchall(sql, [to_db(a) for a in args])
+        return next((dict(row) for row in rows), None)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Row]:
-        async with self._db.execute(sql, [to_db(a) for a in args]) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._db.execute_fetchall(sql, [to_db(a) for a in args])
         return [dict(row) for row in rows]
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._db.execute(sql, [to_db(a) for a in args]) as cursor:
-            return cursor.rowcount
+        # The rows the statement changed: the connection's running count before and after
+        # (the driver's lock keeps every other statement of this connection out meanwhile;
+        # the schema has no triggers, whose changes the count would include).
+        before = self._db.total_changes
+        await self._db.execute_fetchall(sql, [to_db(a) for a in args])
+        return self._db.total_changes - before
 
 
 class SqliteDriver:
@@ -101,15 +107,15 @@ class SqliteDriver:
     async def transaction(self) -> AsyncIterator[_SqliteConn]:
         async with self._lock, translated():
             # IMMEDIATE takes the write lock up front: no deadlock on a read-to-write upgrade.
-            await self._db.execute("BEGIN IMMEDIATE")
+            await self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
-                await self._db.execute("COMMIT")
+                await self._conn.execute("COMMIT")
             except BaseException:
                 # Also after a failed COMMIT (disk full): an open transaction would jam the
                 # connection for every later BEGIN.
                 with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
+                    await self._conn.execute("ROLLBACK")
                 raise
 
     @asynccontextmanager

@@ -3,6 +3,7 @@ module per role, `SqlStore` all of them over one driver."""
 
 from __future__ import annotations
 
+from relay.store.batching import GroupCommit
 from relay.store.driver import Driver
 from relay.store.sql.attempts import AttemptsSql
 from relay.store.sql.inbound import InboundSql, KnownRows
@@ -19,6 +20,7 @@ class SqlStore(IntegrationsSql, InboundSql, OutgoingSql, ParkingSql, AttemptsSql
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
         self._known = KnownRows()
+        self._new_messages = GroupCommit(self.insert_new_messages, "insert-inbound")
 
     @property
     def driver(self) -> Driver:

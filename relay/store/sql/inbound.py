@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from relay.store.batching import GroupCommit
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
 from relay.store.records import Accepted, PendingMessage
 from relay.store.sql.common import MAX_PARAMETERS, chunks, new_id
@@ -83,6 +84,7 @@ class InboundSql:
 
     _driver: Driver
     _known: KnownRows
+    _new_messages: GroupCommit[_NewMessage]
 
     async def accept_incoming(
         self,
@@ -93,22 +95,25 @@ class InboundSql:
     ) -> Accepted:
         # No look-up first: the unique key finds a repeated messageId, and new messages
         # (the common case) save a round trip. A user and conversation seen before are
-        # taken from memory: the message is then one statement, no transaction.
+        # taken from memory: the message is then one row of a batch written by one
+        # statement with the messages of concurrent requests (one commit for all).
         user_key = ("users", integration_id, request.userId)
         conv_key = ("conversations", integration_id, request.conversationId)
         for _ in range(_ATTEMPTS):
             user, conv = self._known.get(user_key), self._known.get(conv_key)
             try:
                 if user is not None and conv is not None:
-                    async with self._driver.connection() as conn:
-                        return await self._insert_incoming(
-                            conn, integration_id, request, (user, conv), lease_until, request_id
-                        )
+                    new = _NewMessage(
+                        integration_id, request, (user, conv), lease_until, request_id
+                    )
+                    await self._new_messages.add(new)
+                    return new.accepted()
                 async with self._driver.transaction() as conn:
                     rows = await _users_and_conversation(conn, integration_id, request)
-                    accepted = await self._insert_incoming(
-                        conn, integration_id, request, rows, lease_until, request_id
-                    )
+                    new = _NewMessage(integration_id, request, rows, lease_until, request_id)
+                    new.inserted = await conn.execute(_INSERT_MESSAGE, *new.values) == 1
+                    # Raises _Exists inside: what this transaction created is rolled back.
+                    accepted = new.accepted()
                 self._known.put(user_key, rows[0])
                 self._known.put(conv_key, rows[1])
                 return accepted
@@ -124,67 +129,20 @@ class InboundSql:
                 self._known.forget(conv_key)
         raise StoreUnavailable("could not record the message under contention; retry")
 
-    async def _insert_incoming(
-        self,
-        conn: Conn,
-        integration_id: str,
-        request: InboundRequest,
-        rows: tuple[_Row, _Row],
-        lease_until: datetime,
-        request_id: str | None,
-    ) -> Accepted:
-        now = utcnow()
-        user, conv = rows
-        message = Message(
-            id=new_id(),
-            createdAt=now,
-            updatedAt=now,
-            tags=Tags(id=request.messageId),
-            type=request.type,
-            payload=request.normalized_payload(),
-            direction="incoming",
-            conversationId=conv.id,
-            userId=user.id,
-        )
-        fingerprint, owner = request.fingerprint(), new_id()
-        inserted = await conn.execute(
-            "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
-            " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
-            " request_id, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"
-            " ON CONFLICT (integration_id, external_id) DO NOTHING",
-            message.id,
-            integration_id,
-            request.messageId,
-            conv.id,
-            user.id,
-            request.type,
-            request.text,
-            json.dumps(message.payload),
-            fingerprint,
-            lease_until,
-            owner,
-            request_id,
-            now,
-            now,
-        )
-        if inserted != 1:
-            raise _Exists
-        return Accepted(
-            bundle=MessageBundle(
-                user=User(**user.entity()),
-                conversation=Conversation(**conv.entity()),
-                message=message,
-            ),
-            text=request.text,
-            fingerprint=fingerprint,
-            state="pending",
-            created=True,
-            lease_until=lease_until,
-            lease_owner=owner,
-            created_user=user.created,
-            created_conversation=conv.created,
-        )
+    async def insert_new_messages(self, batch: Sequence[_NewMessage]) -> None:
+        """Write a batch of new inbound messages in one statement; each learns whether it
+        was inserted (or its messageId was there already). A batch refused as a whole (a
+        user or conversation gone) is written again one by one by the group commit."""
+        for chunk in chunks(batch, MAX_PARAMETERS // len(batch[0].values)):
+            placeholders = ", ".join([_MESSAGE_VALUES] * len(chunk))
+            async with self._driver.connection() as conn:
+                rows = await conn.fetchall(
+                    _INSERT_MESSAGES.format(values=placeholders),
+                    *[value for new in chunk for value in new.values],
+                )
+            inserted = {row["id"] for row in rows}
+            for new in chunk:
+                new.inserted = new.message.id in inserted
 
     async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
         async with self._driver.connection() as conn:
@@ -315,6 +273,85 @@ class KnownRows:
 
     def forget(self, key: tuple[str, str, str]) -> None:
         self._rows.pop(key, None)
+
+
+_MESSAGE_VALUES = "(?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"
+_MESSAGE_COLUMNS = (
+    "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
+    " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
+    " request_id, created_at, updated_at) VALUES "
+)
+_INSERT_MESSAGE = (
+    _MESSAGE_COLUMNS + _MESSAGE_VALUES + " ON CONFLICT (integration_id, external_id) DO NOTHING"
+)
+_INSERT_MESSAGES = (
+    _MESSAGE_COLUMNS + "{values} ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id"
+)
+
+
+class _NewMessage:
+    """An inbound message about to be written: its row's values, then whether it was."""
+
+    def __init__(
+        self,
+        integration_id: str,
+        request: InboundRequest,
+        rows: tuple[_Row, _Row],
+        lease_until: datetime,
+        request_id: str | None,
+    ) -> None:
+        now = utcnow()
+        self.user, self.conv = rows
+        self.request, self.lease_until = request, lease_until
+        self.message = Message(
+            id=new_id(),
+            createdAt=now,
+            updatedAt=now,
+            tags=Tags(id=request.messageId),
+            type=request.type,
+            payload=request.normalized_payload(),
+            direction="incoming",
+            conversationId=self.conv.id,
+            userId=self.user.id,
+        )
+        self.fingerprint, self.owner = request.fingerprint(), new_id()
+        self.values = (
+            self.message.id,
+            integration_id,
+            request.messageId,
+            self.conv.id,
+            self.user.id,
+            request.type,
+            request.text,
+            json.dumps(self.message.payload),
+            self.fingerprint,
+            lease_until,
+            self.owner,
+            request_id,
+            now,
+            now,
+        )
+        self.inserted = False
+
+    def accepted(self) -> Accepted:
+        """What the caller gets for a message it wrote (_Exists if it was there before)."""
+        if not self.inserted:
+            raise _Exists
+        return Accepted(
+            bundle=MessageBundle(
+                user=User(**self.user.entity()),
+                conversation=Conversation(**self.conv.entity()),
+                message=self.message,
+            ),
+            text=self.request.text,
+            fingerprint=self.fingerprint,
+            state="pending",
+            created=True,
+            lease_until=self.lease_until,
+            lease_owner=self.owner,
+            created_user=self.user.created,
+            created_conversation=self.conv.created,
+        )
 
 
 @dataclass(frozen=True)
