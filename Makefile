@@ -33,9 +33,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Every store, bot and run mode against the raw two-hop chain, then the ingress alone: about
+# 10 minutes. Run it on an otherwise idle machine.
 bench: install
 	@scripts/ensure-services --postgres
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+	$(BIN)/python -m bench.ingress_load
 
 bench-ingress: install
 	@scripts/ensure-services --postgres

@@ -20,7 +20,7 @@ and half load, errors, missing and duplicate deliveries, peak RSS and CPU millis
 user message of every process (each service, the receiver, RabbitMQ, PostgreSQL), and on
 PostgreSQL the commits, rows inserted, updated and read per user message.
 
-    python -m bench.e2e [--messages 20000] [--conversations 200] [--concurrency 64]
+    python -m bench.e2e [--messages 5000] [--conversations 50] [--concurrency 32]
                         [--half-messages N] [--stores sqlite,postgresql]
                         [--bots one-reply,echo] [--modes services,run] [--json]
                         [--set RELAY_NAME=value ...]
@@ -880,9 +880,10 @@ def cases(options: Options) -> list[Case]:
 def parse_args(argv: list[str] | None = None) -> Options:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--conversations", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=64)
+    # The issue's yardstick: 5,000 messages, 50 conversations, 32 connections.
+    parser.add_argument("--messages", type=int, default=5_000)
+    parser.add_argument("--conversations", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument(
         "--half-messages",
         type=int,

@@ -11,3 +11,15 @@ def cancelled_from_outside() -> bool:
     closes, and the CancelledError then reaches code nobody cancelled."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def pause(seconds: float) -> None:
+    """`asyncio.sleep` for the loops of background tasks that call into aio-pika.
+
+    A cancel that arrives while such a call runs can be swallowed by it (it catches the
+    CancelledError of a future it cancelled itself); the task then still counts as being
+    cancelled but would sleep on, and whoever stops it would wait forever. Here the cancel
+    is raised instead."""
+    if cancelled_from_outside():
+        raise asyncio.CancelledError
+    await asyncio.sleep(seconds)

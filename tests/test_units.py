@@ -4,6 +4,7 @@ signing, telling cancellations apart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
-from relay.aio import cancelled_from_outside
+from relay.aio import cancelled_from_outside, pause
 from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
 from relay.broker import Topology, partition_of
 from relay.ingress.ratelimit import RateLimiter, retry_after
@@ -258,3 +259,26 @@ async def test_a_future_cancelled_under_a_task_is_told_from_the_task_being_cance
 
 def test_the_retry_loops_back_off_doubling_up_to_a_cap():
     assert list(itertools.islice(pauses(0.5, 5.0), 6)) == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+async def test_a_cancel_swallowed_by_a_library_call_still_ends_a_background_loop():
+    # aio-pika catches the CancelledError of futures it cancels itself, and so may swallow
+    # a stop's cancel arriving meanwhile: the loop's pause raises it again.
+    inside = asyncio.Event()
+
+    async def swallowing_call() -> None:
+        inside.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    async def background_loop() -> None:
+        while True:
+            await swallowing_call()
+            await pause(30)
+
+    task = asyncio.create_task(background_loop())
+    await inside.wait()
+    task.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await task

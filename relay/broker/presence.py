@@ -19,6 +19,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+from relay.aio import pause
 from relay.broker.client import BROKER_ERRORS, CONNECTION_ERRORS, Broker, BrokerUnavailable
 from relay.broker.topology import StageName
 
@@ -94,7 +95,7 @@ class Presence:
             except Exception:
                 # Silent peers count this worker gone: a beat's failure never ends the beating.
                 log.exception("presence_beat_failed", stage=self._stage)
-            await asyncio.sleep(self._interval)
+            await pause(self._interval)
 
     async def _beat(self, leaving: bool) -> None:
         if self._exchange is None:

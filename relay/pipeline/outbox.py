@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from relay.aio import cancelled_from_outside
+from relay.aio import cancelled_from_outside, pause
 from relay.broker import BrokerUnavailable
 from relay.pipeline.replies import ReplyPublisher
 from relay.store import Outgoing, StoreError
@@ -38,7 +38,7 @@ async def sweep_forever(
     """Publish what a crashed process left pending: inbound messages (see
     `relay.ingress.accept`) and responses stored but never confirmed by the broker."""
     while True:
-        await asyncio.sleep(interval)
+        await pause(interval)
         try:
             # Bounded: one sweep stuck on a dependency must not end the sweeping.
             async with asyncio.timeout(max(lease, 30.0)):

@@ -28,6 +28,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel
 
+from relay.aio import pause
 from relay.broker import CONNECTION_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
 from relay.broker.presence import Presence
 from relay.metrics import Metrics
@@ -186,7 +187,7 @@ class Partitions(ABC, Generic[E]):
 
     async def _balance_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            await pause(self._interval)
             try:
                 self.rebalance()
                 self.watch()

@@ -7,6 +7,7 @@ import contextlib
 
 import structlog
 
+from relay.aio import pause
 from relay.broker import CONNECTION_ERRORS, Broker
 from relay.broker.queues import export, look
 from relay.metrics import Metrics
@@ -48,4 +49,4 @@ async def watch(broker: Broker, metrics: Metrics, interval: float) -> None:
                 log.debug("queue_look_failed", error=str(error))
             except Exception:
                 log.exception("queue_look_failed")  # never the end of the gauges
-        await asyncio.sleep(interval)
+        await pause(interval)
