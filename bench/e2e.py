@@ -125,6 +125,7 @@ class Resources:
     cpu_seconds_full_load: float
     cpu_percent_full_load: float  # of one core
     cpu_ms_per_message: float  # CPU of the full-load phase / its messages
+    cpu_ms_per_message_half_load: float  # the same at half load (no backlog anywhere)
 
 
 @dataclass
@@ -674,7 +675,10 @@ async def measure(
     meter.stop()
     database_figures = await counters.per_message(options.messages) if counters else {}
     batch = messages(f"{tag}-half", options.half_messages, options.conversations)
+    half_meter = CpuMeter(services, receiver)
+    half_meter.start()
     half = await half_load(client, inbox, batch, max(full.delivered_per_second / 2, 1.0))
+    half_meter.stop()
     await asyncio.sleep(SETTLE_SECONDS)
     await inbox.fetch()
     resources = {
@@ -683,6 +687,9 @@ async def measure(
             cpu_seconds_full_load=seconds,
             cpu_percent_full_load=percent,
             cpu_ms_per_message=round(seconds * 1000 / options.messages, 2),
+            cpu_ms_per_message_half_load=round(
+                half_meter.result[name][0] * 1000 / options.half_messages, 2
+            ),
         )
         for name, (seconds, percent) in meter.result.items()
     }
@@ -761,8 +768,9 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
             )
             print(f"{r.case}: responses out of order, e.g. {shown}")
     print(
-        "\npeak RSS and CPU during full load (rabbitmq, postgres: every user of the shared"
-        " server; (other): busy CPU of no process here, e.g. other jobs)"
+        "\npeak RSS and CPU during full load, and CPU per message at half load (rabbitmq,"
+        " postgres: every user of the shared server; (other): busy CPU of no process here,"
+        " e.g. other jobs or the hypervisor's steal)"
     )
     resources = [row for r in results for row in _resource_rows(r)]
     print(admin.table(resources, list(resources[0])))
@@ -799,6 +807,7 @@ def _resource_rows(result: StoreResult) -> list[dict[str, Any]]:
             "peak RSS MB": res.peak_rss_mb,
             "CPU % of a core": res.cpu_percent_full_load,
             "CPU ms/msg": res.cpu_ms_per_message,
+            "at half load": res.cpu_ms_per_message_half_load,
         }
         for name, res in result.resources.items()
     ]

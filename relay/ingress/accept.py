@@ -5,8 +5,9 @@ The store is the arbiter of what was accepted. The message row is written first 
 and only then does the caller get its 200. A publish that fails — refused, not connected,
 or unconfirmed within the timeout — deletes what the request wrote and answers 503, so a
 retry starts afresh. An unconfirmed publish may still have reached the queue: consumers
-drop an envelope whose message row does not exist (it was never accepted), and wait on one
-whose row is still `pending`.
+drop an envelope whose message row does not exist (it was never accepted), and handle one
+whose row is still `pending` (it is on the queue); storing the turn marks it queued, and a
+discard then finds nothing of its own to delete.
 
 A crash between the commit and the confirm leaves a `pending` row whose lease runs out;
 the outbox sweeper (or the next retry of the same messageId) claims it and publishes it

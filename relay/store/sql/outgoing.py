@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +58,17 @@ SELECT (SELECT count(*) FROM handled) AS handled,
 """
 
 
+@dataclass(frozen=True)
+class _Turn:
+    """A turn's replies about to be stored, with the ids and time they get."""
+
+    conversation: ConversationRecord
+    inbound_id: str
+    replies: list[tuple[str, dict[str, Any]]]
+    ids: list[str]
+    now: datetime
+
+
 class OutgoingSql:
     """Bot replies: numbered per conversation, stored once per inbound message."""
 
@@ -84,10 +96,11 @@ class OutgoingSql:
         # The hot path of every turn: the mark goes first and tells whether this turn is the
         # first (no read), the records come from what is known already.
         now, ids = utcnow(), [new_id() for _ in replies]
+        turn = _Turn(conversation, inbound_id, replies, ids, now)
         if self._driver.dialect == "postgresql":
-            first = await self._record_replies_at_once(conversation, inbound_id, replies, ids, now)
+            first = await self._record_replies_at_once(turn)
         else:
-            first = await self._record_replies_in_steps(conversation, inbound_id, replies, ids, now)
+            first = await self._record_replies_in_steps(turn)
         if first is not None:
             return [
                 OutgoingRecord(
@@ -112,49 +125,42 @@ class OutgoingSql:
             )
         return [_outgoing(row) for row in rows]
 
-    async def _record_replies_in_steps(
-        self,
-        conversation: ConversationRecord,
-        inbound_id: str,
-        replies: list[tuple[str, dict[str, Any]]],
-        ids: list[str],
-        now: datetime,
-    ) -> int | None:
+    async def _record_replies_in_steps(self, turn: _Turn) -> int | None:
         """The first reply's sequence number, or None if the message was handled before
         (or is not there)."""
         async with self._driver.transaction() as conn:
-            first = await conn.execute(_MARK_HANDLED, now, inbound_id)
+            first = await conn.execute(_MARK_HANDLED, turn.now, turn.inbound_id)
             if not first:
                 return None
             target = {
-                "integration_id": conversation.integration_id,
-                "conversation_id": conversation.id,
-                "user_id": conversation.user_id,
+                "integration_id": turn.conversation.integration_id,
+                "conversation_id": turn.conversation.id,
+                "user_id": turn.conversation.user_id,
             }
             return await _insert_outgoing(
-                conn, target, replies, reply_to=inbound_id, key=None, ids=ids, now=now
+                conn,
+                target,
+                turn.replies,
+                reply_to=turn.inbound_id,
+                key=None,
+                ids=turn.ids,
+                now=turn.now,
             )
 
-    async def _record_replies_at_once(
-        self,
-        conversation: ConversationRecord,
-        inbound_id: str,
-        replies: list[tuple[str, dict[str, Any]]],
-        ids: list[str],
-        now: datetime,
-    ) -> int | None:
+    async def _record_replies_at_once(self, turn: _Turn) -> int | None:
         """`_record_replies_in_steps` as one statement, PostgreSQL's data-modifying WITH:
         one round trip and one commit instead of five round trips, on every turn."""
+        replies, conversation = turn.replies, turn.conversation
         async with self._driver.connection() as conn:
             row = await conn.fetchone(
                 _RECORD_REPLIES_AT_ONCE,
-                now,
-                inbound_id,
+                turn.now,
+                turn.inbound_id,
                 len(replies),
                 conversation.id,
                 conversation.integration_id,
                 conversation.user_id,
-                ids,
+                turn.ids,
                 [type_ for type_, _ in replies],
                 [str(payload.get("text", "")) for _, payload in replies],
                 [json.dumps(payload) for _, payload in replies],
@@ -165,7 +171,7 @@ class OutgoingSql:
             return 0
         if row["next_sequence"] is None or row["inserted"] != len(replies):
             # Cannot be: the message's own conversation (a foreign key) is not there.
-            raise StoreError(f"the replies to {inbound_id} could not be numbered")
+            raise StoreError(f"the replies to {turn.inbound_id} could not be numbered")
         return int(row["next_sequence"]) - len(replies) + 1
 
     async def record_pushed(
