@@ -35,6 +35,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueueIterator
 
 from bench.common import process_cpu_seconds, remove_topology, stop_process
+from relay.broker import StageName
 from relay.broker.topology import Topology, declare, partition_of
 
 
@@ -72,7 +73,7 @@ async def raw_ceiling(
         async with connection:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             exchange = (await declare(channel, topology))[topology.exchange("inbound")]
-            sink_stage = "outbound" if hops == 2 else "inbound"
+            sink_stage: StageName = "outbound" if hops == 2 else "inbound"
             processes = {
                 "sink": await _start("sink", amqp_url, topology, messages, prefetch, sink_stage)
             }
@@ -130,7 +131,12 @@ class _Cpu:
 
 
 async def _start(
-    role: str, amqp_url: str, topology: Topology, messages: int, prefetch: int, stage: str
+    role: str,
+    amqp_url: str,
+    topology: Topology,
+    messages: int,
+    prefetch: int,
+    stage: StageName,
 ) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -193,18 +199,18 @@ async def _publish_all(
 
 
 async def _iterators(
-    channel: aio_pika.abc.AbstractChannel, topology: Topology, stage: str
+    channel: aio_pika.abc.AbstractChannel, topology: Topology, stage: StageName
 ) -> list[AbstractQueueIterator]:
     iterators = []
     for partition in range(topology.partitions):
-        queue = await channel.get_queue(topology.queue(stage, partition))  # type: ignore[arg-type]
+        queue = await channel.get_queue(topology.queue(stage, partition))
         iterator = queue.iterator()
         await iterator.consume()  # registered with the broker before we say "ready"
         iterators.append(iterator)
     return iterators
 
 
-async def hop(amqp_url: str, topology: Topology, prefetch: int, stage: str) -> None:
+async def hop(amqp_url: str, topology: Topology, prefetch: int, stage: StageName) -> None:
     """Forward every message of `stage` to the same outbound partition: publish with a
     confirm, then ack. Each message's forward runs as a task started in delivery order, so
     the publishes of a partition leave in order and their confirms are awaited together."""
@@ -238,7 +244,9 @@ async def hop(amqp_url: str, topology: Topology, prefetch: int, stage: str) -> N
         await asyncio.gather(*[drain(iterator) for iterator in iterators])
 
 
-async def sink(amqp_url: str, topology: Topology, messages: int, prefetch: int, stage: str) -> None:
+async def sink(
+    amqp_url: str, topology: Topology, messages: int, prefetch: int, stage: StageName
+) -> None:
     """Consume and ack `messages` from `stage`; print when the first and last arrived."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
@@ -275,7 +283,7 @@ if __name__ == "__main__":
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--messages", type=int, required=True)
     parser.add_argument("--prefetch", type=int, required=True)
-    parser.add_argument("--stage", default="inbound")
+    parser.add_argument("--stage", default="inbound", choices=["inbound", "outbound"])
     options = parser.parse_args()
     chosen = Topology(prefix=options.prefix, partitions=options.partitions)
     if options.role == "hop":
