@@ -20,7 +20,7 @@ class SqlStore(IntegrationsSql, InboundSql, OutgoingSql, ParkingSql, AttemptsSql
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
         self._known = KnownRows()
-        self._new_messages = GroupCommit(self.insert_new_messages, "insert-inbound")
+        self._new_messages = GroupCommit(self._write_new_messages, "insert-inbound")
 
     @property
     def driver(self) -> Driver:

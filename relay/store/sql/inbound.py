@@ -111,7 +111,8 @@ class InboundSql:
                 async with self._driver.transaction() as conn:
                     rows = await _users_and_conversation(conn, integration_id, request)
                     new = _NewMessage(integration_id, request, rows, lease_until, request_id)
-                    new.inserted = await conn.execute(_INSERT_MESSAGE, *new.values) == 1
+                    written = await conn.fetchall(_insert_messages(1), *new.values)
+                    new.inserted = bool(written)
                     # Raises _Exists inside: what this transaction created is rolled back.
                     accepted = new.accepted()
                 self._known.put(user_key, rows[0])
@@ -129,16 +130,14 @@ class InboundSql:
                 self._known.forget(conv_key)
         raise StoreUnavailable("could not record the message under contention; retry")
 
-    async def insert_new_messages(self, batch: Sequence[_NewMessage]) -> None:
+    async def _write_new_messages(self, batch: Sequence[_NewMessage]) -> None:
         """Write a batch of new inbound messages in one statement; each learns whether it
         was inserted (or its messageId was there already). A batch refused as a whole (a
         user or conversation gone) is written again one by one by the group commit."""
         for chunk in chunks(batch, MAX_PARAMETERS // len(batch[0].values)):
-            placeholders = ", ".join([_MESSAGE_VALUES] * len(chunk))
             async with self._driver.connection() as conn:
                 rows = await conn.fetchall(
-                    _INSERT_MESSAGES.format(values=placeholders),
-                    *[value for new in chunk for value in new.values],
+                    _insert_messages(len(chunk)), *[value for new in chunk for value in new.values]
                 )
             inserted = {row["id"] for row in rows}
             for new in chunk:
@@ -275,18 +274,18 @@ class KnownRows:
         self._rows.pop(key, None)
 
 
-_MESSAGE_VALUES = "(?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"
-_MESSAGE_COLUMNS = (
-    "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
-    " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
-    " request_id, created_at, updated_at) VALUES "
-)
-_INSERT_MESSAGE = (
-    _MESSAGE_COLUMNS + _MESSAGE_VALUES + " ON CONFLICT (integration_id, external_id) DO NOTHING"
-)
-_INSERT_MESSAGES = (
-    _MESSAGE_COLUMNS + "{values} ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id"
-)
+def _insert_messages(count: int) -> str:
+    """An insert of `count` new inbound messages, answering the ids it wrote (a messageId
+    there already is skipped)."""
+    values = ", ".join(
+        ["(?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"] * count
+    )
+    return (
+        "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
+        " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
+        f" request_id, created_at, updated_at) VALUES {values}"
+        " ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id"
+    )
 
 
 class _NewMessage:
