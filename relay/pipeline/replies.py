@@ -69,8 +69,8 @@ class ReplyPublisher:
                     )
         finally:
             # Marked together, in one write (also those confirmed before a failure): should
-            # the marks be lost, the turn's message comes back and its replies are published
-            # again, in order, with the same webhook-ids.
+            # the marks be lost, they are published again with the same webhook-ids (a turn's
+            # message comes back unacked; the outbox takes a pushed response).
             await asyncio.shield(asyncio.gather(*(self._queued.add(id_) for id_ in published)))
 
     async def _publish_one(self, record: OutgoingRecord, accepted_at: datetime | None) -> None:
