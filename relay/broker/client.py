@@ -26,9 +26,9 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-# Those, and aiormq's bare RuntimeError for a connection that closed meanwhile.
 CLOSE_TIMEOUT = 5.0  # seconds a service waits for its connection's close at stop
 
+# Those, and aiormq's bare RuntimeError for a connection that closed meanwhile.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, RuntimeError)
 
 

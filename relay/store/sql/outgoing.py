@@ -132,14 +132,9 @@ class OutgoingSql:
             first = await conn.execute(_MARK_HANDLED, turn.now, turn.inbound_id)
             if not first:
                 return None
-            target = {
-                "integration_id": turn.conversation.integration_id,
-                "conversation_id": turn.conversation.id,
-                "user_id": turn.conversation.user_id,
-            }
             return await _insert_outgoing(
                 conn,
-                target,
+                turn.conversation,
                 turn.replies,
                 reply_to=turn.inbound_id,
                 key=None,
@@ -181,17 +176,12 @@ class OutgoingSql:
         payload: dict[str, Any],
         idempotency_key: str | None,
     ) -> tuple[OutgoingRecord, bool]:
-        target = {
-            "integration_id": conversation.integration_id,
-            "conversation_id": conversation.id,
-            "user_id": conversation.user_id,
-        }
         try:
             async with self._driver.transaction() as conn:
                 new_id_ = new_id()
                 await _insert_outgoing(
                     conn,
-                    target,
+                    conversation,
                     [(type_, payload)],
                     reply_to=None,
                     key=idempotency_key,
@@ -270,7 +260,7 @@ class OutgoingSql:
 
 async def _insert_outgoing(
     conn: Conn,
-    target: Row,
+    conversation: ConversationRecord,
     replies: list[tuple[str, dict[str, Any]]],
     reply_to: str | None,
     key: str | None,
@@ -285,17 +275,17 @@ async def _insert_outgoing(
         "UPDATE conversations SET next_sequence = next_sequence + ? WHERE id = ?"
         " RETURNING next_sequence",
         len(replies),
-        target["conversation_id"],
+        conversation.id,
     )
     if counter is None:
-        raise StoreError(f"no conversation {target['conversation_id']}")
+        raise StoreError(f"no conversation {conversation.id}")
     first = int(counter["next_sequence"]) - len(replies) + 1
     rows = [
         (
             id_,
-            target["integration_id"],
-            target["conversation_id"],
-            target["user_id"],
+            conversation.integration_id,
+            conversation.id,
+            conversation.user_id,
             type_,
             str(payload.get("text", "")),
             json.dumps(payload),
