@@ -21,13 +21,15 @@ run: install
 
 test: install
 	@scripts/ensure-services --postgres || echo "(continuing: the tests fall back to testcontainers)"
+	@scripts/ensure-browser
 	$(BIN)/pytest -m "not faults"
 
 # The fault suite (kill -9, broker and PostgreSQL restarts, a network partition, a flapping
-# endpoint) on a private broker node and PostgreSQL cluster: about 9 minutes. CI runs it
-# after `make test` (.ci/run).
+# endpoint) on a private broker node and PostgreSQL cluster, nodes of a private three-node
+# RabbitMQ cluster stopped mid-stream, and the partition count changed mid-stream: about 9
+# minutes. CI runs it after `make test` (.ci/run).
 test-faults: install
-	$(BIN)/pytest -m faults tests/test_faults.py
+	$(BIN)/pytest -m faults tests/test_faults.py tests/test_cluster.py tests/test_repartition.py
 
 lint: install
 	$(BIN)/ruff check .
@@ -38,6 +40,7 @@ lint: install
 bench: install
 	@scripts/ensure-services --postgres
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+	$(BIN)/python -m bench.http_floor
 	$(BIN)/python -m bench.ingress_load
 
 bench-ingress: install

@@ -22,12 +22,16 @@ import aio_pika
 import aiohttp
 
 from relay import admin
+from relay.broker.addresses import parse_addresses
 from relay.broker.topology import Topology, delete
 from relay.settings import Settings
 from relay.store import Store
 from relay.store.postgres import drop_schema
 
-AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# The services' RELAY_AMQP_URL: may list a cluster's nodes (`bench.cluster`); the bench's
+# own connections (topology removal, the raw chain, the envelope sample) use the first.
+SERVICES_AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+AMQP_URL = str(parse_addresses(SERVICES_AMQP_URL)[0])
 POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/test")
 STORES = ("sqlite", "postgresql")
 
@@ -201,9 +205,9 @@ async def create_integration(
     store: Store, settings: Settings, response_url: str = "http://127.0.0.1:9/"
 ) -> tuple[str, str]:
     """A new integration answering to `response_url`, and an integration token for it."""
-    view = await admin.create_integration(store, settings, "bench", response_url, verify=False)
-    token, _ = await admin.create_token(store, view["id"], "integration")
-    return str(view["id"]), token
+    record = await admin.create_integration(store, settings, "bench", response_url, verify=False)
+    token, _ = await admin.create_token(store, record.id, "integration")
+    return record.id, token
 
 
 async def remove_topology(topology: Topology, amqp_url: str = AMQP_URL) -> None:

@@ -53,6 +53,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bench.common import (
     AMQP_URL,
+    SERVICES_AMQP_URL,
     STORES,
     Service,
     create_integration,
@@ -492,7 +493,7 @@ def run_settings(database_url: str, bot: str, options: Options) -> Settings:
     }
     chosen.update({k.removeprefix("RELAY_").lower(): v for k, v in options.settings.items()})
     chosen.update(
-        amqp_url=AMQP_URL,
+        amqp_url=SERVICES_AMQP_URL,
         database_url=database_url,
         queue_prefix="bench-" + uuid.uuid4().hex[:8],
         http_port=free_port(),

@@ -13,7 +13,7 @@ from relay.auth import hash_token, new_signing_secret, new_token
 from relay.settings import Settings
 from relay.signing import signature_headers
 from relay.ssrf import EndpointRefused, check_scheme, check_url, guarded_session
-from relay.store import IntegrationRecord, Integrations, TokenKind, TokenRecord
+from relay.store import AnyTokenKind, IntegrationRecord, Integrations, TokenRecord
 from relay.wire import utcnow
 
 TEST_EVENT = {"type": "test", "payload": "test"}
@@ -89,28 +89,38 @@ def integration_view(record: IntegrationRecord, settings: Settings) -> dict[str,
 
 async def create_integration(
     store: Integrations, settings: Settings, name: str, response_url: str, verify: bool
-) -> dict[str, Any]:
+) -> IntegrationRecord:
     """Create an integration after checking its response endpoint answers (unless not
     `verify`); its scheme must be one deliveries use (https:// only with RELAY_HTTPS_ONLY)."""
+    secret = new_signing_secret()
+    await check_endpoint(settings, response_url, secret, verify)
+    return await store.create_integration(name, response_url, secret)
+
+
+async def check_endpoint(settings: Settings, response_url: str, secret: str, verify: bool) -> None:
+    """AdminError unless `response_url` is one deliveries may use and (if `verify`) answers
+    a signed test event with a 2xx."""
     try:
         # Always, even unverified: deliveries would refuse this scheme on every attempt.
         check_scheme(response_url, settings.https_only)
     except EndpointRefused as error:
-        raise AdminError(f"--response-url {_shown(response_url)}: {error}") from error
-    secret = new_signing_secret()
+        raise AdminError(f"the response URL {_shown(response_url)}: {error}") from error
     if verify:
         await verify_endpoint(response_url, secret, settings)
-    record = await store.create_integration(name, response_url, secret)
-    return integration_view(record, settings)
 
 
 async def create_token(
-    store: Integrations, integration_id: str, kind: TokenKind
+    store: Integrations, integration_id: str | None, kind: AnyTokenKind
 ) -> tuple[str, TokenRecord]:
-    """A new token for an integration: the token (shown once) and its record."""
-    if await store.get_integration(integration_id) is None:
-        raise AdminError(f"no integration {integration_id}")
+    """A new token: the token (shown once) and its record. An admin token belongs to no
+    integration; the others to one."""
     token = new_token()
+    if kind == "admin":
+        if integration_id is not None:
+            raise AdminError("an admin token belongs to no integration")
+        return token, await store.create_admin_token(hash_token(token), token[:8])
+    if integration_id is None or await store.get_integration(integration_id) is None:
+        raise AdminError(f"no integration {integration_id}")
     record = await store.create_token(integration_id, kind, hash_token(token), token[:8])
     return token, record
 

@@ -1,8 +1,11 @@
-"""What asyncio leaves to its users: telling a cancelled task from a cancelled future."""
+"""What asyncio leaves to its users: telling a cancelled task from a cancelled future,
+stopping a background task."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 
 def cancelled_from_outside() -> bool:
@@ -23,3 +26,12 @@ async def pause(seconds: float) -> None:
     if cancelled_from_outside():
         raise asyncio.CancelledError
     await asyncio.sleep(seconds)
+
+
+async def cancel_and_wait(task: asyncio.Future[Any] | None) -> None:
+    """Cancel a background task (if any) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -9,6 +9,7 @@ import secrets
 
 TOKEN_PREFIX = "rly_"
 REPLY_PREFIX = "rlyr_"
+READ_PREFIX = "rlyv_"
 
 
 def new_token() -> str:
@@ -54,15 +55,39 @@ def reply_token(secret: str, conversation_id: str, expires: int) -> str:
     Made without a store write: an HMAC over the conversation and expiry, keyed by the
     integration's bot secret, so every relay process can check it.
     """
-    claim = base64.urlsafe_b64encode(f"{conversation_id}|{expires}".encode()).decode()
-    return f"{REPLY_PREFIX}{claim}.{_mac(secret, claim)}"
+    return _scoped_token(REPLY_PREFIX, secret, conversation_id, expires)
 
 
 def reply_token_valid(secret: str, token: str, conversation_id: str, now: float) -> bool:
     """True if `token` is a live reply token for this conversation."""
+    return _scoped_valid(REPLY_PREFIX, secret, token, conversation_id, now)
+
+
+def read_token(secret: str, conversation_id: str, expires: int) -> str:
+    """A token that lets a browser read one conversation's history and events until
+    `expires`: a reply token's form under a key of its own, so neither passes for the
+    other."""
+    return _scoped_token(READ_PREFIX, _read_key(secret), conversation_id, expires)
+
+
+def read_token_valid(secret: str, token: str, conversation_id: str, now: float) -> bool:
+    """True if `token` is a live read token for this conversation."""
+    return _scoped_valid(READ_PREFIX, _read_key(secret), token, conversation_id, now)
+
+
+def _read_key(secret: str) -> str:
+    return f"{secret}|read"
+
+
+def _scoped_token(prefix: str, secret: str, conversation_id: str, expires: int) -> str:
+    claim = base64.urlsafe_b64encode(f"{conversation_id}|{expires}".encode()).decode()
+    return f"{prefix}{claim}.{_mac(secret, claim)}"
+
+
+def _scoped_valid(prefix: str, secret: str, token: str, conversation_id: str, now: float) -> bool:
     if not token.isascii():
         return False
-    claim, _, mac = token.removeprefix(REPLY_PREFIX).partition(".")
+    claim, _, mac = token.removeprefix(prefix).partition(".")
     if not hmac.compare_digest(mac, _mac(secret, claim)):
         return False
     try:

@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.metadata
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
-import aio_pika
 import aiohttp
 import uvloop
 from aiohttp import web
 from pydantic import ValidationError
 
-from relay import admin
+from relay import admin, repartition, retention
 from relay.auth import new_signing_secret
 from relay.broker import BROKER_ERRORS, Broker, queues, topology_of
+from relay.broker.addresses import Addresses
+from relay.cli_help import settings_epilog
 from relay.ingress.app import create_app
 from relay.logs import configure_logging
 from relay.metrics import Metrics
-from relay.pipeline.dlq import DeadLetter, DeadLetters
+from relay.pipeline.dlq import DeadLetters, matching, settle
 from relay.service.app import create_service_app
 from relay.service.runner import serve
 from relay.settings import Settings, describe_error
 from relay.sink import SinkOptions, create_sink_app
-from relay.store import SqlStore, open_store
+from relay.store import SqlStore, StoreError, open_store
 from relay.wire import utcnow
+from relay.wire.admin import DeadLetterSelection
 from workers.bot.service import bot_worker_context
 from workers.delivery.service import delivery_worker_context
 
@@ -81,30 +85,36 @@ async def _sink(settings: Settings, args: argparse.Namespace) -> int:
     return await _with_store(settings, work)
 
 
-async def _with_dead_letters(
-    settings: Settings, args: argparse.Namespace, work: Callable[[DeadLetters], Awaitable[int]]
-) -> int:
+async def _with_broker(settings: Settings, work: Callable[[Broker], Awaitable[int]]) -> int:
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
     try:
         await asyncio.wait_for(broker.wait_connected(), 15)
-        return await work(DeadLetters(broker, args.stage))
+        return await work(broker)
     finally:
         await broker.close()
 
 
-def _selection(args: argparse.Namespace) -> Callable[[DeadLetter], bool]:
-    def select(letter: DeadLetter) -> bool:
-        if getattr(args, "id", None) and letter.id != args.id:
-            return False
-        return not (args.integration and letter.integration_id != args.integration)
-
-    return select
+def _dead_letter_selection(args: argparse.Namespace) -> DeadLetterSelection:
+    """What `replay` and `purge` act on, as the admin API takes it (a 2 here, not a 400).
+    `--stage` always has a value here, so it alone chooses nothing."""
+    if not (args.id or args.all or args.integration):
+        raise admin.AdminError("say which: --id X and/or --integration ID, or --all")
+    try:
+        return DeadLetterSelection(
+            ids=[args.id] if args.id else None,
+            all=args.all,
+            stage=args.stage,
+            integrationId=args.integration,
+        )
+    except ValidationError as error:
+        raise admin.AdminError("say which: --id X and/or --integration ID, or --all") from error
 
 
 async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(letters: DeadLetters) -> int:
-        found = await letters.list(_selection(args))
+    async def work(broker: Broker) -> int:
+        select = matching(args.integration, None, {args.id} if args.id else None)
+        found = await DeadLetters(broker, args.stage).page(select, None, args.limit)
         if args.json:
             _print_json([letter.view() for letter in found])
         else:
@@ -112,26 +122,27 @@ async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
             print(admin.table(rows, ["id", "integrationId", "attempts", "lastStatus", "reason"]))
         return 0
 
-    return await _with_dead_letters(settings, args, work)
+    return await _with_broker(settings, work)
 
 
 async def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
-    if not (args.id or args.all or args.integration):
-        raise admin.AdminError("say which: --id X, --integration ID or --all")
+    selection = _dead_letter_selection(args)
 
-    async def work(letters: DeadLetters) -> int:
-        print(f"replayed {await letters.replay(_selection(args))}")
+    async def work(broker: Broker) -> int:
+        print(f"replayed {await settle(broker, selection, replay=True)}")
         return 0
 
-    return await _with_dead_letters(settings, args, work)
+    return await _with_broker(settings, work)
 
 
 async def _dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(letters: DeadLetters) -> int:
-        print(f"purged {await letters.purge(_selection(args))}")
+    selection = _dead_letter_selection(args)
+
+    async def work(broker: Broker) -> int:
+        print(f"purged {await settle(broker, selection, replay=False)}")
         return 0
 
-    return await _with_dead_letters(settings, args, work)
+    return await _with_broker(settings, work)
 
 
 async def _deliveries_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -191,9 +202,10 @@ async def _with_store(settings: Settings, work: Callable[[SqlStore], Awaitable[i
 
 async def _integrations_create(settings: Settings, args: argparse.Namespace) -> int:
     async def work(store: SqlStore) -> int:
-        view = await admin.create_integration(
+        record = await admin.create_integration(
             store, settings, args.name, args.response_url, verify=not args.no_verify
         )
+        view = admin.integration_view(record, settings)
         _print_json({k: view[k] for k in ("id", "name", "webhookUrl", "signingSecret")})
         return 0
 
@@ -231,7 +243,12 @@ async def _tokens_create(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _tokens_list(settings: Settings, args: argparse.Namespace) -> int:
     async def work(store: SqlStore) -> int:
-        views = [admin.token_view(r) for r in await store.list_tokens(args.integration)]
+        records = (
+            await store.list_admin_tokens()
+            if args.admin
+            else await store.list_tokens(args.integration)
+        )
+        views = [admin.token_view(r) for r in records]
         if args.json:
             _print_json(views)
         else:
@@ -253,13 +270,17 @@ async def _tokens_revoke(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _queues(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        connection = await Addresses(settings.amqp_url).connect(attempt_seconds=10)
     except BROKER_ERRORS as error:
         print(f"error: cannot reach the broker: {error}", file=sys.stderr)
         return 1
-    async with connection:
+    store = await _store_if_reachable(settings)
+    async with connection, contextlib.AsyncExitStack() as closing:
+        if store is not None:
+            closing.push_async_callback(store.close)
         while True:
-            stats = await queues.look(connection, topology_of(settings))
+            others = await _counts(store)
+            stats = await queues.look(connection, topology_of(settings), others)
             if settings.management_url:
                 try:
                     stats = await queues.with_management(stats, settings.management_url)
@@ -274,35 +295,129 @@ async def _queues(settings: Settings, args: argparse.Namespace) -> int:
             await asyncio.sleep(args.watch)
 
 
+async def _store_if_reachable(settings: Settings) -> SqlStore | None:
+    """The store, for the partition counts in use (None if it cannot be opened: the queues
+    of this configuration's count are still worth showing)."""
+    try:
+        return await open_store(settings.database_url)
+    except (StoreError, OSError) as error:
+        print(f"warning: other partition counts unknown: {error}", file=sys.stderr)
+        return None
+
+
+async def _counts(store: SqlStore | None) -> list[int]:
+    """The partition counts noted in the store, looked up again on each look."""
+    if store is None:
+        return []
+    try:
+        return list(await store.partition_counts())
+    except StoreError as error:
+        print(f"warning: other partition counts unknown: {error}", file=sys.stderr)
+        return []
+
+
+async def _partitions(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        connection = await Addresses(settings.amqp_url).connect(attempt_seconds=10)
+        async with connection:
+            topology = topology_of(settings)
+            if args.action == "retire":
+                let_go = 2 * settings.generations_interval + 1
+                try:
+                    deleted = await repartition.retire(
+                        store, connection, topology, args.count, let_go
+                    )
+                except repartition.CannotRetire as error:
+                    message = f"cannot retire {args.count} partitions: {error}"
+                    raise admin.AdminError(message) from error
+                print(f"retired {args.count} partitions; deleted {len(deleted)} queues")
+                return 0
+            views = await repartition.counts(store, connection, topology)
+        own = settings.partitions
+        print(repartition.render_json(views) if args.json else repartition.render_table(views, own))
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def _prune(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        lease = retention.Lease(store, retention.PRUNE_LEASE, retention.LEASE_SECONDS)
+        if not await lease.take():
+            raise admin.AdminError("another process is pruning now; try again in a while")
+        try:
+            cutoff = utcnow() - args.older_than
+            pruned, reclaimed = await retention.prune(store, lease, cutoff, None)
+        finally:
+            await lease.release()
+        for kind, count in pruned.counts.items():
+            print(f"deleted {count} {kind}")
+        if reclaimed:
+            print(f"gave {reclaimed} bytes of the database file back")
+        if not pruned.complete:
+            raise admin.AdminError("stopped early: another process took the lease over")
+        return 0
+
+    return await _with_store(settings, work)
+
+
+def _age(text: str) -> timedelta:
+    """An age argument, or argparse's usage error."""
+    try:
+        return retention.parse_age(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
 SERVICES = {_ingress, _bot_worker, _delivery_worker, _run_all, _sink}
+_JSON = "print JSON instead of a table"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `relay` command."""
     parser = argparse.ArgumentParser(prog="relay", description="HTTP messaging relay for bots")
+    parser.add_argument("--version", action="version", version=f"relay {_version()}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="commands other than the services: print log lines too (to stderr)",
+    )
     roles = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    roles.add_parser("ingress", help="the HTTP API").set_defaults(run=_ingress)
-    roles.add_parser("bot-worker", help="consumes inbound messages, runs the bot").set_defaults(
-        run=_bot_worker
-    )
-    roles.add_parser("delivery-worker", help="delivers responses to back ends").set_defaults(
-        run=_delivery_worker
-    )
-    roles.add_parser("run", help="every service in one process").set_defaults(run=_run_all)
+    for role, run, helptext in (
+        ("ingress", _ingress, "the HTTP API"),
+        ("bot-worker", _bot_worker, "consumes inbound messages, runs the bot"),
+        ("delivery-worker", _delivery_worker, "delivers responses to back ends"),
+        ("run", _run_all, "every service in one process, on one port"),
+    ):
+        roles.add_parser(
+            role,
+            help=helptext,
+            description=f"{helptext}; stops gracefully on SIGTERM",
+            epilog=settings_epilog(role),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        ).set_defaults(run=run)
     sink = roles.add_parser("sink", help="a local response endpoint that prints what it gets")
-    sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("--port", type=int, default=8090)
+    sink.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sink.add_argument("--port", type=int, default=8090, help="port to listen on")
     sink.add_argument("--fail", type=int, default=0, help="answer 500 to the first N")
     sink.add_argument("--status", type=int, default=200, help="the status to answer")
     sink.add_argument("--retry-after", help="Retry-After to send with failures")
     sink.set_defaults(run=_sink)
     _dlq_commands(roles)
     look = roles.add_parser("queues", help="depth, unacked and consumers of every relay queue")
-    look.add_argument("--json", action="store_true")
+    look.add_argument("--json", action="store_true", help=_JSON)
     look.add_argument(
         "--watch",
         type=float,
@@ -312,23 +427,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="look again every SECONDS (default 2) until interrupted",
     )
     look.set_defaults(run=_queues)
+    counts = roles.add_parser(
+        "partitions", help="the partition counts in use (RELAY_PARTITIONS changed on the fly)"
+    )
+    counts.add_argument("--json", action="store_true", help=_JSON)
+    counts.set_defaults(run=_partitions, action="list")
+    retiring = counts.add_subparsers(dest="action", metavar="ACTION").add_parser(
+        "retire", help="remove a count nobody runs with any more, and its empty queues"
+    )
+    retiring.add_argument("count", type=int, help="the partition count to retire")
+    retiring.set_defaults(run=_partitions)
     deliveries = roles.add_parser("deliveries", help="delivery attempts")
     show = deliveries.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
         "show", help="every attempt of one delivery (its webhook-id)"
     )
-    show.add_argument("id")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("id", help="the delivery's webhook-id (msg_…)")
+    show.add_argument("--json", action="store_true", help=_JSON)
     show.set_defaults(run=_deliveries_show)
+    _prune_command(roles)
     _integration_commands(roles)
     _token_commands(roles)
     return parser
+
+
+def _prune_command(roles: Any) -> None:
+    helptext = "delete what retention would delete, now"
+    pruning = roles.add_parser(
+        "prune",
+        help=helptext,
+        description=f"{helptext}: messages and responses settled before then (nothing in"
+        " flight), with their idempotency keys and delivery attempts, and the users and"
+        " conversations left with no message; one prune at a time (the workers' janitor"
+        " does it every RELAY_PRUNE_INTERVAL, for RELAY_RETENTION_DAYS)",
+        epilog=settings_epilog("prune"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pruning.add_argument(
+        "--older-than",
+        required=True,
+        type=_age,
+        metavar="AGE",
+        help="what is older than this goes: 90m, 12h, 7d or 2w",
+    )
+    pruning.set_defaults(run=_prune)
 
 
 def _integration_commands(roles: Any) -> None:
     group = roles.add_parser("integrations", help="manage integrations")
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = sub.add_parser("create", help="create an integration")
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, help="a name for people to read")
     create.add_argument("--response-url", required=True, help="the back end's response endpoint")
     create.add_argument(
         "--no-verify",
@@ -337,14 +485,14 @@ def _integration_commands(roles: Any) -> None:
     )
     create.set_defaults(run=_integrations_create)
     listing = sub.add_parser("list", help="list integrations")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=_JSON)
     listing.set_defaults(run=_integrations_list)
     rotate = sub.add_parser("rotate-secret", help="new signing secret; old one valid a while")
-    rotate.add_argument("integration_id")
+    rotate.add_argument("integration_id", help="the integration's id")
     rotate.add_argument("--grace", default="24h", help="how long the old secret still signs")
     rotate.set_defaults(run=_integrations_rotate)
     enable = sub.add_parser("enable", help="re-enable an endpoint disabled by a 410")
-    enable.add_argument("integration_id")
+    enable.add_argument("integration_id", help="the integration's id")
     enable.set_defaults(run=_integrations_enable)
 
 
@@ -357,13 +505,24 @@ def _dlq_commands(roles: Any) -> None:
         ("purge", _dlq_purge, "delete dead letters"),
     ):
         command = sub.add_parser(name, help=helptext)
-        command.add_argument("--stage", choices=["outbound", "inbound"], default="outbound")
+        command.add_argument(
+            "--stage",
+            choices=["outbound", "inbound"],
+            default="outbound",
+            help="responses (outbound, the default) or user messages (inbound)",
+        )
         command.add_argument("--integration", help="only this integration's")
         command.add_argument("--id", help="only this one (message or delivery id)")
         if name == "list":
-            command.add_argument("--json", action="store_true")
-        if name == "replay":
-            command.add_argument("--all", action="store_true")
+            command.add_argument("--json", action="store_true", help=_JSON)
+            command.add_argument(
+                "--limit",
+                type=int,
+                default=100,
+                help="show at most this many, those that died first (default 100)",
+            )
+        else:
+            command.add_argument("--all", action="store_true", help=f"{name} every dead letter")
         command.set_defaults(run=run)
 
 
@@ -371,21 +530,24 @@ def _token_commands(roles: Any) -> None:
     group = roles.add_parser("tokens", help="manage tokens")
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = sub.add_parser("create", help="create a token (printed once)")
-    create.add_argument("--integration", required=True, help="integration id")
+    create.add_argument("--integration", help="integration id (not for --kind admin)")
     create.add_argument(
         "--kind",
-        choices=["integration", "bot"],
+        choices=["integration", "bot", "admin"],
         default="integration",
-        help="integration: the back end's token; bot: for the bot push API",
+        help="integration: the back end's token; bot: for the bot push API;"
+        " admin: for the admin API (/admin/v1), of no integration",
     )
-    create.add_argument("--json", action="store_true")
+    create.add_argument("--json", action="store_true", help=_JSON)
     create.set_defaults(run=_tokens_create)
-    listing = sub.add_parser("list", help="list an integration's tokens")
-    listing.add_argument("--integration", required=True)
-    listing.add_argument("--json", action="store_true")
+    listing = sub.add_parser("list", help="list an integration's tokens, or the admin tokens")
+    which = listing.add_mutually_exclusive_group(required=True)
+    which.add_argument("--integration", help="integration id")
+    which.add_argument("--admin", action="store_true", help="the admin tokens")
+    listing.add_argument("--json", action="store_true", help=_JSON)
     listing.set_defaults(run=_tokens_list)
     revoke = sub.add_parser("revoke", help="revoke a token by its id")
-    revoke.add_argument("token_id")
+    revoke.add_argument("token_id", help="the token's id (from tokens list)")
     revoke.set_defaults(run=_tokens_revoke)
 
 
@@ -397,8 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(describe_error(error), file=sys.stderr)
         return 2
-    service = args.run in SERVICES
-    configure_logging(settings.log_level, sys.stdout if service else sys.stderr)
+    if args.run in SERVICES:
+        configure_logging(settings.log_level, sys.stdout)
+    else:
+        # An interactive command's output is its own: log lines only when asked for.
+        configure_logging(settings.log_level if args.verbose else "critical", sys.stderr)
     command: Command = args.run
     try:
         # uvloop: the same asyncio, with the event loop and its sockets in C; every service

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from relay.wire import ErrorBody, ErrorDetail
 
@@ -32,6 +34,12 @@ class InvalidBody(ApiError):
     status, code = 400, "invalid_body"
 
 
+class InvalidQuery(ApiError):
+    """A query parameter out of its range or not of its form."""
+
+    status, code = 400, "invalid_query"
+
+
 class Unauthorized(ApiError):
     """Missing or wrong token (one answer for both)."""
 
@@ -42,6 +50,12 @@ class NotFound(ApiError):
     """The integration (or another addressed object) does not exist."""
 
     status, code = 404, "not_found"
+
+
+class Unprocessable(ApiError):
+    """Well formed, but refused: an endpoint that fails its check."""
+
+    status, code = 422, "unprocessable"
 
 
 class Conflict(ApiError):
@@ -77,3 +91,16 @@ def error_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+def invalid_fields(error: ValidationError, message: str, prefix: Sequence[str] = ()) -> InvalidBody:
+    """A 400 naming each field the validation found bad, as a dotted path (`payload.items.2`)
+    after `prefix`; `body` for the body as a whole."""
+    fields = [
+        {
+            "field": ".".join([*prefix, *(str(part) for part in item["loc"])]) or "body",
+            "message": item["msg"],
+        }
+        for item in error.errors(include_url=False)
+    ]
+    return InvalidBody(message, details=fields)

@@ -119,10 +119,59 @@ class Metrics:
             ["stage", "queue"],
             registry=self.registry,
         )
+        self.queue_members = Gauge(
+            "relay_queue_members",
+            "Member nodes of each quorum queue (management API, as of the last look).",
+            ["stage", "queue"],
+            registry=self.registry,
+        )
+        self.queue_members_online = Gauge(
+            "relay_queue_members_online",
+            "Member nodes of each quorum queue that are up (management API).",
+            ["stage", "queue"],
+            registry=self.registry,
+        )
+        self.queue_quorum_lost = Gauge(
+            "relay_queue_quorum_lost",
+            "1 while a quorum queue has no majority of its members up: it is unavailable.",
+            ["stage", "queue"],
+            registry=self.registry,
+        )
         self.dead_letters = Gauge(
             "relay_dead_letters",
             "Messages in the stage's dead-letter queue (as of the last look).",
             ["stage"],
+            registry=self.registry,
+        )
+        self.dead_letters_expired = Counter(
+            "relay_dead_letters_expired",
+            "Dead letters removed for being older than RELAY_DLQ_MAX_AGE (reason age) or"
+            " beyond RELAY_DLQ_MAX_LENGTH (reason length), each logged with its ids.",
+            ["stage", "reason"],
+            registry=self.registry,
+        )
+        self.pruned = Counter(
+            "relay_pruned_rows",
+            "Rows deleted by retention (RELAY_RETENTION_DAYS), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.streams_open = Gauge(
+            "relay_event_streams",
+            "Event streams this ingress serves now (conversation API).",
+            registry=self.registry,
+        )
+        self.streams_dropped = Counter(
+            "relay_event_streams_dropped",
+            "Event streams closed by the ingress, by reason (slow: the reader did not keep up;"
+            " full: over RELAY_STREAM_LIMIT; stopping).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.waits = Counter(
+            "relay_reply_waits",
+            "POSTs with ?wait, by whether the bot turn settled in time.",
+            ["complete"],
             registry=self.registry,
         )
         self.breaker_state = Gauge(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 def pauses(first: float, cap: float) -> Iterator[float]:
@@ -11,3 +16,18 @@ def pauses(first: float, cap: float) -> Iterator[float]:
     while True:
         yield pause
         pause = min(pause * 2, cap)
+
+
+async def keep_trying(
+    attempt: Callable[[], Awaitable[None]],
+    errors: tuple[type[BaseException], ...],
+    event: str,
+) -> None:
+    """Await `attempt` until it returns, pausing between tries; each failure among `errors`
+    is logged as `event` (anything else ends the trying)."""
+    for delay in pauses(0.5, 10.0):
+        try:
+            return await attempt()
+        except errors as error:
+            log.warning(event, error=str(error), retry_in=delay)
+        await asyncio.sleep(delay)

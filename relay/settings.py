@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from relay.broker.addresses import parse_addresses
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -44,6 +46,8 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=15.0, gt=0)
     # Workers announce themselves this often; each then keeps its fair share of partitions.
     presence_interval: float = Field(default=2.0, gt=0)
+    # How often a worker service looks for partition counts other services run with.
+    generations_interval: float = Field(default=5.0, gt=0)
     # A partition whose oldest message held unstarted is older than this is reported as
     # stalled (metric, /readyz, an error log line).
     stall_seconds: float = Field(default=60.0, gt=0)
@@ -83,6 +87,23 @@ class Settings(BaseSettings):
     botframework_app_id: str = ""
     botframework_app_password: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The conversation API (`relay.ingress.conversations`): a read token's lifetime, the
+    # longest silence on an event stream, how long a write to a stream may wait for its
+    # reader before the stream is dropped, and how many streams one ingress serves.
+    read_token_seconds: float = Field(default=3600.0, gt=0)
+    stream_keepalive: float = Field(default=15.0, gt=0, le=15.0)
+    stream_write_timeout: float = Field(default=10.0, gt=0)
+    stream_limit: int = Field(default=1000, ge=1)
+    # `relay run` serves a local chat page at /chat (`make run` turns it on).
+    chat_page: bool = False
+    # Retention (`relay.retention`): what is settled and older than this many days goes (0:
+    # kept for ever), pruned by the worker services' janitor every `prune_interval` seconds.
+    retention_days: int = Field(default=30, ge=0)
+    prune_interval: float = Field(default=3600.0, gt=0)
+    # Dead letters older than `dlq_max_age` seconds, or beyond `dlq_max_length` per stage, are
+    # expired by the janitor, each counted and logged with its ids (0: no bound).
+    dlq_max_age: float = Field(default=14 * 24 * 3600.0, ge=0)
+    dlq_max_length: int = Field(default=100_000, ge=0)
 
     @field_validator(
         "allowed_endpoint_networks",
@@ -120,9 +141,8 @@ class Settings(BaseSettings):
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+    def _amqp_addresses(cls, value: str) -> str:
+        parse_addresses(value)  # a cluster's nodes, comma-separated: see relay.broker.addresses
         return value
 
     @model_validator(mode="after")

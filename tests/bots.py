@@ -8,6 +8,7 @@ from collections import Counter
 from relay.payloads import InvalidPayload
 from relay.wire import InboundEnvelope
 from workers.bot.adapters.base import BotContext
+from workers.bot.adapters.echo import EchoBot
 
 _failures: Counter[str] = Counter()
 _late: set[asyncio.Task[None]] = set()
@@ -57,3 +58,12 @@ async def slow(message: InboundEnvelope, context: BotContext) -> None:
     """Takes a while before answering (to be killed mid-turn)."""
     await asyncio.sleep(3)
     await context.reply("text", {"text": f"slow reply to {message.text}"})
+
+
+async def unhurried(message: InboundEnvelope, context: BotContext) -> None:
+    """The echo bot, after a fifth of a second in conversations whose id ends in an even
+    digit: sent to faster than that, those have messages waiting, unfinished, at any moment,
+    while the others are done with each message before the next."""
+    if message.bundle.conversation.tags.id[-1:] in "02468":
+        await asyncio.sleep(0.2)
+    await EchoBot().handle(message, context)

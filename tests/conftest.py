@@ -7,6 +7,7 @@ afterwards). Store-backed fixtures are parametrized so every such test runs on b
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from playwright.async_api import Browser, async_playwright
 
+from relay import admin
 from relay.broker import Topology
 from relay.broker.topology import delete
 from relay.settings import Settings
@@ -50,8 +53,9 @@ async def queue_prefix(amqp_url: str) -> AsyncIterator[str]:
     connection = await aio_pika.connect(amqp_url)
     async with connection, connection.channel() as channel:
         delays = (("inbound", BOT_RETRY_DELAYS), ("outbound", DELIVERY_DELAY_QUEUES))
-        topology = Topology(prefix, PARTITIONS, delays=delays)
-        await delete(channel, topology)
+        # And the queues of the other partition counts a module may have used.
+        for count in (PARTITIONS, 8, 16):
+            await delete(channel, Topology(prefix, count, delays=delays))
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -134,3 +138,24 @@ async def healthy_receiver() -> AsyncIterator[Receiver]:
     """Another origin: isolation is per endpoint (scheme, host and port)."""
     async with serve_receiver() as state:
         yield state
+
+
+@pytest.fixture(scope="module")
+async def admin_token(store: SqlStore) -> str:
+    token, _ = await admin.create_token(store, None, "admin")
+    return token
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Debian Chromium, driven by Playwright (never a downloaded browser)."""
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium: scripts/ensure-browser installs it (make test runs it)")
+    async with async_playwright() as playwright:
+        # --no-sandbox: the tests run as root, where Chromium's sandbox cannot start.
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        await launched.close()

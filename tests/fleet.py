@@ -27,6 +27,7 @@ PORT_SETTING = {
     "ingress": "RELAY_HTTP_PORT",
     "bot-worker": "RELAY_BOT_WORKER_PORT",
     "delivery-worker": "RELAY_DELIVERY_WORKER_PORT",
+    "run": "RELAY_HTTP_PORT",
 }
 # Every sample of a /metrics page: (name, sorted labels) -> value.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

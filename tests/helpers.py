@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiohttp.test_utils import TestServer
 
 from relay import admin
-from relay.broker import Broker, StageName, Topology, declare, topology_of
+from relay.broker import Broker, StageName, Topology, declare, partition_of, topology_of
 from relay.ingress.app import BROKER_KEY, create_app
 from relay.metrics import Metrics
 from relay.settings import Settings
@@ -175,9 +175,9 @@ async def make_integration(
     response_url: str = "http://127.0.0.1:9/r",
 ) -> tuple[str, str]:
     """A new integration and a token for it: (integration id, token)."""
-    view = await admin.create_integration(store, settings, name, response_url, verify=False)
-    token, _ = await admin.create_token(store, view["id"], "integration")
-    return view["id"], token
+    record = await admin.create_integration(store, settings, name, response_url, verify=False)
+    token, _ = await admin.create_token(store, record.id, "integration")
+    return record.id, token
 
 
 def message(n: int | str = 1, **overrides: Any) -> dict[str, Any]:
@@ -195,14 +195,16 @@ def message(n: int | str = 1, **overrides: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def start_bot_worker(
-    settings: Settings, adapter: BotAdapter | None = None
+    settings: Settings, adapter: BotAdapter | None = None, consuming: int | None = None
 ) -> AsyncIterator[BotWorker]:
-    """A bot worker in this process until the block ends."""
+    """A bot worker in this process until the block ends; `consuming`: the partition count
+    whose queues it consumes, if not its own (as a worker service does for every count)."""
     bot = adapter or load_adapter(settings)
     store = await open_store(settings.database_url)
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
-    worker = BotWorker(settings, store, broker, bot, Metrics())
+    topology = broker.topology.with_partitions(consuming or settings.partitions)
+    worker = BotWorker(settings, store, broker, bot, Metrics(), topology)
     try:
         await asyncio.wait_for(worker.start(), 15)
         yield worker
@@ -287,3 +289,32 @@ def attempt_record(message_id: str, **overrides: Any) -> AttemptRecord:
         "created_at": utcnow(),
     }
     return AttemptRecord(**{**fields, **overrides})
+
+
+def conversation_in(partition: int, partitions: int) -> str:
+    """A conversation id that hashes to `partition`."""
+    return next(
+        f"c{partition}-{i}"
+        for i in range(10_000)
+        if partition_of(f"c{partition}-{i}", partitions) == partition
+    )
+
+
+async def admin_call(
+    ingress: Ingress,
+    method: str,
+    path: str,
+    token: str | None,
+    body: Any = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    """An admin API call: (status, its JSON body; None for a 204)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with ingress.http.request(
+        method, f"{ingress.url}/admin/v1{path}", json=body, data=raw, headers=headers
+    ) as answer:
+        text = await answer.text()
+        if answer.status == 204:
+            return 204, None
+        assert answer.content_type == "application/json", text
+        return answer.status, await answer.json(content_type=None)

@@ -10,6 +10,7 @@ package's Erlang cookie (HOME=/var/lib/rabbitmq), so `rabbitmqctl -n <node>` rea
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -48,10 +49,15 @@ class PrivateBroker:
     port: int
     base: Path
     process: subprocess.Popen[bytes]
+    management_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://guest:guest@127.0.0.1:{self.management_port}/"
 
     def ctl(self, *args: str, timeout: float = CTL_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """`rabbitmqctl -n <node> …` (not checked)."""
@@ -97,14 +103,17 @@ class PrivateBroker:
         )
 
 
-def _write_config(base: Path, port: int) -> dict[str, str]:
+def _write_config(base: Path, port: int, management_port: int | None) -> dict[str, str]:
     """The node's own files, and the environment that points the server script at them."""
     for folder in ("mnesia", "log"):
         (base / folder).mkdir(parents=True, exist_ok=True)
-    (base / "rabbitmq.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"
-    )
-    (base / "enabled_plugins").write_text("[].\n")
+    config = f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"
+    plugins = "[]"
+    if management_port is not None:
+        config += f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management_port}\n"
+        plugins = "[rabbitmq_management]"
+    (base / "rabbitmq.conf").write_text(config)
+    (base / "enabled_plugins").write_text(f"{plugins}.\n")
     (base / "rabbitmq-env.conf").write_text("")  # not the package's (it names the node)
     return {
         "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
@@ -120,12 +129,13 @@ def _write_config(base: Path, port: int) -> dict[str, str]:
     }
 
 
-def _spawn(base: Path) -> PrivateBroker:
+def _spawn(base: Path, management: bool = False) -> PrivateBroker:
     node = f"relayfault-{uuid.uuid4().hex[:8]}@localhost"
     port, dist_port = free_port(), free_port()
+    management_port = free_port() if management else None
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
-        **_write_config(base, port),
+        **_write_config(base, port, management_port),
         "RABBITMQ_NODENAME": node,
         "RABBITMQ_DIST_PORT": str(dist_port),
     }
@@ -139,7 +149,7 @@ def _spawn(base: Path) -> PrivateBroker:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: a ^C to pytest is ours to handle
         )
-    return PrivateBroker(node, port, base, process)
+    return PrivateBroker(node, port, base, process, management_port)
 
 
 def _accepts(port: int) -> bool:
@@ -177,25 +187,55 @@ def _shut_down(broker: PrivateBroker) -> None:
         broker.process.wait(timeout=30)
 
 
-@contextlib.contextmanager
-def private_broker(base: Path) -> Iterator[PrivateBroker]:
-    """A running private node with its files under `base`; stopped and its data deleted
-    at the end. Other ports if the first ones found free were taken meanwhile."""
+def _booted_node(base: Path, management: bool = False) -> PrivateBroker:
+    """A booted private node with its files under `base`; other ports if the first ones
+    found free were taken meanwhile."""
     for attempt in range(3):
-        folder = base / f"node-{attempt}"
-        broker = _spawn(folder)
+        broker = _spawn(base / f"node-{attempt}", management)
         try:
             booted = _wait_booted(broker)
         except BaseException:
             _shut_down(broker)
             raise
         if booted:
-            break
+            return broker
         _shut_down(broker)
-    else:
-        raise RuntimeError(f"the private broker did not start; see {base}")
+    raise RuntimeError(f"the private broker did not start; see {base}")
+
+
+def _remove(broker: PrivateBroker) -> None:
+    _shut_down(broker)
+    shutil.rmtree(broker.base / "mnesia", ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_broker(base: Path) -> Iterator[PrivateBroker]:
+    """A running private node with its files under `base`; stopped and its data deleted
+    at the end."""
+    broker = _booted_node(base)
     try:
         yield broker
     finally:
-        _shut_down(broker)
-        shutil.rmtree(broker.base / "mnesia", ignore_errors=True)
+        _remove(broker)
+
+
+@contextlib.contextmanager
+def private_cluster(base: Path, size: int = 3) -> Iterator[list[PrivateBroker]]:
+    """`size` private nodes with the management plugin, booted side by side and clustered
+    (each joins the first: stop_app, reset, join_cluster, start_app); all stopped and their
+    data deleted at the end."""
+    nodes: list[PrivateBroker] = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(size) as pool:
+            futures = [pool.submit(_booted_node, base / f"n{i}", True) for i in range(size)]
+            for future in futures:
+                nodes.append(future.result())
+        for node in nodes[1:]:
+            for step in (("stop_app",), ("reset",), ("join_cluster", nodes[0].node)):
+                node._ctl_checked(*step)
+            node._ctl_checked("start_app")
+            node._ctl_checked("await_startup", "--timeout", "90")
+        yield nodes
+    finally:
+        with concurrent.futures.ThreadPoolExecutor(max(len(nodes), 1)) as pool:
+            list(pool.map(_remove, nodes))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+import structlog.testing
+
 from relay.auth import reply_token, reply_token_valid
+from relay.pipeline import settle
 from relay.pipeline.lanes import Lanes
 from relay.pipeline.parking import Parking, still_waiting
 from relay.pipeline.waiting import WaitingRoom
@@ -147,6 +151,37 @@ async def test_lanes_keep_order_per_key_and_run_keys_concurrently():
         assert [item for item in seen if item[0] == key] == [f"{key}{n}" for n in range(5)]
     assert peak == 3  # bounded, and more than one at a time
     assert lanes.busy == 0
+
+
+async def test_a_stuck_lane_says_where_it_waits():
+    gate = asyncio.Event()
+
+    async def wait_for_the_gate(item: str) -> None:
+        await gate.wait()
+
+    lanes: Lanes[str] = Lanes(wait_for_the_gate, concurrency=2)
+    lanes.submit("held", "x")
+    await asyncio.sleep(0)  # the lane starts its item
+    await asyncio.sleep(0)
+    assert lanes.stuck(60) == {}
+    [(key, chain)] = lanes.stuck(0).items()
+    assert key == "held"
+    assert chain[0].endswith(" _run")
+    assert any(line.endswith(" wait_for_the_gate") for line in chain)
+    assert any("asyncio/locks.py" in line and line.endswith(" wait") for line in chain)
+    gate.set()
+    assert await lanes.drain(5)
+    assert lanes.stuck(0) == {}
+
+
+async def test_an_ack_that_never_answers_lets_its_lane_go(monkeypatch: pytest.MonkeyPatch):
+    # aiormq waits for room in the write queue of a connection that died, for ever.
+    monkeypatch.setattr(settle, "ACK_TIMEOUT", 0.05)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(settle._quietly(never), 5)
+    assert [line["event"] for line in logs] == ["ack_failed"]
+    assert never.cancelled()
 
 
 def test_reply_tokens_are_scoped_and_expire():

@@ -7,7 +7,7 @@ import json
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from relay.broker import topology_of
+from relay.broker import Topology, topology_of
 from relay.broker.topology import delete
 from relay.settings import Settings
 from relay.store import SqlStore
@@ -91,7 +91,9 @@ async def republish(amqp: AbstractRobustConnection, settings: Settings, item: di
         exchange = await channel.get_exchange(f"{settings.queue_prefix}.inbound")
         await exchange.publish(
             aio_pika.Message(json.dumps(body).encode(), message_id=item["_message_id"]),
-            routing_key=str(item["_partition"]),
+            routing_key=Topology(settings.queue_prefix, settings.partitions).routing_key(
+                item["_partition"]
+            ),
         )
 
 

@@ -149,7 +149,7 @@ async def test_a_broker_that_nacks_is_503_and_nothing_is_accepted(
         "--apply-to",
         "queues",
         name,
-        f"^{prefix}\\.inbound\\.[0-9]+$",
+        f"^{prefix}\\.inbound\\.(of[0-9]+\\.)?[0-9]+$",
         json.dumps({"max-length": 0}),
     )
     try:
@@ -183,7 +183,9 @@ async def test_outbox_publishes_what_a_crashed_ingress_left_pending(
     integration_id, _ = await make_integration(store, settings)
     # What an ingress that died between its commit and the broker's confirm leaves behind.
     request = InboundRequest.model_validate(message(1))
-    crashed = await store.accept_incoming(integration_id, request, utcnow(), "req-crashed")
+    crashed = await store.accept_incoming(
+        integration_id, request, utcnow(), "req-crashed", settings.partitions
+    )
     found = await eventually(lambda: _queued(store, integration_id, "msg-1"))
     assert found.bundle == crashed.bundle
     [queued] = await queues.take("inbound")
@@ -199,7 +201,9 @@ async def test_a_retry_takes_over_a_pending_message_whose_publisher_died(
     integration_id, token = await make_integration(store, settings)
     request = InboundRequest.model_validate(message(1))
     expired = utcnow() - timedelta(seconds=1)
-    crashed = await store.accept_incoming(integration_id, request, expired, None)
+    crashed = await store.accept_incoming(
+        integration_id, request, expired, None, settings.partitions
+    )
     async with start_ingress(quiet) as ingress:
         status, body = await ingress.post(integration_id, token, message(1))
     assert status == 200
@@ -293,7 +297,9 @@ async def test_a_stored_response_that_never_reached_the_broker_is_published_by_t
     conversation = await store.get_conversation(sent["conversation"]["id"])
     assert conversation is not None
     # What a process that died between storing a response and publishing it leaves behind.
-    record, _ = await store.record_pushed(conversation, "text", {"text": "orphan"}, None)
+    record, _ = await store.record_pushed(
+        conversation, "text", {"text": "orphan"}, None, settings.partitions
+    )
     [queued] = await take_until(queues, "outbound", 1, timeout=settings.outbox_lease + 10)
     assert queued["deliveryId"] == f"msg_{record.id}"
     assert queued["body"]["payload"] == {"text": "orphan"}

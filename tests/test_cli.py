@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -63,6 +64,7 @@ def relay_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
             "RELAY_DELIVERY_OVERLOAD_PENALTY": str(settings.delivery_overload_penalty),
             "RELAY_BREAKER_COOLDOWN": str(settings.breaker_cooldown),
             "RELAY_PRESENCE_INTERVAL": str(settings.presence_interval),
+            "RELAY_MANAGEMENT_URL": settings.management_url,
         }
     )
     env.update(extra or {})
@@ -407,3 +409,72 @@ async def relay_processes(
                 process.send_signal(signal.SIGTERM)
         codes = [await asyncio.wait_for(p.wait(), 30) for p in processes]
         assert all(code in (0, -signal.SIGKILL) for code in codes), codes
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    from relay.cli import build_parser
+    from relay.cli_help import SERVICE_SETTINGS
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{path} {name}")
+            elif not action.help and action.dest != "help":
+                missing.append(f"{path} {action.option_strings or action.dest}")
+        return missing
+
+    assert walk(build_parser(), "relay") == []
+    # The settings each service's help lists are real settings.
+    names = {f"RELAY_{field.upper()}" for field in Settings.model_fields}
+    for role, listed in SERVICE_SETTINGS.items():
+        assert {name for name, _ in listed} <= names, role
+
+
+async def test_version_service_help_and_quiet_interactive_commands(settings: Settings):
+    version = await relay(settings, "--version")
+    assert (version.code, version.out.split()[0]) == (0, "relay")
+    for role, port in [
+        ("ingress", "RELAY_HTTP_PORT"),
+        ("bot-worker", "RELAY_BOT_WORKER_PORT"),
+        ("delivery-worker", "RELAY_DELIVERY_WORKER_PORT"),
+        ("run", "RELAY_HTTP_PORT"),
+    ]:
+        shown = await relay(settings, role, "--help")
+        assert shown.code == 0
+        assert port in shown.out
+        assert "RELAY_AMQP_URL" in shown.out
+        assert "SIGTERM" in shown.out
+    # An interactive command prints its output, and no log lines unless asked.
+    quiet = await relay(settings, "dlq", "list")
+    assert quiet.code == 0
+    assert quiet.err == ""
+    assert not any(line.startswith("{") for line in quiet.out.splitlines())
+    verbose = await relay(settings, "--verbose", "dlq", "list")
+    assert any(json.loads(line)["event"] == "broker_connected" for line in verbose.err.splitlines())
+    # Purging needs a filter or --all, as replaying does.
+    for nothing_chosen in (["dlq", "purge"], ["dlq", "purge", "--stage", "inbound"]):
+        refused = await relay(settings, *nothing_chosen)
+        assert refused.code == 1
+        assert "--all" in refused.err
+    purged = await relay(settings, "dlq", "purge", "--all", "--stage", "inbound")
+    assert (purged.code, purged.out.strip()) == (0, "purged 0")
+
+
+async def test_admin_tokens_are_made_listed_and_revoked(settings: Settings):
+    made = await relay(settings, "tokens", "create", "--kind", "admin", "--json")
+    assert made.code == 0, made.err
+    created = json.loads(made.out)
+    assert created["token"].startswith("rly_")
+    assert (created["kind"], created["integrationId"]) == ("admin", None)
+    listed = json.loads((await relay(settings, "tokens", "list", "--admin", "--json")).out)
+    assert created["id"] in {token["id"] for token in listed}
+    assert all("token" not in token for token in listed)
+    refused = await relay(
+        settings, "tokens", "create", "--kind", "admin", "--integration", "some-id"
+    )
+    assert refused.code == 1
+    assert "no integration" in refused.err
+    revoked = await relay(settings, "tokens", "revoke", created["id"])
+    assert (revoked.code, revoked.out.strip()) == (0, f"revoked {created['id']}")

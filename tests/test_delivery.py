@@ -154,7 +154,7 @@ async def dead(settings: Settings) -> AsyncIterator[DeadLetters]:
 
 
 async def _dead(dead: DeadLetters, integration_id: str, count: int) -> list[Any] | None:
-    found = await dead.list(lambda d: d.integration_id == integration_id)
+    found = await dead.page(lambda d: d.integration_id == integration_id, None, 1000)
     return found if len(found) >= count else None
 
 
@@ -194,7 +194,7 @@ async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
         letters = await eventually(lambda: _dead(dead, integration_id, 2))
         assert {d.attempts for d in letters} == {len(settings.delivery_retry_schedule)}
         assert all("gave up after 4 attempts" in d.reason for d in letters)
-        listed = await dead.list(lambda d: d.integration_id == integration_id)
+        listed = await dead.page(lambda d: d.integration_id == integration_id, None, 1000)
         assert len(listed) == 2  # listing leaves them where they are
         assert len(receiver.at("down")) == 8
         receiver.scripts["down"] = []  # the endpoint is back
@@ -202,7 +202,7 @@ async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
         hits = await eventually(lambda: _hits(receiver, "down", 10))
     replayed = {hit.headers["webhook-id"] for hit in hits[8:]}
     assert replayed == {f"msg_{p['id']}" for p in pushed}
-    assert await dead.list(lambda d: d.integration_id == integration_id) == []
+    assert await dead.page(lambda d: d.integration_id == integration_id, None, 10) == []
 
 
 async def test_endpoints_on_private_addresses_are_refused(
@@ -544,7 +544,7 @@ async def test_the_operator_commands(
         assert hits[-1].headers["webhook-id"] == f"msg_{first['id']}"
         purge = await relay(settings, "dlq", "purge", "--integration", integration_id)
         assert purge.out.strip() == "purged 1"
-    assert await dead.list(lambda d: d.integration_id == integration_id) == []
+    assert await dead.page(lambda d: d.integration_id == integration_id, None, 10) == []
     rotated = json.loads(
         (
             await relay(settings, "integrations", "rotate-secret", integration_id, "--grace", "1h")

@@ -25,7 +25,7 @@ from relay.service.lifecycle import stall_check
 from relay.settings import Settings
 from relay.store import Unfinished
 from relay.wire import utcnow
-from tests.helpers import eventually, with_address
+from tests.helpers import conversation_in, eventually, with_address
 from tests.proxy import Proxy
 
 
@@ -80,22 +80,14 @@ async def note_worker(settings: Settings, amqp_url: str) -> AsyncIterator[NoteWo
         await broker.close()
 
 
-def conversation_in(partition: int, partitions: int) -> str:
-    """A conversation id that hashes to `partition`."""
-    return next(
-        f"c{partition}-{i}"
-        for i in range(10_000)
-        if partition_of(f"c{partition}-{i}", partitions) == partition
-    )
-
-
 async def send(broker: Broker, conversation: str, n: int, partitions: int) -> None:
     note = Note(conversation=conversation, n=n, createdAt=utcnow())
     await broker.publish(
         "outbound",
-        partition_of(conversation, partitions),
+        conversation,
         note.model_dump_json().encode(),
         message_id=f"{conversation}-{n}",
+        partitions=partitions,
     )
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aio_pika
 import aiohttp
@@ -14,11 +15,14 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestServer
 
-from relay.broker import Topology, declare, queues, topology_of
+from relay.broker import Broker, Topology, declare, queues, topology_of
 from relay.cli import create_all_app
 from relay.metrics import Metrics
 from relay.service.app import METRICS_KEY
+from relay.service.gauges import watch
 from relay.settings import Settings
+from relay.store import open_store
+from relay.wire import utcnow
 from tests.helpers import eventually
 from tests.test_cli import RELAY, relay, relay_env
 
@@ -107,7 +111,9 @@ async def test_relay_queues_prints_a_table_and_json(
     table = await relay(settings, "queues")
     assert table.code == 0, table.err
     lines = table.out.splitlines()
-    assert lines[0].split() == ["QUEUE", "STAGE", "KIND", "READY", "UNACKED", "CONSUMERS"]
+    assert lines[0].split() == [
+        *("QUEUE", "STAGE", "KIND", "READY", "UNACKED", "CONSUMERS", "LEADER", "MEMBERS")
+    ]
     row = next(line.split() for line in lines if line.startswith(topology.queue("outbound", 2)))
     assert row[:4] == [topology.queue("outbound", 2), "outbound", "partition", "4"]
 
@@ -164,6 +170,9 @@ async def test_relay_queues_watch_looks_again_until_interrupted(
         env=relay_env(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # As from a terminal: a suite started as a background job (`make test &`) ignores
+        # SIGINT, and an ignored signal stays ignored across exec.
+        preexec_fn=_interruptible,
     )
     assert process.stdout is not None
     headers = 0
@@ -172,7 +181,9 @@ async def test_relay_queues_watch_looks_again_until_interrupted(
             line = await process.stdout.readline()
             headers += "QUEUE" in line.decode()
     process.send_signal(signal.SIGINT)
-    assert await asyncio.wait_for(process.wait(), 10) == 130
+    # Reading what is left meanwhile: a full pipe must not be what holds the process.
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 130, err.decode()[-2000:]
 
 
 async def test_one_process_running_every_service_watches_the_queues_once(
@@ -198,3 +209,78 @@ async def test_one_process_running_every_service_watches_the_queues_once(
     finally:
         await server.close()
     assert all(task.done() for task in watchers)
+
+
+def test_a_quorum_queue_without_a_majority_of_its_members_is_shown_and_exported():
+    members = ("rabbit@a", "rabbit@b", "rabbit@c")
+    healthy = queues.QueueStat(
+        "q.inbound.0", "inbound", "partition", 1, 1, 0, "rabbit@a", members, members
+    )
+    one_down = replace(healthy, name="q.inbound.1", online=members[:2])
+    two_down = replace(healthy, name="q.inbound.2", leader=None, online=members[:1])
+    stats = [healthy, one_down, two_down]
+    assert [s.quorum_lost for s in stats] == [False, False, True]
+    table = queues.render_table(stats)
+    assert "rabbit@a,rabbit@b,rabbit@c-" in table  # a member down is marked
+    assert table.splitlines()[-1] == (
+        "QUORUM LOST (no messages in or out until members return): q.inbound.2"
+    )
+    assert json.loads(queues.render_json(stats))["queues"][2]["quorum_lost"] is True
+    metrics = Metrics()
+    queues.export(stats, metrics)
+    sample = metrics.registry.get_sample_value
+    lost = {"stage": "inbound", "queue": "q.inbound.2"}
+    assert sample("relay_queue_quorum_lost", lost) == 1
+    assert sample("relay_queue_members_online", lost) == 1
+    assert sample("relay_queue_members", lost) == 3
+    assert sample("relay_queue_quorum_lost", {"stage": "inbound", "queue": "q.inbound.1"}) == 0
+
+
+async def test_the_gauges_and_the_table_cover_every_partition_count_in_use(
+    amqp: AbstractRobustConnection, topology: Topology, settings: Settings
+):
+    # A service with another count (a change of RELAY_PARTITIONS under way) declared its
+    # queues and noted its count: its queues are watched and listed too.
+    other = topology.with_partitions(16)
+    async with amqp.channel() as channel:
+        await declare(channel, other)
+    await publish(amqp, other, other.queue("inbound", 11), 3)
+    broker = Broker(settings.amqp_url, topology, settings.publish_timeout)
+    broker.start()
+    metrics = Metrics()
+
+    async def counts() -> dict[int, object]:
+        return {topology.partitions: None, 16: None}
+
+    fast = settings.model_copy(update={"queue_watch_interval": 0.1})
+    watching = asyncio.create_task(watch(broker, metrics, fast, counts))
+    try:
+
+        async def exported() -> bool:
+            labels = {"stage": "inbound", "queue": other.queue("inbound", 11)}
+            return metrics.registry.get_sample_value("relay_queue_messages", labels) == 3
+
+        await eventually(exported)
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await broker.close()
+    store = await open_store(settings.database_url)
+    try:
+        await store.register_partitions(16, utcnow())
+    finally:
+        await store.close()
+    table = await relay(settings, "queues")
+    assert table.code == 0, table.err
+    assert any(
+        line.split()[:4] == [other.queue("inbound", 11), "inbound", "partition", "3"]
+        for line in table.out.splitlines()
+    )
+    async with amqp.channel() as channel:
+        for partition in range(16):
+            for stage in ("inbound", "outbound"):
+                await channel.queue_delete(other.queue(stage, partition))
+
+
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
-from relay.aio import cancelled_from_outside, pause
+from relay.aio import cancel_and_wait, cancelled_from_outside, pause
 from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
 from relay.broker import Topology, partition_of
 from relay.ingress.ratelimit import RateLimiter, retry_after
@@ -127,14 +127,25 @@ def test_partitions_are_stable_and_spread():
     spread = {partition_of(f"c{n}", 8) for n in range(200)}
     assert spread == set(range(8))
     names = Topology("relay", 2).queue_names()
+    # Each partition count is a generation of queues of its own; the default (8) keeps the
+    # names it always had.
     assert names == [
-        "relay.inbound.0",
-        "relay.inbound.1",
+        "relay.inbound.of2.0",
+        "relay.inbound.of2.1",
         "relay.inbound.dead",
-        "relay.outbound.0",
-        "relay.outbound.1",
+        "relay.outbound.of2.0",
+        "relay.outbound.of2.1",
         "relay.outbound.dead",
     ]
+    base = Topology("relay", 8)
+    assert base.queue("inbound", 7) == "relay.inbound.7"
+    assert base.routing_key(7) == "7"
+    assert base.presence_exchange("inbound") == "relay.inbound.presence"
+    grown = base.with_partitions(16)
+    assert grown.queue("outbound", 15) == "relay.outbound.of16.15"
+    assert grown.routing_key(15) == "of16.15"
+    assert grown.exchange("outbound") == base.exchange("outbound")  # one exchange for all
+    assert grown.presence_exchange("inbound") == "relay.inbound.of16.presence"
 
 
 def test_signature_headers_verify_with_standardwebhooks():
@@ -259,6 +270,21 @@ async def test_a_future_cancelled_under_a_task_is_told_from_the_task_being_cance
 
 def test_the_retry_loops_back_off_doubling_up_to_a_cap():
     assert list(itertools.islice(pauses(0.5, 5.0), 6)) == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+async def test_cancel_and_wait_ends_a_background_task() -> None:
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(forever())
+    await started.wait()
+    await asyncio.wait_for(cancel_and_wait(task), 5)
+    assert task.cancelled()
+    await cancel_and_wait(task)  # twice: nothing more
+    await cancel_and_wait(None)  # never started
 
 
 async def test_a_cancel_swallowed_by_a_library_call_still_ends_a_background_loop():

@@ -1,6 +1,7 @@
 """RabbitMQ: topology, partitioning and the confirming publisher."""
 
-from relay.broker.client import BROKER_ERRORS, CONNECTION_ERRORS, Broker, BrokerUnavailable
+from relay.broker.client import Broker, BrokerUnavailable
+from relay.broker.errors import BROKER_ERRORS, CONNECTION_ERRORS
 from relay.broker.topology import (
     STAGES,
     StageName,

@@ -5,31 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 import aio_pika
-import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from relay.aio import cancelled_from_outside
-from relay.broker.topology import StageName, Topology, declare
+from relay.broker.addresses import Addresses, ClusterConnection
+from relay.broker.errors import BROKER_ERRORS, CONNECTION_ERRORS
+from relay.broker.news import NewsPublisher
+from relay.broker.topology import StageName, Topology, declare, partition_of
 from relay.retry import pauses
 
 log = structlog.get_logger(__name__)
 
-# What a publish or a declare raises when the broker is away or refuses the message.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    aio_pika.exceptions.AMQPException,
-    ConnectionError,
-    TimeoutError,
-)
-
 CLOSE_TIMEOUT = 5.0  # seconds a service waits for its connection's close at stop
-
-# Those, and aiormq's bare RuntimeError for a connection that closed meanwhile.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, RuntimeError)
 
 
 class BrokerUnavailable(Exception):
@@ -40,20 +31,24 @@ class Broker:
     """One robust connection and one confirming channel, opened at start, closed at stop.
 
     The service starts even when the broker is down: `connect()` keeps trying in the
-    background and `ready` says whether messages can be published.
+    background and `ready` says whether messages can be published. `url` may list the
+    nodes of a cluster (`relay.broker.addresses`): a lost node's connection moves on to the
+    next, and everything opened on it is restored there.
     """
 
     def __init__(self, url: str, topology: Topology, publish_timeout: float) -> None:
-        self.url = url
+        self.addresses = Addresses(url)
         self.topology = topology
         self._publish_timeout = publish_timeout
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: ClusterConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._renewing: asyncio.Task[None] | None = None
         self._renewed_at = 0.0
+        # Conversations with news, told to every ingress (`relay.broker.news`).
+        self.news = NewsPublisher(lambda: self._connection, topology.news_exchange, publish_timeout)
 
     @property
     def ready(self) -> bool:
@@ -64,6 +59,11 @@ class Broker:
             and self._channel is not None
             and not self._channel.is_closed
         )
+
+    @property
+    def node(self) -> str | None:
+        """`host:port` of the node connected to (or being tried again), once connected."""
+        return self._connection.node if self._connection is not None else None
 
     @property
     def connection(self) -> AbstractRobustConnection | None:
@@ -91,7 +91,7 @@ class Broker:
             await asyncio.sleep(delay)
 
     async def _connect_once(self) -> None:
-        connection = await aio_pika.connect_robust(self.url, timeout=10)
+        connection = await self.addresses.connect_robust(attempt_seconds=10)
         try:
             channel = await self._open_channel(connection)
             self._exchanges = await declare(channel, self.topology)
@@ -100,7 +100,11 @@ class Broker:
             raise
         self._connection, self._channel = connection, channel
         self._connected.set()
-        log.info("broker_connected", prefix=self.topology.prefix)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        log.info("broker_connected", prefix=self.topology.prefix, node=connection.node)
+
+    def _on_reconnected(self, connection: Any) -> None:
+        log.info("broker_reconnected", node=self.node)
 
     @staticmethod
     async def _open_channel(connection: AbstractRobustConnection) -> AbstractChannel:
@@ -139,16 +143,25 @@ class Broker:
     async def publish(
         self,
         stage: StageName,
-        partition: int,
+        conversation_id: str,
         body: bytes,
         *,
         message_id: str,
         headers: Mapping[str, str | int] | None = None,
+        partitions: int | None = None,
     ) -> None:
-        """Publish to a stage's partition and wait for the confirm (or BrokerUnavailable)."""
+        """Publish to the stage's partition of the conversation, among `partitions` (the
+        count the conversation is published under; by default this service's), and wait for
+        the confirm (or BrokerUnavailable)."""
+        count = partitions or self.topology.partitions
+        queues = (
+            self.topology
+            if count == self.topology.partitions
+            else self.topology.with_partitions(count)
+        )
         await self.publish_to(
             self.topology.exchange(stage),
-            self.topology.routing_key(partition),
+            queues.routing_key(partition_of(conversation_id, count)),
             body,
             message_id=message_id,
             headers=headers,
@@ -192,6 +205,7 @@ class Broker:
 
     async def close(self) -> None:
         """Stop connecting and close the connection."""
+        await self.news.close()
         for task in (self._task, self._renewing):
             if task is not None:
                 task.cancel()

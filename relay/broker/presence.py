@@ -19,9 +19,11 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from relay.aio import pause
-from relay.broker.client import BROKER_ERRORS, CONNECTION_ERRORS, Broker, BrokerUnavailable
-from relay.broker.topology import StageName
+from relay.aio import cancel_and_wait, pause
+from relay.broker.client import Broker, BrokerUnavailable
+from relay.broker.errors import BROKER_ERRORS, CONNECTION_ERRORS
+from relay.broker.topology import STAGES, StageName, Topology
+from relay.retry import keep_trying
 
 log = structlog.get_logger(__name__)
 
@@ -34,16 +36,21 @@ class Presence:
         broker: Broker,
         stage: StageName,
         interval: float,
+        topology: Topology | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.worker_id = uuid.uuid4().hex[:12]
         self._broker = broker
+        # Workers of each partition count share theirs among themselves.
+        self._topology = topology
         self._stage = stage
         self._interval = interval
         # A busy machine delays heartbeats: a peer stays counted at least a few seconds.
         self._horizon = max(3 * interval, 5.0)
         self._clock = clock
         self._seen: dict[str, float] = {}
+        # What this worker last said of its partition queues' oldest waiting message.
+        self._ages: dict[str, float] = {}
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
@@ -53,6 +60,11 @@ class Presence:
         horizon = self._clock() - self._horizon
         self._seen = {worker: at for worker, at in self._seen.items() if at >= horizon}
         return len(self._seen.keys() | {self.worker_id})
+
+    def report(self, ages: dict[str, float]) -> None:
+        """The seconds the oldest message not yet started has waited, by queue, told to
+        whoever listens with the next heartbeats (`QueueAges`: `GET /admin/v1/queues`)."""
+        self._ages = ages
 
     def heard(self, worker: str, leaving: bool) -> None:
         """Note a heartbeat (or a goodbye) from `worker`."""
@@ -66,7 +78,7 @@ class Presence:
         connection = self._broker.connection
         if connection is None:
             raise BrokerUnavailable("no broker connection")
-        topology = self._broker.topology
+        topology = self._topology or self._broker.topology
         self._channel = await connection.channel(publisher_confirms=False)
         self._exchange = await self._channel.get_exchange(
             topology.presence_exchange(self._stage), ensure=False
@@ -100,7 +112,8 @@ class Presence:
     async def _beat(self, leaving: bool) -> None:
         if self._exchange is None:
             return
-        body = json.dumps({"worker": self.worker_id, "leaving": leaving}).encode()
+        beat = {"worker": self.worker_id, "leaving": leaving, "ages": self._ages}
+        body = json.dumps(beat).encode()
         try:
             # A lost heartbeat costs nothing: the next one follows; no confirm, not durable.
             await self._exchange.publish(
@@ -111,12 +124,83 @@ class Presence:
 
     async def stop(self) -> None:
         """Say goodbye, so the others take over at once rather than after a timeout."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._beat(leaving=True)
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(*BROKER_ERRORS):
                 await self._channel.close()
         self._task, self._channel, self._exchange = None, None, None
+
+
+class QueueAges:
+    """An ingress's ear on both stages' heartbeats: how long the oldest message of each
+    partition queue has waited, by the word of the worker consuming it (the broker does not
+    say; a queue no worker consumes has no age here)."""
+
+    def __init__(
+        self, broker: Broker, interval: float, clock: Callable[[], float] = time.monotonic
+    ):
+        self._broker = broker
+        self._horizon = max(3 * interval, 5.0)
+        self._clock = clock
+        self._reports: dict[str, tuple[float, dict[str, float]]] = {}
+        self._channel: AbstractChannel | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def age(self, queue: str) -> float | None:
+        """The oldest wait any live worker reports for the queue (None: no report)."""
+        horizon = self._clock() - self._horizon
+        ages = [
+            reported[queue]
+            for at, reported in self._reports.values()
+            if at >= horizon and queue in reported
+        ]
+        return max(ages) if ages else None
+
+    def start(self) -> None:
+        """Listen, from when the broker is connected (in the background; a robust channel
+        listens again after a reconnect)."""
+        self._task = asyncio.create_task(self._listen_when_connected(), name="queue-ages")
+
+    async def _listen_when_connected(self) -> None:
+        await self._broker.wait_connected()
+        await keep_trying(self._listen, CONNECTION_ERRORS, "queue_ages_listen_failed")
+
+    async def _listen(self) -> None:
+        connection = self._broker.connection
+        if connection is None:
+            raise ConnectionError("no broker connection")
+        topology = self._broker.topology
+        async with asyncio.timeout(10):
+            self._channel = channel = await connection.channel(publisher_confirms=False)
+            queue = await channel.declare_queue(
+                f"{topology.prefix}.ages.{uuid.uuid4().hex[:12]}",
+                exclusive=True,
+                auto_delete=True,
+                arguments={"x-message-ttl": round(self._horizon * 1000)},
+            )
+            for stage in STAGES:
+                exchange = await channel.get_exchange(
+                    topology.presence_exchange(stage), ensure=False
+                )
+                await queue.bind(exchange)
+            await queue.consume(self._on_beat, no_ack=True)
+
+    async def _on_beat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            beat = json.loads(message.body)
+            worker, ages = str(beat["worker"]), beat.get("ages") or {}
+            reported = {str(queue): float(age) for queue, age in ages.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("presence_beat_invalid")
+            return
+        if beat.get("leaving"):
+            self._reports.pop(worker, None)
+        else:
+            self._reports[worker] = (self._clock(), reported)
+
+    async def stop(self) -> None:
+        """Stop listening; the queue goes with the connection (closed next, at stop: a
+        channel closed here would wait for a broker that may not answer)."""
+        await cancel_and_wait(self._task)
+        self._channel = None

@@ -5,6 +5,11 @@ partition is picked on the client side by a stable hash of the conversation, bec
 plain broker has no consistent-hash exchange. Dead letters of a stage go through the
 `{prefix}.dead` exchange to `{prefix}.{stage}.dead`.
 
+Each partition count is a generation of partition queues of its own, so that the count can
+change on a running system (`relay.pipeline.generations`): the default count's queues are
+`{prefix}.{stage}.{p}` (routing key `p`), another count N's are `{prefix}.{stage}.of{N}.{p}`
+(routing key `of{N}.{p}`), behind the same exchanges, delay and dead-letter queues.
+
 Retries wait in the broker, never in a sleeping consumer: each delay of a stage is a fanout
 exchange and a queue with one fixed TTL (expiry happens at the head, so one TTL per queue)
 that dead-letters back into the stage exchange. The message keeps its routing key, the
@@ -14,13 +19,22 @@ partition number, so it returns to its own partition.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from relay.settings import Settings
+if TYPE_CHECKING:  # the settings import the broker's address parsing
+    from relay.settings import Settings
+
+# On a cluster, new quorum queues get their leaders spread over the nodes rather than all on
+# the node of the service that declared them first ("client-local", the default).
+LEADER_LOCATOR = {"x-queue-leader-locator": "balanced"}
+
+# The partition count whose queues keep the names they had before counts could change.
+BASE_PARTITIONS = 8
 
 StageName = Literal["inbound", "outbound"]
 STAGES: tuple[StageName, ...] = ("inbound", "outbound")
@@ -55,13 +69,22 @@ class Topology:
         """The direct exchange a stage publishes to."""
         return f"{self.prefix}.{stage}"
 
+    def with_partitions(self, partitions: int) -> Topology:
+        """The same relay with another partition count: another generation of queues."""
+        return replace(self, partitions=partitions)
+
+    @property
+    def generation(self) -> str:
+        """What tells this count's partition queues from another count's ('' for the base)."""
+        return "" if self.partitions == BASE_PARTITIONS else f"of{self.partitions}."
+
     def queue(self, stage: StageName, partition: int) -> str:
         """One partition queue of a stage."""
-        return f"{self.prefix}.{stage}.{partition}"
+        return f"{self.prefix}.{stage}.{self.generation}{partition}"
 
     def routing_key(self, partition: int) -> str:
         """The routing key of a partition (the same in every stage)."""
-        return str(partition)
+        return f"{self.generation}{partition}"
 
     def dead_exchange(self) -> str:
         """Where the partition queues dead-letter to."""
@@ -72,8 +95,14 @@ class Topology:
         return f"{self.prefix}.{stage}.dead"
 
     def presence_exchange(self, stage: StageName) -> str:
-        """The fanout exchange a stage's workers announce themselves on (hand-off)."""
-        return f"{self.prefix}.{stage}.presence"
+        """The fanout exchange a stage's workers of this partition count announce
+        themselves on (hand-off)."""
+        return f"{self.prefix}.{stage}.{self.generation}presence"
+
+    @property
+    def news_exchange(self) -> str:
+        """The fanout exchange conversations with news are announced on (`relay.broker.news`)."""
+        return f"{self.prefix}.news"
 
     def queues(self) -> list[tuple[str, StageName, QueueKind]]:
         """(name, stage, kind) of every queue of the relay, in a stable order."""
@@ -102,6 +131,7 @@ class Topology:
             # at-least-once dead-lettering needs reject-publish overflow (RabbitMQ 3.10+).
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
+            **LEADER_LOCATOR,
         }
 
 
@@ -123,6 +153,9 @@ async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, Abs
         topology.dead_exchange(), aio_pika.ExchangeType.DIRECT, durable=True
     )
     exchanges: dict[str, AbstractExchange] = {topology.dead_exchange(): dead}
+    exchanges[topology.news_exchange] = await channel.declare_exchange(
+        topology.news_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
     for stage in STAGES:
         exchange = await channel.declare_exchange(
             topology.exchange(stage), aio_pika.ExchangeType.DIRECT, durable=True
@@ -136,14 +169,12 @@ async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, Abs
             name = topology.delay_exchange(stage, seconds)
             exchanges[name] = await _declare_delay(channel, topology, stage, seconds)
         for partition in range(topology.partitions):
-            queue = await channel.declare_queue(
-                topology.queue(stage, partition),
-                durable=True,
-                arguments=topology.partition_arguments(stage),
+            queue = await _declare_quorum(
+                channel, topology.queue(stage, partition), topology.partition_arguments(stage)
             )
             await queue.bind(exchange, routing_key=topology.routing_key(partition))
-        dead_queue = await channel.declare_queue(
-            topology.dead_queue(stage), durable=True, arguments={"x-queue-type": "quorum"}
+        dead_queue = await _declare_quorum(
+            channel, topology.dead_queue(stage), {"x-queue-type": "quorum", **LEADER_LOCATOR}
         )
         await dead_queue.bind(dead, routing_key=stage)
     return exchanges
@@ -154,19 +185,36 @@ async def _declare_delay(
 ) -> AbstractExchange:
     name = topology.delay_exchange(stage, seconds)
     exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
-    queue = await channel.declare_queue(
+    queue = await _declare_quorum(
+        channel,
         name,
-        durable=True,
-        arguments={
+        {
             "x-queue-type": "quorum",
             "x-message-ttl": round(seconds * 1000),
             "x-dead-letter-exchange": topology.exchange(stage),
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
+            **LEADER_LOCATOR,
         },
     )
     await queue.bind(exchange)
     return exchange
+
+
+async def _declare_quorum(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    """Declare a queue; one that an earlier version declared without a leader locator is
+    taken as it is (the broker refuses a declare whose arguments differ, and a queue's
+    arguments cannot change; its leader stays where it was placed)."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        if "x-queue-leader-locator" not in str(error):
+            raise
+    await channel.reopen()  # the refusal closed the channel; the same object serves on
+    others = {k: v for k, v in arguments.items() if k not in LEADER_LOCATOR}
+    return await channel.declare_queue(name, durable=True, arguments=others)
 
 
 async def delete(channel: AbstractChannel, topology: Topology) -> None:
@@ -179,3 +227,4 @@ async def delete(channel: AbstractChannel, topology: Topology) -> None:
         for seconds in topology.stage_delays(stage):
             await channel.exchange_delete(topology.delay_exchange(stage, seconds))
     await channel.exchange_delete(topology.dead_exchange())
+    await channel.exchange_delete(topology.news_exchange)

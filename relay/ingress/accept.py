@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import structlog
 
-from relay.broker import Broker, BrokerUnavailable, partition_of
+from relay.broker import Broker, BrokerUnavailable
 from relay.errors import Conflict, Unavailable
 from relay.metrics import Metrics
 from relay.retry import pauses
@@ -69,7 +69,11 @@ class Acceptor:
         """The message's objects once it is queued; Conflict or Unavailable otherwise."""
         for _ in range(_ATTEMPTS):
             accepted = await self._store.accept_incoming(
-                integration_id, request, utcnow() + self._lease, request_id
+                integration_id,
+                request,
+                utcnow() + self._lease,
+                request_id,
+                self._broker.topology.partitions,
             )
             if accepted.fingerprint != request.fingerprint():
                 self._metrics.inbound.labels("conflict").inc()
@@ -94,7 +98,12 @@ class Acceptor:
         message_id = accepted.bundle.message.id
         try:
             await self.publish(
-                integration_id, accepted.bundle, accepted.text, request_id, first=first
+                integration_id,
+                accepted.bundle,
+                accepted.text,
+                request_id,
+                accepted.partitions,
+                first=first,
             )
         except BrokerUnavailable as error:
             self._metrics.inbound.labels("unavailable").inc()
@@ -104,6 +113,7 @@ class Acceptor:
             raise _retry_later("the broker cannot take the message now; send it again") from error
         try:
             await asyncio.shield(self._queued.add(message_id))
+            self._broker.news.announce(integration_id, accepted.bundle.conversation.id)
         except StoreError as error:
             # The broker holds it: it is accepted. The row stays pending, so the outbox
             # publishes it again after the lease (consumers deduplicate on the relay id).
@@ -151,10 +161,12 @@ class Acceptor:
         bundle: MessageBundle,
         text: str,
         request_id: str | None,
+        partitions: int | None,
         first: bool = False,
     ) -> None:
-        """Put the message on its inbound partition and wait for the confirm (`first`: the
-        message's first publish ever)."""
+        """Put the message on its inbound partition among `partitions` (the count its
+        conversation is published under; None: this service's) and wait for the confirm
+        (`first`: the message's first publish ever)."""
         envelope = InboundEnvelope(
             integrationId=integration_id,
             text=text,
@@ -162,14 +174,14 @@ class Acceptor:
             acceptedAt=utcnow(),
             requestId=request_id,
         )
-        partition = partition_of(bundle.conversation.id, self._broker.topology.partitions)
         with self._metrics.publish_latency.labels("inbound").time():
             await self._broker.publish(
                 "inbound",
-                partition,
+                bundle.conversation.id,
                 dump_json(envelope),
                 message_id=bundle.message.id,
                 headers={REQUEST_ID_HEADER: request_id or "", FIRST_COPY_HEADER: int(first)},
+                partitions=partitions,
             )
         self._metrics.published.labels("inbound").inc()
 
@@ -186,13 +198,18 @@ class Acceptor:
         message = pending.bundle.message
         try:
             await self.publish(
-                pending.integration_id, pending.bundle, pending.text, pending.request_id
+                pending.integration_id,
+                pending.bundle,
+                pending.text,
+                pending.request_id,
+                pending.partitions,
             )
         except BrokerUnavailable as error:
             # Left pending: the lease just taken runs out and a later sweep tries again.
             log.warning("outbox_publish_failed", message_id=message.id, error=str(error))
             return 0
         await asyncio.shield(self._queued.add(message.id))
+        self._broker.news.announce(pending.integration_id, pending.bundle.conversation.id)
         log.info(
             "outbox_published",
             message_id=message.id,

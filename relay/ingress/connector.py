@@ -44,7 +44,7 @@ from pydantic import BaseModel, ValidationError
 
 from relay.auth import reply_token_valid
 from relay.broker import BrokerUnavailable
-from relay.errors import InvalidBody, Unauthorized, Unavailable
+from relay.errors import InvalidBody, Unauthorized, Unavailable, invalid_fields
 from relay.ingress.handlers import parse_json_object
 from relay.ingress.push import addressed_conversation
 from relay.payloads import InvalidPayload, validate_outgoing
@@ -170,15 +170,7 @@ def _parse(model: type[M], value: Any, where: str = "") -> M:
     try:
         return model.model_validate(value)
     except ValidationError as error:
-        prefix = [where] if where else []
-        fields = [
-            {
-                "field": ".".join(prefix + [str(p) for p in item["loc"]]) or "body",
-                "message": item["msg"],
-            }
-            for item in error.errors(include_url=False)
-        ]
-        raise InvalidBody("the activity is invalid", details=fields) from error
+        raise invalid_fields(error, "the activity is invalid", [where] if where else []) from error
 
 
 def parse_activity(raw: bytes) -> Activity:

@@ -11,9 +11,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from relay.auth import bearer_token, token_matches
-from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
+from relay.errors import InvalidBody, NotFound, Unauthorized, invalid_fields
 from relay.ingress.accept import Acceptor
-from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.ingress.ratelimit import RateLimiter
+from relay.ingress.waiting import ReplyWaiter, parse_wait
 from relay.store import IntegrationRecord
 from relay.store.directory import Directory
 from relay.wire import InboundRequest, storable_text
@@ -89,11 +90,7 @@ def validate_inbound(body: dict[str, Any]) -> InboundRequest:
     try:
         return InboundRequest.model_validate(body)
     except ValidationError as error:
-        fields = [
-            {"field": ".".join(str(p) for p in item["loc"]) or "body", "message": item["msg"]}
-            for item in error.errors(include_url=False)
-        ]
-        raise InvalidBody("the message is invalid", details=fields) from error
+        raise invalid_fields(error, "the message is invalid") from error
 
 
 def request_token(request: web.Request) -> str | None:
@@ -118,19 +115,19 @@ def plausible_id(value: str) -> bool:
 class WebhookHandler:
     """Authenticates, validates, rate-limits and accepts inbound messages."""
 
-    def __init__(self, directory: Directory, limiter: RateLimiter, acceptor: Acceptor) -> None:
+    def __init__(
+        self, directory: Directory, limiter: RateLimiter, acceptor: Acceptor, waiter: ReplyWaiter
+    ) -> None:
         self._directory = directory
         self._limiter = limiter
         self._acceptor = acceptor
+        self._waiter = waiter
 
     async def post_message(self, request: web.Request) -> web.Response:
         """Accept one user message; the answer holds the user, conversation and message."""
         integration = await self._authenticate(request)
-        wait = self._limiter.check(integration.id)
-        if wait:
-            raise RateLimited(
-                "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
-            )
+        self._limiter.enforce(integration.id)
+        seconds = parse_wait(request.query.get("wait"))
         inbound = validate_inbound(parse_json_object(await request.read()))
         structlog.contextvars.bind_contextvars(
             external_message_id=inbound.messageId,
@@ -142,17 +139,28 @@ class WebhookHandler:
         structlog.contextvars.bind_contextvars(
             message_id=bundle.message.id, conversation_id=bundle.conversation.id
         )
+        if seconds is not None:
+            answer = await self._waiter.wait(bundle, seconds)
+            return web.json_response(text=answer.model_dump_json())
         return web.json_response(text=bundle.model_dump_json())
 
     async def _authenticate(self, request: web.Request) -> IntegrationRecord:
-        integration_id = request.match_info["integrationId"]
-        # An unknown id is neither echoed nor logged: it could be a token pasted into the URL.
-        if not plausible_id(integration_id):
-            raise NotFound("unknown integration")
-        entry = await self._directory.lookup(integration_id, "integration")
-        if entry.integration is None:
-            raise NotFound("unknown integration")
-        structlog.contextvars.bind_contextvars(integration_id=integration_id)
-        if not token_matches(request_token(request), entry.token_hashes):
+        integration, hashes = await addressed_integration(self._directory, request)
+        if not token_matches(request_token(request), hashes):
             raise Unauthorized("missing or invalid token")
-        return entry.integration
+        return integration
+
+
+async def addressed_integration(
+    directory: Directory, request: web.Request
+) -> tuple[IntegrationRecord, list[str]]:
+    """The integration of the path, with its integration tokens' hashes; or a 404."""
+    integration_id = request.match_info["integrationId"]
+    # An unknown id is neither echoed nor logged: it could be a token pasted into the URL.
+    if not plausible_id(integration_id):
+        raise NotFound("unknown integration")
+    entry = await directory.lookup(integration_id, "integration")
+    if entry.integration is None:
+        raise NotFound("unknown integration")
+    structlog.contextvars.bind_contextvars(integration_id=integration_id)
+    return entry.integration, entry.token_hashes

@@ -16,15 +16,44 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from relay.ingress.connector import CONNECTOR_PREFIX
+from relay.ingress.conversations import MAX_LIMIT
 from relay.ingress.push import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX
+from relay.ingress.waiting import MAX_WAIT
 from relay.payloads import PAYLOAD_MODELS, TYPE_NAME_PATTERN
-from relay.wire import ErrorBody, InboundRequest, MessageBundle, PushAnswer
+from relay.wire import (
+    LAST_EVENT_ID_HEADER,
+    ErrorBody,
+    HistoryAnswer,
+    InboundRequest,
+    MessageBundle,
+    PushAnswer,
+    ReadTokenAnswer,
+    WaitedAnswer,
+)
+from relay.wire.admin import (
+    AttemptView,
+    Count,
+    DeadLetterSelection,
+    DeadLetterView,
+    IntegrationCreate,
+    IntegrationPatch,
+    IntegrationView,
+    Page,
+    QueueView,
+    Recovery,
+    Resent,
+    Timeline,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
+)
 from relay.wire.botframework import Activity, ResourceResponse
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 _WEBHOOK_ERRORS = {
-    "400": "The body is not a JSON object of the expected shape; `details` names each field.",
+    "400": "The body is not a JSON object of the expected shape (`details` names each field),"
+    " or `wait` is out of range.",
     "401": "Missing or wrong token.",
     "404": "Unknown integration.",
     "409": "The messageId was used before with a different body.",
@@ -48,13 +77,37 @@ _PUSH_ERRORS = {
     "429": "Over the integration's rate limit; see `Retry-After`.",
     "503": "The store or the broker cannot take the message now: send it again.",
 }
+_READ_ERRORS = {
+    "400": "A query parameter is not valid (`after`, `limit`, `Last-Event-ID`).",
+    "401": "Missing or wrong token: an integration token, or the conversation's read token.",
+    "404": "Unknown integration, or a conversation the integration does not have.",
+    "429": "Over the integration's rate limit; see `Retry-After`.",
+}
 _MODELS: list[type[BaseModel]] = [
     InboundRequest,
     MessageBundle,
+    WaitedAnswer,
+    HistoryAnswer,
+    ReadTokenAnswer,
     ErrorBody,
     PushAnswer,
     Activity,
     ResourceResponse,
+    IntegrationCreate,
+    IntegrationPatch,
+    IntegrationView,
+    TokenCreate,
+    TokenCreated,
+    Page[IntegrationView],
+    Page[TokenView],
+    Page[QueueView],
+    Page[AttemptView],
+    Page[DeadLetterView],
+    DeadLetterSelection,
+    Count,
+    Recovery,
+    Resent,
+    Timeline,
     *PAYLOAD_MODELS.values(),
 ]
 
@@ -117,23 +170,118 @@ def _schemas() -> dict[str, Any]:
     return schemas
 
 
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
 def _post_message() -> dict[str, Any]:
+    wait = _query(
+        "wait",
+        "Seconds to wait for the message's bot turn: the answer then holds its responses "
+        "(each webhook body with its webhook-id as `id`) and `complete`.",
+        {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT},
+    )
     return {
         "summary": "Send a user's message to the bot",
         "operationId": "postMessage",
         "security": [{"bearer": []}],
-        "parameters": [_path_id("integrationId", "The integration's id.")],
+        "parameters": [_path_id("integrationId", "The integration's id."), wait],
         "requestBody": {"required": True, "content": _json(schema_ref("InboundRequest"))},
         "responses": _responses(
             {
                 "200": {
                     "description": "The created objects, or the existing ones for a repeated "
-                    "messageId (nothing is queued twice).",
-                    "content": _json(schema_ref("MessageBundle")),
+                    "messageId (nothing is queued twice); with `wait`, also the responses.",
+                    "content": _json(
+                        {"anyOf": [schema_ref("WaitedAnswer"), schema_ref("MessageBundle")]}
+                    ),
                 }
             },
             _WEBHOOK_ERRORS,
         ),
+    }
+
+
+_WATERMARK = {"type": "string", "pattern": r"^[0-9]{1,18}\.[0-9]{1,18}$"}
+_EVENTS = {
+    "200": {
+        "description": "Server-Sent Events: `event: message`, `id:` the item's watermark, "
+        "`data:` the item (a ConversationItem); a comment line at least every 15 s.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def _conversation_routes() -> dict[str, Any]:
+    integration = _path_id("integrationId", "The integration's id.")
+    conversation = _path_id("conversationId", "The caller's id of the conversation.")
+    after = _query("after", "Only items after this watermark.", _WATERMARK)
+    token = _query("token", "The conversation's read token (for browsers).", {"type": "string"})
+    resume = {
+        "name": LAST_EVENT_ID_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "Resume after this item (sent by a reconnecting EventSource).",
+        "schema": _WATERMARK,
+    }
+    readers: list[dict[str, list[str]]] = [{"bearer": []}, {"readToken": []}]
+    full = {**_READ_ERRORS, "503": "This ingress serves as many streams as it may: try again."}
+    base = "/webhooks/{integrationId}"
+    history = {
+        "200": {
+            "description": "Items, oldest first.",
+            "content": _json(schema_ref("HistoryAnswer")),
+        }
+    }
+    limit = _query(
+        "limit", "Items at most.", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}
+    )
+    created = {"description": "A read token.", "content": _json(schema_ref("ReadTokenAnswer"))}
+    return {
+        f"{base}/conversations/{{conversationId}}/messages": {
+            "get": {
+                "summary": "A conversation's history after a watermark",
+                "operationId": "conversationHistory",
+                "security": readers,
+                "parameters": [integration, conversation, after, limit, token],
+                "responses": _responses(history, _READ_ERRORS),
+            }
+        },
+        f"{base}/conversations/{{conversationId}}/tokens": {
+            "post": {
+                "summary": "A read token for one conversation (one hour)",
+                "operationId": "createReadToken",
+                "security": [{"bearer": []}],
+                "parameters": [integration, conversation],
+                "responses": _responses(
+                    {"201": created}, {k: v for k, v in _READ_ERRORS.items() if k != "400"}
+                ),
+            }
+        },
+        f"{base}/conversations/{{conversationId}}/events": {
+            "get": {
+                "summary": "A conversation's items as they come (from its first, by default)",
+                "operationId": "conversationEvents",
+                "security": readers,
+                "parameters": [integration, conversation, after, token, resume],
+                "responses": _responses(_EVENTS, full),
+            }
+        },
+        f"{base}/events": {
+            "get": {
+                "summary": "Every conversation's items as they come (from now, by default)",
+                "operationId": "integrationEvents",
+                "security": [{"bearer": []}],
+                "parameters": [integration, after, resume],
+                "responses": _responses(_EVENTS, full),
+            }
+        },
     }
 
 
@@ -241,6 +389,230 @@ def _service_routes() -> dict[str, Any]:
     }
 
 
+_ADMIN_ERRORS = {
+    "400": "A body or query parameter that is not valid; `details` names each field.",
+    "401": "Missing or wrong token: an admin token (`relay tokens create --kind admin`).",
+    "404": "Unknown integration or token.",
+    "409": "That response was not delivered yet: it is being retried, or it is dead.",
+    "422": "The response endpoint failed its check (a signed test event), or is refused.",
+    "503": "The broker cannot be reached now; try again.",
+}
+
+
+_PAGE = _query("limit", "Items at most.", {"type": "integer", "minimum": 1, "maximum": 1000})
+_CURSOR = _query(
+    "cursor", "The `nextCursor` of the page before.", {"type": "string", "minLength": 1}
+)
+
+
+def _admin_operation(
+    operation_id: str,
+    summary: str,
+    answer: tuple[str, str | None],
+    body: str | None = None,
+    *,
+    path_ids: tuple[str, ...] = (),
+    errors: tuple[str, ...] = ("401",),
+) -> dict[str, Any]:
+    """An admin route's operation: bearer admin token, JSON in and out."""
+    status, schema = answer
+    success: dict[str, Any] = {"description": summary}
+    if schema is not None:
+        success["content"] = _json(schema_ref(schema))
+    found: dict[str, Any] = {
+        "summary": summary,
+        "operationId": operation_id,
+        "security": [{"bearer": []}],
+        "parameters": [_path_id(name, "The id.") for name in path_ids],
+        "responses": _responses(
+            {status: success}, {code: _ADMIN_ERRORS.get(code, "") for code in errors}
+        ),
+    }
+    if body is not None:
+        # A token's kind has a default: its body may be left out.
+        found["requestBody"] = {
+            "required": body != "TokenCreate",
+            "content": _json(schema_ref(body)),
+        }
+    return found
+
+
+def _admin_routes() -> dict[str, Any]:
+    operation = _admin_operation
+    invalid = ("400", "401", "404", "422")
+    page, cursor = _PAGE, _CURSOR
+    listing = operation(
+        "adminListIntegrations",
+        "Integrations, oldest first",
+        ("200", "Page_IntegrationView_"),
+        errors=("400", "401"),
+    )
+    listing["parameters"] = [page, cursor]
+    base = "/admin/v1"
+    searched = operation(
+        "adminSearchAttempts",
+        "Delivery attempts, newest first",
+        ("200", "Page_AttemptView_"),
+        errors=("400", "401"),
+    )
+    text = {"type": "string", "minLength": 1}
+    time = {"type": "string", "format": "date-time"}
+    searched["parameters"] = [
+        _query("integrationId", "Only this integration's.", text),
+        _query("conversationId", "Only this conversation's (the relay's id or yours).", text),
+        _query("webhookId", "Only this response's (its webhook-id).", text),
+        _query(
+            "statusClass",
+            "By the answer's status (`error`: no answer).",
+            {"enum": ["2xx", "3xx", "4xx", "5xx", "error"]},
+        ),
+        _query("outcome", "Delivered (2xx) or failed.", {"enum": ["delivered", "failed"]}),
+        _query("since", "Made at or after.", time),
+        _query("until", "Made before.", time),
+        page,
+        cursor,
+    ]
+    return {
+        f"{base}/attempts": {"get": searched},
+        f"{base}/integrations": {
+            "get": listing,
+            "post": operation(
+                "adminCreateIntegration",
+                "Create an integration (its endpoint checked first)",
+                ("201", "IntegrationView"),
+                "IntegrationCreate",
+                errors=("400", "401", "422"),
+            ),
+        },
+        f"{base}/integrations/{{id}}": {
+            "get": operation(
+                "adminShowIntegration",
+                "One integration",
+                ("200", "IntegrationView"),
+                path_ids=("id",),
+                errors=("401", "404"),
+            ),
+            "patch": operation(
+                "adminChangeIntegration",
+                "Change the response URL (checked again), enable or disable",
+                ("200", "IntegrationView"),
+                "IntegrationPatch",
+                path_ids=("id",),
+                errors=invalid,
+            ),
+            "delete": operation(
+                "adminDeleteIntegration",
+                "Delete an integration with everything it holds",
+                ("204", None),
+                path_ids=("id",),
+                errors=("401", "404"),
+            ),
+        },
+        f"{base}/integrations/{{id}}/tokens": {
+            "get": operation(
+                "adminListTokens",
+                "An integration's tokens",
+                ("200", "Page_TokenView_"),
+                path_ids=("id",),
+                errors=("401", "404"),
+            ),
+            "post": operation(
+                "adminCreateToken",
+                "A new token (in this answer only)",
+                ("201", "TokenCreated"),
+                "TokenCreate",
+                path_ids=("id",),
+                errors=("400", "401", "404"),
+            ),
+        },
+        f"{base}/tokens/{{tokenId}}": {
+            "delete": operation(
+                "adminRevokeToken",
+                "Revoke a token",
+                ("204", None),
+                path_ids=("tokenId",),
+                errors=("401", "404"),
+            )
+        },
+        f"{base}/queues": {
+            "get": operation(
+                "adminQueues", "Every relay queue", ("200", "Page_QueueView_"), errors=("401",)
+            )
+        },
+    }
+
+
+def _admin_recovery_routes() -> dict[str, Any]:
+    base, operation = "/admin/v1", _admin_operation
+    text = {"type": "string", "minLength": 1}
+    letters = operation(
+        "adminListDeadLetters",
+        "Dead letters: inbound first, then outbound, each in the order they died",
+        ("200", "Page_DeadLetterView_"),
+        errors=("400", "401", "503"),
+    )
+    letters["parameters"] = [
+        _query("stage", "Only this stage's.", {"enum": ["inbound", "outbound"]}),
+        _query("integrationId", "Only this integration's.", text),
+        _query("conversationId", "Only this conversation's (the relay's id).", text),
+        _PAGE,
+        _CURSOR,
+    ]
+    timeline = operation(
+        "adminConversationTimeline",
+        "A conversation's messages and responses (as its history) with their attempts",
+        ("200", "Timeline"),
+        path_ids=("id", "conversationId"),
+        errors=("400", "401", "404"),
+    )
+    timeline["parameters"] += [
+        _query("after", "Only items after this watermark.", _WATERMARK),
+        _query("limit", "Items at most.", {"type": "integer", "minimum": 1, "maximum": 1000}),
+    ]
+    settle = ("200", "Count")
+    return {
+        f"{base}/dead-letters": {"get": letters},
+        f"{base}/dead-letters/replay": {
+            "post": operation(
+                "adminReplayDeadLetters",
+                "Send the selected dead letters back to their stage",
+                settle,
+                "DeadLetterSelection",
+                errors=("400", "401", "503"),
+            )
+        },
+        f"{base}/dead-letters/purge": {
+            "post": operation(
+                "adminPurgeDeadLetters",
+                "Delete the selected dead letters",
+                settle,
+                "DeadLetterSelection",
+                errors=("400", "401", "503"),
+            )
+        },
+        f"{base}/responses/{{webhookId}}/resend": {
+            "post": operation(
+                "adminResendResponse",
+                "Send a delivered response again, under its webhook-id",
+                ("202", "Resent"),
+                path_ids=("webhookId",),
+                errors=("401", "404", "409", "503"),
+            )
+        },
+        f"{base}/integrations/{{id}}/recover": {
+            "post": operation(
+                "adminRecoverIntegration",
+                "Send again every response given up on since a time",
+                settle,
+                "Recovery",
+                path_ids=("id",),
+                errors=("400", "401", "404", "503"),
+            )
+        },
+        f"{base}/integrations/{{id}}/conversations/{{conversationId}}": {"get": timeline},
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the ingress."""
@@ -249,13 +621,19 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "Relay ingress", "version": "1"},
         "paths": {
             "/webhooks/{integrationId}": {"post": _post_message()},
+            **_conversation_routes(),
             "/bot/conversations/{conversationId}/messages": {"post": _push_message()},
             **_connector_routes(),
             **_service_routes(),
+            **_admin_routes(),
+            **_admin_recovery_routes(),
         },
         "components": {
             "schemas": _schemas(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "readToken": {"type": "apiKey", "in": "query", "name": "token"},
+            },
         },
     }
 

@@ -17,9 +17,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from relay.auth import REPLY_PREFIX, reply_token_valid, token_matches
-from relay.errors import InvalidBody, NotFound, RateLimited, Unauthorized
+from relay.errors import InvalidBody, NotFound, Unauthorized, invalid_fields
 from relay.ingress.handlers import parse_json_object, plausible_id, request_token
-from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.ingress.ratelimit import RateLimiter
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.pipeline.replies import ReplyPublisher
 from relay.store import ConversationRecord, Conversations, OutgoingRecord
@@ -66,11 +66,7 @@ def validate_reply(body: dict[str, Any]) -> BotReply:
         reply = BotReply.model_validate(body)
         validate_outgoing(reply.type, reply.payload)
     except ValidationError as error:
-        fields = [
-            {"field": ".".join(str(p) for p in item["loc"]) or "body", "message": item["msg"]}
-            for item in error.errors(include_url=False)
-        ]
-        raise InvalidBody("the message is invalid", details=fields) from error
+        raise invalid_fields(error, "the message is invalid") from error
     except InvalidPayload as error:
         raise InvalidBody(
             "the payload is not a valid message of its type", details=error.details
@@ -111,11 +107,7 @@ class PushHandler:
     async def post_message(self, request: web.Request) -> web.Response:
         """Store and queue one bot message; 201 with it (the same one for a repeated key)."""
         conversation = await self.authenticate(request)
-        wait = self._limiter.check(f"bot:{conversation.integration_id}")
-        if wait:
-            raise RateLimited(
-                "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
-            )
+        self._limiter.enforce(f"bot:{conversation.integration_id}")
         reply = validate_reply(parse_json_object(await request.read()))
         key = idempotency_key(request)
         record, created = await self._replies.push(conversation, reply.type, reply.payload, key)

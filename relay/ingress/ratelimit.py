@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relay.errors import RateLimited
+
 
 @dataclass
 class _Bucket:
@@ -41,6 +43,14 @@ class RateLimiter:
             bucket.tokens -= 1
             return 0.0
         return (1 - bucket.tokens) / self._rate
+
+    def enforce(self, key: str) -> None:
+        """Take one token for `key`, or raise a 429 saying when to retry."""
+        wait = self.check(key)
+        if wait:
+            raise RateLimited(
+                "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
+            )
 
 
 def retry_after(seconds: float) -> str:

@@ -15,6 +15,7 @@ import structlog
 from pydantic import BaseModel
 
 from relay.broker import Broker, StageName
+from relay.broker.topology import Topology
 from relay.pipeline.delays import first_hop
 from relay.pipeline.parking import Parking, still_waiting
 from relay.pipeline.settle import Outcome, Verdict
@@ -34,6 +35,7 @@ class ParkingAdoption(ABC, Generic[E]):
     stage: StageName
     parking: Parking
     _broker: Broker
+    topology: Topology  # the partition count this worker consumes, and its queues
 
     @abstractmethod
     def keys(self, envelope: E) -> tuple[str, str]:
@@ -71,7 +73,7 @@ class ParkingAdoption(ABC, Generic[E]):
         remaining = (due - now).total_seconds()
         if keys:
             log.info("parking_adopted", unfinished=len(keys), due_in=round(remaining, 3))
-        delays = self._broker.topology.stage_delays(self.stage)
+        delays = self.topology.stage_delays(self.stage)
         # Led by this very message, the list only orders what comes after it: nothing is
         # away, and the partition may be handed over meanwhile (the next holder asks too).
         head_away = bool(keys) and keys[0] != own
@@ -92,5 +94,5 @@ class ParkingAdoption(ABC, Generic[E]):
 
     def _parked_for(self, wait: float) -> Verdict:
         """A parked message's wait of `wait` seconds, in the broker."""
-        delay = first_hop(wait, self._broker.topology.stage_delays(self.stage))
+        delay = first_hop(wait, self.topology.stage_delays(self.stage))
         return Verdict(Outcome.WAIT, delay=delay, reason="parked")

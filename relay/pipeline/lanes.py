@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 
@@ -23,6 +24,7 @@ class Lanes(Generic[Item]):
         self._slots = asyncio.Semaphore(concurrency)
         self._queues: dict[str, asyncio.Queue[Item]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._since: dict[str, float] = {}  # when each lane's current item started
 
     def submit(self, key: str, item: Item) -> None:
         """Queue `item` behind everything already submitted under `key`."""
@@ -37,10 +39,24 @@ class Lanes(Generic[Item]):
             while not queue.empty():
                 item = queue.get_nowait()
                 async with self._slots:
-                    await self._handler(item)
+                    self._since[key] = time.monotonic()
+                    try:
+                        await self._handler(item)
+                    finally:
+                        self._since.pop(key, None)
         finally:
             self._queues.pop(key, None)
             self._tasks.pop(key, None)
+
+    def stuck(self, seconds: float) -> dict[str, list[str]]:
+        """The lanes whose current item has run longer than `seconds`: where each waits
+        (its chain of awaits, outermost first), for a stall's report."""
+        now = time.monotonic()
+        return {
+            key: awaiting(self._tasks[key])
+            for key, since in self._since.items()
+            if now - since > seconds and key in self._tasks
+        }
 
     def withdraw(self, predicate: Callable[[Item], bool]) -> list[Item]:
         """Take back the items not yet started that match, keeping each lane's order."""
@@ -71,3 +87,19 @@ class Lanes(Generic[Item]):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         return not pending
+
+
+def awaiting(task: asyncio.Task[None]) -> list[str]:
+    """`file:line function` of each coroutine in the task's chain of awaits, down to the
+    innermost (what `Task.get_stack` does not show for a suspended task), then what that
+    one awaits."""
+    chain: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(chain) < 50:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            chain.append(repr(awaited)[:200])  # a future, or a C awaitable
+            break
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return chain

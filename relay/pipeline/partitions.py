@@ -31,7 +31,9 @@ from pydantic import BaseModel
 from relay.aio import pause
 from relay.broker import CONNECTION_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
 from relay.broker.presence import Presence
+from relay.broker.topology import Topology
 from relay.metrics import Metrics
+from relay.pipeline.lanes import Lanes
 from relay.pipeline.parking import Parking
 from relay.pipeline.subscription import Delivery, Subscription
 from relay.pipeline.waiting import WaitingRoom
@@ -52,12 +54,15 @@ class Partitions(ABC, Generic[E]):
     waiting_room: WaitingRoom[Any]
     presence: Presence
     _broker: Broker
+    topology: Topology  # the partition count this worker consumes, and its queues
     _metrics: Metrics
     _prefetch: int
     _interval: float
     _grace: float
     _stall_seconds: float
     _subscriptions: dict[int, Subscription]
+    _lanes: Lanes[Any]
+    _reported_stuck: set[str]  # lanes said to be stuck, until they move again
     _subscribing: defaultdict[int, asyncio.Lock]
     _tasks: set[asyncio.Task[None]]
     _stopping: bool
@@ -116,7 +121,7 @@ class Partitions(ABC, Generic[E]):
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await channel.set_qos(prefetch_count=self._prefetch)
-                queue = await channel.get_queue(self._broker.topology.queue(self.stage, partition))
+                queue = await channel.get_queue(self.topology.queue(self.stage, partition))
                 await queue.consume(functools.partial(self._on_delivery, subscription))
         except BaseException:
             await subscription.close()
@@ -197,21 +202,44 @@ class Partitions(ABC, Generic[E]):
     def watch(self) -> None:
         """Export each partition's oldest unstarted message; say when one stalls, or when
         messages wait on a subscription that is not being handed over."""
+        ages: dict[str, float] = {}
         for partition, subscription in self._subscriptions.items():
             age = subscription.oldest_unstarted()
-            self._metrics.oldest_unstarted.labels(self.stage, str(partition)).set(age)
+            if subscription.active and subscription.is_open and not subscription.holding:
+                ages[self.topology.queue(self.stage, partition)] = round(age, 1)
+            self._metrics.oldest_unstarted.labels(self.stage, self._label(partition)).set(age)
             if age > self._stall_seconds:
                 log.error("partition_stalled", stage=self.stage, partition=partition, age=age)
             if subscription.held and not subscription.holding and not self._stopping:
                 log.error("messages_held_without_hand_off", partition=partition)
+        self.presence.report(ages)
+        self._report_stuck_lanes()
+
+    def _report_stuck_lanes(self) -> None:
+        """Say once where each lane stuck past the stall limit waits: a stall's cause."""
+        stuck = self._lanes.stuck(self._stall_seconds)
+        for key in stuck.keys() - self._reported_stuck:
+            log.error("lane_stuck", stage=self.stage, lane=key, awaiting=stuck[key])
+        self._reported_stuck = set(stuck)
+
+    @property
+    def _own_count(self) -> bool:
+        """Whether this worker consumes the service's own partition count's queues."""
+        return self.topology.partitions == self._broker.topology.partitions
+
+    def _label(self, partition: int) -> str:
+        """A partition as metrics name it: `3`, or `of16.3` for another count's than the
+        service's."""
+        return str(partition) if self._own_count else self.topology.routing_key(partition)
 
     def rebalance(self) -> None:
         """Hand over the partitions beyond this worker's fair share (in the background)."""
         if self._stopping:
             return
         held = self.active_partitions - {n for n, s in self._subscriptions.items() if s.holding}
-        self._metrics.partitions_held.labels(self.stage).set(len(held))
-        partitions, peers = self._broker.topology.partitions, self.presence.peers()
+        if self._own_count:
+            self._metrics.partitions_held.labels(self.stage).set(len(held))
+        partitions, peers = self.topology.partitions, self.presence.peers()
         for partition in surplus(partitions, peers, held, self._parked_partitions()):
             self._spawn(self._hand_off(partition), f"hand-off-{partition}")
 
@@ -224,14 +252,14 @@ class Partitions(ABC, Generic[E]):
         partition = subscription.partition
         if self._subscriptions.get(partition, subscription) is not subscription:
             return
-        partitions = self._broker.topology.partitions
+        partitions = self.topology.partitions
         self.parking.forget(
             c for c in self.parking.conversations() if partition_of(c, partitions) == partition
         )
 
     def _parked_partitions(self) -> set[int]:
         return {
-            partition_of(conversation, self._broker.topology.partitions)
+            partition_of(conversation, self.topology.partitions)
             for conversation in self.parking.away()
         }
 
@@ -274,8 +302,10 @@ def fair_share(partitions: int, workers: int) -> int:
 def surplus(partitions: int, workers: int, held: set[int], parked: set[int]) -> list[int]:
     """The partitions to hand over: those beyond the fair share, if any.
 
-    Partitions with a conversation waiting on a retry (`parked`) stay: the next worker would
-    find the parking in the store, but only after messages bounced through delay queues.
+    Partitions with a conversation waiting in a delay queue (`parked`) stay: a retry's
+    parking the next worker would find in the store (after messages bounced through delay
+    queues), but a hold of the order (a message back in a moment, its store or broker away)
+    is known to this worker alone, and the next would let later messages overtake it.
     """
     extra = len(held) - fair_share(partitions, workers)
     if extra <= 0:

@@ -7,18 +7,21 @@ later (push API, Bot Framework connector), so every response takes the same path
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 import structlog
 
-from relay.broker import Broker, partition_of
+from relay.broker import Broker
 from relay.metrics import Metrics
 from relay.store import ConversationRecord, Outgoing, OutgoingRecord
 from relay.store.batching import GroupCommit
 from relay.wire import OutboundEnvelope, WebhookResponse, dump_json, utcnow
 
 log = structlog.get_logger(__name__)
+
+SETTLED_LIMIT = 50_000  # conversations remembered as settled (the least recent go first)
 
 
 def delivery_id(message_id: str) -> str:
@@ -47,6 +50,26 @@ class ReplyPublisher:
         self._queued = GroupCommit(store.mark_queued, "mark-responses-queued")
         self._broker = broker
         self._metrics = metrics
+        # Conversations last seen published under this service's partition count.
+        self._settled: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def partitions(self) -> int:
+        """This service's partition count."""
+        return self._broker.topology.partitions
+
+    async def settle(self, conversation_id: str) -> None:
+        """Before storing responses of a conversation not seen here under this service's
+        partition count: move it there, if nothing of it is unfinished in the stage (once per
+        conversation while it stays there: the store reads its count anyway)."""
+        if conversation_id in self._settled:
+            self._settled.move_to_end(conversation_id)
+            return
+        count = await self._store.settle_partitions(conversation_id, "outbound", self.partitions)
+        if count == self.partitions:
+            self._settled[conversation_id] = None
+            if len(self._settled) > SETTLED_LIMIT:
+                self._settled.popitem(last=False)
 
     async def publish(
         self, records: list[OutgoingRecord], accepted_at: datetime | None = None
@@ -73,6 +96,11 @@ class ReplyPublisher:
             # message comes back unacked; the outbox takes a pushed response).
             await asyncio.shield(asyncio.gather(*(self._queued.add(id_) for id_ in published)))
 
+    async def send_again(self, record: OutgoingRecord) -> None:
+        """Publish a stored response once more, as a first attempt under its webhook-id
+        (an operator's resend or recovery), whatever became of it before."""
+        await self._publish_one(record, None)
+
     async def _publish_one(self, record: OutgoingRecord, accepted_at: datetime | None) -> None:
         envelope = OutboundEnvelope(
             integrationId=record.integration_id,
@@ -81,10 +109,16 @@ class ReplyPublisher:
             createdAt=utcnow(),
             acceptedAt=accepted_at,
         )
-        partition = partition_of(record.conversation_id, self._broker.topology.partitions)
+        if record.partitions not in (None, self.partitions):
+            # Another service moved the conversation: try to move it back next time.
+            self._settled.pop(record.conversation_id, None)
         with self._metrics.publish_latency.labels("outbound").time():
             await self._broker.publish(
-                "outbound", partition, dump_json(envelope), message_id=envelope.deliveryId
+                "outbound",
+                record.conversation_id,
+                dump_json(envelope),
+                message_id=envelope.deliveryId,
+                partitions=record.partitions,
             )
         self._metrics.published.labels("outbound").inc()
 
@@ -96,8 +130,10 @@ class ReplyPublisher:
         idempotency_key: str | None = None,
     ) -> tuple[OutgoingRecord, bool]:
         """Store and publish one response the bot sends on its own; (record, created)."""
+        await self.settle(conversation.id)
         record, created = await self._store.record_pushed(
-            conversation, type_, payload, idempotency_key
+            conversation, type_, payload, idempotency_key, self.partitions
         )
+        self._broker.news.announce(conversation.integration_id, conversation.id)
         await self.publish([record])
         return record, created

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +21,15 @@ from aiormq.exceptions import ChannelInvalidStateError
 
 from relay.aio import cancelled_from_outside
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName
+from relay.broker.topology import Topology
 from relay.metrics import Metrics
 from relay.pipeline.parking import Parking
 from relay.pipeline.waiting import WaitingRoom
 from relay.wire import ATTEMPT_HEADER, DEAD_AT_HEADER, REASON_HEADER
 
 log = structlog.get_logger(__name__)
+
+ACK_TIMEOUT = 5.0  # seconds an ack or nack may take before its connection counts as gone
 
 
 class Outcome(enum.Enum):
@@ -59,6 +63,7 @@ class Settling:
     parking: Parking
     waiting_room: WaitingRoom[Any]
     _broker: Broker
+    topology: Topology  # the partition count this worker consumes, and its queues
     _metrics: Metrics
 
     async def _settle(
@@ -74,7 +79,7 @@ class Settling:
             # The store is away for a moment: wait in the broker, holding the conversation's
             # order (a requeue would let the next message overtake, and count towards the
             # queue's delivery limit).
-            delays = self._broker.topology.stage_delays(self.stage)
+            delays = self.topology.stage_delays(self.stage)
             verdict = Verdict(
                 Outcome.WAIT,
                 delay=delays[0] if delays else 1.0,
@@ -115,7 +120,7 @@ class Settling:
 
     async def _forward(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Publish the message where the verdict sends it (nothing for done and drop)."""
-        topology = self._broker.topology
+        topology = self.topology
         body = verdict.body if verdict.body is not None else message.body
         attempt = attempt_of(message)
         if verdict.outcome in (Outcome.RETRY, Outcome.WAIT):
@@ -170,11 +175,18 @@ def attempt_of(message: AbstractIncomingMessage) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
 
-async def _quietly(action: object) -> None:
+async def _quietly(action: Awaitable[None]) -> None:
     """Ack or nack; after a reconnect the old channel's tags are void and the broker
-    redelivers, which the handlers' idempotency absorbs."""
+    redelivers, which the handlers' idempotency absorbs.
+
+    Bounded: an ack written while its connection dies can wait for aiormq's write queue,
+    which nobody drains any more, for ever, and hold its conversation's lane with it.
+    """
     try:
-        await action  # type: ignore[misc]
+        async with asyncio.timeout(ACK_TIMEOUT):
+            await action
+    except TimeoutError:
+        log.warning("ack_failed", error=f"no answer within {ACK_TIMEOUT}s: its connection is gone")
     except BROKER_ERRORS as error:
         log.warning("ack_failed", error=str(error))
     except asyncio.CancelledError:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from relay.aio import cancelled_from_outside
 from relay.broker import Broker, BrokerUnavailable, StageName
 from relay.broker.presence import Presence
+from relay.broker.topology import Topology
 from relay.metrics import Metrics
 from relay.pipeline.adoption import ParkingAdoption
 from relay.pipeline.lanes import Lanes
@@ -60,17 +61,21 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
         metrics: Metrics,
         concurrency: int,
         settings: Settings,
+        topology: Topology | None = None,
     ) -> None:
         self._broker = broker
+        # The generation of partition queues consumed: this service's count by default.
+        self.topology = topology or broker.topology
         self._metrics = metrics
         self._lanes: Lanes[Delivery[E]] = Lanes(self._process, concurrency)
+        self._reported_stuck = set()
         # Per partition channel: as many messages as the lanes handle at once, and as many
         # again waiting in memory for their turn (so a full waiting room never keeps the
         # heads they wait for from being delivered).
         self._prefetch = 2 * concurrency
         self.parking = Parking()
         self.waiting_room: WaitingRoom[Delivery[E]] = WaitingRoom(self._resume, concurrency)
-        self.presence = Presence(broker, self.stage, settings.presence_interval)
+        self.presence = Presence(broker, self.stage, settings.presence_interval, self.topology)
         self._interval = settings.presence_interval
         self._grace = settings.shutdown_timeout  # for a hand-off's messages in hand
         self._stall_seconds = settings.stall_seconds
@@ -126,13 +131,13 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
             raise BrokerUnavailable("no broker connection")
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
             await self.presence.start()
-        for partition in range(self._broker.topology.partitions):
+        for partition in range(self.topology.partitions):
             await self._subscribe_within(partition, 2 * SUBSCRIBE_TIMEOUT)
         self._spawn(self._balance_forever(), f"balance-{self.stage}")
         log.info(
             "worker_started",
             stage=self.stage,
-            partitions=self._broker.topology.partitions,
+            partitions=self.topology.partitions,
             worker=self.presence.worker_id,
         )
 

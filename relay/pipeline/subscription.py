@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel
 
-from relay.broker.client import BROKER_ERRORS
+from relay.broker.errors import BROKER_ERRORS
 
 SEEN_LIMIT = 50_000
 CLOSE_TIMEOUT = 5.0  # seconds a channel's close may take

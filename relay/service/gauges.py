@@ -1,16 +1,24 @@
-"""The queue gauges of a process (depth, consumers, dead letters), kept fresh while it runs."""
+"""The queue gauges of a process (depth, consumers, dead letters, and with the management API
+each quorum queue's members up), kept fresh while it runs."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
+import aiohttp
 import structlog
 
-from relay.aio import pause
+from relay.aio import cancel_and_wait, pause
 from relay.broker import CONNECTION_ERRORS, Broker
-from relay.broker.queues import export, look
+from relay.broker.queues import QueueStat, export, look, with_management
 from relay.metrics import Metrics
+from relay.settings import Settings
+from relay.store import StoreError
+
+# The partition counts noted in the store (`Generations.partition_counts`).
+Counts = Callable[[], Awaitable[Mapping[int, Any]]]
 
 log = structlog.get_logger(__name__)
 
@@ -22,31 +30,61 @@ class Watcher:
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, broker: Broker, metrics: Metrics, interval: float) -> bool:
-        """Start watching through `broker`; False if this process already watches."""
+    def start(
+        self, broker: Broker, metrics: Metrics, settings: Settings, counts: Counts | None = None
+    ) -> bool:
+        """Start watching through `broker`; False if this process already watches.
+        `counts`: the partition counts in use (the store's), whose queues are watched too."""
         if self._task is not None:
             return False
-        self._task = asyncio.create_task(watch(broker, metrics, interval), name="queue-watch")
+        self._task = asyncio.create_task(
+            watch(broker, metrics, settings, counts), name="queue-watch"
+        )
         return True
 
     async def stop(self) -> None:
         """Stop watching (the one who started it, before closing its broker)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
 
-async def watch(broker: Broker, metrics: Metrics, interval: float) -> None:
-    """Refresh the queue gauges every `interval` seconds while the service runs."""
+async def watch(
+    broker: Broker, metrics: Metrics, settings: Settings, counts: Counts | None = None
+) -> None:
+    """Refresh the queue gauges every RELAY_QUEUE_WATCH_INTERVAL while the service runs."""
     while True:
         connection = broker.connection
         if connection is not None and broker.ready:
             try:
-                export(await look(connection, broker.topology), metrics)
+                others = await _other_counts(counts)
+                stats = await look(connection, broker.topology, others)
+                if settings.management_url:
+                    stats = await _with_membership(stats, settings.management_url)
+                export(stats, metrics)
             except CONNECTION_ERRORS as error:
                 log.debug("queue_look_failed", error=str(error))
             except Exception:
                 log.exception("queue_look_failed")  # never the end of the gauges
-        await pause(interval)
+        await pause(settings.queue_watch_interval)
+
+
+async def _other_counts(counts: Counts | None) -> list[int]:
+    """The partition counts in use (during and after a change of RELAY_PARTITIONS, the
+    other count's queues are worth watching too); none if the store does not answer."""
+    if counts is None:
+        return []
+    try:
+        return list(await counts())
+    except StoreError as error:
+        log.debug("partition_counts_unknown", error=str(error))
+        return []
+
+
+async def _with_membership(stats: list[QueueStat], management_url: str) -> list[QueueStat]:
+    """The stats with the management API's figures; without them if it does not answer
+    (the AMQP figures are still worth exporting)."""
+    try:
+        return await with_management(stats, management_url)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        log.warning("management_api_unreachable", error=type(error).__name__)
+        return stats

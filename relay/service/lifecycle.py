@@ -1,19 +1,22 @@
 """One lifecycle for every role: the store and the broker opened at start with their
 readiness checks, the queue gauges watched while the role runs, and everything closed at
 stop in the reverse order. The ingress (`relay.ingress.app`) and each stage worker
-(`worker_context`) run inside it; a worker is stopped, having finished or returned what it
-holds, before its broker and store close."""
+(`worker_context`, with its janitor: `relay.service.janitor`) run inside it; a worker is
+stopped, having finished or returned what it holds, before its broker and store close."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from relay.broker import Broker, topology_of
+from relay.aio import cancel_and_wait
+from relay.broker import Broker, Topology, topology_of
 from relay.metrics import Metrics
+from relay.pipeline.generations import Generations, register_forever
 from relay.pipeline.stage import StageWorker
 from relay.service.app import (
     METRICS_KEY,
@@ -23,11 +26,15 @@ from relay.service.app import (
     broker_check,
     store_check,
 )
+from relay.service.janitor import Janitor
 from relay.settings import Settings
 from relay.store import SqlStore, Store, open_store_patiently
+from relay.wire import utcnow
 
 Closer = Callable[[], Awaitable[None]]
-WorkerFactory = Callable[[Store, Broker, Metrics], tuple[StageWorker[Any], Closer]]
+# A stage worker consuming the partition queues of a topology (one per partition count).
+MakeWorker = Callable[[Topology], StageWorker[Any]]
+WorkerFactory = Callable[[Store, Broker, Metrics], tuple[MakeWorker, Closer]]
 Context = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
 
 
@@ -41,6 +48,9 @@ async def dependencies(
     store = await open_store_patiently(
         settings.database_url, settings.database_pool_size, settings.startup_wait
     )
+    # Workers consume the queues of every partition count a service runs with.
+    await store.register_partitions(settings.partitions, utcnow())
+    noting = asyncio.create_task(register_forever(store, settings.partitions), name="register")
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
     prefix = f"{name}_" if name else ""
@@ -50,17 +60,18 @@ async def dependencies(
     try:
         yield store, broker
     finally:
+        await cancel_and_wait(noting)
         await broker.close()
         await store.close()
 
 
 @contextlib.asynccontextmanager
 async def queue_gauges(
-    app: web.Application, broker: Broker, settings: Settings
+    app: web.Application, broker: Broker, settings: Settings, store: Store
 ) -> AsyncIterator[None]:
-    """Refresh the queue gauges through `broker` while in scope, unless another service of
-    this process does already."""
-    watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings.queue_watch_interval)
+    """Refresh the queue gauges through `broker` (of every partition count noted in `store`)
+    while in scope, unless another service of this process does already."""
+    watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings, store.partition_counts)
     try:
         yield
     finally:
@@ -74,20 +85,28 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
     @contextlib.asynccontextmanager
     async def running(app: web.Application) -> AsyncIterator[None]:
         async with dependencies(app, settings, name) as (store, broker):
-            worker, close_extra = factory(store, broker, app[METRICS_KEY])
+            make, close_extra = factory(store, broker, app[METRICS_KEY])
+            own = make(broker.topology)
+            worker = Generations(
+                own, make, store, broker, settings.generations_interval, settings.shutdown_timeout
+            )
             app[READINESS_KEY].append((f"{name}_partitions", stall_check(worker)))
             await worker.start(settings.startup_wait)
+            # Retention and the dead-letter bounds: whichever janitor holds the turn works.
+            janitor = Janitor(settings, store, broker, app[METRICS_KEY])
+            janitor.start()
             try:
-                async with queue_gauges(app, broker, settings):
+                async with queue_gauges(app, broker, settings, store):
                     yield
             finally:
+                await janitor.stop()
                 await worker.stop(settings.shutdown_timeout)
                 await close_extra()
 
     return lambda app: running(app)
 
 
-def stall_check(worker: StageWorker[Any]) -> ReadinessCheck:
+def stall_check(worker: Generations[Any] | StageWorker[Any]) -> ReadinessCheck:
     """Not ready while a partition holds a message unstarted beyond the stall limit."""
 
     async def check() -> str | None:

@@ -7,21 +7,29 @@ lives in `relay.store.sql`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from relay.broker.topology import BASE_PARTITIONS
 from relay.store.records import (
     Accepted,
+    AttemptQuery,
     AttemptRecord,
     ConversationRecord,
+    FoundAttempt,
+    HistoryPage,
     InboundState,
     IntegrationRecord,
     OutgoingRecord,
     PendingMessage,
+    Pruned,
+    SentResponse,
     TokenKind,
     TokenRecord,
+    TurnRecord,
     Unfinished,
+    Watermark,
 )
 from relay.wire import InboundRequest
 
@@ -55,8 +63,18 @@ class Integrations(IntegrationLookup, Protocol):
     ) -> IntegrationRecord:
         """Create an integration."""
 
-    async def list_integrations(self) -> list[IntegrationRecord]:
-        """All integrations, oldest first."""
+    async def list_integrations(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[IntegrationRecord]:
+        """Integrations, oldest first: every one, or a page of `limit` after the one with
+        the id `after`."""
+
+    async def set_response_url(self, integration_id: str, response_url: str) -> bool:
+        """Change an integration's response endpoint; False if there is no such one."""
+
+    async def delete_integration(self, integration_id: str) -> bool:
+        """Delete an integration with its tokens, users, conversations, messages and
+        attempts; False if there is no such one."""
 
     async def rotate_secret(
         self, integration_id: str, secret: str, previous_until: datetime
@@ -72,7 +90,17 @@ class Integrations(IntegrationLookup, Protocol):
         """Every token of an integration, revoked ones included."""
 
     async def revoke_token(self, token_id: str) -> bool:
-        """Revoke a token; False if there is no such active token."""
+        """Revoke a token (an integration's or an admin token); False if there is no such
+        active token."""
+
+    async def create_admin_token(self, token_hash: str, prefix: str) -> TokenRecord:
+        """Record an admin token (the admin API's) by its hash."""
+
+    async def admin_token_hashes(self) -> list[str]:
+        """Hashes of the admin tokens that are not revoked."""
+
+    async def list_admin_tokens(self) -> list[TokenRecord]:
+        """Every admin token, revoked ones included."""
 
 
 class Queued(Protocol):
@@ -91,11 +119,14 @@ class Inbound(Queued, Protocol):
         request: InboundRequest,
         lease_until: datetime,
         request_id: str | None,
+        partitions: int = BASE_PARTITIONS,
     ) -> Accepted:
         """Record an inbound message once per (integration, messageId), in `pending` state.
 
         Writes user, conversation and message in one transaction, or nothing when the
-        messageId exists already (then the existing objects are returned).
+        messageId exists already (then the existing objects are returned). The message goes
+        under its conversation's partition count, moved to `partitions` first if nothing of
+        it is unfinished (`Accepted.partitions` says which).
         """
 
     async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
@@ -128,9 +159,16 @@ class Outgoing(Queued, Protocol):
         type_: str,
         payload: dict[str, Any],
         idempotency_key: str | None,
+        partitions: int = BASE_PARTITIONS,
     ) -> tuple[OutgoingRecord, bool]:
         """Store one message the bot sent on its own; (record, created). A repeated key
         answers the message it created."""
+
+    async def settle_partitions(
+        self, conversation_id: str, stage: Literal["inbound", "outbound"], count: int
+    ) -> int:
+        """Move the conversation to the partition count `count` in `stage` unless it has an
+        unfinished message there; the count its next message goes under."""
 
     async def claim_stale_outgoing(
         self, before: datetime, now: datetime, lease_until: datetime, limit: int
@@ -159,6 +197,7 @@ class Turns(Protocol):
         conversation: ConversationRecord,
         inbound_id: str,
         replies: list[tuple[str, dict[str, Any]]],
+        partitions: int = BASE_PARTITIONS,
     ) -> list[OutgoingRecord]:
         """Store the bot's replies to an inbound message of `conversation`, once: numbered,
         in one transaction that also marks the message handled (and queued: a handled
@@ -166,6 +205,8 @@ class Turns(Protocol):
         it).
 
         If they were stored before (a redelivered message), those are returned instead.
+        They go under the conversation's outbound partition count (`partitions` if it has
+        none yet): see `Generations.settle_partitions`.
         """
 
 
@@ -198,8 +239,86 @@ class Attempts(Protocol):
     async def list_attempts(self, delivery_id: str) -> list[AttemptRecord]:
         """Every attempt of a delivery, oldest first."""
 
+    async def search_attempts(self, query: AttemptQuery, limit: int) -> list[FoundAttempt]:
+        """Up to `limit` attempts matching `query`, newest first."""
+
     async def set_disabled(self, integration_id: str, disabled_at: datetime | None) -> bool:
         """Disable the integration's endpoint (410 Gone), or enable it again with None."""
+
+
+class Generations(Protocol):
+    """The partition counts services run with (`relay.pipeline.generations`)."""
+
+    async def register_partitions(self, count: int, now: datetime) -> None:
+        """Note that a service runs with `count` partitions (as of `now`)."""
+
+    async def partition_counts(self) -> dict[int, datetime]:
+        """Every count registered, with when a service last said it runs with it."""
+
+    async def unfinished_under(self, count: int) -> dict[Literal["inbound", "outbound"], int]:
+        """Messages published under `count` not finished with yet, per stage."""
+
+    async def forget_partitions(self, count: int) -> bool:
+        """Remove a count from the registry; False if it was not there."""
+
+
+class History(Protocol):
+    """A conversation's history as the conversation API reads it (`relay.store.sql.history`)."""
+
+    async def find_conversation(self, integration_id: str, external_id: str) -> str | None:
+        """The relay id of the integration's conversation with the caller's id, or None."""
+
+    async def history(
+        self,
+        scope: Literal["conversation", "integration"],
+        scope_id: str,
+        after: Watermark | None,
+        limit: int,
+    ) -> HistoryPage:
+        """Up to `limit` items of a conversation (or of every conversation of an
+        integration) after `after` (None: from the first), in the order they became
+        visible."""
+
+    async def latest_watermark(self, integration_id: str) -> Watermark:
+        """The watermark of the integration's latest item (where a stream from now starts)."""
+
+    async def turn(self, message_id: str) -> TurnRecord:
+        """The bot turn of an incoming message: settled or not, its responses so far."""
+
+
+class Recovery(Protocol):
+    """Responses to send again (the admin API's resend and recover)."""
+
+    async def find_response(self, message_id: str) -> SentResponse | None:
+        """A response by its relay id (None: no such response)."""
+
+    async def given_up_since(self, integration_id: str, since: datetime) -> list[OutgoingRecord]:
+        """The integration's responses given up on since then (dead-lettered, or failed with
+        no retry planned) that no attempt delivered, in each conversation's order."""
+
+
+class Retention(Protocol):
+    """Leases, so that one process at a time does a job, and the prune they guard
+    (`relay.store.sql.retention` says what goes)."""
+
+    async def take_lease(self, name: str, holder: str, until: datetime, now: datetime) -> bool:
+        """Hold the lease `name` until `until` if it is free, expired (at `now`) or held by
+        `holder` already (which renews it); whether it is `holder`'s now."""
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Let the lease go, if `holder` holds it."""
+
+    async def prune(
+        self, cutoff: datetime, batch: int, renew: Callable[[], Awaitable[bool]]
+    ) -> Pruned:
+        """Delete what is settled and older than `cutoff`, `batch` rows per statement,
+        calling `renew` before each and stopping if it answers False."""
+
+    async def reclaim_space(self, full_vacuum_limit: int | None) -> int:
+        """SQLite: give the file's free pages back to the file system, switching an older
+        file to incremental vacuum first (one whole VACUUM) if it is no larger than
+        `full_vacuum_limit` bytes (None: any size); the bytes given back. PostgreSQL: 0
+        (its autovacuum reuses the space)."""
 
 
 class Store(
@@ -211,6 +330,10 @@ class Store(
     Turns,
     ParkingQueries,
     Attempts,
+    Generations,
+    History,
+    Recovery,
+    Retention,
     Protocol,
 ):
     """Persistent state of the relay, every role at once. Implemented for SQLite and PostgreSQL."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from relay.wire import MessageBundle
 
 TokenKind = Literal["integration", "bot"]
+# An integration's token kinds, and the operator's (of no integration).
+AnyTokenKind = Literal["integration", "bot", "admin"]
 MessageState = Literal["pending", "queued"]
 
 
@@ -43,8 +45,8 @@ class TokenRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str
-    integration_id: str
-    kind: TokenKind
+    integration_id: str | None  # None: an admin token
+    kind: AnyTokenKind
     prefix: str
     created_at: datetime
     revoked_at: datetime | None = None
@@ -69,6 +71,8 @@ class Accepted:
     lease_owner: str | None = None
     created_user: bool = False
     created_conversation: bool = False
+    # The partition count it is published under (None: written before counts could change).
+    partitions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class PendingMessage:
     text: str
     request_id: str | None
     lease_owner: str
+    partitions: int | None = None  # the partition count it is published under
 
 
 class AttemptRecord(BaseModel):
@@ -124,6 +129,7 @@ class OutgoingRecord(BaseModel):
     sequence: int
     state: MessageState
     created_at: datetime
+    partitions: int | None = None  # the partition count it is published under
 
 
 class ConversationRecord(BaseModel):
@@ -139,3 +145,129 @@ class ConversationRecord(BaseModel):
 
 
 InboundState = Literal["missing", "pending", "queued", "handled"]
+
+
+@dataclass(frozen=True, order=True)
+class Watermark:
+    """Where an item of a conversation's history sits (`relay.store.sql.history`); as text,
+    the opaque watermark of the conversation API."""
+
+    txid: int
+    item: int
+
+    ORIGIN: ClassVar[Watermark]
+
+    def __str__(self) -> str:
+        return f"{self.txid}.{self.item}"
+
+    @classmethod
+    def parse(cls, text: str) -> Watermark | None:
+        """The watermark `text` stands for, or None if it is not one."""
+        txid, dot, item = text.partition(".")
+        if not (dot and _digits(txid) and _digits(item)):
+            return None
+        return cls(int(txid), int(item))
+
+
+Watermark.ORIGIN = Watermark(0, 0)  # before every item
+
+
+def _digits(text: str) -> bool:
+    """1 to 18 ASCII digits: a stamp (below 2**63, as the databases keep them)."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+
+
+class HistoryRow(BaseModel):
+    """One item of a conversation's history: an incoming message or a response."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    watermark: Watermark
+    direction: Literal["incoming", "outgoing"]
+    type: str
+    payload: Any
+    created_at: datetime
+    conversation_id: str
+    conversation_external_id: str
+    external_id: str | None  # the caller's messageId (incoming only)
+    sequence: int | None  # responses only
+    attempts: int  # delivery attempts (responses)
+    delivered: bool  # an attempt was answered 2xx
+    dead: bool  # dead-lettered
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """Items after a watermark, and where the next read starts."""
+
+    items: list[HistoryRow]
+    watermark: Watermark
+    # Items exist that may still be joined by earlier ones (a transaction not finished):
+    # read again shortly.
+    held_back: bool = False
+    # The page is full: read again at once.
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """How far the bot turn of an incoming message got: its responses so far."""
+
+    handled: bool  # the turn settled: its responses are all stored
+    dead: bool  # the message was dead-lettered: no turn will answer it
+    responses: list[OutgoingRecord]
+
+
+@dataclass(frozen=True)
+class SentResponse:
+    """A response, and whether an attempt delivered it."""
+
+    record: OutgoingRecord
+    delivered: bool
+
+
+StatusClass = Literal["2xx", "3xx", "4xx", "5xx", "error"]  # error: no answer
+AttemptOutcome = Literal["delivered", "failed"]
+
+
+@dataclass(frozen=True)
+class AttemptQuery:
+    """What attempts to find (`Attempts.search_attempts`); None: any."""
+
+    integration_id: str | None = None
+    conversation_id: str | None = None  # the relay's id, or the caller's
+    delivery_id: str | None = None  # the webhook-id
+    status_class: StatusClass | None = None
+    outcome: AttemptOutcome | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    # Newest first: only attempts older than this one (created_at, id).
+    before: tuple[datetime, str] | None = None
+
+
+class FoundAttempt(AttemptRecord):
+    """An attempt with its id and its conversation."""
+
+    id: str
+    conversation_id: str | None
+    conversation_external_id: str | None
+
+
+# What retention deletes, in the order it goes: responses before the messages they answer,
+# attempts once their response is gone, users and conversations once no message names them.
+PruneKind = Literal["responses", "messages", "attempts", "conversations", "users"]
+PRUNE_KINDS: tuple[PruneKind, ...] = ("responses", "messages", "attempts", "conversations", "users")
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Rows a prune deleted, by kind; not `complete` if it stopped early (its lease lost)."""
+
+    counts: dict[PruneKind, int]
+    complete: bool = True
+
+    @property
+    def total(self) -> int:
+        """Rows deleted, of every kind."""
+        return sum(self.counts.values())

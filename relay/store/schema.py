@@ -115,13 +115,87 @@ ALTER TABLE messages ADD COLUMN retry_at {ts};
 ALTER TABLE messages ADD COLUMN dead_at {ts}
 """
 
-MIGRATIONS_TEMPLATE: list[str] = [_V1, _V2, _V3, _V4]
+# Partition counts that change on a running system (relay.pipeline.generations): the
+# count each message was published under, the count each conversation is published under
+# per stage (NULL: whichever the publisher has), and every count in use.
+_V5 = """
+ALTER TABLE messages ADD COLUMN partitions INTEGER;
+ALTER TABLE conversations ADD COLUMN inbound_partitions INTEGER;
+ALTER TABLE conversations ADD COLUMN outbound_partitions INTEGER;
+CREATE TABLE partition_counts (
+    partitions INTEGER PRIMARY KEY,
+    seen_at {ts} NOT NULL
+)
+"""
+
+# The conversation API's history (relay.store.sql.history): each message stamped once, when
+# it becomes visible, with where it sits in the order of visibility. Rows written before
+# keep the order they were made in. PostgreSQL: the writing transaction's id and a sequence
+# (what is older than every transaction still running is final); SQLite: a counter of
+# writing statements and the rowid (its writers take turns).
+_V6 = {
+    "postgresql": """
+CREATE SEQUENCE message_items;
+ALTER TABLE messages ADD COLUMN txid BIGINT;
+ALTER TABLE messages ADD COLUMN item BIGINT;
+UPDATE messages SET txid = 0, item = numbered.n FROM (
+    SELECT id, row_number() OVER (ORDER BY created_at, COALESCE(sequence, 0), id) AS n
+    FROM messages WHERE direction = 'outgoing' OR state = 'queued'
+) AS numbered WHERE messages.id = numbered.id;
+SELECT setval('message_items', (SELECT COALESCE(MAX(item), 0) + 1 FROM messages), false);
+CREATE INDEX messages_conversation_items ON messages (conversation_id, txid, item);
+CREATE INDEX messages_integration_items ON messages (integration_id, txid, item)
+""",
+    "sqlite": """
+ALTER TABLE messages ADD COLUMN txid INTEGER;
+ALTER TABLE messages ADD COLUMN item INTEGER;
+UPDATE messages SET txid = numbered.n FROM (
+    SELECT id, row_number() OVER (ORDER BY created_at, COALESCE(sequence, 0), id) AS n
+    FROM messages WHERE direction = 'outgoing' OR state = 'queued'
+) AS numbered WHERE messages.id = numbered.id;
+CREATE INDEX messages_conversation_items ON messages (conversation_id, txid);
+CREATE INDEX messages_integration_items ON messages (integration_id, txid);
+CREATE INDEX messages_items ON messages (txid)
+""",
+}
+
+# The admin API's tokens: an operator's, of no integration (hashed like the others).
+_V7 = """
+CREATE TABLE admin_tokens (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    created_at {ts} NOT NULL,
+    revoked_at {ts}
+)
+"""
+
+# Retention (relay.store.sql.retention): a lease per named job, so that one process at a
+# time prunes, and the indexes its batches read oldest first (by creation; users and
+# conversations by id too, as it pages through them).
+_V8 = """
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    held_until {ts} NOT NULL
+);
+CREATE INDEX messages_created ON messages (created_at);
+CREATE INDEX delivery_attempts_created ON delivery_attempts (created_at);
+CREATE INDEX conversations_updated ON conversations (updated_at, id);
+CREATE INDEX users_updated ON users (updated_at, id)
+"""
+
+# A version is one script for both dialects, or one per dialect.
+MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 
 
 def migrations(dialect: str) -> list[str]:
     """The migration scripts for one dialect, in version order."""
     types = _TYPES[dialect]
-    return [script.format(**types) for script in MIGRATIONS_TEMPLATE]
+    return [
+        script[dialect] if isinstance(script, dict) else script.format(**types)
+        for script in MIGRATIONS_TEMPLATE
+    ]
 
 
 def statements(script: str) -> list[str]:

@@ -22,6 +22,10 @@ import aiosqlite
 from relay.store.driver import IntegrityViolation, Row, StoreUnavailable
 
 _PRAGMAS = (
+    # Retention gives freed pages back to the file system (`PRAGMA incremental_vacuum`).
+    # Before WAL, whose switch writes a new file's first page and so fixes its mode; an
+    # older file keeps the mode it has until a VACUUM (`relay.store.sql.retention`).
+    "PRAGMA auto_vacuum=INCREMENTAL",
     "PRAGMA journal_mode=WAL",
     # FULL: a reply or an accepted message must survive power loss, not only a crash.
     "PRAGMA synchronous=FULL",
@@ -122,6 +126,12 @@ class SqliteDriver:
     async def connection(self) -> AsyncIterator[_SqliteConn]:
         async with self._lock, translated():
             yield self._conn
+
+    async def run_script(self, script: str) -> None:
+        """Run statements outside any transaction, each to its end: `VACUUM`, and
+        `PRAGMA incremental_vacuum`, which frees one page per step where `execute` steps once."""
+        async with self._lock, translated():
+            await self._db.executescript(script)
 
     async def close(self) -> None:
         await self._db.close()

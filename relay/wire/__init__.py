@@ -35,6 +35,7 @@ ATTEMPTS_HEADER = "x-relay-attempts"  # the attempts a dead response was given
 # delay queue's): no bot turn can have handled it, so the bot worker need not look.
 FIRST_COPY_HEADER = "x-relay-first-copy"
 REQUEST_ID_HEADER = "x-request-id"  # the ingress request that accepted an inbound message
+LAST_EVENT_ID_HEADER = "Last-Event-ID"  # where a reconnecting event stream resumes
 
 
 def _iso_millis(value: datetime) -> str:
@@ -276,3 +277,58 @@ class PushAnswer(BaseModel):
     """The `201` answer of the bot push API: the stored message."""
 
     message: OutgoingMessage
+
+
+class WaitedResponse(WebhookResponse):
+    """A webhook body as the `?wait` answer holds it: with its `webhook-id`."""
+
+    id: str
+
+
+class WaitedAnswer(MessageBundle):
+    """The answer of `POST /webhooks/{integrationId}?wait=S`: the usual one, plus the
+    responses to the message so far and whether its bot turn settled in time."""
+
+    responses: list[WaitedResponse]
+    complete: bool
+
+
+class ItemDelivery(BaseModel):
+    """How far a response's delivery got."""
+
+    state: Literal["pending", "delivered", "failed", "dead"]
+    attempts: int
+
+
+class ConversationItem(BaseModel):
+    """One item of a conversation's history: an incoming message or a response (an item of
+    `GET .../messages`, the data of a stream's event). `id` is its watermark."""
+
+    id: str
+    direction: Literal["incoming", "outgoing"]
+    type: str
+    payload: Any
+    createdAt: Timestamp
+    conversationId: str
+    botpressConversationId: str
+    # Incoming: the caller's messageId; outgoing: the response's relay id.
+    messageId: str
+    botpressMessageId: str
+    # Responses only.
+    sequence: int | None = None
+    webhookId: str | None = None
+    delivery: ItemDelivery | None = None
+
+
+class HistoryAnswer(BaseModel):
+    """The answer of `GET .../conversations/{conversationId}/messages`."""
+
+    messages: list[ConversationItem]
+    watermark: str
+
+
+class ReadTokenAnswer(BaseModel):
+    """The answer of `POST .../conversations/{conversationId}/tokens`."""
+
+    token: str
+    expiresAt: Timestamp

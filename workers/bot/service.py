@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from relay.broker import Broker
+from relay.broker import Broker, Topology
 from relay.metrics import Metrics
-from relay.service.lifecycle import Closer, Context, worker_context
+from relay.service.lifecycle import Closer, Context, MakeWorker, worker_context
 from relay.settings import Settings
 from relay.store import Store
 from workers.bot.adapters import load_adapter
@@ -14,8 +14,12 @@ from workers.bot.worker import BotWorker
 def bot_worker_context(settings: Settings) -> Context:
     """A cleanup context that runs a bot worker for as long as the application runs."""
 
-    def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[BotWorker, Closer]:
+    def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[MakeWorker, Closer]:
         adapter = load_adapter(settings)
-        return BotWorker(settings, store, broker, adapter, metrics), adapter.close
+
+        def make(topology: Topology) -> BotWorker:
+            return BotWorker(settings, store, broker, adapter, metrics, topology)
+
+        return make, adapter.close
 
     return worker_context(settings, "bot", build)

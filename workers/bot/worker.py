@@ -24,6 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.auth import reply_token
 from relay.broker import Broker, BrokerUnavailable, StageName
+from relay.broker.topology import Topology
 from relay.metrics import Metrics
 from relay.pipeline.replies import ReplyPublisher
 from relay.pipeline.settle import Outcome, Verdict, attempt_of, stale
@@ -67,8 +68,9 @@ class BotWorker(StageWorker[InboundEnvelope]):
         broker: Broker,
         adapter: BotAdapter,
         metrics: Metrics,
+        topology: Topology | None = None,
     ) -> None:
-        super().__init__(broker, metrics, settings.bot_concurrency, settings)
+        super().__init__(broker, metrics, settings.bot_concurrency, settings, topology)
         self._settings = settings
         self._store = store
         self._adapter = adapter
@@ -114,11 +116,15 @@ class BotWorker(StageWorker[InboundEnvelope]):
             try:
                 replies = await self._run_turn(envelope, conversation)
             except BotFailure as failure:
-                return await self._failed(message_id, failure, attempt)
+                return await self._failed(conversation, message_id, failure, attempt)
         else:
             replies = []  # handled before: the stored replies are all there is
         try:
-            records = await self._store.record_replies(conversation, message_id, replies)
+            await self._replies.settle(conversation.id)
+            records = await self._store.record_replies(
+                conversation, message_id, replies, self._replies.partitions
+            )
+            self._broker.news.announce(conversation.integration_id, conversation.id)
         except StoreError:
             if await self._store.inbound_state(message_id) == "missing":
                 # Its ingress's publish failed and it discarded the message (and answered
@@ -132,12 +138,16 @@ class BotWorker(StageWorker[InboundEnvelope]):
         await self._replies.publish(records, envelope.acceptedAt)
         return Verdict(Outcome.DONE)
 
-    async def _failed(self, message_id: str, failure: BotFailure, attempt: int) -> Verdict:
+    async def _failed(
+        self, conversation: ConversationRecord, message_id: str, failure: BotFailure, attempt: int
+    ) -> Verdict:
         """Retry or dead-letter, noting in the store when (if ever) the turn is tried again:
         another worker meeting the conversation meanwhile parks its later messages."""
         self._metrics.bot_failures.inc()
         if failure.permanent or attempt >= len(self._delays):
             await self._store.mark_dead(message_id, utcnow())
+            # Whoever waits for this turn's replies learns that none will come.
+            self._broker.news.announce(conversation.integration_id, conversation.id)
             return Verdict(Outcome.DEAD, reason=str(failure))
         delay = self._delays[attempt]
         await self._store.mark_retrying(message_id, utcnow() + timedelta(seconds=delay))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from relay.broker import Broker
+from relay.broker import Broker, Topology
 from relay.metrics import Metrics
-from relay.service.lifecycle import Closer, Context, worker_context
+from relay.service.lifecycle import Closer, Context, MakeWorker, worker_context
 from relay.settings import Settings
 from relay.store import Store
 from workers.delivery.sender import Sender
@@ -14,13 +14,17 @@ from workers.delivery.worker import DeliveryWorker
 def delivery_worker_context(settings: Settings) -> Context:
     """A cleanup context that runs a delivery worker for as long as the application runs."""
 
-    def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[DeliveryWorker, Closer]:
+    def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[MakeWorker, Closer]:
         sender = Sender(
             settings.allowed_endpoint_networks,
             settings.https_only,
             settings.delivery_connect_timeout,
             settings.delivery_timeout,
         )
-        return DeliveryWorker(settings, store, broker, sender, metrics), sender.close
+
+        def make(topology: Topology) -> DeliveryWorker:
+            return DeliveryWorker(settings, store, broker, sender, metrics, topology)
+
+        return make, sender.close
 
     return worker_context(settings, "delivery", build)

@@ -24,6 +24,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.broker import Broker, StageName
+from relay.broker.topology import Topology
 from relay.metrics import Metrics
 from relay.pipeline.delays import first_hop
 from relay.pipeline.replies import delivery_id
@@ -76,8 +77,9 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         broker: Broker,
         sender: Sender,
         metrics: Metrics,
+        topology: Topology | None = None,
     ) -> None:
-        super().__init__(broker, metrics, settings.delivery_concurrency, settings)
+        super().__init__(broker, metrics, settings.delivery_concurrency, settings, topology)
         self._settings = settings
         self._store = store
         self._attempts = GroupCommit(store.record_attempts, "attempt-log")

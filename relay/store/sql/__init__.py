@@ -6,15 +6,31 @@ from __future__ import annotations
 from relay.store.batching import GroupCommit
 from relay.store.driver import Driver
 from relay.store.sql.attempts import AttemptsSql
+from relay.store.sql.generations import GenerationsSql
+from relay.store.sql.history import HistorySql
 from relay.store.sql.inbound import InboundSql, KnownRows
 from relay.store.sql.integrations import IntegrationsSql
 from relay.store.sql.outgoing import OutgoingSql
 from relay.store.sql.parking import ParkingSql
+from relay.store.sql.recovery import RecoverySql
+from relay.store.sql.retention import RetentionSql
+from relay.store.sql.search import SearchSql
 
 __all__ = ["SqlStore"]
 
 
-class SqlStore(IntegrationsSql, InboundSql, OutgoingSql, ParkingSql, AttemptsSql):
+class SqlStore(
+    IntegrationsSql,
+    InboundSql,
+    OutgoingSql,
+    ParkingSql,
+    AttemptsSql,
+    GenerationsSql,
+    HistorySql,
+    SearchSql,
+    RecoverySql,
+    RetentionSql,
+):
     """`Store` over a `Driver`; every statement here runs on SQLite and PostgreSQL."""
 
     def __init__(self, driver: Driver) -> None:

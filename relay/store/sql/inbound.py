@@ -10,15 +10,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from relay.broker.topology import BASE_PARTITIONS
 from relay.store.batching import GroupCommit
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
 from relay.store.records import Accepted, PendingMessage
-from relay.store.sql.common import MAX_PARAMETERS, chunks, new_id
+from relay.store.sql.common import MAX_PARAMETERS, as_datetime, chunks, new_id
+from relay.store.sql.generations import read_lock, settle_in
+from relay.store.sql.stamps import stamp_set
 from relay.wire import Conversation, InboundRequest, Message, MessageBundle, Tags, User, utcnow
 
 _BUNDLE_SELECT = """
 SELECT m.id, m.external_id, m.type, m.text, m.payload, m.direction, m.fingerprint, m.state,
-       m.lease_until, m.created_at, m.updated_at, m.integration_id, m.request_id,
+       m.lease_until, m.created_at, m.updated_at, m.integration_id, m.request_id, m.partitions,
        u.id AS u_id, u.external_id AS u_ext, u.created_at AS u_created, u.updated_at AS u_updated,
        c.id AS c_id, c.external_id AS c_ext, c.created_at AS c_created, c.updated_at AS c_updated
 FROM messages m
@@ -75,7 +78,8 @@ def _accepted(row: Row) -> Accepted:
         fingerprint=row["fingerprint"],
         state=row["state"],
         created=False,
-        lease_until=datetime.fromisoformat(lease) if isinstance(lease, str) else lease,
+        lease_until=as_datetime(lease) if lease is not None else None,
+        partitions=row["partitions"],
     )
 
 
@@ -92,31 +96,50 @@ class InboundSql:
         request: InboundRequest,
         lease_until: datetime,
         request_id: str | None,
+        partitions: int = BASE_PARTITIONS,
     ) -> Accepted:
         # No look-up first: the unique key finds a repeated messageId, and new messages
         # (the common case) save a round trip. A user and conversation seen before are
         # taken from memory: the message is then one row of a batch written by one
-        # statement with the messages of concurrent requests (one commit for all).
+        # statement with the messages of concurrent requests (one commit for all). So is
+        # the partition count the conversation is published under, while it is the
+        # caller's; otherwise the conversation is moved to it first, if it can be.
         user_key = ("users", integration_id, request.userId)
         conv_key = ("conversations", integration_id, request.conversationId)
         for _ in range(_ATTEMPTS):
             user, conv = self._known.get(user_key), self._known.get(conv_key)
             try:
-                if user is not None and conv is not None:
+                if user is not None and conv is not None and conv.partitions == partitions:
                     new = _NewMessage(
-                        integration_id, request, (user, conv), lease_until, request_id
+                        integration_id, request, (user, conv), lease_until, request_id, partitions
                     )
                     await self._new_messages.add(new)
-                    return new.accepted()
-                async with self._driver.transaction() as conn:
-                    rows = await _users_and_conversation(conn, integration_id, request)
-                    new = _NewMessage(integration_id, request, rows, lease_until, request_id)
-                    written = await conn.fetchall(_insert_messages(1), *new.values)
-                    new.inserted = bool(written)
-                    # Raises _Exists inside: what this transaction created is rolled back.
                     accepted = new.accepted()
-                self._known.put(user_key, rows[0])
-                self._known.put(conv_key, rows[1])
+                else:
+                    async with self._driver.transaction() as conn:
+                        user, conv = await _users_and_conversation(conn, integration_id, request)
+                        conv = replace(
+                            conv,
+                            partitions=await settle_in(
+                                conn, self._driver.dialect, conv.id, "inbound", partitions
+                            ),
+                        )
+                        new = _NewMessage(
+                            integration_id,
+                            request,
+                            (user, conv),
+                            lease_until,
+                            request_id,
+                            partitions,
+                        )
+                        written = await conn.fetchall(
+                            _insert_messages(1, self._driver.dialect), *new.values
+                        )
+                        new.written(written)
+                        # Raises _Exists inside: what this transaction created is rolled back.
+                        accepted = new.accepted()
+                    self._known.put(user_key, user)
+                self._known.put(conv_key, replace(conv, partitions=accepted.partitions))
                 return accepted
             except _Exists:
                 found = await self.find_incoming(integration_id, request.messageId)
@@ -137,11 +160,11 @@ class InboundSql:
         for chunk in chunks(batch, MAX_PARAMETERS // len(batch[0].values)):
             async with self._driver.connection() as conn:
                 rows = await conn.fetchall(
-                    _insert_messages(len(chunk)), *[value for new in chunk for value in new.values]
+                    _insert_messages(len(chunk), self._driver.dialect),
+                    *[value for new in chunk for value in new.values],
                 )
-            inserted = {row["id"] for row in rows}
             for new in chunk:
-                new.inserted = new.message.id in inserted
+                new.written(rows)
 
     async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:
         async with self._driver.connection() as conn:
@@ -157,7 +180,8 @@ class InboundSql:
         for chunk in chunks(message_ids, MAX_PARAMETERS):
             async with self._driver.connection() as conn:
                 await conn.execute(
-                    "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL"
+                    "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL,"
+                    f" {stamp_set(self._driver.dialect)}"
                     f" WHERE id IN ({', '.join(['?'] * len(chunk))})",
                     *chunk,
                 )
@@ -232,6 +256,7 @@ class InboundSql:
                         text=row["text"],
                         request_id=row["request_id"],
                         lease_owner=owner,
+                        partitions=row["partitions"],
                     )
                 )
         return claimed
@@ -274,17 +299,20 @@ class KnownRows:
         self._rows.pop(key, None)
 
 
-def _insert_messages(count: int) -> str:
+def _insert_messages(count: int, dialect: str) -> str:
     """An insert of `count` new inbound messages, answering the ids it wrote (a messageId
-    there already is skipped)."""
-    values = ", ".join(
-        ["(?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"] * count
+    there already is skipped) and the partition count each is published under: its
+    conversation's (read under `read_lock`), or the caller's if the conversation has none."""
+    partitions = (
+        f"COALESCE((SELECT inbound_partitions FROM conversations WHERE id = ?{read_lock(dialect)}),"
+        " ?)"
     )
+    row = f"(?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, {partitions})"
     return (
         "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
         " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
-        f" request_id, created_at, updated_at) VALUES {values}"
-        " ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id"
+        f" request_id, created_at, updated_at, partitions) VALUES {', '.join([row] * count)}"
+        " ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id, partitions"
     )
 
 
@@ -298,9 +326,11 @@ class _NewMessage:
         rows: tuple[_Row, _Row],
         lease_until: datetime,
         request_id: str | None,
+        partitions: int,
     ) -> None:
         now = utcnow()
         self.user, self.conv = rows
+        self.partitions = partitions
         self.request, self.lease_until = request, lease_until
         self.message = Message(
             id=new_id(),
@@ -329,8 +359,18 @@ class _NewMessage:
             request_id,
             now,
             now,
+            self.conv.id,
+            partitions,
         )
         self.inserted = False
+
+    def written(self, rows: Sequence[Row]) -> None:
+        """Learn from an insert's answer whether this message was written, and under which
+        partition count."""
+        for row in rows:
+            if row["id"] == self.message.id:
+                self.inserted, self.partitions = True, int(row["partitions"])
+                return
 
     def accepted(self) -> Accepted:
         """What the caller gets for a message it wrote (_Exists if it was there before)."""
@@ -350,6 +390,7 @@ class _NewMessage:
             lease_owner=self.owner,
             created_user=self.user.created,
             created_conversation=self.conv.created,
+            partitions=self.partitions,
         )
 
 
@@ -360,6 +401,8 @@ class _Row:
     created_at: Any
     updated_at: Any
     created: bool
+    # A conversation's inbound partition count as last seen (None: not known here).
+    partitions: int | None = None
 
     def entity(self) -> dict[str, Any]:
         return {

@@ -43,10 +43,43 @@ class IntegrationsSql:
             row = await conn.fetchone("SELECT * FROM integrations WHERE id = ?", integration_id)
         return IntegrationRecord.model_validate(row) if row else None
 
-    async def list_integrations(self) -> list[IntegrationRecord]:
+    async def list_integrations(
+        self, after: str | None = None, limit: int | None = None
+    ) -> list[IntegrationRecord]:
+        # Oldest first; a page starts after the integration `after` (created_at, then id).
+        sql = "SELECT * FROM integrations"
+        args: list[object] = []
+        if after is not None:
+            sql += (
+                " WHERE (created_at, id) > (SELECT created_at, id FROM integrations WHERE id = ?)"
+            )
+            args.append(after)
+        sql += " ORDER BY created_at, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
         async with self._driver.connection() as conn:
-            rows = await conn.fetchall("SELECT * FROM integrations ORDER BY created_at, id")
+            rows = await conn.fetchall(sql, *args)
         return [IntegrationRecord.model_validate(row) for row in rows]
+
+    async def set_response_url(self, integration_id: str, response_url: str) -> bool:
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                "UPDATE integrations SET response_url = ? WHERE id = ?",
+                response_url,
+                integration_id,
+            )
+        return changed == 1
+
+    async def delete_integration(self, integration_id: str) -> bool:
+        async with self._driver.transaction() as conn:
+            # The attempt log names integrations without a foreign key; the rest cascades.
+            await conn.execute(
+                "DELETE FROM delivery_attempts WHERE integration_id = ?", integration_id
+            )
+            await conn.execute("DELETE FROM messages WHERE integration_id = ?", integration_id)
+            deleted = await conn.execute("DELETE FROM integrations WHERE id = ?", integration_id)
+        return deleted == 1
 
     async def rotate_secret(
         self, integration_id: str, secret: str, previous_until: datetime
@@ -104,10 +137,48 @@ class IntegrationsSql:
         return [TokenRecord.model_validate(row) for row in rows]
 
     async def revoke_token(self, token_id: str) -> bool:
+        changed = 0
         async with self._driver.transaction() as conn:
-            changed = await conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                utcnow(),
-                token_id,
-            )
+            for table in ("tokens", "admin_tokens"):
+                changed += await conn.execute(
+                    f"UPDATE {table} SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    utcnow(),
+                    token_id,
+                )
         return changed == 1
+
+    async def create_admin_token(self, token_hash: str, prefix: str) -> TokenRecord:
+        record = TokenRecord(
+            id="adm_" + uuid.uuid4().hex[:16],
+            integration_id=None,
+            kind="admin",
+            prefix=prefix,
+            created_at=utcnow(),
+        )
+        async with self._driver.connection() as conn:
+            await conn.execute(
+                "INSERT INTO admin_tokens (id, token_hash, prefix, created_at) VALUES (?, ?, ?, ?)",
+                record.id,
+                token_hash,
+                prefix,
+                record.created_at,
+            )
+        return record
+
+    async def admin_token_hashes(self) -> list[str]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL"
+            )
+        return [row["token_hash"] for row in rows]
+
+    async def list_admin_tokens(self) -> list[TokenRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                "SELECT id, prefix, created_at, revoked_at FROM admin_tokens"
+                " ORDER BY created_at, id"
+            )
+        return [
+            TokenRecord.model_validate({**row, "integration_id": None, "kind": "admin"})
+            for row in rows
+        ]

@@ -9,53 +9,66 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from relay.broker.topology import BASE_PARTITIONS
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreError
 from relay.store.records import ConversationRecord, InboundState, OutgoingRecord
 from relay.store.sql.common import MAX_PARAMETERS, chunks, new_id
+from relay.store.sql.stamps import stamp_set, stamp_values
 from relay.wire import utcnow
 
-_OUTGOING_SELECT = """
+OUTGOING_SELECT = """
 SELECT m.id, m.integration_id, m.conversation_id, c.external_id AS conversation_external_id,
-       m.user_id, m.type, m.payload, m.sequence, m.state, m.created_at
+       m.user_id, m.type, m.payload, m.sequence, m.state, m.created_at, m.partitions
 FROM messages m JOIN conversations c ON c.id = m.conversation_id
 """
 
 
-def _outgoing(row: Row) -> OutgoingRecord:
+def outgoing_record(row: Row) -> OutgoingRecord:
     return OutgoingRecord.model_validate({**row, "payload": json.loads(row["payload"])})
 
 
-_MARK_HANDLED = (
-    "UPDATE messages SET handled_at = ?, state = 'queued', lease_until = NULL,"
-    " lease_owner = NULL WHERE id = ? AND direction = 'incoming' AND handled_at IS NULL"
-)
+def _mark_handled(dialect: str) -> str:
+    return (
+        "UPDATE messages SET handled_at = ?, state = 'queued', lease_until = NULL,"
+        f" lease_owner = NULL, {stamp_set(dialect)}"
+        " WHERE id = ? AND direction = 'incoming' AND handled_at IS NULL"
+    )
+
 
 # PostgreSQL only: mark, number and insert in one statement (every part runs, or none).
 _RECORD_REPLIES_AT_ONCE = """
 WITH handled AS (
     UPDATE messages SET handled_at = $1, state = 'queued', lease_until = NULL,
-        lease_owner = NULL
+        lease_owner = NULL, {stamp}
     WHERE id = $2 AND direction = 'incoming' AND handled_at IS NULL
     RETURNING id
 ), counter AS (
-    UPDATE conversations SET next_sequence = next_sequence + $3
+    UPDATE conversations SET next_sequence = next_sequence + $3,
+        outbound_partitions = COALESCE(outbound_partitions, $11)
     WHERE id = $4 AND $3 > 0 AND EXISTS (SELECT 1 FROM handled)
-    RETURNING next_sequence
+    RETURNING next_sequence, outbound_partitions AS partitions
 ), inserted AS (
     INSERT INTO messages (id, integration_id, conversation_id, user_id, direction, type, text,
         payload, fingerprint, state, sequence, reply_to, idempotency_key, created_at,
-        updated_at)
+        updated_at, partitions, {stamp_columns})
     SELECT r.id, $5, $4, $6, 'outgoing', r.type, r.text, r.payload, '', 'pending',
-        counter.next_sequence - $3 + r.n, $2, NULL, $1, $1
+        counter.next_sequence - $3 + r.n, $2, NULL, $1, $1, counter.partitions,
+        {stamp_values}
     FROM counter,
         unnest($7::text[], $8::text[], $9::text[], $10::text[])
         WITH ORDINALITY AS r(id, type, text, payload, n)
+    ORDER BY r.n
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM handled) AS handled,
     (SELECT next_sequence FROM counter) AS next_sequence,
+    (SELECT partitions FROM counter) AS partitions,
     (SELECT count(*) FROM inserted) AS inserted
-"""
+""".format(
+    stamp=stamp_set("postgresql"),
+    stamp_columns=stamp_values("postgresql")[0],
+    stamp_values=stamp_values("postgresql")[1],
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,15 @@ class _Turn:
     replies: list[tuple[str, dict[str, Any]]]
     ids: list[str]
     now: datetime
+    partitions: int  # the caller's count, for a conversation published under none yet
+
+
+@dataclass(frozen=True)
+class _Numbered:
+    """Where a turn's or a push's responses start, and the partition count they go under."""
+
+    first: int
+    partitions: int
 
 
 class OutgoingSql:
@@ -92,16 +114,17 @@ class OutgoingSql:
         conversation: ConversationRecord,
         inbound_id: str,
         replies: list[tuple[str, dict[str, Any]]],
+        partitions: int = BASE_PARTITIONS,
     ) -> list[OutgoingRecord]:
         # The hot path of every turn: the mark goes first and tells whether this turn is the
         # first (no read), the records come from what is known already.
         now, ids = utcnow(), [new_id() for _ in replies]
-        turn = _Turn(conversation, inbound_id, replies, ids, now)
+        turn = _Turn(conversation, inbound_id, replies, ids, now, partitions)
         if self._driver.dialect == "postgresql":
-            first = await self._record_replies_at_once(turn)
+            numbered = await self._record_replies_at_once(turn)
         else:
-            first = await self._record_replies_in_steps(turn)
-        if first is not None:
+            numbered = await self._record_replies_in_steps(turn)
+        if numbered is not None:
             return [
                 OutgoingRecord(
                     id=id_,
@@ -111,9 +134,10 @@ class OutgoingSql:
                     user_id=conversation.user_id,
                     type=type_,
                     payload=payload,
-                    sequence=first + offset,
+                    sequence=numbered.first + offset,
                     state="pending",
                     created_at=now,
+                    partitions=numbered.partitions,
                 )
                 for offset, (id_, (type_, payload)) in enumerate(zip(ids, replies, strict=True))
             ]
@@ -121,28 +145,32 @@ class OutgoingSql:
             if await conn.fetchone("SELECT id FROM messages WHERE id = ?", inbound_id) is None:
                 raise StoreError(f"no inbound message {inbound_id}")
             rows = await conn.fetchall(
-                _OUTGOING_SELECT + " WHERE m.reply_to = ? ORDER BY m.sequence", inbound_id
+                OUTGOING_SELECT + " WHERE m.reply_to = ? ORDER BY m.sequence", inbound_id
             )
-        return [_outgoing(row) for row in rows]
+        return [outgoing_record(row) for row in rows]
 
-    async def _record_replies_in_steps(self, turn: _Turn) -> int | None:
-        """The first reply's sequence number, or None if the message was handled before
-        (or is not there)."""
+    async def _record_replies_in_steps(self, turn: _Turn) -> _Numbered | None:
+        """Where the replies start, or None if the message was handled before (or is not
+        there)."""
         async with self._driver.transaction() as conn:
-            first = await conn.execute(_MARK_HANDLED, turn.now, turn.inbound_id)
+            first = await conn.execute(
+                _mark_handled(self._driver.dialect), turn.now, turn.inbound_id
+            )
             if not first:
                 return None
             return await _insert_outgoing(
                 conn,
+                self._driver.dialect,
                 turn.conversation,
                 turn.replies,
                 reply_to=turn.inbound_id,
                 key=None,
                 ids=turn.ids,
                 now=turn.now,
+                partitions=turn.partitions,
             )
 
-    async def _record_replies_at_once(self, turn: _Turn) -> int | None:
+    async def _record_replies_at_once(self, turn: _Turn) -> _Numbered | None:
         """`_record_replies_in_steps` as one statement, PostgreSQL's data-modifying WITH:
         one round trip and one commit instead of five round trips, on every turn."""
         replies, conversation = turn.replies, turn.conversation
@@ -159,15 +187,16 @@ class OutgoingSql:
                 [type_ for type_, _ in replies],
                 [str(payload.get("text", "")) for _, payload in replies],
                 [json.dumps(payload) for _, payload in replies],
+                turn.partitions,
             )
         if row is None or not row["handled"]:
             return None
         if not replies:
-            return 0
+            return _Numbered(0, turn.partitions)
         if row["next_sequence"] is None or row["inserted"] != len(replies):
             # Cannot be: the message's own conversation (a foreign key) is not there.
             raise StoreError(f"the replies to {turn.inbound_id} could not be numbered")
-        return int(row["next_sequence"]) - len(replies) + 1
+        return _Numbered(int(row["next_sequence"]) - len(replies) + 1, int(row["partitions"]))
 
     async def record_pushed(
         self,
@@ -175,41 +204,44 @@ class OutgoingSql:
         type_: str,
         payload: dict[str, Any],
         idempotency_key: str | None,
+        partitions: int = BASE_PARTITIONS,
     ) -> tuple[OutgoingRecord, bool]:
         try:
             async with self._driver.transaction() as conn:
                 new_id_ = new_id()
                 await _insert_outgoing(
                     conn,
+                    self._driver.dialect,
                     conversation,
                     [(type_, payload)],
                     reply_to=None,
                     key=idempotency_key,
                     ids=[new_id_],
                     now=utcnow(),
+                    partitions=partitions,
                 )
-                row = await conn.fetchone(_OUTGOING_SELECT + " WHERE m.id = ?", new_id_)
+                row = await conn.fetchone(OUTGOING_SELECT + " WHERE m.id = ?", new_id_)
         except IntegrityViolation:
             # The idempotency key was used in this conversation: answer what it created.
             async with self._driver.connection() as conn:
                 row = await conn.fetchone(
-                    _OUTGOING_SELECT + " WHERE m.conversation_id = ? AND m.idempotency_key = ?",
+                    OUTGOING_SELECT + " WHERE m.conversation_id = ? AND m.idempotency_key = ?",
                     conversation.id,
                     idempotency_key,
                 )
             if row is None:
                 raise
-            return _outgoing(row), False
+            return outgoing_record(row), False
         if row is None:
             raise StoreError("a stored message could not be read back")
-        return _outgoing(row), True
+        return outgoing_record(row), True
 
     async def claim_stale_outgoing(
         self, before: datetime, now: datetime, lease_until: datetime, limit: int
     ) -> list[OutgoingRecord]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
-                _OUTGOING_SELECT + " WHERE m.direction = 'outgoing' AND m.state = 'pending'"
+                OUTGOING_SELECT + " WHERE m.direction = 'outgoing' AND m.state = 'pending'"
                 " AND m.created_at < ? AND (m.lease_until IS NULL OR m.lease_until < ?)"
                 " ORDER BY m.conversation_id, m.sequence LIMIT ?",
                 before,
@@ -228,7 +260,7 @@ class OutgoingSql:
                     now,
                 )
             if won == 1:
-                claimed.append(_outgoing(row))
+                claimed.append(outgoing_record(row))
         return claimed
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
@@ -260,26 +292,32 @@ class OutgoingSql:
 
 async def _insert_outgoing(
     conn: Conn,
+    dialect: str,
     conversation: ConversationRecord,
     replies: list[tuple[str, dict[str, Any]]],
     reply_to: str | None,
     key: str | None,
     ids: list[str],
     now: datetime,
-) -> int:
+    partitions: int,
+) -> _Numbered:
     """Insert outgoing messages (with these ids) with the next sequence numbers of their
-    conversation; the first one's sequence number."""
+    conversation, under the partition count it is published under (`partitions` if none);
+    where they start."""
     if not replies:
-        return 0
+        return _Numbered(0, partitions)
     counter = await conn.fetchone(
-        "UPDATE conversations SET next_sequence = next_sequence + ? WHERE id = ?"
-        " RETURNING next_sequence",
+        "UPDATE conversations SET next_sequence = next_sequence + ?,"
+        " outbound_partitions = COALESCE(outbound_partitions, ?) WHERE id = ?"
+        " RETURNING next_sequence, outbound_partitions AS partitions",
         len(replies),
+        partitions,
         conversation.id,
     )
     if counter is None:
         raise StoreError(f"no conversation {conversation.id}")
     first = int(counter["next_sequence"]) - len(replies) + 1
+    count = int(counter["partitions"])
     rows = [
         (
             id_,
@@ -294,15 +332,18 @@ async def _insert_outgoing(
             key,
             now,
             now,
+            count,
         )
         for offset, (id_, (type_, payload)) in enumerate(zip(ids, replies, strict=True))
     ]
-    placeholders = "(?, ?, ?, ?, 'outgoing', ?, ?, ?, '', 'pending', ?, ?, ?, ?, ?)"
+    columns, values = stamp_values(dialect)
+    placeholders = f"(?, ?, ?, ?, 'outgoing', ?, ?, ?, '', 'pending', ?, ?, ?, ?, ?, ?, {values})"
     for chunk in chunks(rows, MAX_PARAMETERS // len(rows[0])):
         await conn.execute(
             "INSERT INTO messages (id, integration_id, conversation_id, user_id, direction,"
             " type, text, payload, fingerprint, state, sequence, reply_to, idempotency_key,"
-            f" created_at, updated_at) VALUES {', '.join([placeholders] * len(chunk))}",
+            f" created_at, updated_at, partitions, {columns})"
+            f" VALUES {', '.join([placeholders] * len(chunk))}",
             *[value for row in chunk for value in row],
         )
-    return first
+    return _Numbered(first, count)

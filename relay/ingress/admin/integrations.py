@@ -1,0 +1,152 @@
+"""Integrations and their tokens: `/integrations`, `/integrations/{id}`,
+`/integrations/{id}/tokens`, `/tokens/{tokenId}`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from relay import admin
+from relay.errors import NotFound, Unprocessable
+from relay.ingress.admin.common import (
+    SETTINGS_KEY,
+    body_of,
+    cursor_of,
+    find_integration,
+    json_answer,
+    page_size,
+)
+from relay.ingress.handlers import plausible_id
+from relay.settings import Settings
+from relay.store import IntegrationRecord, Store, TokenRecord
+from relay.wire import utcnow
+from relay.wire.admin import (
+    IntegrationCreate,
+    IntegrationPatch,
+    IntegrationView,
+    Page,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
+)
+
+
+def view(record: IntegrationRecord, settings: Settings) -> IntegrationView:
+    return IntegrationView(
+        id=record.id,
+        name=record.name,
+        webhookUrl=f"{settings.public_base_url}/webhooks/{record.id}",
+        responseUrl=record.response_url,
+        signingSecret=record.signing_secret,
+        enabled=record.disabled_at is None,
+        createdAt=record.created_at,
+        disabledAt=record.disabled_at,
+    )
+
+
+def token_view(record: TokenRecord) -> TokenView:
+    return TokenView(
+        id=record.id,
+        integrationId=record.integration_id,
+        kind=record.kind,
+        prefix=record.prefix,
+        createdAt=record.created_at,
+        revokedAt=record.revoked_at,
+    )
+
+
+class IntegrationRoutes:
+    """The handlers, each reaching the store through the parent application's key."""
+
+    def __init__(self, store_key: web.AppKey[Store]) -> None:
+        self._store_key = store_key
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/integrations", self.listing)
+        app.router.add_post("/integrations", self.create)
+        app.router.add_get("/integrations/{id}", self.show)
+        app.router.add_patch("/integrations/{id}", self.change)
+        app.router.add_delete("/integrations/{id}", self.delete)
+        app.router.add_get("/integrations/{id}/tokens", self.tokens)
+        app.router.add_post("/integrations/{id}/tokens", self.new_token)
+        app.router.add_delete("/tokens/{tokenId}", self.revoke)
+
+    def _store(self, request: web.Request) -> Store:
+        return request.config_dict[self._store_key]
+
+    async def _integration(self, request: web.Request) -> IntegrationRecord:
+        return await find_integration(self._store(request), request.match_info["id"])
+
+    async def listing(self, request: web.Request) -> web.Response:
+        """`GET /integrations?cursor=&limit=`: oldest first."""
+        limit = page_size(request)
+        cursor = cursor_of(request)
+        records = await self._store(request).list_integrations(cursor, limit + 1)
+        settings = request.app[SETTINGS_KEY]
+        page = Page[IntegrationView](
+            items=[view(r, settings) for r in records[:limit]],
+            nextCursor=records[limit - 1].id if len(records) > limit else None,
+        )
+        return json_answer(page)
+
+    async def create(self, request: web.Request) -> web.Response:
+        """`POST /integrations`: after the endpoint check (422 if it fails)."""
+        body = await body_of(request, IntegrationCreate)
+        settings = request.app[SETTINGS_KEY]
+        try:
+            record = await admin.create_integration(
+                self._store(request), settings, body.name, body.responseUrl, verify=body.verify
+            )
+        except admin.AdminError as error:
+            raise Unprocessable(str(error)) from error
+        return json_answer(view(record, settings), status=201)
+
+    async def show(self, request: web.Request) -> web.Response:
+        """`GET /integrations/{id}`."""
+        return json_answer(view(await self._integration(request), request.app[SETTINGS_KEY]))
+
+    async def change(self, request: web.Request) -> web.Response:
+        """`PATCH /integrations/{id}`: a new response URL (checked again), enabled or not."""
+        record = await self._integration(request)
+        body = await body_of(request, IntegrationPatch)
+        settings = request.app[SETTINGS_KEY]
+        store = self._store(request)
+        if body.responseUrl is not None:
+            try:
+                await admin.check_endpoint(
+                    settings, body.responseUrl, record.signing_secret, body.verify
+                )
+            except admin.AdminError as error:
+                raise Unprocessable(str(error)) from error
+            await store.set_response_url(record.id, body.responseUrl)
+        if body.enabled is not None:
+            await store.set_disabled(
+                record.id, None if body.enabled else (record.disabled_at or utcnow())
+            )
+        return json_answer(view(await self._integration(request), settings))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """`DELETE /integrations/{id}`: with everything it holds."""
+        record = await self._integration(request)
+        await self._store(request).delete_integration(record.id)
+        return web.Response(status=204)
+
+    async def tokens(self, request: web.Request) -> web.Response:
+        """`GET /integrations/{id}/tokens`: revoked ones too."""
+        record = await self._integration(request)
+        listed = [token_view(t) for t in await self._store(request).list_tokens(record.id)]
+        return json_answer(Page[TokenView](items=listed, nextCursor=None))
+
+    async def new_token(self, request: web.Request) -> web.Response:
+        """`POST /integrations/{id}/tokens`: the token is in this answer only."""
+        record = await self._integration(request)
+        body = await body_of(request, TokenCreate, optional=True)
+        token, made = await admin.create_token(self._store(request), record.id, body.kind)
+        created = TokenCreated(**token_view(made).model_dump(), token=token)
+        return json_answer(created, status=201)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """`DELETE /tokens/{tokenId}`."""
+        token_id = request.match_info["tokenId"]
+        if not (plausible_id(token_id) and await self._store(request).revoke_token(token_id)):
+            raise NotFound("unknown or revoked token")
+        return web.Response(status=204)

@@ -1,0 +1,58 @@
+"""`GET /queues`: every relay queue of every partition count in use, as `relay queues`."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import cast
+
+import aiohttp
+from aiohttp import web
+
+from relay.broker import Broker, StageName, queues
+from relay.broker.presence import QueueAges
+from relay.broker.queues import QueueStat
+from relay.errors import Unavailable
+from relay.ingress.admin.common import SETTINGS_KEY, AdminKeys, json_answer
+from relay.pipeline.dlq import DeadLetters
+from relay.wire.admin import Page, QueueView
+
+
+async def _age(stat: QueueStat, broker: Broker, ages: QueueAges) -> float | None:
+    """Partition queues: their workers' word; dead letters: since the first died."""
+    if stat.kind == "dead" and stat.ready:
+        first = await DeadLetters(broker, cast(StageName, stat.stage)).first()
+        if first is not None and first.dead_at is not None:
+            return max(0.0, round(time.time() - first.dead_at, 1))
+    reported = ages.age(stat.name)
+    if reported is None and stat.ready == 0 and not stat.unacked:
+        return 0.0  # empty: nothing waits
+    return reported
+
+
+def add_routes(app: web.Application, keys: AdminKeys) -> None:
+    """The route; the broker connection is the ingress's own."""
+
+    async def look(request: web.Request) -> web.Response:
+        broker = request.config_dict[keys.broker]
+        settings = request.app[SETTINGS_KEY]
+        connection = broker.connection
+        if connection is None or connection.is_closed:
+            raise Unavailable("not connected to the broker", headers={"Retry-After": "1"})
+        counts = await request.config_dict[keys.store].partition_counts()
+        others = [count for count in counts if count != settings.partitions]
+        stats = await queues.look(connection, broker.topology, others)
+        if settings.management_url:
+            # Without it: the counts, with no unacked, leaders or members.
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                stats = await queues.with_management(stats, settings.management_url)
+        ages = request.config_dict[keys.ages]
+        items = [
+            QueueView.model_validate(stat, from_attributes=True).model_copy(
+                update={"oldestAgeSeconds": await _age(stat, broker, ages)}
+            )
+            for stat in stats
+        ]
+        return json_answer(Page[QueueView](items=items, nextCursor=None))
+
+    app.router.add_get("/queues", look)

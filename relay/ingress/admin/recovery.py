@@ -1,0 +1,100 @@
+"""Sending responses again, and looking at a conversation: `POST /responses/{webhookId}/resend`,
+`POST /integrations/{id}/recover`, `GET /integrations/{id}/conversations/{conversationId}`.
+
+A resend publishes the stored response as a first attempt under its webhook-id, so the
+back end can tell it is the same response. A recovery does that for every response of the
+integration given up on since a time, in each conversation's order, then removes their
+dead letters (a crash in between leaves a dead letter whose replay the back end would see
+under the same webhook-id again: a duplicate it can drop, never a loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from relay.errors import Conflict, NotFound
+from relay.ingress.admin.attempts import view as attempt_view
+from relay.ingress.admin.common import (
+    AdminKeys,
+    body_of,
+    find_integration,
+    json_answer,
+    page_size,
+)
+from relay.ingress.conversations import as_item, parse_watermark
+from relay.pipeline.dlq import DeadLetters, matching
+from relay.pipeline.replies import delivery_id
+from relay.store import AttemptQuery
+from relay.wire.admin import Count, Recovery, Resent, Timeline
+
+WEBHOOK_ID_PREFIX = delivery_id("")
+TIMELINE_ATTEMPTS = 1000  # the newest this many of a conversation's attempts
+
+
+@dataclass(frozen=True)
+class RecoveryRoutes:
+    """The handlers, reaching the store, broker and publisher through the parent's keys."""
+
+    keys: AdminKeys
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/responses/{webhookId}/resend", self.resend)
+        app.router.add_post("/integrations/{id}/recover", self.recover)
+        app.router.add_get("/integrations/{id}/conversations/{conversationId}", self.timeline)
+
+    async def resend(self, request: web.Request) -> web.Response:
+        """A delivered response once more (202: it is queued, not yet delivered)."""
+        webhook_id = request.match_info["webhookId"]
+        response_id = webhook_id.removeprefix(WEBHOOK_ID_PREFIX)
+        found = None
+        if webhook_id.startswith(WEBHOOK_ID_PREFIX) and response_id:
+            found = await request.config_dict[self.keys.store].find_response(response_id)
+        if found is None:
+            raise NotFound("no response has that webhook-id")
+        if not found.delivered:
+            raise Conflict(
+                "that response was not delivered yet: it is being retried, or it is dead"
+                " (replay it from the dead letters, or recover the integration)"
+            )
+        await request.config_dict[self.keys.replies].send_again(found.record)
+        return json_answer(Resent(webhookId=webhook_id, responseId=response_id), status=202)
+
+    async def recover(self, request: web.Request) -> web.Response:
+        """Every response of the integration given up on since `since`, sent again."""
+        store = request.config_dict[self.keys.store]
+        integration = await find_integration(store, request.match_info["id"])
+        body = await body_of(request, Recovery)
+        records = await store.given_up_since(integration.id, body.since)
+        replies = request.config_dict[self.keys.replies]
+        for record in records:
+            await replies.send_again(record)
+        if records:
+            ids = {delivery_id(record.id) for record in records}
+            letters = DeadLetters(request.config_dict[self.keys.broker], "outbound")
+            await letters.purge(matching(integration.id, None, ids))
+        return json_answer(Count(count=len(records)))
+
+    async def timeline(self, request: web.Request) -> web.Response:
+        """The conversation's items after `?after=` (its history) with their attempts."""
+        store = request.config_dict[self.keys.store]
+        integration = await find_integration(store, request.match_info["id"])
+        after = parse_watermark(request.query.get("after"), "after")
+        limit = page_size(request)
+        conversation = await store.find_conversation(
+            integration.id, request.match_info["conversationId"]
+        )
+        if conversation is None:
+            raise NotFound("unknown conversation")
+        page = await store.history("conversation", conversation, after, limit)
+        responses = {row.id for row in page.items if row.direction == "outgoing"}
+        query = AttemptQuery(conversation_id=conversation)
+        found = await store.search_attempts(query, TIMELINE_ATTEMPTS) if responses else []
+        attempts = [attempt_view(a) for a in reversed(found) if a.message_id in responses]
+        answer = Timeline(
+            messages=[as_item(row) for row in page.items],
+            attempts=attempts,
+            watermark=str(page.watermark),
+        )
+        return json_answer(answer)

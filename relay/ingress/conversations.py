@@ -1,0 +1,175 @@
+"""The conversation API's reads: who may read a conversation, its history after a
+watermark, and read tokens for browsers (`GET .../messages`, `POST .../tokens`).
+
+An integration token reads every conversation of its integration; a read token (made by
+`POST .../tokens`, valid one hour) reads one conversation's history and events, and is
+the only token accepted in the query (`?token=`), because a browser's `EventSource` cannot
+set headers. Tokens in the query are never logged (the ingress logs no URLs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from aiohttp import web
+
+from relay.auth import READ_PREFIX, read_token, read_token_valid, token_matches
+from relay.errors import InvalidQuery, NotFound, Unauthorized
+from relay.ingress.handlers import addressed_integration, plausible_id, request_token
+from relay.ingress.ratelimit import RateLimiter
+from relay.pipeline.replies import delivery_id
+from relay.store import History, HistoryRow, IntegrationRecord, Watermark
+from relay.store.directory import Directory
+from relay.wire import (
+    ConversationItem,
+    HistoryAnswer,
+    ItemDelivery,
+    ReadTokenAnswer,
+)
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+
+
+class ReaderStore(History, Protocol):
+    """The store as the conversation API reads it: history, and the secret read tokens are
+    signed with."""
+
+    async def bot_secret(self, integration_id: str) -> str:
+        """The integration's secret for conversation-scoped tokens (made on first use)."""
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Who reads, and which conversation (None: the integration's every conversation)."""
+
+    integration: IntegrationRecord
+    conversation_id: str | None
+
+    @property
+    def scope(self) -> tuple[Literal["conversation", "integration"], str]:
+        """What the reader reads, as the store's history takes it."""
+        if self.conversation_id is not None:
+            return "conversation", self.conversation_id
+        return "integration", self.integration.id
+
+
+def as_item(row: HistoryRow) -> ConversationItem:
+    """A history row as the API shows it."""
+    outgoing = row.direction == "outgoing"
+    state = "delivered" if row.delivered else "dead" if row.dead else None
+    state = state or ("failed" if row.attempts else "pending")
+    return ConversationItem(
+        id=str(row.watermark),
+        direction=row.direction,
+        type=row.type,
+        payload=row.payload,
+        createdAt=row.created_at,
+        conversationId=row.conversation_external_id,
+        botpressConversationId=row.conversation_id,
+        messageId=row.external_id or row.id,
+        botpressMessageId=row.id,
+        sequence=row.sequence,
+        webhookId=delivery_id(row.id) if outgoing else None,
+        delivery=ItemDelivery(state=state, attempts=row.attempts) if outgoing else None,
+    )
+
+
+def parse_watermark(text: str | None, name: str) -> Watermark | None:
+    """A watermark from the query or a header (None if absent), or a 400."""
+    if text is None:
+        return None
+    watermark = Watermark.parse(text)
+    if watermark is None:
+        raise InvalidQuery(f"{name} is not a watermark this relay gave out")
+    return watermark
+
+
+def parse_limit(text: str | None) -> int:
+    """`limit`: 1 to 1000, 100 if absent; else a 400."""
+    if text is None:
+        return DEFAULT_LIMIT
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+        raise InvalidQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+class ConversationApi:
+    """Authorizes readers and answers history and read-token requests."""
+
+    def __init__(
+        self,
+        store: ReaderStore,
+        directory: Directory,
+        limiter: RateLimiter,
+        read_token_seconds: float,
+    ) -> None:
+        self.store = store
+        self._directory = directory
+        self._limiter = limiter
+        self._token_seconds = read_token_seconds
+
+    async def messages(self, request: web.Request) -> web.Response:
+        """`GET .../conversations/{conversationId}/messages?after=W&limit=N`."""
+        reader = await self.authorize(request, read_token_ok=True)
+        after = parse_watermark(request.query.get("after"), "after")
+        limit = parse_limit(request.query.get("limit"))
+        page = await self.store.history(*reader.scope, after, limit)
+        answer = HistoryAnswer(
+            messages=[as_item(row) for row in page.items], watermark=str(page.watermark)
+        )
+        return web.json_response(text=answer.model_dump_json(exclude_none=True))
+
+    async def read_token(self, request: web.Request) -> web.Response:
+        """`POST .../conversations/{conversationId}/tokens`: a read token for one hour."""
+        reader = await self.authorize(request, read_token_ok=False)
+        assert reader.conversation_id is not None
+        expires = int(time.time() + self._token_seconds)
+        secret = await self.store.bot_secret(reader.integration.id)
+        answer = ReadTokenAnswer(
+            token=read_token(secret, reader.conversation_id, expires),
+            expiresAt=datetime.fromtimestamp(expires, UTC),
+        )
+        return web.json_response(text=answer.model_dump_json(), status=201)
+
+    async def authorize(
+        self, request: web.Request, *, read_token_ok: bool, whole_integration: bool = False
+    ) -> Reader:
+        """The reader of the request's conversation (or integration), or a 401/404/429.
+
+        A read token is checked against the conversation it names before anything says
+        whether the conversation exists; an integration token learns that (404).
+        """
+        integration, hashes = await addressed_integration(self._directory, request)
+        token = request_token(request)
+        if read_token_ok and token is None:
+            token = request.query.get("token")
+        if read_token_ok and token is not None and token.startswith(READ_PREFIX):
+            conversation_id = await self._conversation(integration, request)
+            secret = await self.store.bot_secret(integration.id)
+            if conversation_id is None or not read_token_valid(
+                secret, token, conversation_id, time.time()
+            ):
+                raise Unauthorized("missing, invalid or expired token")
+            self._limiter.enforce(f"read:{integration.id}")
+            return Reader(integration, conversation_id)
+        if request.query.get("token") is not None or not token_matches(token, hashes):
+            # Only a read token goes in the query: an integration token there is refused.
+            raise Unauthorized("missing or invalid token")
+        self._limiter.enforce(f"read:{integration.id}")
+        if whole_integration:
+            return Reader(integration, None)
+        conversation_id = await self._conversation(integration, request)
+        if conversation_id is None:
+            raise NotFound("unknown conversation")
+        return Reader(integration, conversation_id)
+
+    async def _conversation(
+        self, integration: IntegrationRecord, request: web.Request
+    ) -> str | None:
+        external_id = request.match_info["conversationId"]
+        if not plausible_id(external_id):
+            return None
+        return await self.store.find_conversation(integration.id, external_id)

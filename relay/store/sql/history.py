@@ -1,0 +1,150 @@
+"""A conversation's history as the conversation API reads it: incoming messages once queued
+and responses once stored, in the order they became visible, after a watermark.
+
+A reader that resumes after the last item it saw must find every item it has not seen:
+numbering rows as they are written is not enough on PostgreSQL, where a transaction that
+took a number first can commit after one that took a later number. So each row is stamped
+once, when it becomes visible, with `(txid, item)`:
+
+- PostgreSQL: the id of the writing transaction and a number from a sequence. Every
+  transaction with an id below the oldest one still running (`pg_snapshot_xmin`) has
+  finished, so what sits below that horizon is final; a read stops there, and whatever
+  commits later sorts after it. Only a transaction left open for long holds the horizon
+  (and so new items) back.
+- SQLite: writers take turns, so a counter of writing statements (one more than the
+  largest stamp) and the rowid give the order of commits, with no horizon.
+
+The stamp is set by the statements that make a row visible (`relay.store.sql.stamps`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Literal
+
+from relay.store.driver import Driver, Row
+from relay.store.records import HistoryPage, HistoryRow, TurnRecord, Watermark
+from relay.store.sql.common import as_datetime
+from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
+
+Scope = Literal["conversation", "integration"]
+
+_ITEM = {"postgresql": "m.item", "sqlite": "m.rowid"}
+_HORIZON = {
+    "postgresql": "pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+    "sqlite": "NULL",
+}
+_SCOPE_COLUMN: dict[Scope, str] = {
+    "conversation": "m.conversation_id",
+    "integration": "m.integration_id",
+}
+
+
+def _history_select(dialect: str, scope: Scope) -> str:
+    item = _ITEM[dialect]
+    return f"""
+SELECT m.id, m.external_id, m.direction, m.type, m.payload, m.created_at, m.sequence,
+       m.conversation_id, c.external_id AS conversation_external_id, m.dead_at,
+       m.txid, {item} AS item, {_HORIZON[dialect]} AS horizon,
+       (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id) AS attempts,
+       (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id
+            AND a.status >= 200 AND a.status < 300) AS delivered,
+       (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id
+            AND a.next_attempt_at IS NULL
+            AND (a.status IS NULL OR a.status < 200 OR a.status >= 300)) AS given_up
+FROM messages m JOIN conversations c ON c.id = m.conversation_id
+WHERE {_SCOPE_COLUMN[scope]} = ? AND (m.txid, {item}) > (?, ?)
+ORDER BY m.txid, {item} LIMIT ?
+"""
+
+
+def _history_row(row: Row) -> HistoryRow:
+    return HistoryRow(
+        id=row["id"],
+        watermark=Watermark(int(row["txid"]), int(row["item"])),
+        direction=row["direction"],
+        type=row["type"],
+        payload=json.loads(row["payload"]),
+        created_at=as_datetime(row["created_at"]),
+        conversation_id=row["conversation_id"],
+        conversation_external_id=row["conversation_external_id"],
+        external_id=row["external_id"],
+        sequence=row["sequence"],
+        attempts=int(row["attempts"]),
+        delivered=bool(row["delivered"]),
+        # Dead-lettered: marked so, or an attempt that failed with no retry planned.
+        dead=row["dead_at"] is not None or bool(row["given_up"]),
+    )
+
+
+def _final(rows: Sequence[Row]) -> list[Row]:
+    """The rows below the horizon (all of them on SQLite): those sort after them may still
+    be joined by a transaction that commits later."""
+    final = []
+    for row in rows:
+        if row["horizon"] is not None and int(row["txid"]) >= int(row["horizon"]):
+            break
+        final.append(row)
+    return final
+
+
+class HistorySql:
+    """`History` over a `Driver`."""
+
+    _driver: Driver
+
+    async def find_conversation(self, integration_id: str, external_id: str) -> str | None:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                "SELECT id FROM conversations WHERE integration_id = ? AND external_id = ?",
+                integration_id,
+                external_id,
+            )
+        return str(row["id"]) if row else None
+
+    async def history(
+        self, scope: Scope, scope_id: str, after: Watermark | None, limit: int
+    ) -> HistoryPage:
+        start = after or Watermark.ORIGIN
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                _history_select(self._driver.dialect, scope),
+                scope_id,
+                start.txid,
+                start.item,
+                limit,
+            )
+        final = _final(rows)
+        items = [_history_row(row) for row in final]
+        return HistoryPage(
+            items=items,
+            watermark=items[-1].watermark if items else start,
+            held_back=len(final) < len(rows),
+            more=len(rows) == limit and len(final) == len(rows),
+        )
+
+    async def latest_watermark(self, integration_id: str) -> Watermark:
+        item, horizon = _ITEM[self._driver.dialect], _HORIZON[self._driver.dialect]
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                f"SELECT m.txid, {item} AS item FROM messages m WHERE m.integration_id = ?"
+                f" AND m.txid IS NOT NULL AND (m.txid < {horizon} OR {horizon} IS NULL)"
+                f" ORDER BY m.txid DESC, {item} DESC LIMIT 1",
+                integration_id,
+            )
+        return Watermark(int(row["txid"]), int(row["item"])) if row else Watermark.ORIGIN
+
+    async def turn(self, message_id: str) -> TurnRecord:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                "SELECT handled_at, dead_at FROM messages WHERE id = ?", message_id
+            )
+            rows = await conn.fetchall(
+                OUTGOING_SELECT + " WHERE m.reply_to = ? ORDER BY m.sequence", message_id
+            )
+        return TurnRecord(
+            handled=row is not None and row["handled_at"] is not None,
+            dead=row is not None and row["dead_at"] is not None,
+            responses=[outgoing_record(r) for r in rows],
+        )

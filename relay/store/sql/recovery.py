@@ -1,0 +1,49 @@
+"""Responses to send again: one by its id (`resend`), and an integration's given up since a
+time (`recover`). Given up: dead-lettered, or its last attempt failed with no retry planned,
+and no attempt delivered it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from relay.store.driver import Driver
+from relay.store.records import OutgoingRecord, SentResponse
+from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
+
+_DELIVERED = """EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.message_id = m.id
+    AND a.status >= 200 AND a.status < 300)"""
+_GIVEN_UP_SINCE = """(m.dead_at >= ? OR EXISTS (SELECT 1 FROM delivery_attempts a
+    WHERE a.message_id = m.id AND a.next_attempt_at IS NULL AND a.created_at >= ?
+    AND (a.status IS NULL OR a.status < 200 OR a.status >= 300)))"""
+
+
+class RecoverySql:
+    """`Recovery` over a `Driver`."""
+
+    _driver: Driver
+
+    async def find_response(self, message_id: str) -> SentResponse | None:
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(
+                f"{OUTGOING_SELECT} WHERE m.id = ? AND m.direction = 'outgoing'", message_id
+            )
+            if row is None:
+                return None
+            delivered = await conn.fetchone(
+                "SELECT 1 AS yes FROM delivery_attempts WHERE message_id = ?"
+                " AND status >= 200 AND status < 300 LIMIT 1",
+                message_id,
+            )
+        return SentResponse(record=outgoing_record(row), delivered=delivered is not None)
+
+    async def given_up_since(self, integration_id: str, since: datetime) -> list[OutgoingRecord]:
+        async with self._driver.connection() as conn:
+            rows = await conn.fetchall(
+                f"{OUTGOING_SELECT} WHERE m.integration_id = ? AND m.direction = 'outgoing'"
+                f" AND {_GIVEN_UP_SINCE} AND NOT {_DELIVERED}"
+                " ORDER BY m.conversation_id, m.sequence",
+                integration_id,
+                since,
+                since,
+            )
+        return [outgoing_record(row) for row in rows]

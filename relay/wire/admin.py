@@ -1,0 +1,199 @@
+"""The admin API's bodies (`/admin/v1`, `relay.ingress.admin`): what it takes and answers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from relay.wire import ConversationItem, Timestamp
+
+T = TypeVar("T")
+URL_PATTERN = r"^https?://[^/?#\s]+"  # what deliveries can use; the check does the rest
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a list; `nextCursor` (as `?cursor=`) gives the next, null at the end."""
+
+    items: list[T]
+    nextCursor: str | None
+
+
+class IntegrationView(BaseModel):
+    """An integration as the admin API shows it (its signing secret included)."""
+
+    id: str
+    name: str
+    webhookUrl: str
+    responseUrl: str
+    signingSecret: str
+    enabled: bool
+    createdAt: Timestamp
+    disabledAt: Timestamp | None
+
+
+class IntegrationCreate(BaseModel):
+    """`POST /integrations`: the response endpoint is checked with a signed test event
+    first, unless `verify` is false."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    responseUrl: str = Field(min_length=1, max_length=2048, pattern=URL_PATTERN)
+    verify: bool = True
+
+
+class IntegrationPatch(BaseModel):
+    """`PATCH /integrations/{id}`: a new response URL (checked again) and/or enabled."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Absent or null: unchanged (an empty patch changes nothing).
+    responseUrl: str | None = Field(
+        default=None, min_length=1, max_length=2048, pattern=URL_PATTERN
+    )
+    enabled: bool | None = None
+    verify: bool = True
+
+
+class TokenCreate(BaseModel):
+    """`POST /integrations/{id}/tokens`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal["integration", "bot"] = "integration"
+
+
+class TokenView(BaseModel):
+    """A token's metadata (never the token, which only its creation answers)."""
+
+    id: str
+    integrationId: str | None
+    kind: str
+    prefix: str
+    createdAt: Timestamp
+    revokedAt: Timestamp | None
+
+
+class TokenCreated(TokenView):
+    """The answer of a token's creation: the token, this once."""
+
+    token: str
+
+
+class QueueView(BaseModel):
+    """One relay queue: what waits in it and who consumes it."""
+
+    name: str
+    stage: str
+    kind: str
+    ready: int | None
+    unacked: int | None
+    consumers: int | None
+    leader: str | None
+    members: list[str]
+    online: list[str]
+    # Seconds the oldest message has waited: partition queues by their workers' word,
+    # dead-letter queues by their first letter; None when nobody knows (no consumer).
+    oldestAgeSeconds: float | None = None
+
+
+class AttemptView(BaseModel):
+    """One delivery attempt, as `GET /attempts` lists it."""
+
+    id: str
+    webhookId: str
+    attempt: int
+    integrationId: str
+    responseId: str  # the response's relay id (its botpressMessageId)
+    conversationId: str | None  # the caller's
+    botpressConversationId: str | None
+    status: int | None
+    latencyMs: float | None
+    error: str | None
+    nextAttemptAt: Timestamp | None
+    responseBody: str | None
+    createdAt: Timestamp
+
+
+class DeadLetterView(BaseModel):
+    """A dead message, as `GET /dead-letters` lists it."""
+
+    id: str  # the message id (inbound) or webhook-id (outbound)
+    stage: Literal["inbound", "outbound"]
+    integrationId: str
+    conversationId: str  # Relay's conversation id
+    reason: str
+    attempts: int
+    lastStatus: int | None
+    deadAt: Timestamp | None
+    body: dict[str, Any]
+
+
+class DeadLetterSelection(BaseModel):
+    """What `POST /dead-letters/replay` and `/purge` act on: `ids` and/or a filter
+    (`stage`, `integrationId`, `conversationId`: every letter matching all it names), or
+    `all` (narrowed by `stage` alone). Nothing chosen is a 400, never "everything"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ids: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    all: bool = False
+    stage: Literal["inbound", "outbound"] | None = None
+    integrationId: str | None = Field(default=None, min_length=1)
+    conversationId: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Self:
+        narrowed = self.ids is not None or self.integrationId or self.conversationId
+        if self.all and narrowed:
+            raise ValueError("all: true takes no ids, integrationId or conversationId")
+        if not (self.all or narrowed or self.stage):
+            raise ValueError(
+                "say which: ids, a filter (stage, integrationId, conversationId) or all: true"
+            )
+        return self
+
+
+def _text_only(value: object) -> object:
+    """A time in JSON is an ISO 8601 string (not a number of seconds, as lax parsing takes)."""
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 time with its offset")
+    return value
+
+
+class Count(BaseModel):
+    """How many an action took."""
+
+    count: int
+
+
+class Recovery(BaseModel):
+    """`POST /integrations/{id}/recover`: replay what failed for good since then."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: Annotated[AwareDatetime, BeforeValidator(_text_only)]
+
+
+class Resent(BaseModel):
+    """`POST /responses/{webhookId}/resend`: the response is on its way again."""
+
+    webhookId: str
+    responseId: str
+
+
+class Timeline(BaseModel):
+    """`GET /integrations/{id}/conversations/{conversationId}`: the conversation's items
+    (as its history shows them) and the delivery attempts of its responses, oldest first."""
+
+    messages: list[ConversationItem]
+    attempts: list[AttemptView]
+    watermark: str
