@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 import structlog.testing
+from aio_pika.abc import AbstractChannel
 
 from relay.auth import reply_token, reply_token_valid
 from relay.pipeline import settle
 from relay.pipeline.lanes import Lanes
 from relay.pipeline.parking import Parking, still_waiting
+from relay.pipeline.subscription import Subscription
 from relay.pipeline.waiting import WaitingRoom
 from relay.store import Unfinished
 from tests.helpers import eventually
@@ -86,6 +89,21 @@ def test_a_head_delayed_again_is_never_parked_twice():
     parking.done("c", "m2")
     parking.done("c", "m1")
     assert parking.parked("c") == []
+
+
+def test_a_skipped_sequence_number_sends_the_worker_to_the_store_again():
+    subscription = Subscription(0, cast(AbstractChannel, None))  # the channel is not used
+    assert subscription.first_sight("c", 5)  # met for the first time
+    assert not subscription.first_sight("c", 6)
+    assert not subscription.first_sight("c", 3)  # an earlier one (sent again): no gap
+    assert subscription.first_sight("c", 8)  # 7 not seen: it may still be on its way
+    assert not subscription.first_sight("c", 7)
+    assert not subscription.first_sight("c", 9)
+    subscription.unsee("c")  # the look-up failed: asked again
+    assert subscription.first_sight("c", 10)
+    assert subscription.first_sight("d")  # a stage without numbers: the first sight only
+    assert not subscription.first_sight("d")
+    assert not subscription.first_sight("d", 7)
 
 
 def test_parking_found_in_the_store_replaces_what_the_worker_remembered():

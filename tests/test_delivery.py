@@ -22,7 +22,9 @@ from standardwebhooks import Webhook
 from relay import admin
 from relay.broker import Broker, topology_of
 from relay.broker.topology import delete
+from relay.metrics import Metrics
 from relay.pipeline.dlq import DeadLetters
+from relay.pipeline.replies import ReplyPublisher
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
 from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable
@@ -318,6 +320,53 @@ async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_
     assert delivered == [f"msg_{m['id']}" for m in (first, second, third)]
     sample = next_worker.metrics.registry.get_sample_value
     assert sample("relay_messages_consumed_total", {"stage": "outbound", "outcome": "wait"})
+
+
+async def test_a_response_published_after_a_later_one_is_still_delivered_first(
+    store: SqlStore, settings: Settings, amqp: AbstractRobustConnection, receiver: Receiver
+):
+    # A turn's reply whose publish failed with the connection goes out again only when its
+    # message comes back, so a later response can reach the queue first; so can messages a
+    # quorum queue delivers out of order after a node is lost. The worker, which knows the
+    # conversation already, sees the skipped sequence number and lets the missing one lead.
+    url = receiver.url("late")
+    async with (
+        own_conversation(store, settings, amqp, url, "late") as (
+            late,
+            ingress,
+            conversation_id,
+            bot_token,
+        ),
+        start_delivery_worker(late) as worker,
+    ):
+        first = await push_text(ingress, conversation_id, bot_token, "first")
+        await eventually(lambda: _delivered(receiver, "late", 1))
+        conversation = await store.get_conversation(conversation_id)
+        assert conversation is not None
+        second, _ = await store.record_pushed(
+            conversation, "text", {"text": "second"}, None, late.partitions
+        )  # stored, not published yet
+        third = await push_text(ingress, conversation_id, bot_token, "third")
+
+        async def third_waits() -> bool:
+            return worker.parking.parked(conversation_id) == [
+                f"msg_{second.id}",
+                f"msg_{third['id']}",
+            ]
+
+        await eventually(third_waits)
+        assert len(receiver.at("late")) == 1
+        broker = Broker(late.amqp_url, topology_of(late), late.publish_timeout)
+        broker.start()
+        try:
+            await broker.wait_connected()
+            await ReplyPublisher(store, broker, Metrics()).publish([second])
+        finally:
+            await broker.close()
+        await eventually(lambda: _delivered(receiver, "late", 3), timeout=20)
+    delivered = [hit.body["sequence"] for hit in receiver.at("late")]
+    assert delivered == [first["sequence"], second.sequence, third["sequence"]]
+    assert delivered == sorted(delivered)
 
 
 class ForgetfulStore:

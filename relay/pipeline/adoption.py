@@ -3,7 +3,9 @@
 A conversation's parking (`relay.pipeline.parking`) is in the memory of the worker that
 holds its partition. The first time a worker meets a conversation through a subscription,
 it asks the store for the conversation's messages not finished with and lets them lead:
-the messages behind them wait as parked. Until that look-up answers, a message waits.
+the messages behind them wait as parked. Until that look-up answers, a message waits. A
+stage whose messages are numbered per conversation asks again when a number is skipped: the
+missing message is still on its way (reordered by the broker, or published late) and leads.
 """
 
 from __future__ import annotations
@@ -51,12 +53,17 @@ class ParkingAdoption(ABC, Generic[E]):
         """The parking key (see `keys`) of a stored message."""
         return message_id
 
+    def sequence(self, envelope: E) -> int | None:
+        """The message's number in its conversation, if the stage numbers them without gaps
+        (a skipped number sends the worker to the store again), else None."""
+        return None
+
     async def _recall_parking(
         self, subscription: Subscription, conversation: str, envelope: E
     ) -> bool:
         """On meeting a conversation, adopt the parking another worker left (False: it
         could not be looked up, and the message waits)."""
-        if not subscription.first_sight(conversation):
+        if not subscription.first_sight(conversation, self.sequence(envelope)):
             return True
         try:
             unfinished = await self.unfinished(envelope)

@@ -42,7 +42,8 @@ class Subscription:
         self._in_hand = 0
         self._settled = asyncio.Event()
         self._settled.set()
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        # The conversations met, with the highest sequence number seen of each.
+        self._seen: OrderedDict[str, int | None] = OrderedDict()
         # Closed, or being closed, by this worker: nothing of it is to be taken any more.
         self.closing = False
         # Deliveries not started yet (in a lane, or held), by tag: when each arrived.
@@ -67,14 +68,23 @@ class Subscription:
             return time.monotonic() - since
         return 0.0
 
-    def first_sight(self, conversation: str) -> bool:
-        """True the first time a conversation's message comes through this subscription
-        (since the broker last chose it as the active one). Remembers the most recent
-        `SEEN_LIMIT` conversations: one forgotten costs one more look in the store."""
+    def first_sight(self, conversation: str, sequence: int | None = None) -> bool:
+        """True when the store must be asked what comes before this message: the first time
+        a conversation's message comes through this subscription (since the broker last
+        chose it as the active one), or when its `sequence` (if the stage numbers its
+        messages) skips a number not seen here yet. The broker's order is not enough: a
+        quorum queue may deliver out of order after its leader or a consumer was lost, and
+        a message can be published after a later one (its first publish failed).
+        Remembers the most recent `SEEN_LIMIT` conversations: one forgotten costs one more
+        look in the store."""
         if conversation in self._seen:
             self._seen.move_to_end(conversation)
-            return False
-        self._seen[conversation] = None
+            last = self._seen[conversation]
+            if sequence is None or last is None:
+                return False
+            self._seen[conversation] = max(last, sequence)
+            return sequence > last + 1
+        self._seen[conversation] = sequence
         if len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
         return True

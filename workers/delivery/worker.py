@@ -9,7 +9,10 @@ the attempt, and decide: 2xx done; 410 dead-letters and disables the endpoint; a
 Order per conversation: a response that waits holds its conversation (parking), so the
 later responses wait behind it in the delay queues and leave after it. The attempt log
 keeps that parking beyond the worker: a worker meeting a conversation for the first time
-finds in the store the responses still waiting for a retry and lets them lead.
+finds in the store the responses still waiting for a retry and lets them lead. Responses
+are numbered per conversation without gaps, so a response that skips a number (the missing
+one was published late, or the broker redelivered out of order after losing a node) sends
+the worker to the store the same way, and waits behind the missing one.
 """
 
 from __future__ import annotations
@@ -142,6 +145,10 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
     def parking_key(self, message_id: str) -> str:
         """Responses park under their delivery id."""
         return delivery_id(message_id)
+
+    def sequence(self, envelope: OutboundEnvelope) -> int:
+        """A response's number in its conversation (the store numbers them without gaps)."""
+        return envelope.body.sequence
 
     def _due_in(self, seconds: float) -> tuple[float, dict[str, str | int]]:
         """The first delay-queue hop of a wait, and the header saying when it is over."""
