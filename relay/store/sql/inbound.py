@@ -14,7 +14,7 @@ from relay.broker.topology import BASE_PARTITIONS
 from relay.store.batching import GroupCommit
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
 from relay.store.records import Accepted, PendingMessage
-from relay.store.sql.common import MAX_PARAMETERS, as_datetime, chunks, new_id
+from relay.store.sql.common import MAX_PARAMETERS, as_datetime, chunks, delete_unused, new_id
 from relay.store.sql.generations import read_lock, settle_in
 from relay.store.sql.stamps import stamp_set
 from relay.wire import Conversation, InboundRequest, Message, MessageBundle, Tags, User, utcnow
@@ -199,22 +199,10 @@ class InboundSql:
         # Best effort, one statement each: a message that came to use them since (even one
         # not yet committed) makes the foreign key refuse, and then they stay.
         if accepted.created_conversation:
-            await self._delete_unused("conversations", "conversation_id", bundle.conversation.id)
+            await delete_unused(self._driver, "conversations", [bundle.conversation.id])
         if accepted.created_user:
-            await self._delete_unused("users", "user_id", bundle.user.id)
+            await delete_unused(self._driver, "users", [bundle.user.id])
         return True
-
-    async def _delete_unused(self, table: str, column: str, row_id: str) -> None:
-        try:
-            async with self._driver.connection() as conn:
-                await conn.execute(
-                    f"DELETE FROM {table} WHERE id = ? AND NOT EXISTS"
-                    f" (SELECT 1 FROM messages WHERE {column} = ?)",
-                    row_id,
-                    row_id,
-                )
-        except IntegrityViolation:
-            pass
 
     async def claim_pending(
         self, message_id: str, now: datetime, lease_until: datetime

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
-from relay.store.driver import Driver, IntegrityViolation
+from relay.store.driver import Driver
 from relay.store.records import PRUNE_KINDS, Pruned, PruneKind
+from relay.store.sql.common import delete_unused
 from relay.store.sqlite import SqliteDriver
 
 log = structlog.get_logger(__name__)
@@ -66,7 +67,6 @@ _KEEP_LATEST_STAMP = {
     "sqlite": " AND m.txid < (SELECT MAX(txid) FROM messages)",
     "postgresql": "",
 }
-_UNUSED_BY = {"conversations": "conversation_id", "users": "user_id"}
 
 _INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 _VACUUM_PAGES = 2000  # pages given back per step: each step holds the write lock briefly
@@ -114,7 +114,7 @@ class RetentionSql:
         self, kind: PruneKind, cutoff: datetime, batch: int, after: Cursor
     ) -> tuple[int, Cursor | None]:
         """Delete one batch; how many, and where the next starts (None: no more)."""
-        if kind in _UNUSED_BY:
+        if kind == "conversations" or kind == "users":
             return await self._prune_unused(kind, cutoff, batch, after)
         if kind == "attempts":
             sql, cutoffs = _DELETE_ATTEMPTS, 1
@@ -126,7 +126,11 @@ class RetentionSql:
         return deleted, _START if deleted == batch else None
 
     async def _prune_unused(
-        self, table: PruneKind, cutoff: datetime, batch: int, after: Cursor
+        self,
+        table: Literal["conversations", "users"],
+        cutoff: datetime,
+        batch: int,
+        after: Cursor,
     ) -> tuple[int, Cursor | None]:
         """Users or conversations made before the cutoff that no message names, from one
         page of them (by when they were made)."""
@@ -140,31 +144,9 @@ class RetentionSql:
             )
         if not page:
             return 0, None
-        deleted = await self._delete_if_unused(table, [row["id"] for row in page])
+        deleted = await delete_unused(self._driver, table, [row["id"] for row in page])
         last: Cursor = (page[-1]["updated_at"], page[-1]["id"])
         return deleted, (last if len(page) == batch else None)
-
-    async def _delete_if_unused(self, table: PruneKind, ids: list[str]) -> int:
-        unused = (
-            f" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.{_UNUSED_BY[table]} = {table}.id)"
-        )
-        try:
-            async with self._driver.connection() as conn:
-                return await conn.execute(
-                    f"DELETE FROM {table} WHERE id IN ({', '.join(['?'] * len(ids))}){unused}",
-                    *ids,
-                )
-        except IntegrityViolation:
-            # PostgreSQL: a message committed meanwhile names one of them (the ingress took
-            # it from memory). One by one, so that only that one stays.
-            return sum([await self._delete_one_unused(table, id_, unused) for id_ in ids])
-
-    async def _delete_one_unused(self, table: PruneKind, id_: str, unused: str) -> int:
-        try:
-            async with self._driver.connection() as conn:
-                return await conn.execute(f"DELETE FROM {table} WHERE id = ?{unused}", id_)
-        except IntegrityViolation:
-            return 0
 
     async def reclaim_space(self, full_vacuum_limit: int | None) -> int:
         driver = self._driver
