@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
-import aiohttp
 import uvloop
 from aiohttp import web
 from pydantic import ValidationError
@@ -280,12 +279,11 @@ async def _queues(settings: Settings, args: argparse.Namespace) -> int:
             closing.push_async_callback(store.close)
         while True:
             others = await _counts(store)
-            stats = await queues.look(connection, topology_of(settings), others)
-            if settings.management_url:
-                try:
-                    stats = await queues.with_management(stats, settings.management_url)
-                except (aiohttp.ClientError, TimeoutError) as error:
-                    print(f"warning: management API: {error}", file=sys.stderr)
+            stats, unanswered = await queues.survey(
+                connection, topology_of(settings), others, settings.management_url
+            )
+            if unanswered is not None:
+                print(f"warning: management API: {unanswered}", file=sys.stderr)
             if args.watch is not None and not args.json:
                 print("\033[H\033[J", end="")  # clear the terminal between looks
             print(queues.render_json(stats) if args.json else queues.render_table(stats))

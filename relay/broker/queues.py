@@ -123,6 +123,23 @@ async def _management_rows(url: str) -> dict[str, dict[str, Any]]:
         return {row["name"]: row for row in await answer.json()}
 
 
+async def survey(
+    connection: AbstractConnection,
+    topology: Topology,
+    other_counts: Sequence[int],
+    management_url: str | None,
+) -> tuple[list[QueueStat], Exception | None]:
+    """`look`, then `with_management` if a management URL is set: the stats, and the
+    management API's error if it did not answer (the AMQP figures stand without it)."""
+    stats = await look(connection, topology, other_counts)
+    if not management_url:
+        return stats, None
+    try:
+        return await with_management(stats, management_url), None
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return stats, error
+
+
 def _with_row(stat: QueueStat, row: dict[str, Any]) -> QueueStat:
     return replace(
         stat,

@@ -7,12 +7,11 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import structlog
 
 from relay.aio import cancel_and_wait, pause
 from relay.broker import CONNECTION_ERRORS, Broker
-from relay.broker.queues import QueueStat, export, look, with_management
+from relay.broker.queues import export, survey
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.store import StoreError
@@ -57,9 +56,11 @@ async def watch(
         if connection is not None and broker.ready:
             try:
                 others = await _other_counts(counts)
-                stats = await look(connection, broker.topology, others)
-                if settings.management_url:
-                    stats = await _with_membership(stats, settings.management_url)
+                stats, unanswered = await survey(
+                    connection, broker.topology, others, settings.management_url
+                )
+                if unanswered is not None:
+                    log.warning("management_api_unreachable", error=type(unanswered).__name__)
                 export(stats, metrics)
             except CONNECTION_ERRORS as error:
                 log.debug("queue_look_failed", error=str(error))
@@ -78,13 +79,3 @@ async def _other_counts(counts: Counts | None) -> list[int]:
     except StoreError as error:
         log.debug("partition_counts_unknown", error=str(error))
         return []
-
-
-async def _with_membership(stats: list[QueueStat], management_url: str) -> list[QueueStat]:
-    """The stats with the management API's figures; without them if it does not answer
-    (the AMQP figures are still worth exporting)."""
-    try:
-        return await with_management(stats, management_url)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        log.warning("management_api_unreachable", error=type(error).__name__)
-        return stats

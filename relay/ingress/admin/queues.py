@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import cast
 
-import aiohttp
 from aiohttp import web
 
 from relay.broker import Broker, StageName, queues
@@ -40,12 +38,10 @@ def add_routes(app: web.Application, keys: AdminKeys) -> None:
         if connection is None or connection.is_closed:
             raise Unavailable("not connected to the broker", headers={"Retry-After": "1"})
         counts = await request.config_dict[keys.store].partition_counts()
-        others = [count for count in counts if count != settings.partitions]
-        stats = await queues.look(connection, broker.topology, others)
-        if settings.management_url:
-            # Without it: the counts, with no unacked, leaders or members.
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                stats = await queues.with_management(stats, settings.management_url)
+        # Without the management API: the counts, with no unacked, leaders or members.
+        stats, _ = await queues.survey(
+            connection, broker.topology, list(counts), settings.management_url
+        )
         ages = request.config_dict[keys.ages]
         items = [
             QueueView.model_validate(stat, from_attributes=True).model_copy(
