@@ -11,7 +11,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from relay.aio import cancelled_from_outside
+from relay.aio import cancel_and_wait, cancelled_from_outside
 from relay.broker.addresses import Addresses, ClusterConnection
 from relay.broker.errors import BROKER_ERRORS, CONNECTION_ERRORS
 from relay.broker.news import NewsPublisher
@@ -207,10 +207,7 @@ class Broker:
         """Stop connecting and close the connection."""
         await self.news.close()
         for task in (self._task, self._renewing):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         if self._connection is not None:
             # Bounded: a connection gone silent would keep a stopping service waiting.
             with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
