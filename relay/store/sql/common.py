@@ -10,6 +10,11 @@ from typing import Literal, TypeVar
 
 from relay.store.driver import Driver, IntegrityViolation
 
+# What an attempt (a row of `delivery_attempts a`) came to: a 2xx delivered the response;
+# anything else, or no answer at all (no status), failed.
+ATTEMPT_DELIVERED = "a.status >= 200 AND a.status < 300"
+ATTEMPT_FAILED = "(a.status IS NULL OR a.status < 200 OR a.status >= 300)"
+
 # Bound values per statement: SQLite before 3.32 allows 999 (PostgreSQL 32767).
 MAX_PARAMETERS = 999
 T = TypeVar("T")

@@ -25,7 +25,7 @@ from typing import Literal
 
 from relay.store.driver import Driver, Row
 from relay.store.records import HistoryPage, HistoryRow, TurnRecord, Watermark
-from relay.store.sql.common import as_datetime
+from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED, as_datetime
 from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
 
 Scope = Literal["conversation", "integration"]
@@ -49,10 +49,9 @@ SELECT m.id, m.external_id, m.direction, m.type, m.payload, m.created_at, m.sequ
        m.txid, {item} AS item, {_HORIZON[dialect]} AS horizon,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id) AS attempts,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id
-            AND a.status >= 200 AND a.status < 300) AS delivered,
+            AND {ATTEMPT_DELIVERED}) AS delivered,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id
-            AND a.next_attempt_at IS NULL
-            AND (a.status IS NULL OR a.status < 200 OR a.status >= 300)) AS given_up
+            AND a.next_attempt_at IS NULL AND {ATTEMPT_FAILED}) AS given_up
 FROM messages m JOIN conversations c ON c.id = m.conversation_id
 WHERE {_SCOPE_COLUMN[scope]} = ? AND (m.txid, {item}) > (?, ?)
 ORDER BY m.txid, {item} LIMIT ?

@@ -8,13 +8,14 @@ from datetime import datetime
 
 from relay.store.driver import Driver
 from relay.store.records import OutgoingRecord, SentResponse
+from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED
 from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
 
-_DELIVERED = """EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.message_id = m.id
-    AND a.status >= 200 AND a.status < 300)"""
-_GIVEN_UP_SINCE = """(m.dead_at >= ? OR EXISTS (SELECT 1 FROM delivery_attempts a
+_DELIVERED = f"""EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.message_id = m.id
+    AND {ATTEMPT_DELIVERED})"""
+_GIVEN_UP_SINCE = f"""(m.dead_at >= ? OR EXISTS (SELECT 1 FROM delivery_attempts a
     WHERE a.message_id = m.id AND a.next_attempt_at IS NULL AND a.created_at >= ?
-    AND (a.status IS NULL OR a.status < 200 OR a.status >= 300)))"""
+    AND {ATTEMPT_FAILED}))"""
 
 
 class RecoverySql:
@@ -30,8 +31,8 @@ class RecoverySql:
             if row is None:
                 return None
             delivered = await conn.fetchone(
-                "SELECT 1 AS yes FROM delivery_attempts WHERE message_id = ?"
-                " AND status >= 200 AND status < 300 LIMIT 1",
+                "SELECT 1 AS yes FROM delivery_attempts a WHERE a.message_id = ?"
+                f" AND {ATTEMPT_DELIVERED} LIMIT 1",
                 message_id,
             )
         return SentResponse(record=outgoing_record(row), delivered=delivered is not None)

@@ -7,6 +7,7 @@ from typing import Any
 
 from relay.store.driver import Driver
 from relay.store.records import AttemptQuery, FoundAttempt
+from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED
 
 _SELECT = """
 SELECT a.*, m.conversation_id, c.external_id AS conversation_external_id
@@ -15,7 +16,7 @@ LEFT JOIN messages m ON m.id = a.message_id
 LEFT JOIN conversations c ON c.id = m.conversation_id
 """
 _STATUS = {
-    "2xx": "a.status >= 200 AND a.status < 300",
+    "2xx": ATTEMPT_DELIVERED,
     "3xx": "a.status >= 300 AND a.status < 400",
     "4xx": "a.status >= 400 AND a.status < 500",
     "5xx": "a.status >= 500",
@@ -23,7 +24,7 @@ _STATUS = {
 }
 _OUTCOME = {
     "delivered": _STATUS["2xx"],
-    "failed": "(a.status IS NULL OR a.status < 200 OR a.status >= 300)",
+    "failed": ATTEMPT_FAILED,
 }
 
 
