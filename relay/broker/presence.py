@@ -150,11 +150,9 @@ class QueueAges:
     def age(self, queue: str) -> float | None:
         """The oldest wait any live worker reports for the queue (None: no report)."""
         horizon = self._clock() - self._horizon
-        ages = [
-            reported[queue]
-            for at, reported in self._reports.values()
-            if at >= horizon and queue in reported
-        ]
+        # A worker that died without its goodbye is forgotten here, as `Presence.peers` does.
+        self._reports = {w: report for w, report in self._reports.items() if report[0] >= horizon}
+        ages = [reported[queue] for _, reported in self._reports.values() if queue in reported]
         return max(ages) if ages else None
 
     def start(self) -> None:
