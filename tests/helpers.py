@@ -194,6 +194,18 @@ def message(n: int | str = 1, **overrides: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
+async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
+    """A broker client of `settings`, connected (within 15 s), closed afterwards."""
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker.start()
+    try:
+        await asyncio.wait_for(broker.wait_connected(), 15)
+        yield broker
+    finally:
+        await broker.close()
+
+
+@contextlib.asynccontextmanager
 async def start_bot_worker(
     settings: Settings, adapter: BotAdapter | None = None, consuming: int | None = None
 ) -> AsyncIterator[BotWorker]:

@@ -4,7 +4,6 @@ recovering an integration's given-up responses, a conversation's timeline, queue
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from functools import partial
@@ -20,6 +19,7 @@ from relay.store import SqlStore
 from relay.wire import utcnow
 from tests.helpers import (
     Ingress,
+    connected_broker,
     eventually,
     make_integration,
     message,
@@ -276,11 +276,8 @@ async def test_queues_show_the_age_of_their_oldest_message(
 
 @pytest.fixture
 async def broker(settings: Settings) -> AsyncIterator[Broker]:
-    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
-    broker.start()
-    await asyncio.wait_for(broker.wait_connected(), 15)
-    yield broker
-    await broker.close()
+    async with connected_broker(settings) as connected:
+        yield connected
 
 
 async def test_workers_tell_the_ages_of_their_partitions(settings: Settings, broker: Broker):

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook
 
 from relay import admin
-from relay.broker import Broker, topology_of
+from relay.broker import topology_of
 from relay.broker.topology import delete
 from relay.metrics import Metrics
 from relay.pipeline.dlq import DeadLetters
@@ -34,6 +34,7 @@ from tests.helpers import (
     Ingress,
     Queues,
     attempt_record,
+    connected_broker,
     eventually,
     make_integration,
     message,
@@ -148,11 +149,8 @@ async def test_a_4xx_is_dead_lettered_at_once_with_its_reason(
 
 @pytest.fixture(scope="module")
 async def dead(settings: Settings) -> AsyncIterator[DeadLetters]:
-    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
-    broker.start()
-    await asyncio.wait_for(broker.wait_connected(), 15)
-    yield DeadLetters(broker, "outbound")
-    await broker.close()
+    async with connected_broker(settings) as broker:
+        yield DeadLetters(broker, "outbound")
 
 
 async def _dead(dead: DeadLetters, integration_id: str, count: int) -> list[Any] | None:
@@ -356,13 +354,8 @@ async def test_a_response_published_after_a_later_one_is_still_delivered_first(
 
         await eventually(third_waits)
         assert len(receiver.at("late")) == 1
-        broker = Broker(late.amqp_url, topology_of(late), late.publish_timeout)
-        broker.start()
-        try:
-            await broker.wait_connected()
+        async with connected_broker(late) as broker:
             await ReplyPublisher(store, broker, Metrics()).publish([second])
-        finally:
-            await broker.close()
         await eventually(lambda: _delivered(receiver, "late", 3), timeout=20)
     delivered = [hit.body["sequence"] for hit in receiver.at("late")]
     assert delivered == [first["sequence"], second.sequence, third["sequence"]]

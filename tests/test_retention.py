@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from relay.broker import Broker, topology_of
 from relay.metrics import Metrics
 from relay.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, parse_age, prune
 from relay.service.janitor import JANITOR_LEASE, Janitor
@@ -20,7 +19,7 @@ from relay.store import Accepted, OutgoingRecord, SqlStore, open_store
 from relay.store.driver import Conn
 from relay.store.sqlite import SqliteDriver
 from relay.wire import InboundRequest, utcnow
-from tests.helpers import attempt_record, eventually, make_integration, message
+from tests.helpers import attempt_record, connected_broker, eventually, make_integration, message
 from tests.test_cli import relay, relay_processes
 from tests.test_store import replying
 
@@ -139,6 +138,16 @@ async def newest(store: SqlStore, integration_id: str, name: str) -> Turn:
     """A recent turn, made last: on SQLite the row with the largest stamp always stays
     (`relay.store.sql.retention`), and a test's old rows must not be that one."""
     return await turn(store, integration_id, f"{name}-newest")
+
+
+async def delivered_long_ago(store: SqlStore, integration_id: str, name: str) -> Turn:
+    """An old turn whose reply was delivered (all of it prunable), and a recent one made
+    after it (`newest`)."""
+    old = await turn(store, integration_id, f"{name}-old")
+    await attempt(store, old.replies[0], 200)
+    await age(store, old)
+    await newest(store, integration_id, name)
+    return old
 
 
 async def prune_now(store: SqlStore) -> None:
@@ -308,36 +317,30 @@ async def test_the_janitor_prunes_on_its_turn_and_lets_go_when_stopped(
     store: SqlStore, settings: Settings
 ) -> None:
     integration_id, _ = await make_integration(store, settings)
-    old = await turn(store, integration_id, "janitor-old")
-    await attempt(store, old.replies[0], 200)
-    await age(store, old)
-    await newest(store, integration_id, "janitor")
+    old = await delivered_long_ago(store, integration_id, "janitor")
     quick = settings.model_copy(update={"retention_days": 30, "prune_interval": 0.1})
-    broker = Broker(quick.amqp_url, topology_of(quick), quick.publish_timeout)
-    broker.start()
     metrics = Metrics()
-    working, waiting = (Janitor(quick, store, broker, metrics) for _ in range(2))
-    try:
-        await asyncio.wait_for(broker.wait_connected(), 15)
-        working.start()
+    async with connected_broker(quick) as broker:
+        working, waiting = (Janitor(quick, store, broker, metrics) for _ in range(2))
+        try:
+            working.start()
 
-        sample = metrics.registry.get_sample_value
+            sample = metrics.registry.get_sample_value
 
-        async def counted() -> bool:  # once its prune is over
-            return sample("relay_pruned_rows_total", {"kind": "messages"}) == 1
+            async def counted() -> bool:  # once its prune is over
+                return sample("relay_pruned_rows_total", {"kind": "messages"}) == 1
 
-        await eventually(counted)
-        assert await present(store, "messages", [old.id]) == set()
-        assert sample("relay_pruned_rows_total", {"kind": "responses"}) == 1
-        # Another janitor's looks find the turn taken: it does nothing meanwhile.
-        assert not await waiting.look()
-        await working.stop()  # cancelled mid-sleep or mid-prune alike; the turn let go
-        assert await lease_holders(store) == set()
-        assert await waiting.look()
-    finally:
-        await working.stop()
-        await waiting.stop()
-        await broker.close()
+            await eventually(counted)
+            assert await present(store, "messages", [old.id]) == set()
+            assert sample("relay_pruned_rows_total", {"kind": "responses"}) == 1
+            # Another janitor's looks find the turn taken: it does nothing meanwhile.
+            assert not await waiting.look()
+            await working.stop()  # cancelled mid-sleep or mid-prune alike; the turn let go
+            assert await lease_holders(store) == set()
+            assert await waiting.look()
+        finally:
+            await working.stop()
+            await waiting.stop()
     assert await lease_holders(store) == set()
 
 
@@ -353,10 +356,7 @@ async def test_worker_services_prune_and_let_the_leases_go_on_sigterm(
     store: SqlStore, settings: Settings
 ) -> None:
     integration_id, _ = await make_integration(store, settings)
-    old = await turn(store, integration_id, "services-old")
-    await attempt(store, old.replies[0], 200)
-    await age(store, old)
-    await newest(store, integration_id, "services")
+    old = await delivered_long_ago(store, integration_id, "services")
     quick = {"RELAY_PRUNE_INTERVAL": "0.2"}
     async with relay_processes(settings, "delivery-worker", 2, quick):
 
