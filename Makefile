@@ -3,17 +3,34 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The locks: exact versions with their hashes, for Python 3.11 to 3.13. runtime.txt is what the
+# image installs; dev.txt is runtime.txt (the same pins) and the [dev] tools.
+RUNTIME_LOCK := requirements/runtime.txt
+DEV_LOCK := requirements/dev.txt
 
-.PHONY: install run test test-faults lint bench bench-ingress clean
+.PHONY: install lock run test test-faults lint bench bench-ingress clean
 
 install: $(STAMP)
 
-# Reinstalls when pyproject.toml changes; a fresh clone gets everything from PyPI.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# Installs the dev lock, then Relay itself without resolving anything; again whenever a lock or
+# pyproject.toml changes. A lock that no longer fits pyproject.toml fails
+# tests/test_dependencies.py.
+$(STAMP): pyproject.toml $(RUNTIME_LOCK) $(DEV_LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Writes both locks from pyproject.toml, keeping every pin that still fits; LOCK_ARGS=--upgrade
+# (or --upgrade-package NAME) moves pins to the newest releases. The runtime lock is resolved
+# within the dev lock, so the image runs exactly the versions the tests ran.
+LOCK_ARGS ?=
+COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --universal --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_ARGS)
+lock: install
+	$(COMPILE) --extra dev --output-file $(DEV_LOCK)
+	$(COMPILE) --constraint $(DEV_LOCK) --output-file $(RUNTIME_LOCK)
 
 run: install
 	@scripts/ensure-services

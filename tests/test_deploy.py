@@ -34,6 +34,8 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
+# The lock the image installs (`make lock` writes it), relative to the build context.
+RUNTIME_LOCK = "requirements/runtime.txt"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 
@@ -235,6 +237,30 @@ def test_dockerfile_exposes_the_service_ports(monkeypatch: pytest.MonkeyPatch) -
         defaults.bot_worker_port,
         defaults.delivery_worker_port,
     }
+
+
+def pip_installs(stage: list[Instruction]) -> list[list[str]]:
+    """Every `pip install` command a stage runs, as arguments after `install`."""
+    runs = [i.arguments for i in stage if i.keyword == "RUN"]
+    commands = [shlex.split(command) for run in runs for command in run.split("&&")]
+    return [
+        c[c.index("install") + 1 :]
+        for c in commands
+        if "install" in c and any(word.endswith("pip") for word in c[: c.index("install")])
+    ]
+
+
+def test_the_image_installs_the_runtime_lock_then_relay_alone() -> None:
+    # Exactly the versions the tests ran, hash-checked; Relay itself adds nothing unpinned.
+    builder, *rest = dockerfile_stages()
+    installs = pip_installs(builder)
+    assert installs[0][-2:] == ["-r", RUNTIME_LOCK], "the first install is the runtime lock"
+    assert "--require-hashes" in installs[0]
+    assert installs[1:], "then Relay itself"
+    assert all("--no-deps" in args and "-r" not in args for args in installs[1:])
+    assert not [args for stage in rest for args in pip_installs(stage)], "only the builder"
+    copied = [i.arguments.split()[0] for i in builder if i.keyword == "COPY"]
+    assert RUNTIME_LOCK in copied
 
 
 def test_dockerignore_lets_in_exactly_what_the_build_copies() -> None:
