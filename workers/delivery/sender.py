@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from relay.signing import signature_headers
-from relay.ssrf import EndpointRefused, GuardedResolver, Network, check_url
+from relay.ssrf import EndpointRefused, Network, check_url, guarded_session
 from relay.wire import utcnow
 
 RESPONSE_BODY_LIMIT = 4096
@@ -42,10 +42,9 @@ class Sender:
     ) -> None:
         self._networks = list(networks)
         self._https_only = https_only
-        connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._networks), limit=0)
-        self._http = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=total, sock_connect=connect),
+        self._http = guarded_session(
+            self._networks,
+            aiohttp.ClientTimeout(total=total, sock_connect=connect),
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
         )
 
