@@ -38,6 +38,13 @@ class Metrics:
             ["stage"],
             registry=self.registry,
         )
+        self.unpublishable = Counter(
+            "relay_messages_unpublishable",
+            "Stored messages that could never be published as they are (a bad row), ended "
+            "dead with their reason, by stage.",
+            ["stage"],
+            registry=self.registry,
+        )
         self.inbound = Counter(
             "relay_inbound_messages",
             "Inbound messages by outcome (accepted, duplicate, conflict, unavailable).",
@@ -164,7 +171,7 @@ class Metrics:
         self.streams_dropped = Counter(
             "relay_event_streams_dropped",
             "Event streams closed by the ingress, by reason (slow: the reader did not keep up;"
-            " full: over RELAY_STREAM_LIMIT; stopping).",
+            " full: over a stream limit, named in relay_limit_refusals; stopping).",
             ["reason"],
             registry=self.registry,
         )
@@ -172,6 +179,28 @@ class Metrics:
             "relay_reply_waits",
             "POSTs with ?wait, by whether the bot turn settled in time.",
             ["complete"],
+            registry=self.registry,
+        )
+        self.waits_open = Gauge(
+            "relay_reply_waits_open",
+            "POSTs with ?wait this ingress holds now, waiting for their bot turn.",
+            registry=self.registry,
+        )
+        self.limit_refusals = Counter(
+            "relay_limit_refusals",
+            "Requests refused (or, for ?wait, answered without waiting) because of a fair-share"
+            " limit, by the setting that sets it (stream_limit, stream_limit_per_integration,"
+            " stream_limit_per_token, wait_limit, wait_limit_per_integration,"
+            " auth_failure_rate).",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.read_timeouts = Counter(
+            "relay_http_read_timeouts",
+            "Requests not received in time: connections closed for their headers"
+            " (RELAY_HEADER_READ_TIMEOUT), requests answered 408 for their body"
+            " (RELAY_BODY_READ_TIMEOUT).",
+            ["phase"],
             registry=self.registry,
         )
         self.breaker_state = Gauge(

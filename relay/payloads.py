@@ -11,7 +11,6 @@ everywhere: bots attach their own metadata.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -26,7 +25,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from relay.wire import NO_NUL, NO_NUL_PATTERN, StorableValue, storable_text
+from relay.wire import NO_NUL, NO_NUL_PATTERN, StorableValue
+from relay.wire.contract import MAX_DEPTH, json_problems, problem, storable_text
 
 MAX_URL_LENGTH = 4096
 _TYPE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -61,7 +61,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         strict=True, extra="allow", json_schema_extra={"propertyNames": {"pattern": NO_NUL_PATTERN}}
     )
-    # Extra fields are any storable JSON (checked by `_json_problems` before the model runs);
+    # Extra fields are any storable JSON (checked by `json_problems` before the model runs);
     # typed, so the JSON Schema says so.
     __pydantic_extra__: dict[str, StorableValue] = Field(init=False)
 
@@ -191,55 +191,9 @@ class InvalidPayload(ValueError):
         self.details = details
 
 
-def _detail(field: str, message: str) -> dict[str, str]:
-    return {"field": field, "message": message}
-
-
-def _json_problems(value: Any, path: str) -> list[dict[str, str]]:
-    """Every key or value under `value` that is not storable JSON, by path."""
-    problems: list[dict[str, str]] = []
-    # an explicit stack: a deeply nested payload must not exhaust the recursion limit
-    stack: list[tuple[Any, str]] = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, dict):
-            for key, child in item.items():
-                problems.extend(_key_problems(key, where))
-                stack.append((child, f"{where}.{key}"))
-        elif isinstance(item, list):
-            stack.extend((child, f"{where}.{index}") for index, child in enumerate(item))
-        else:
-            problems.extend(_scalar_problems(item, where))
-    return problems
-
-
-def _key_problems(key: object, path: str) -> list[dict[str, str]]:
-    if not isinstance(key, str):
-        return [_detail(path, "keys must be strings")]
-    return _text_problems(key, path, "key ")
-
-
-def _scalar_problems(value: object, path: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return _text_problems(value, path)
-    if isinstance(value, float) and not math.isfinite(value):
-        return [_detail(path, "must be a finite number")]
-    if value is None or isinstance(value, bool | int | float):
-        return []
-    return [_detail(path, "must be a JSON value")]
-
-
-def _text_problems(text: str, path: str, prefix: str = "") -> list[dict[str, str]]:
-    try:
-        storable_text(text)
-    except ValueError as error:
-        return [_detail(path, f"{prefix}{error}")]
-    return []
-
-
 def _pydantic_problems(error: ValidationError, path: str) -> list[dict[str, str]]:
     return [
-        _detail(".".join([path, *(str(part) for part in item["loc"])]), _message(item))
+        problem(".".join([path, *(str(part) for part in item["loc"])]), _message(item))
         for item in error.errors()
     ]
 
@@ -253,7 +207,7 @@ def _message(item: ErrorDetails) -> str:
 def _type_problems(type_: object, field: str) -> list[dict[str, str]]:
     if isinstance(type_, str) and _TYPE_NAME.fullmatch(type_):
         return []
-    return [_detail(field, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.' or '-'")]
+    return [problem(field, "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.' or '-'")]
 
 
 def _payload_problems(type_: str, payload: dict[str, Any], path: str) -> list[dict[str, str]]:
@@ -275,7 +229,7 @@ def _bloc_problems(bloc: BlocPayload, path: str) -> list[dict[str, str]]:
     for index, item in enumerate(bloc.items):
         where = f"{path}.{index}"
         if item.type == "bloc":
-            problems.append(_detail(f"{where}.type", "a bloc cannot contain a bloc"))
+            problems.append(problem(f"{where}.type", "a bloc cannot contain a bloc"))
             continue
         type_problems = _type_problems(item.type, f"{where}.type")
         problems.extend(type_problems)
@@ -293,8 +247,9 @@ def validate_outgoing(type_: str, payload: object) -> dict[str, Any]:
     """
     problems = _type_problems(type_, "type")
     if not isinstance(payload, dict):
-        raise InvalidPayload([*problems, _detail("payload", "must be a JSON object")])
-    problems.extend(_json_problems(payload, "payload"))
+        raise InvalidPayload([*problems, problem("payload", "must be a JSON object")])
+    # A payload is what a body holds: one level fewer than a body may have.
+    problems.extend(json_problems(payload, "payload", depth=MAX_DEPTH - 1))
     if not problems:
         problems = _payload_problems(type_, payload, "payload")
     if problems:

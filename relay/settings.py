@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relay.broker.addresses import parse_addresses
@@ -35,7 +36,9 @@ class Settings(BaseSettings):
     startup_wait: float = Field(default=60.0, ge=0)
     queue_prefix: str = Field(default="relay", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     partitions: int = Field(default=8, ge=1, le=256)
-    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # At most 4 MiB: an envelope holds a body's text about twice, and RabbitMQ 4 refuses
+    # messages over 16 MiB by default.
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=4 * 1024 * 1024)
     publish_timeout: float = Field(default=5.0, gt=0)
     # A pending (unconfirmed) inbound message older than this is taken over by the outbox sweeper.
     outbox_lease: float = Field(default=30.0, gt=0)
@@ -94,6 +97,34 @@ class Settings(BaseSettings):
     stream_keepalive: float = Field(default=15.0, gt=0, le=15.0)
     stream_write_timeout: float = Field(default=10.0, gt=0)
     stream_limit: int = Field(default=1000, ge=1)
+    # Fair shares of one ingress (`relay.ingress.limits`): event streams per integration and
+    # per credential (integration token or read token), concurrent `?wait` requests per
+    # ingress and per integration, and the bytes of one history page.
+    stream_limit_per_integration: int = Field(default=100, ge=1)
+    stream_limit_per_token: int = Field(default=10, ge=1)
+    wait_limit: int = Field(default=1000, ge=1)
+    wait_limit_per_integration: int = Field(default=100, ge=1)
+    history_page_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
+    # Requests that fail authentication, per client address: a token bucket (0: no limit).
+    auth_failure_rate: float = Field(default=5.0, ge=0)
+    auth_failure_burst: int = Field(default=50, ge=1)
+    # Proxies whose X-Forwarded-For names the client (else the peer address is the client).
+    trusted_proxies: Annotated[list[Network], NoDecode] = Field(default_factory=list)
+    # Integrations (with their token hashes) one process keeps in memory, least recent first out.
+    directory_cache_size: int = Field(default=10_000, ge=1)
+    # Seconds a client may take to send a request's headers, and then its body.
+    header_read_timeout: float = Field(default=10.0, gt=0)
+    body_read_timeout: float = Field(default=30.0, gt=0)
+    # Secrets at rest (`relay.store.secrets`): Fernet keys, comma-separated, the first encrypts
+    # and every one decrypts (empty: secrets are stored as they are).
+    secret_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # /metrics: behind this bearer token when set; on a port of its own when set (and then
+    # not on the service's own port).
+    metrics_token: SecretStr = SecretStr("")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # The admin API and /console: off, or on a listener of their own (RELAY_ADMIN_PORT).
+    admin_enabled: bool = True
+    admin_port: int | None = Field(default=None, ge=0, le=65535)
     # `relay run` serves a local chat page at /chat (`make run` turns it on).
     chat_page: bool = False
     # Retention (`relay.retention`): what is settled and older than this many days goes (0:
@@ -107,6 +138,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "allowed_endpoint_networks",
+        "trusted_proxies",
+        "secret_keys",
         "bot_retry_delays",
         "delivery_retry_schedule",
         "delivery_delay_queues",
@@ -130,6 +163,17 @@ class Settings(BaseSettings):
     def _schedule(cls, value: list[float]) -> list[float]:
         if not value or any(delay < 0 for delay in value):
             raise ValueError("must be one or more numbers of seconds, 0 or more")
+        return value
+
+    @field_validator("secret_keys")
+    @classmethod
+    def _fernet_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for position, key in enumerate(value, start=1):
+            try:
+                Fernet(key.get_secret_value())
+            except ValueError:
+                # By its place in the list: a key is never shown.
+                raise ValueError(f"key {position} is not a Fernet key") from None
         return value
 
     @field_validator("database_url")
@@ -164,7 +208,8 @@ def describe_error(error: ValidationError) -> str:
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
         name = f"RELAY_{field.upper()}" if field else "settings"
-        # URLs may carry passwords: never echo them.
-        shown = "" if not field or field.endswith("_url") else f" (got {item.get('input')!r})"
+        # URLs may carry passwords, and keys and tokens are secrets: never echo them.
+        secret = field.endswith(("_url", "_keys", "_token", "_password", "_secret"))
+        shown = "" if not field or secret else f" (got {item.get('input')!r})"
         lines.append(f"  {name}: {item['msg']}{shown}")
     return "\n".join(lines)

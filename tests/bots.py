@@ -67,3 +67,9 @@ async def unhurried(message: InboundEnvelope, context: BotContext) -> None:
     if message.bundle.conversation.tags.id[-1:] in "02468":
         await asyncio.sleep(0.2)
     await EchoBot().handle(message, context)
+
+
+async def mirror(message: InboundEnvelope, context: BotContext) -> None:
+    """One reply carrying the user's payload back as it was stored (the input contract's
+    round trip: what the edge accepted, the bot stage and the delivery stage carry)."""
+    await context.reply("mirror", message.bundle.message.payload)

@@ -13,6 +13,7 @@ from relay.broker import Topology
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.wire import InboundRequest, storable_text
+from relay.wire.contract import json_problems
 from tests.helpers import Ingress, Queues, make_integration
 
 # Any character at all, unpaired surrogates and NUL included: JSON can carry them.
@@ -31,7 +32,8 @@ near_messages = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6
 
 
 def is_valid(body: Any) -> bool:
-    if not isinstance(body, dict):
+    # The input contract first (it applies to the whole body), then the message's shape.
+    if not isinstance(body, dict) or json_problems(body):
         return False
     try:
         InboundRequest.model_validate(body)

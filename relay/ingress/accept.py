@@ -24,18 +24,19 @@ from datetime import timedelta
 import structlog
 
 from relay.broker import Broker, BrokerUnavailable
-from relay.errors import Conflict, Unavailable
+from relay.errors import Conflict, InvalidBody, Unavailable
 from relay.metrics import Metrics
+from relay.pipeline.unpublishable import Burial, Unpublishable, envelope_bytes
 from relay.retry import pauses
 from relay.store import Accepted, Inbound, PendingMessage, StoreError
 from relay.store.batching import GroupCommit
+from relay.store.records import Unreadable
 from relay.wire import (
     FIRST_COPY_HEADER,
     REQUEST_ID_HEADER,
     InboundEnvelope,
     InboundRequest,
     MessageBundle,
-    dump_json,
     utcnow,
 )
 
@@ -59,6 +60,7 @@ class Acceptor:
         self._queued = GroupCommit(store.mark_queued, "mark-inbound-queued")
         self._broker = broker
         self._metrics = metrics
+        self._burial = Burial(store, broker, metrics, "inbound")
         self._lease = timedelta(seconds=lease)
         # How long a duplicate waits for the first request's publish before answering 503.
         self._wait = wait
@@ -111,6 +113,12 @@ class Acceptor:
             # Shielded: a cancelled request must not leave a half-accepted message behind.
             await asyncio.shield(self._store.discard_pending(accepted))
             raise _retry_later("the broker cannot take the message now; send it again") from error
+        except Unpublishable as error:
+            # Not the broker's failure: the same body would fail again. Nothing is kept.
+            self._metrics.inbound.labels("unpublishable").inc()
+            log.error("message_unpublishable", message_id=message_id, reason=str(error))
+            await asyncio.shield(self._store.discard_pending(accepted))
+            raise InvalidBody("the message cannot be queued", details=str(error)) from error
         try:
             await asyncio.shield(self._queued.add(message_id))
             self._broker.news.announce(integration_id, accepted.bundle.conversation.id)
@@ -167,18 +175,20 @@ class Acceptor:
         """Put the message on its inbound partition among `partitions` (the count its
         conversation is published under; None: this service's) and wait for the confirm
         (`first`: the message's first publish ever)."""
-        envelope = InboundEnvelope(
-            integrationId=integration_id,
-            text=text,
-            bundle=bundle,
-            acceptedAt=utcnow(),
-            requestId=request_id,
+        body = envelope_bytes(
+            lambda: InboundEnvelope(
+                integrationId=integration_id,
+                text=text,
+                bundle=bundle,
+                acceptedAt=utcnow(),
+                requestId=request_id,
+            )
         )
         with self._metrics.publish_latency.labels("inbound").time():
             await self._broker.publish(
                 "inbound",
                 bundle.conversation.id,
-                dump_json(envelope),
+                body,
                 message_id=bundle.message.id,
                 headers={REQUEST_ID_HEADER: request_id or "", FIRST_COPY_HEADER: int(first)},
                 partitions=partitions,
@@ -186,13 +196,47 @@ class Acceptor:
         self._metrics.published.labels("inbound").inc()
 
     async def sweep_outbox(self, limit: int = 100) -> int:
-        """Publish pending messages whose lease ran out; how many were queued."""
+        """Publish pending messages whose lease ran out, one by one; how many were queued.
+
+        A message that can never be published is ended dead (`relay.pipeline.unpublishable`)
+        and the sweep goes on; the broker's failure ends the sweep (the next one tries again).
+        """
         now = utcnow()
         stale = await self._store.claim_stale_pending(now, now + self._lease, limit)
         queued = 0
         for pending in stale:
-            queued += await self._republish(pending)
+            if isinstance(pending, Unreadable):
+                await self._bury(
+                    pending.id, pending.integration_id, pending.conversation_id, {}, pending.reason
+                )
+                continue
+            try:
+                queued += await self._republish(pending)
+            except Unpublishable as error:
+                bundle = pending.bundle
+                await self._bury(
+                    bundle.message.id,
+                    pending.integration_id,
+                    bundle.conversation.id,
+                    {"messageId": bundle.message.tags.id},
+                    str(error),
+                )
         return queued
+
+    async def _bury(
+        self,
+        message_id: str,
+        integration_id: str,
+        conversation_id: str,
+        ids: dict[str, str],
+        reason: str,
+    ) -> None:
+        letter = {
+            "integrationId": integration_id,
+            "bundle": {"conversation": {"id": conversation_id}, "message": {"id": message_id}},
+            **ids,
+        }
+        await self._burial.bury(message_id, message_id, letter, reason)
 
     async def _republish(self, pending: PendingMessage) -> int:
         message = pending.bundle.message
@@ -207,7 +251,7 @@ class Acceptor:
         except BrokerUnavailable as error:
             # Left pending: the lease just taken runs out and a later sweep tries again.
             log.warning("outbox_publish_failed", message_id=message.id, error=str(error))
-            return 0
+            raise
         await asyncio.shield(self._queued.add(message.id))
         self._broker.news.announce(pending.integration_id, pending.bundle.conversation.id)
         log.info(

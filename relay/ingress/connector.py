@@ -45,7 +45,7 @@ from pydantic import BaseModel, ValidationError
 from relay.auth import reply_token_valid
 from relay.broker import BrokerUnavailable
 from relay.errors import InvalidBody, Unauthorized, Unavailable, invalid_fields
-from relay.ingress.handlers import parse_json_object
+from relay.ingress.body import parse_json_object
 from relay.ingress.push import addressed_conversation
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.pipeline.replies import ReplyPublisher

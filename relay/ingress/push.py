@@ -17,8 +17,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from relay.auth import REPLY_PREFIX, reply_token_valid, token_matches
-from relay.errors import InvalidBody, NotFound, Unauthorized, invalid_fields
-from relay.ingress.handlers import parse_json_object, plausible_id, request_token
+from relay.errors import InvalidBody, Unauthorized, invalid_fields
+from relay.ingress.body import parse_json_object
+from relay.ingress.clients import UnknownTarget
+from relay.ingress.handlers import plausible_id, request_token
 from relay.ingress.ratelimit import RateLimiter
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.pipeline.replies import ReplyPublisher
@@ -81,8 +83,9 @@ async def addressed_conversation(store: Conversations, request: web.Request) -> 
         await store.get_conversation(conversation_id) if plausible_id(conversation_id) else None
     )
     if conversation is None:
-        # Not echoed: what a caller put in the path could be a token.
-        raise NotFound("unknown conversation")
+        # Not echoed: what a caller put in the path could be a token. Answered before any
+        # token is checked, so it costs the client's failed-authentication budget.
+        raise UnknownTarget("unknown conversation")
     structlog.contextvars.bind_contextvars(
         integration_id=conversation.integration_id, conversation_id=conversation.id
     )

@@ -16,6 +16,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from relay.broker import STAGES, Broker, BrokerUnavailable, StageName
+from relay.pipeline.unpublishable import replayable
 from relay.wire import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
@@ -161,8 +162,8 @@ class DeadLetters:
                     # Replayed and dead again already, at the queue's tail: everything that
                     # was there before has been met.
                     break
-                if not select(letter):
-                    continue
+                if not select(letter) or (republish and not replayable(letter.body)):
+                    continue  # a letter with no envelope can only be purged
                 if republish:
                     await self._republish(letter)
                 await message.ack()

@@ -4,13 +4,14 @@ published again.
 Two kinds are left `pending` by a crash between the store's commit and the broker's
 confirm: inbound messages (the acceptor's lease runs out: `relay.ingress.accept` claims and
 publishes them under the same relay id) and bot responses (`relay.pipeline.replies`). One
-loop sweeps both; the ingress runs it. A message published twice is deduplicated
+loop sweeps each; the ingress runs them. A message published twice is deduplicated
 downstream (the same relay id, the same `webhook-id`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from relay.aio import cancelled_from_outside, pause
 from relay.broker import BrokerUnavailable
 from relay.pipeline.replies import ReplyPublisher
 from relay.store import Outgoing, StoreError
+from relay.store.records import Unreadable
 from relay.wire import utcnow
 
 log = structlog.get_logger(__name__)
@@ -36,30 +38,51 @@ async def sweep_forever(
     acceptor: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float, interval: float
 ) -> None:
     """Publish what a crashed process left pending: inbound messages (see
-    `relay.ingress.accept`) and responses stored but never confirmed by the broker."""
+    `relay.ingress.accept`) and responses stored but never confirmed by the broker.
+
+    The two sweeps run side by side, each in its own loop: one that fails or hangs never
+    holds up the other."""
+    sweeps: list[tuple[str, Sweep]] = [
+        ("inbound", lambda: acceptor.sweep_outbox()),
+        ("outbound", lambda: _sweep_responses(replies, store, lease)),
+    ]
+    async with asyncio.TaskGroup() as group:
+        for stage, sweep in sweeps:
+            group.create_task(_sweep_loop(stage, sweep, lease, interval))
+
+
+Sweep = Callable[[], Awaitable[object]]
+
+
+async def _sweep_loop(stage: str, sweep: Sweep, lease: float, interval: float) -> None:
     while True:
         await pause(interval)
         try:
             # Bounded: one sweep stuck on a dependency must not end the sweeping.
             async with asyncio.timeout(max(lease, 30.0)):
-                await _sweep_once(acceptor, replies, store, lease)
+                await sweep()
         except (BrokerUnavailable, StoreError, OSError) as error:
-            log.warning("outbox_sweep_failed", error=f"{type(error).__name__}: {error}")
+            log.warning(
+                "outbox_sweep_failed", stage=stage, error=f"{type(error).__name__}: {error}"
+            )
         except asyncio.CancelledError:
             if cancelled_from_outside():
                 raise
-            log.error("outbox_sweep_failed", error="cancelled under the sweep")
+            log.error("outbox_sweep_failed", stage=stage, error="cancelled under the sweep")
         except Exception:
-            log.exception("outbox_sweep_failed")
+            log.exception("outbox_sweep_failed", stage=stage)
 
 
-async def _sweep_once(
-    acceptor: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float
-) -> None:
-    await acceptor.sweep_outbox()
+async def _sweep_responses(replies: ReplyPublisher, store: Outgoing, lease: float) -> None:
     now = utcnow()
-    stale = await store.claim_stale_outgoing(
+    claimed = await store.claim_stale_outgoing(
         now - timedelta(seconds=lease), now, now + timedelta(seconds=lease), 100
     )
+    stale = []
+    for row in claimed:
+        if isinstance(row, Unreadable):
+            await replies.bury_unreadable(row)
+        else:
+            stale.append(row)
     # A response published twice carries the same webhook-id: receivers deduplicate.
     await replies.publish(stale)

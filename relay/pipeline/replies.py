@@ -15,9 +15,11 @@ import structlog
 
 from relay.broker import Broker
 from relay.metrics import Metrics
+from relay.pipeline.unpublishable import Burial, Unpublishable, envelope_bytes
 from relay.store import ConversationRecord, Outgoing, OutgoingRecord
 from relay.store.batching import GroupCommit
-from relay.wire import OutboundEnvelope, WebhookResponse, dump_json, utcnow
+from relay.store.records import Unreadable
+from relay.wire import OutboundEnvelope, WebhookResponse, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +29,16 @@ SETTLED_LIMIT = 50_000  # conversations remembered as settled (the least recent 
 def delivery_id(message_id: str) -> str:
     """The `webhook-id` of a response: derived from its relay id, so stable across retries."""
     return f"msg_{message_id}"
+
+
+def response_id(webhook_id: str) -> str | None:
+    """The relay id of the response with that `webhook-id` (None: not one of ours)."""
+    found = webhook_id.removeprefix("msg_")
+    return found if found != webhook_id and found else None
+
+
+def _unreadable(record: OutgoingRecord, reason: str) -> Unreadable:
+    return Unreadable(record.id, record.integration_id, record.conversation_id, reason)
 
 
 def webhook_body(record: OutgoingRecord) -> WebhookResponse:
@@ -50,6 +62,7 @@ class ReplyPublisher:
         self._queued = GroupCommit(store.mark_queued, "mark-responses-queued")
         self._broker = broker
         self._metrics = metrics
+        self._burial = Burial(store, broker, metrics, "outbound")
         # Conversations last seen published under this service's partition count.
         self._settled: OrderedDict[str, None] = OrderedDict()
 
@@ -82,7 +95,13 @@ class ReplyPublisher:
         try:
             for record in sorted(records, key=lambda r: r.sequence):
                 if record.state != "queued":
-                    await self._publish_one(record, accepted_at)
+                    try:
+                        await self._publish_one(record, accepted_at)
+                    except Unpublishable as error:
+                        # Ended, not retried: the responses behind it go on (a worker meeting
+                        # the skipped number asks the store, which has it dead).
+                        await self.bury_unreadable(_unreadable(record, str(error)))
+                        continue
                     published.append(record.id)
                     log.info(
                         "response_queued",
@@ -96,18 +115,30 @@ class ReplyPublisher:
             # message comes back unacked; the outbox takes a pushed response).
             await asyncio.shield(asyncio.gather(*(self._queued.add(id_) for id_ in published)))
 
+    async def bury_unreadable(self, row: Unreadable) -> None:
+        """End a stored response that can never be published: dead, in the dead-letter queue
+        with the reason (BrokerUnavailable if that cannot be done now)."""
+        letter = {
+            "integrationId": row.integration_id,
+            "deliveryId": delivery_id(row.id),
+            "body": {"botpressConversationId": row.conversation_id, "botpressMessageId": row.id},
+        }
+        await self._burial.bury(row.id, delivery_id(row.id), letter, row.reason)
+
     async def send_again(self, record: OutgoingRecord) -> None:
         """Publish a stored response once more, as a first attempt under its webhook-id
         (an operator's resend or recovery), whatever became of it before."""
         await self._publish_one(record, None)
 
     async def _publish_one(self, record: OutgoingRecord, accepted_at: datetime | None) -> None:
-        envelope = OutboundEnvelope(
-            integrationId=record.integration_id,
-            deliveryId=delivery_id(record.id),
-            body=webhook_body(record),
-            createdAt=utcnow(),
-            acceptedAt=accepted_at,
+        body = envelope_bytes(
+            lambda: OutboundEnvelope(
+                integrationId=record.integration_id,
+                deliveryId=delivery_id(record.id),
+                body=webhook_body(record),
+                createdAt=utcnow(),
+                acceptedAt=accepted_at,
+            )
         )
         if record.partitions not in (None, self.partitions):
             # Another service moved the conversation: try to move it back next time.
@@ -116,8 +147,8 @@ class ReplyPublisher:
             await self._broker.publish(
                 "outbound",
                 record.conversation_id,
-                dump_json(envelope),
-                message_id=envelope.deliveryId,
+                body,
+                message_id=delivery_id(record.id),
                 partitions=record.partitions,
             )
         self._metrics.published.labels("outbound").inc()

@@ -98,6 +98,10 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
             log.error("invalid_envelope", stage=self.stage, message_id=message.message_id)
             return None
 
+    async def unreadable(self, message_id: str) -> None:
+        """Note in the store that the message `message_id` (its id on the stage's queues) is
+        dead, its envelope unreadable: nothing may wait behind it. Nothing by default."""
+
     @abstractmethod
     def created_at(self, envelope: E) -> datetime:
         """When the message came into being (its age is watched)."""
@@ -229,7 +233,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
                 age = (utcnow() - self.created_at(envelope)).total_seconds()
                 self._metrics.message_age.labels(self.stage).observe(max(age, 0.0))
             if envelope is None:
-                verdict = Verdict(Outcome.DEAD, reason="not a valid envelope")
+                verdict = await self._dead_unread(message)
             elif not await self._recall_parking(
                 delivery.subscription, conversation or "", envelope
             ):
@@ -268,6 +272,14 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
             return
         subscription.take()
         self._lanes.submit(conversation, delivery)
+
+    async def _dead_unread(self, message: AbstractIncomingMessage) -> Verdict:
+        """A message that is not a valid envelope: dead-lettered, and dead in the store."""
+        try:
+            await self.unreadable(message.message_id or "")
+        except Exception as error:
+            return Verdict(Outcome.AGAIN, reason=f"{type(error).__name__}: {error}")
+        return Verdict(Outcome.DEAD, reason="not a valid envelope")
 
     async def _decide_safely(self, message: AbstractIncomingMessage, envelope: E) -> Verdict:
         try:

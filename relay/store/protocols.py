@@ -24,11 +24,13 @@ from relay.store.records import (
     OutgoingRecord,
     PendingMessage,
     Pruned,
+    Resealed,
     SentResponse,
     TokenKind,
     TokenRecord,
     TurnRecord,
     Unfinished,
+    Unreadable,
     Watermark,
 )
 from relay.wire import InboundRequest
@@ -79,7 +81,9 @@ class Integrations(IntegrationLookup, Protocol):
     async def rotate_secret(
         self, integration_id: str, secret: str, previous_until: datetime
     ) -> IntegrationRecord | None:
-        """Make `secret` current; the old one stays valid for signing until `previous_until`."""
+        """Make `secret` current; the old one stays valid for signing until `previous_until`.
+        Secrets are given and answered in plain text, and stored sealed when the store has
+        keys (`relay.store.secrets`)."""
 
     async def create_token(
         self, integration_id: str, kind: TokenKind, token_hash: str, prefix: str
@@ -96,18 +100,28 @@ class Integrations(IntegrationLookup, Protocol):
     async def create_admin_token(self, token_hash: str, prefix: str) -> TokenRecord:
         """Record an admin token (the admin API's) by its hash."""
 
-    async def admin_token_hashes(self) -> list[str]:
-        """Hashes of the admin tokens that are not revoked."""
+    async def admin_token_active(self, token_hash: str) -> bool:
+        """Whether an admin token with this hash exists and is not revoked (one indexed
+        row, looked up at every admin request)."""
+
+    async def reseal_secrets(self) -> Resealed:
+        """Seal every stored secret (signing, previous signing and bot secrets) again with
+        the first key, a plain one for the first time (`relay secrets reencrypt`); those no
+        key opens are left as they are and named in the answer."""
 
     async def list_admin_tokens(self) -> list[TokenRecord]:
         """Every admin token, revoked ones included."""
 
 
 class Queued(Protocol):
-    """A message's publish confirmed: what every publisher marks."""
+    """A message's publish confirmed, or never possible: what every publisher marks."""
 
     async def mark_queued(self, message_ids: Sequence[str]) -> None:
         """The broker confirmed the messages: they are accepted for good."""
+
+    async def end_unpublished(self, message_id: str, dead_at: datetime) -> None:
+        """A pending message that can never be published: dead, no longer pending (so no
+        outbox takes it again and no conversation waits behind it)."""
 
 
 class Inbound(Queued, Protocol):
@@ -146,8 +160,9 @@ class Inbound(Queued, Protocol):
 
     async def claim_stale_pending(
         self, now: datetime, lease_until: datetime, limit: int
-    ) -> list[PendingMessage]:
-        """Claim pending messages whose lease expired (a crash between commit and publish)."""
+    ) -> list[PendingMessage | Unreadable]:
+        """Claim pending messages whose lease expired (a crash between commit and publish);
+        a claimed row that cannot be read back comes as `Unreadable`."""
 
 
 class Outgoing(Queued, Protocol):
@@ -172,8 +187,9 @@ class Outgoing(Queued, Protocol):
 
     async def claim_stale_outgoing(
         self, before: datetime, now: datetime, lease_until: datetime, limit: int
-    ) -> list[OutgoingRecord]:
-        """Claim responses stored before `before` and never confirmed by the broker."""
+    ) -> list[OutgoingRecord | Unreadable]:
+        """Claim responses stored before `before` and never confirmed by the broker; a
+        claimed row that cannot be read back comes as `Unreadable`."""
 
 
 class Conversations(Protocol):
@@ -274,10 +290,12 @@ class History(Protocol):
         scope_id: str,
         after: Watermark | None,
         limit: int,
+        max_bytes: int | None = None,
     ) -> HistoryPage:
         """Up to `limit` items of a conversation (or of every conversation of an
         integration) after `after` (None: from the first), in the order they became
-        visible."""
+        visible; with `max_bytes`, only as many as come to about that many bytes of
+        payload (the first always), the rest never read out of the database."""
 
     async def latest_watermark(self, integration_id: str) -> Watermark:
         """The watermark of the integration's latest item (where a stream from now starts)."""

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from relay.store.secrets import SecretUnreadable
 from relay.wire import MessageBundle
 
 TokenKind = Literal["integration", "bot"]
@@ -17,26 +18,46 @@ MessageState = Literal["pending", "queued"]
 
 
 class IntegrationRecord(BaseModel):
-    """An integration: one back end with its response endpoint and signing secret."""
+    """An integration: one back end with its response endpoint and signing secret (as the
+    store read it: decrypted, `relay.store.secrets`)."""
 
     model_config = ConfigDict(frozen=True)
 
     id: str
     name: str
     response_url: str
-    signing_secret: str
+    # Never in a repr: a record in a log line or a traceback must not show it.
+    signing_secret: str = Field(repr=False)
     created_at: datetime
     disabled_at: datetime | None = None
     # During a rotation's grace period deliveries are signed with both secrets.
-    previous_secret: str | None = None
+    previous_secret: str | None = Field(default=None, repr=False)
     previous_secret_until: datetime | None = None
+    # Why the stored signing secret could not be decrypted (its key is not among
+    # RELAY_SECRET_KEYS), naming the integration: `signing_secret` is empty then, and
+    # `signing_secrets` raises. Nothing else about the integration is affected.
+    secret_unreadable: str | None = None
 
     def signing_secrets(self, now: datetime) -> list[str]:
-        """The secrets to sign with now: the current one, and the previous during its grace."""
+        """The secrets to sign with now: the current one, and the previous during its grace;
+        SecretUnreadable if the current one could not be decrypted."""
+        if self.secret_unreadable is not None:
+            raise SecretUnreadable(self.secret_unreadable)
         until = self.previous_secret_until
         if self.previous_secret and until is not None and now < until:
             return [self.signing_secret, self.previous_secret]
         return [self.signing_secret]
+
+
+@dataclass(frozen=True)
+class Resealed:
+    """What sealing every stored secret again did (`relay secrets reencrypt`)."""
+
+    count: int  # secrets sealed again with the first key
+    # One line per secret no key opens, naming its integration (never the secret).
+    unreadable: list[str]
+    # Secrets that changed while it ran (a rotation): run it again.
+    changed: int = 0
 
 
 class TokenRecord(BaseModel):
@@ -85,6 +106,17 @@ class PendingMessage:
     request_id: str | None
     lease_owner: str
     partitions: int | None = None  # the partition count it is published under
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A claimed row of the outbox that cannot be read back (a payload no parser takes): it
+    is ended, not published (`relay.pipeline.unpublishable`)."""
+
+    id: str
+    integration_id: str
+    conversation_id: str
+    reason: str
 
 
 class AttemptRecord(BaseModel):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -23,6 +22,10 @@ from pydantic import (
     StringConstraints,
 )
 from typing_extensions import TypeAliasType
+
+from relay.wire.contract import MAX_DEPTH, check_json, storable_text
+
+__all__ = ["storable_text"]  # re-exported: models outside this package use it too
 
 # The headers of the relay's queue messages (AMQP), by what they say.
 ATTEMPT_HEADER = "x-relay-attempt"  # the attempt a message is on (0 for the first)
@@ -48,31 +51,9 @@ Timestamp = Annotated[datetime, PlainSerializer(_iso_millis, return_type=str)]
 Direction = Literal["incoming", "outgoing"]
 
 
-def storable_text(value: str) -> str:
-    """Refuse what a store cannot keep faithfully: NUL characters and unpaired surrogates."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError("must not contain unpaired surrogates (invalid UTF-16)") from error
-    return value
-
-
 def storable_json(value: Any) -> Any:
-    """`storable_text` for every key and string inside a JSON value; numbers finite."""
-    if isinstance(value, str):
-        storable_text(value)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must not hold NaN or infinite numbers")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            storable_text(key)
-            storable_json(item)
-    elif isinstance(value, list):
-        for item in value:
-            storable_json(item)
-    return value
+    """A JSON value inside a body (a payload): the input contract with one level fewer."""
+    return check_json(value, depth=MAX_DEPTH - 1)
 
 
 # The JSON Schema side of the rules above, for /openapi.json. An unpaired surrogate cannot be

@@ -93,6 +93,11 @@ class BotWorker(StageWorker[InboundEnvelope]):
             utcnow() - PARKING_LOOKBACK - timedelta(seconds=sum(self._delays)),
         )
 
+    async def unreadable(self, message_id: str) -> None:
+        """An inbound message's queue id is its relay id: marked dead, no turn waits for it."""
+        if message_id:
+            await self._store.mark_dead(message_id, utcnow())
+
     async def decide(self, message: AbstractIncomingMessage, envelope: InboundEnvelope) -> Verdict:
         """Run the turn (or republish stored replies) and say what becomes of the message."""
         try:

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ValidationError
 from relay.broker import Broker
 from relay.broker.presence import QueueAges
 from relay.errors import InvalidBody, InvalidQuery, NotFound, invalid_fields
+from relay.ingress.body import parse_json_object
 from relay.ingress.conversations import parse_limit
-from relay.ingress.handlers import parse_json_object, plausible_id
+from relay.ingress.handlers import plausible_id
 from relay.pipeline.replies import ReplyPublisher
 from relay.settings import Settings
 from relay.store import IntegrationLookup, IntegrationRecord, Store

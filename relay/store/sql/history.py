@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
+
+import structlog
 
 from relay.store.driver import Driver, Row
 from relay.store.records import HistoryPage, HistoryRow, TurnRecord, Watermark
 from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED, as_datetime
 from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
+from relay.wire.contract import MAX_DEPTH, json_problems
+
+log = structlog.get_logger(__name__)
 
 Scope = Literal["conversation", "integration"]
+_NO_BOUND = 2**62  # bytes: no page comes near it
 
 _ITEM = {"postgresql": "m.item", "sqlite": "m.rowid"}
 _HORIZON = {
@@ -41,12 +47,18 @@ _SCOPE_COLUMN: dict[Scope, str] = {
 }
 
 
+_SIZE = {"postgresql": "octet_length(m.payload)", "sqlite": "length(CAST(m.payload AS BLOB))"}
+
+
 def _history_select(dialect: str, scope: Scope) -> str:
+    """A page of items after a watermark; each row says how many payload bytes come before
+    it in the page (`before`) and how many rows the page has (`total`), so a page can stop
+    at a byte bound inside the database: rows past it are never sent."""
     item = _ITEM[dialect]
-    return f"""
+    page = f"""
 SELECT m.id, m.external_id, m.direction, m.type, m.payload, m.created_at, m.sequence,
        m.conversation_id, c.external_id AS conversation_external_id, m.dead_at,
-       m.txid, {item} AS item, {_HORIZON[dialect]} AS horizon,
+       m.txid, {item} AS item, {_HORIZON[dialect]} AS horizon, {_SIZE[dialect]} AS size,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id) AS attempts,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id
             AND {ATTEMPT_DELIVERED}) AS delivered,
@@ -56,6 +68,14 @@ FROM messages m JOIN conversations c ON c.id = m.conversation_id
 WHERE {_SCOPE_COLUMN[scope]} = ? AND (m.txid, {item}) > (?, ?)
 ORDER BY m.txid, {item} LIMIT ?
 """
+    return f"""
+SELECT * FROM (
+    SELECT page.*, COUNT(*) OVER () AS total,
+           SUM(page.size) OVER (ORDER BY page.txid, page.item ROWS UNBOUNDED PRECEDING)
+               - page.size AS before
+    FROM ({page}) AS page
+) AS sized WHERE sized.before < ? ORDER BY sized.txid, sized.item
+"""
 
 
 def _history_row(row: Row) -> HistoryRow:
@@ -64,7 +84,8 @@ def _history_row(row: Row) -> HistoryRow:
         watermark=Watermark(int(row["txid"]), int(row["item"])),
         direction=row["direction"],
         type=row["type"],
-        payload=json.loads(row["payload"]),
+        # An empty object stands for a payload no answer could carry.
+        payload=shown_payload(row["payload"], row["id"]) or {},
         created_at=as_datetime(row["created_at"]),
         conversation_id=row["conversation_id"],
         conversation_external_id=row["conversation_external_id"],
@@ -75,6 +96,20 @@ def _history_row(row: Row) -> HistoryRow:
         # Dead-lettered: marked so, or an attempt that failed with no retry planned.
         dead=row["dead_at"] is not None or bool(row["given_up"]),
     )
+
+
+def shown_payload(text: str, message_id: str) -> Any:
+    """A stored payload as a reader is shown it; None for one that breaks the input contract
+    (a row written by an older Relay, or by hand), which no answer could carry."""
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
+        payload = None
+    else:
+        if not json_problems(payload, depth=MAX_DEPTH - 1):
+            return payload
+    log.warning("stored_payload_unreadable", message_id=message_id)
+    return None
 
 
 def _final(rows: Sequence[Row]) -> list[Row]:
@@ -103,7 +138,12 @@ class HistorySql:
         return str(row["id"]) if row else None
 
     async def history(
-        self, scope: Scope, scope_id: str, after: Watermark | None, limit: int
+        self,
+        scope: Scope,
+        scope_id: str,
+        after: Watermark | None,
+        limit: int,
+        max_bytes: int | None = None,
     ) -> HistoryPage:
         start = after or Watermark.ORIGIN
         async with self._driver.connection() as conn:
@@ -113,14 +153,17 @@ class HistorySql:
                 start.txid,
                 start.item,
                 limit,
+                # The first row always comes (nothing is before it).
+                max(max_bytes, 1) if max_bytes is not None else _NO_BOUND,
             )
         final = _final(rows)
         items = [_history_row(row) for row in final]
+        total = int(rows[0]["total"]) if rows else 0
         return HistoryPage(
             items=items,
             watermark=items[-1].watermark if items else start,
             held_back=len(final) < len(rows),
-            more=len(rows) == limit and len(final) == len(rows),
+            more=len(final) == len(rows) and (total == limit or len(rows) < total),
         )
 
     async def latest_watermark(self, integration_id: str) -> Watermark:
@@ -145,5 +188,8 @@ class HistorySql:
         return TurnRecord(
             handled=row is not None and row["handled_at"] is not None,
             dead=row is not None and row["dead_at"] is not None,
-            responses=[outgoing_record(r) for r in rows],
+            # A response whose payload no answer could carry was never sent: left out.
+            responses=[
+                outgoing_record(r) for r in rows if shown_payload(r["payload"], r["id"]) is not None
+            ],
         )

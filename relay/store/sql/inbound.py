@@ -13,7 +13,7 @@ from typing import Any
 from relay.broker.topology import BASE_PARTITIONS
 from relay.store.batching import GroupCommit
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
-from relay.store.records import Accepted, PendingMessage
+from relay.store.records import Accepted, PendingMessage, Unreadable
 from relay.store.sql.common import MAX_PARAMETERS, as_datetime, chunks, delete_unused, new_id
 from relay.store.sql.generations import read_lock, settle_in
 from relay.store.sql.stamps import stamp_set
@@ -186,6 +186,18 @@ class InboundSql:
                     *chunk,
                 )
 
+    async def end_unpublished(self, message_id: str, dead_at: datetime) -> None:
+        # 'queued': the state of a row no outbox publishes; `dead_at` says it died. An
+        # incoming message is stamped (visible in the history) as a queued one is.
+        async with self._driver.connection() as conn:
+            await conn.execute(
+                "UPDATE messages SET state = 'queued', dead_at = ?, retry_at = NULL,"
+                f" lease_until = NULL, lease_owner = NULL, {stamp_set(self._driver.dialect)}"
+                " WHERE id = ? AND state = 'pending'",
+                dead_at,
+                message_id,
+            )
+
     async def discard_pending(self, accepted: Accepted) -> bool:
         bundle = accepted.bundle
         async with self._driver.connection() as conn:
@@ -222,7 +234,7 @@ class InboundSql:
 
     async def claim_stale_pending(
         self, now: datetime, lease_until: datetime, limit: int
-    ) -> list[PendingMessage]:
+    ) -> list[PendingMessage | Unreadable]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 # Responses are pending too until published; they have an outbox of their own.
@@ -232,22 +244,30 @@ class InboundSql:
                 now,
                 limit,
             )
-        claimed = []
+        claimed: list[PendingMessage | Unreadable] = []
         for row in rows:
             # A conditional update per row: whichever ingress wins it publishes it.
             owner = await self.claim_pending(row["id"], now, lease_until)
             if owner is not None:
-                claimed.append(
-                    PendingMessage(
-                        integration_id=row["integration_id"],
-                        bundle=_bundle(row),
-                        text=row["text"],
-                        request_id=row["request_id"],
-                        lease_owner=owner,
-                        partitions=row["partitions"],
-                    )
-                )
+                claimed.append(_pending(row, owner))
         return claimed
+
+
+def _pending(row: Row, owner: str) -> PendingMessage | Unreadable:
+    """A claimed row as the outbox publishes it, or Unreadable if it cannot be read back."""
+    try:
+        bundle = _bundle(row)
+    except (ValueError, RecursionError) as error:
+        reason = f"the stored message cannot be read: {type(error).__name__}"
+        return Unreadable(row["id"], row["integration_id"], row["c_id"], reason)
+    return PendingMessage(
+        integration_id=row["integration_id"],
+        bundle=bundle,
+        text=row["text"],
+        request_id=row["request_id"],
+        lease_owner=owner,
+        partitions=row["partitions"],
+    )
 
 
 async def _users_and_conversation(

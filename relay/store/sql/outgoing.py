@@ -4,14 +4,13 @@ the outbox when never confirmed; the conversation and bot secret a bot's own cal
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from relay.broker.topology import BASE_PARTITIONS
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreError
-from relay.store.records import ConversationRecord, InboundState, OutgoingRecord
+from relay.store.records import ConversationRecord, InboundState, OutgoingRecord, Unreadable
 from relay.store.sql.common import MAX_PARAMETERS, chunks, new_id
 from relay.store.sql.stamps import stamp_set, stamp_values
 from relay.wire import utcnow
@@ -25,6 +24,15 @@ FROM messages m JOIN conversations c ON c.id = m.conversation_id
 
 def outgoing_record(row: Row) -> OutgoingRecord:
     return OutgoingRecord.model_validate({**row, "payload": json.loads(row["payload"])})
+
+
+def _claimed(row: Row) -> OutgoingRecord | Unreadable:
+    """A claimed response as the outbox publishes it, or Unreadable if it cannot be read."""
+    try:
+        return outgoing_record(row)
+    except (ValueError, RecursionError) as error:
+        reason = f"the stored response cannot be read: {type(error).__name__}"
+        return Unreadable(row["id"], row["integration_id"], row["conversation_id"], reason)
 
 
 def _mark_handled(dialect: str) -> str:
@@ -238,7 +246,7 @@ class OutgoingSql:
 
     async def claim_stale_outgoing(
         self, before: datetime, now: datetime, lease_until: datetime, limit: int
-    ) -> list[OutgoingRecord]:
+    ) -> list[OutgoingRecord | Unreadable]:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 OUTGOING_SELECT + " WHERE m.direction = 'outgoing' AND m.state = 'pending'"
@@ -248,7 +256,7 @@ class OutgoingSql:
                 now,
                 limit,
             )
-        claimed = []
+        claimed: list[OutgoingRecord | Unreadable] = []
         for row in rows:
             # A conditional update per row: one sweeper per lease publishes it.
             async with self._driver.connection() as conn:
@@ -260,7 +268,7 @@ class OutgoingSql:
                     now,
                 )
             if won == 1:
-                claimed.append(outgoing_record(row))
+                claimed.append(_claimed(row))
         return claimed
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
@@ -272,22 +280,6 @@ class OutgoingSql:
                 conversation_id,
             )
         return ConversationRecord.model_validate(row) if row else None
-
-    async def bot_secret(self, integration_id: str) -> str:
-        select = "SELECT bot_secret FROM integrations WHERE id = ?"
-        async with self._driver.connection() as conn:
-            row = await conn.fetchone(select, integration_id)
-            if row is not None and row["bot_secret"] is None:
-                # Made on first use; whoever writes first wins, everyone reads the winner's.
-                await conn.execute(
-                    "UPDATE integrations SET bot_secret = ? WHERE id = ? AND bot_secret IS NULL",
-                    secrets.token_urlsafe(32),
-                    integration_id,
-                )
-                row = await conn.fetchone(select, integration_id)
-        if row is None:
-            raise StoreError(f"no integration {integration_id}")
-        return str(row["bot_secret"])
 
 
 async def _insert_outgoing(
