@@ -1,6 +1,10 @@
 """`create_app(settings)`: the ingress application, its resources and its routes.
 
-It also runs the outbox sweep (`relay.pipeline.outbox`) for the whole relay.
+It also runs the outbox sweep (`relay.pipeline.outbox`) for the whole relay. The admin API
+(`/admin/v1`) and `/console` are served on the ingress's port, on a listener of their own
+(`RELAY_ADMIN_PORT`), or not at all (`RELAY_ADMIN_ENABLED=false`: a 404, like any path
+the ingress does not serve). Requests that fail authentication are limited per client
+(`relay.ingress.clients`) on every listener.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from relay.broker.presence import QueueAges
 from relay.ingress.accept import Acceptor
 from relay.ingress.admin import admin_app
 from relay.ingress.admin.common import AdminKeys
+from relay.ingress.clients import AuthFailures
 from relay.ingress.connector import add_connector_routes
 from relay.ingress.conversations import ConversationApi
 from relay.ingress.events import EventStreams
@@ -32,8 +37,10 @@ from relay.ingress.watchers import Watchers
 from relay.metrics import Metrics
 from relay.pipeline.outbox import sweep_forever
 from relay.pipeline.replies import ReplyPublisher
-from relay.service.app import METRICS_KEY, create_service_app
+from relay.service.app import METRICS_KEY, create_service_app, observe
 from relay.service.lifecycle import dependencies, queue_gauges
+from relay.service.listeners import listening, settings_context
+from relay.service.server import SERVICE_SETTINGS_KEY
 from relay.settings import Settings
 from relay.store import Store
 from relay.store.directory import Directory
@@ -49,6 +56,7 @@ STREAMS_KEY = web.AppKey("event_streams", EventStreams)
 WATCHERS_KEY = web.AppKey("watchers", Watchers)
 FEED_KEY = web.AppKey("news_feed", NewsFeed)
 AGES_KEY = web.AppKey("queue_ages", QueueAges)
+FAILURES_KEY = web.AppKey("auth_failures", AuthFailures)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -56,7 +64,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The ingress: `POST /webhooks/{integrationId}` plus the service routes."""
-    app = create_service_app(metrics or Metrics(), [], client_max_size=settings.max_body_bytes)
+    metrics = metrics or Metrics()
+    app = create_service_app(metrics, [], client_max_size=settings.max_body_bytes)
+    failures = AuthFailures(
+        settings.auth_failure_rate, settings.auth_failure_burst, settings.trusted_proxies, metrics
+    )
+    app.middlewares.append(failures.middleware)
+    app[FAILURES_KEY] = failures
+    app.cleanup_ctx.append(settings_context(settings))
     app.cleanup_ctx.append(_resources(settings))
     app.on_shutdown.append(_stop_watchers)
     app.router.add_get("/openapi.json", openapi_handler)
@@ -68,11 +83,46 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     add_connector_routes(app, STORE_KEY, REPLIES_KEY)
     if settings.chat_page:
         app.router.add_get("/chat", static_page("chat.html"))
+    if settings.admin_enabled and settings.admin_port is None:
+        add_admin_routes(app, settings)
+    return app
+
+
+def add_admin_routes(app: web.Application, settings: Settings) -> None:
+    """The admin API under `/admin/v1`, and the console over it."""
     app.router.add_get("/console", static_page("console.html"))
     app.add_subapp(
         "/admin/v1", admin_app(settings, AdminKeys(STORE_KEY, BROKER_KEY, REPLIES_KEY, AGES_KEY))
     )
+
+
+def _admin_listener_app(ingress: web.Application, settings: Settings) -> web.Application:
+    """The admin API and the console alone, over the resources of the started `ingress`."""
+    app = web.Application(
+        middlewares=[observe, ingress[FAILURES_KEY].middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[METRICS_KEY] = ingress[METRICS_KEY]
+    app[SERVICE_SETTINGS_KEY] = ingress[SERVICE_SETTINGS_KEY]
+    app[STORE_KEY], app[BROKER_KEY] = ingress[STORE_KEY], ingress[BROKER_KEY]
+    app[REPLIES_KEY], app[AGES_KEY] = ingress[REPLIES_KEY], ingress[AGES_KEY]
+    add_admin_routes(app, settings)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _admin_listener(ingress: web.Application, settings: Settings) -> AsyncIterator[None]:
+    """The admin listener (`RELAY_ADMIN_PORT`) while in scope, if there is one."""
+    if not settings.admin_enabled or settings.admin_port is None:
+        yield
+        return
+    async with listening(
+        _admin_listener_app(ingress, settings),
+        settings.http_host,
+        settings.admin_port,
+        settings.shutdown_timeout,
+    ):
+        yield
 
 
 def add_conversation_routes(app: web.Application) -> None:
@@ -105,6 +155,21 @@ async def _stop_watchers(app: web.Application) -> None:
         app[WATCHERS_KEY].stop()
 
 
+def _add_handlers(app: web.Application, settings: Settings, store: Store) -> None:
+    """The request handlers, over the resources started before them."""
+    directory = Directory(store, settings.auth_cache_seconds, settings.directory_cache_size)
+    limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    metrics, watchers = app[METRICS_KEY], app[WATCHERS_KEY]
+    waiter = ReplyWaiter(store, watchers, metrics, settings)
+    app[HANDLER_KEY] = WebhookHandler(directory, limiter, app[ACCEPTOR_KEY], waiter)
+    app[PUSH_KEY] = PushHandler(store, directory, limiter, app[REPLIES_KEY])
+    api = ConversationApi(
+        store, directory, limiter, settings.read_token_seconds, settings.history_page_bytes
+    )
+    app[CONVERSATIONS_KEY] = api
+    app[STREAMS_KEY] = EventStreams(api, watchers, metrics, settings)
+
+
 def _resources(
     settings: Settings,
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
@@ -119,18 +184,9 @@ def _resources(
                 wait=settings.publish_timeout + 2,
             )
             app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
-            directory = Directory(store, settings.auth_cache_seconds)
-            limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-            replies = ReplyPublisher(store, broker, app[METRICS_KEY])
-            watchers = Watchers()
-            waiter = ReplyWaiter(store, watchers, app[METRICS_KEY])
-            app[HANDLER_KEY] = WebhookHandler(directory, limiter, acceptor, waiter)
-            app[PUSH_KEY] = PushHandler(store, directory, limiter, replies)
-            app[REPLIES_KEY] = replies
-            api = ConversationApi(store, directory, limiter, settings.read_token_seconds)
-            app[CONVERSATIONS_KEY] = api
-            app[STREAMS_KEY] = EventStreams(api, watchers, app[METRICS_KEY], settings)
-            app[WATCHERS_KEY] = watchers
+            app[REPLIES_KEY] = replies = ReplyPublisher(store, broker, app[METRICS_KEY])
+            app[WATCHERS_KEY] = watchers = Watchers()
+            _add_handlers(app, settings, store)
             app[FEED_KEY] = feed = NewsFeed(broker, watchers.heard, watchers.wake_all)
             feed.start()
             app[AGES_KEY] = ages = QueueAges(broker, settings.presence_interval)
@@ -141,7 +197,10 @@ def _resources(
                 )
             )
             try:
-                async with queue_gauges(app, broker, settings, store):
+                async with (
+                    queue_gauges(app, broker, settings, store),
+                    _admin_listener(app, settings),
+                ):
                     yield
             finally:
                 await cancel_and_wait(sweeper)

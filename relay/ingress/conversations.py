@@ -5,6 +5,9 @@ An integration token reads every conversation of its integration; a read token (
 `POST .../tokens`, valid one hour) reads one conversation's history and events, and is
 the only token accepted in the query (`?token=`), because a browser's `EventSource` cannot
 set headers. Tokens in the query are never logged (the ingress logs no URLs).
+
+A history page holds at most `limit` items and `RELAY_HISTORY_PAGE_BYTES` of them
+(`relay.ingress.paging`); its watermark is that of its last item either way.
 """
 
 from __future__ import annotations
@@ -16,19 +19,15 @@ from typing import Literal, Protocol
 
 from aiohttp import web
 
-from relay.auth import READ_PREFIX, read_token, read_token_valid, token_matches
+from relay.auth import READ_PREFIX, hash_token, read_token, read_token_valid, token_matches
 from relay.errors import InvalidQuery, NotFound, Unauthorized
 from relay.ingress.handlers import addressed_integration, plausible_id, request_token
+from relay.ingress.paging import read_page
 from relay.ingress.ratelimit import RateLimiter
 from relay.pipeline.replies import delivery_id
 from relay.store import History, HistoryRow, IntegrationRecord, Watermark
 from relay.store.directory import Directory
-from relay.wire import (
-    ConversationItem,
-    HistoryAnswer,
-    ItemDelivery,
-    ReadTokenAnswer,
-)
+from relay.wire import ConversationItem, ItemDelivery, ReadTokenAnswer
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
@@ -43,10 +42,12 @@ class ReaderStore(History, Protocol):
 
 @dataclass(frozen=True)
 class Reader:
-    """Who reads, and which conversation (None: the integration's every conversation)."""
+    """Who reads, and which conversation (None: the integration's every conversation);
+    `credential` is the hash of the token it read with (never the token itself)."""
 
     integration: IntegrationRecord
     conversation_id: str | None
+    credential: str
 
     @property
     def scope(self) -> tuple[Literal["conversation", "integration"], str]:
@@ -77,6 +78,11 @@ def as_item(row: HistoryRow) -> ConversationItem:
     )
 
 
+def item_json(row: HistoryRow) -> bytes:
+    """A history row as the API shows it, in JSON."""
+    return as_item(row).model_dump_json(exclude_none=True).encode()
+
+
 def parse_watermark(text: str | None, name: str) -> Watermark | None:
     """A watermark from the query or a header (None if absent), or a 400."""
     if text is None:
@@ -105,22 +111,24 @@ class ConversationApi:
         directory: Directory,
         limiter: RateLimiter,
         read_token_seconds: float,
+        page_bytes: int,
     ) -> None:
         self.store = store
         self._directory = directory
         self._limiter = limiter
         self._token_seconds = read_token_seconds
+        self.page_bytes = page_bytes
 
     async def messages(self, request: web.Request) -> web.Response:
         """`GET .../conversations/{conversationId}/messages?after=W&limit=N`."""
         reader = await self.authorize(request, read_token_ok=True)
         after = parse_watermark(request.query.get("after"), "after")
         limit = parse_limit(request.query.get("limit"))
-        page = await self.store.history(*reader.scope, after, limit)
-        answer = HistoryAnswer(
-            messages=[as_item(row) for row in page.items], watermark=str(page.watermark)
-        )
-        return web.json_response(text=answer.model_dump_json(exclude_none=True))
+        page = await read_page(self.store, reader.scope, after, limit, self.page_bytes, item_json)
+        # HistoryAnswer's JSON, written out: each item was encoded once, as it was read.
+        watermark = str(page.watermark).encode()  # digits and a dot: nothing to escape
+        body = b'{"messages":[%s],"watermark":"%s"}' % (b",".join(page.chunks), watermark)
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
 
     async def read_token(self, request: web.Request) -> web.Response:
         """`POST .../conversations/{conversationId}/tokens`: a read token for one hour."""
@@ -154,17 +162,18 @@ class ConversationApi:
             ):
                 raise Unauthorized("missing, invalid or expired token")
             self._limiter.enforce(f"read:{integration.id}")
-            return Reader(integration, conversation_id)
+            return Reader(integration, conversation_id, hash_token(token))
         if request.query.get("token") is not None or not token_matches(token, hashes):
             # Only a read token goes in the query: an integration token there is refused.
             raise Unauthorized("missing or invalid token")
         self._limiter.enforce(f"read:{integration.id}")
+        assert token is not None  # it matched a hash
         if whole_integration:
-            return Reader(integration, None)
+            return Reader(integration, None, hash_token(token))
         conversation_id = await self._conversation(integration, request)
         if conversation_id is None:
             raise NotFound("unknown conversation")
-        return Reader(integration, conversation_id)
+        return Reader(integration, conversation_id, hash_token(token))
 
     async def _conversation(
         self, integration: IntegrationRecord, request: web.Request

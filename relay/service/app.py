@@ -1,4 +1,8 @@
-"""What every Relay service serves: `/healthz`, `/readyz`, `/metrics`, JSON errors, request ids."""
+"""What every Relay service serves: `/healthz`, `/readyz`, `/metrics`, JSON errors, request ids.
+
+`/metrics` is behind a bearer token when `RELAY_METRICS_TOKEN` is set (401 without it), and
+on a listener of its own when `RELAY_METRICS_PORT` is set (`metrics_app`; then a 404 on the
+service's own port)."""
 
 from __future__ import annotations
 
@@ -9,15 +13,21 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from relay.auth import bearer_token, hash_token, token_matches
 from relay.broker import Broker, BrokerUnavailable
-from relay.errors import ApiError, Unavailable, error_response
+from relay.errors import ApiError, Unauthorized, Unavailable, error_response
 from relay.metrics import Metrics
 from relay.service.gauges import Watcher
+from relay.service.server import HTTP_ERROR_CODES, SERVICE_SETTINGS_KEY, ServiceSettings
+
+# ServiceRunner lives with the connection handler; it is re-exported where callers look.
+from relay.service.server import ServiceRunner as ServiceRunner
+from relay.settings import Settings
 from relay.store import StoreHandle, StoreUnavailable
+from relay.store.secrets import SecretUnreadable
 
 log = structlog.get_logger(__name__)
 
@@ -27,16 +37,6 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 READINESS_KEY = web.AppKey("readiness", list[tuple[str, ReadinessCheck]])
 WATCHER_KEY = web.AppKey("queue_watcher", Watcher)
 
-_HTTP_ERROR_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    431: "headers_too_large",
-    500: "internal",
-    504: "timeout",
-}
 # An error's own headers (Allow, Retry-After...) are kept; these describe aiohttp's text body.
 _BODY_HEADERS = frozenset({hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH})
 _REQUEST_ID_MAX = 128
@@ -82,6 +82,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as error:
         return error.response()
+    except SecretUnreadable as error:
+        # Its key is missing from RELAY_SECRET_KEYS: the operator's to fix (the text names
+        # the integration, never the secret).
+        log.error("secret_unreadable", error=str(error))
+        return Unavailable("this integration's secret cannot be read now").response()
     except (StoreUnavailable, BrokerUnavailable) as error:
         log.warning("dependency_unavailable", error=str(error))
         return Unavailable(
@@ -91,7 +96,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        code = _HTTP_ERROR_CODES.get(error.status, "http_error")
+        code = HTTP_ERROR_CODES.get(error.status, "http_error")
         # A 405 must say what is allowed (`Allow`): the error's own headers are kept.
         headers = {k: v for k, v in error.headers.items() if k not in _BODY_HEADERS}
         return error_response(error.status, code, error.reason, headers=headers)
@@ -123,12 +128,37 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition of this service's registry."""
-    body = request.app[METRICS_KEY].render()
-    response = web.Response(body=body)
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return response
+def metrics_route(own_listener: bool) -> Handler:
+    """`/metrics`: the Prometheus exposition of this service's registry, to those the
+    settings allow, where they serve it."""
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        settings = request.app[SERVICE_SETTINGS_KEY].settings
+        if settings is not None:
+            _check_metrics_access(request, settings, own_listener)
+        response = web.Response(body=request.app[METRICS_KEY].render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    return metrics
+
+
+def _check_metrics_access(request: web.Request, settings: Settings, own_listener: bool) -> None:
+    if settings.metrics_port is not None and not own_listener:
+        raise web.HTTPNotFound()  # served on its own port, as if there were no such route
+    token = settings.metrics_token.get_secret_value()
+    given = bearer_token(request.headers.get(hdrs.AUTHORIZATION))
+    if token and not token_matches(given, [hash_token(token)]):
+        raise Unauthorized("missing or invalid metrics token")
+
+
+def metrics_app(metrics_: Metrics, settings: ServiceSettings) -> web.Application:
+    """`/metrics` alone, for a listener of its own."""
+    app = web.Application(middlewares=[observe])
+    app[METRICS_KEY] = metrics_
+    app[SERVICE_SETTINGS_KEY] = settings
+    app.router.add_get("/metrics", metrics_route(own_listener=True))
+    return app
 
 
 def broker_check(broker: Broker) -> ReadinessCheck:
@@ -162,77 +192,8 @@ def create_service_app(
     app[METRICS_KEY] = metrics_
     app[READINESS_KEY] = list(checks)
     app[WATCHER_KEY] = Watcher()
+    app[SERVICE_SETTINGS_KEY] = ServiceSettings()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_route(own_listener=False))
     return app
-
-
-class _JsonErrorHandler(web.RequestHandler):
-    """aiohttp's connection handler, answering the errors it handles itself as Relay's JSON.
-
-    A request aiohttp cannot parse (a request line or header over the limit, a malformed
-    line) never reaches the application or its middleware: aiohttp answers it from
-    `handle_error`, in plain text holding the exception's text — which quotes the start of
-    the offending line, an `Authorization` header say — and logs it with a traceback at
-    error level. aiohttp has no public hook for this (aio-libs/aiohttp#3287), so this
-    override is the one place it can be done.
-    """
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """A JSON error that echoes nothing of the request; logged without its text."""
-        if request.writer.output_size > 0:
-            # As aiohttp does: part of an answer went out already, only closing is left.
-            raise ConnectionError("an answer was sent already, cannot send an error")
-        status, text = _low_level_error(status, exc)
-        if status >= 500:
-            log.error("unhandled_error", status=status, exc_info=exc)
-        else:
-            # The exception's text quotes the request: its type is enough to tell what it was.
-            log.info("bad_http_request", status=status, reason=type(exc).__name__)
-        response = error_response(status, _HTTP_ERROR_CODES.get(status, "http_error"), text)
-        response.force_close()
-        return response
-
-
-def _low_level_error(status: int, exc: BaseException | None) -> tuple[int, str]:
-    """The status and message for an error aiohttp caught before the application ran."""
-    if isinstance(exc, LineTooLong):
-        # aiohttp raises the same error for the request line and for a header.
-        return 431, "the request line or a header is too long"
-    if isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received":
-        return 431, "too many headers"
-    if status == 400:
-        return 400, "the request is not valid HTTP"
-    if status == 504:
-        return 504, "the request took too long"
-    return status, "internal error"
-
-
-class _JsonErrorServer(web.Server):
-    """aiohttp's server, making connections with `_JsonErrorHandler`."""
-
-    def __call__(self) -> web.RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ServiceRunner(web.AppRunner):
-    """The runner of every Relay HTTP service: aiohttp's own error answers become JSON.
-
-    aiohttp builds its `Server` inside `AppRunner` (application start-up, freezing, handler
-    arguments); the server it built is kept as it is, only its connections get the handler
-    above.
-    """
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
-        return server

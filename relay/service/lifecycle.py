@@ -27,8 +27,9 @@ from relay.service.app import (
     store_check,
 )
 from relay.service.janitor import Janitor
+from relay.service.listeners import service_settings
 from relay.settings import Settings
-from relay.store import SqlStore, Store, open_store_patiently
+from relay.store import SecretBox, SqlStore, Store, open_store_patiently
 from relay.wire import utcnow
 
 Closer = Callable[[], Awaitable[None]]
@@ -46,7 +47,10 @@ async def dependencies(
     with their readiness checks (`broker` and `store`, after `{name}_` if named); closed on
     exit, the broker first."""
     store = await open_store_patiently(
-        settings.database_url, settings.database_pool_size, settings.startup_wait
+        settings.database_url,
+        settings.database_pool_size,
+        settings.startup_wait,
+        SecretBox.of(settings.secret_keys),
     )
     # Workers consume the queues of every partition count a service runs with.
     await store.register_partitions(settings.partitions, utcnow())
@@ -80,11 +84,15 @@ async def queue_gauges(
 
 
 def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Context:
-    """A cleanup context that runs the worker `factory` builds while the application runs."""
+    """A cleanup context that runs the worker `factory` builds while the application runs
+    (giving the application its settings first, with `/metrics` on its own port if set)."""
 
     @contextlib.asynccontextmanager
     async def running(app: web.Application) -> AsyncIterator[None]:
-        async with dependencies(app, settings, name) as (store, broker):
+        async with (
+            service_settings(app, settings),
+            dependencies(app, settings, name) as (store, broker),
+        ):
             make, close_extra = factory(store, broker, app[METRICS_KEY])
             own = make(broker.topology)
             worker = Generations(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import structlog
 from aiohttp import web
 
-from relay.service.app import ServiceRunner
+from relay.service.listeners import listening
 
 log = structlog.get_logger(__name__)
 
@@ -46,19 +46,13 @@ async def wait_for_stop() -> str:
 
 async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
     """Serve `app` until a stop signal; in-flight requests get `shutdown_timeout` to finish."""
-    # ServiceRunner: what aiohttp answers by itself (unparsable requests) is JSON too.
-    runner = ServiceRunner(
-        app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log=None
-    )
     with stop_signals() as stopped:
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
+        # ServiceRunner: what aiohttp answers by itself (unparsable requests) is JSON too,
+        # and a client has the read timeouts of the settings to send its request.
+        async with listening(app, host, port, shutdown_timeout):
             log.info("listening", url=f"http://{host}:{port}")
             name = await stopped
             log.info("stopping", signal=name)
-        finally:
-            # Stops accepting, waits for in-flight handlers, then closes store and broker.
-            await runner.cleanup()
+            # Leaving stops accepting, waits for in-flight handlers, then closes store and
+            # broker (and the listeners the roles opened).
     log.info("stopped")

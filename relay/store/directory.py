@@ -3,15 +3,26 @@
 Every ingress request needs both, and every delivery its integration; the cache keeps the
 store off the hot path. A revoked token or a new integration takes effect within
 `auth_cache_seconds`.
+
+Memory is bounded: at most `size` known integrations (per token kind), least recently used
+first out, and as many ids found unknown, kept apart so that a flood of made-up ids never
+pushes out the integrations in use. An id asked for again and again while unknown costs
+one query per `auth_cache_seconds`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.store.protocols import IntegrationLookup
 from relay.store.records import IntegrationRecord, TokenKind
+
+DEFAULT_SIZE = 10_000
+
+Key = tuple[str, TokenKind]
 
 
 @dataclass(frozen=True)
@@ -23,26 +34,69 @@ class Entry:
     expires: float
 
 
-class Directory:
-    """Looks up integrations and token hashes through a short-lived cache."""
+class _Lru:
+    """Entries by key, at most `size`, the least recently used dropped first."""
 
-    def __init__(self, store: IntegrationLookup, ttl: float) -> None:
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[Key, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Key) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: Key, entry: Entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: Key) -> None:
+        self._entries.pop(key, None)
+
+
+class Directory:
+    """Looks up integrations and token hashes through a short-lived, bounded cache."""
+
+    def __init__(
+        self,
+        store: IntegrationLookup,
+        ttl: float,
+        size: int = DEFAULT_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._ttl = ttl
-        self._entries: dict[tuple[str, TokenKind], Entry] = {}
+        self._clock = clock
+        self._known = _Lru(size)
+        self._unknown = _Lru(size)
+
+    def __len__(self) -> int:
+        """Entries held, known and unknown."""
+        return len(self._known) + len(self._unknown)
 
     async def lookup(self, integration_id: str, kind: TokenKind) -> Entry:
         """The integration with its active token hashes of `kind`."""
         key = (integration_id, kind)
-        entry = self._entries.get(key)
-        now = time.monotonic()
+        now = self._clock()
+        entry = self._known.get(key) or self._unknown.get(key)
         if entry is not None and entry.expires > now:
             return entry
         integration = await self._store.get_integration(integration_id)
         hashes = await self._store.active_token_hashes(integration_id, kind) if integration else []
         entry = Entry(integration, hashes, now + self._ttl)
         if self._ttl > 0:
-            if len(self._entries) > 10_000:
-                self._entries.clear()  # bound memory against floods of random ids
-            self._entries[key] = entry
+            self._remember(key, entry)
         return entry
+
+    def _remember(self, key: Key, entry: Entry) -> None:
+        into, out_of = (
+            (self._known, self._unknown) if entry.integration else (self._unknown, self._known)
+        )
+        into.put(key, entry)
+        out_of.drop(key)

@@ -30,7 +30,7 @@ from relay.broker import Broker, StageName
 from relay.broker.topology import Topology
 from relay.metrics import Metrics
 from relay.pipeline.delays import first_hop
-from relay.pipeline.replies import delivery_id
+from relay.pipeline.replies import delivery_id, response_id
 from relay.pipeline.settle import Outcome, Verdict
 from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
@@ -57,6 +57,8 @@ from workers.delivery.breaker import Breakers, State, endpoint_of
 from workers.delivery.sender import Sender, Sent
 
 log = structlog.get_logger(__name__)
+
+UNREADABLE_SECRET_WAIT = 60.0  # seconds a response waits for its signing secret's key
 
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 BUSY_WAIT = 5.0  # seconds a response waits in its lane for a busy endpoint's slot
@@ -87,12 +89,20 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
         self._store = store
         self._attempts = GroupCommit(store.record_attempts, "attempt-log")
         self._sender = sender
-        self._directory = Directory(store, settings.auth_cache_seconds)
+        self._directory = Directory(
+            store, settings.auth_cache_seconds, settings.directory_cache_size
+        )
         self._queues = sorted(settings.delivery_delay_queues)
         self._slot_freed = asyncio.Condition()
         self._breakers = Breakers(
             settings.breaker_threshold, settings.breaker_cooldown, settings.endpoint_concurrency
         )
+
+    async def unreadable(self, message_id: str) -> None:
+        """A response's queue id is its webhook-id: marked dead, no response waits for it."""
+        found = response_id(message_id)
+        if found is not None:
+            await self._store.mark_dead(found, utcnow())
 
     def keys(self, envelope: OutboundEnvelope) -> tuple[str, str]:
         """(conversation, delivery) ids."""
@@ -123,6 +133,15 @@ class DeliveryWorker(StageWorker[OutboundEnvelope]):
                 return Verdict(Outcome.AGAIN, reason=str(error))
             if integration is None or integration.disabled_at is not None:
                 return await self._dead(envelope, "the integration's endpoint is disabled")
+            if integration.secret_unreadable is not None:
+                # Its key is missing from RELAY_SECRET_KEYS: an operator's fix, not the
+                # endpoint's fault. Wait (in the broker), counting no failed attempt.
+                log.error(
+                    "signing_secret_unreadable",
+                    integration_id=integration.id,
+                    error=integration.secret_unreadable,
+                )
+                return self._wait(UNREADABLE_SECRET_WAIT, integration.secret_unreadable)
             return await self._attempt(envelope, integration)
 
     async def _dead(self, envelope: OutboundEnvelope, reason: str) -> Verdict:
