@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -12,9 +14,10 @@ import aiohttp
 from relay.auth import hash_token, new_signing_secret, new_token
 from relay.settings import Settings
 from relay.signing import signature_headers
-from relay.ssrf import EndpointRefused, check_scheme, check_url, guarded_session
+from relay.ssrf import EndpointRefused, check_scheme, check_url, client_host, guarded_session
 from relay.store import AnyTokenKind, IntegrationRecord, Integrations, TokenRecord
 from relay.wire import utcnow
+from relay.wire.admin import MAX_ROTATION_GRACE_SECONDS
 
 TEST_EVENT = {"type": "test", "payload": "test"}
 
@@ -76,15 +79,47 @@ def _shown(url: str) -> str:
 
 
 def integration_view(record: IntegrationRecord, settings: Settings) -> dict[str, Any]:
-    """The JSON shown for an integration (`signingSecret` included: admins need it)."""
+    """The JSON shown for an integration: never its signing secret, which only its creation
+    and a rotation show."""
     return {
         "id": record.id,
         "name": record.name,
         "webhookUrl": f"{settings.public_base_url}/webhooks/{record.id}",
         "responseUrl": record.response_url,
-        "signingSecret": record.signing_secret,
+        "enabled": record.disabled_at is None,
         "createdAt": record.created_at.isoformat(),
+        "disabledAt": record.disabled_at.isoformat() if record.disabled_at else None,
     }
+
+
+@dataclass(frozen=True)
+class Rotated:
+    """A rotation: the new signing secret (shown this once), and until when the previous
+    one signs deliveries too."""
+
+    integration_id: str
+    secret: str
+    previous_until: datetime
+
+    def view(self) -> dict[str, str]:
+        """The JSON shown for it (as the admin API answers it)."""
+        return {
+            "id": self.integration_id,
+            "signingSecret": self.secret,
+            "previousSecretValidUntil": self.previous_until.isoformat(),
+        }
+
+
+async def rotate_secret(store: Integrations, integration_id: str, grace: float) -> Rotated:
+    """A new signing secret for the integration; the old one still signs, alongside it,
+    for `grace` seconds (at most 30 days), so the back end can switch without a gap."""
+    if not 0 <= grace <= MAX_ROTATION_GRACE_SECONDS:
+        raise AdminError(f"the grace period is 0 to {MAX_ROTATION_GRACE_SECONDS // 86400} days")
+    secret = new_signing_secret()
+    until = utcnow() + timedelta(seconds=grace)
+    if await store.rotate_secret(integration_id, secret, until) is None:
+        raise AdminError(f"no integration {integration_id}")
+    return Rotated(integration_id, secret, until)
 
 
 async def create_integration(
@@ -105,6 +140,11 @@ async def check_endpoint(settings: Settings, response_url: str, secret: str, ver
         check_scheme(response_url, settings.https_only)
     except EndpointRefused as error:
         raise AdminError(f"the response URL {_shown(response_url)}: {error}") from error
+    try:
+        # And a host written so that the HTTP client would read another.
+        client_host(response_url)
+    except EndpointRefused as error:
+        raise _refused(_shown(response_url), error) from error
     if verify:
         await verify_endpoint(response_url, secret, settings)
 

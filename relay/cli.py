@@ -17,7 +17,6 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from relay import admin, repartition, retention
-from relay.auth import new_signing_secret
 from relay.broker import BROKER_ERRORS, Broker, queues, topology_of
 from relay.broker.addresses import Addresses
 from relay.cli_help import settings_epilog
@@ -29,9 +28,10 @@ from relay.service.app import create_service_app
 from relay.service.runner import serve
 from relay.settings import Settings, describe_error
 from relay.sink import SinkOptions, create_sink_app
-from relay.store import SqlStore, StoreError, open_store
+from relay.store import SecretBox, SqlStore, StoreError, open_store
+from relay.store.secrets import new_key
 from relay.wire import utcnow
-from relay.wire.admin import DeadLetterSelection
+from relay.wire.admin import ROTATION_GRACE_SECONDS, DeadLetterSelection
 from workers.bot.service import bot_worker_context
 from workers.delivery.service import delivery_worker_context
 
@@ -164,18 +164,10 @@ async def _deliveries_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _integrations_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    grace = admin.parse_duration(args.grace)
+
     async def work(store: SqlStore) -> int:
-        until = utcnow() + timedelta(seconds=admin.parse_duration(args.grace))
-        record = await store.rotate_secret(args.integration_id, new_signing_secret(), until)
-        if record is None:
-            raise admin.AdminError(f"no integration {args.integration_id}")
-        _print_json(
-            {
-                "id": record.id,
-                "signingSecret": record.signing_secret,
-                "previousSecretValidUntil": until.isoformat(),
-            }
-        )
+        _print_json((await admin.rotate_secret(store, args.integration_id, grace)).view())
         return 0
 
     return await _with_store(settings, work)
@@ -192,11 +184,19 @@ async def _integrations_enable(settings: Settings, args: argparse.Namespace) -> 
 
 
 async def _with_store(settings: Settings, work: Callable[[SqlStore], Awaitable[int]]) -> int:
-    store = await open_store(settings.database_url)
+    store = await open_store(settings.database_url, secrets=_secret_box(settings))
     try:
         return await work(store)
     finally:
         await store.close()
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    """What seals the secrets the store keeps (RELAY_SECRET_KEYS), or the error of a bad key."""
+    try:
+        return SecretBox.of(settings.secret_keys)
+    except ValueError as error:
+        raise admin.AdminError(str(error)) from None
 
 
 async def _integrations_create(settings: Settings, args: argparse.Namespace) -> int:
@@ -205,10 +205,44 @@ async def _integrations_create(settings: Settings, args: argparse.Namespace) -> 
             store, settings, args.name, args.response_url, verify=not args.no_verify
         )
         view = admin.integration_view(record, settings)
-        _print_json({k: view[k] for k in ("id", "name", "webhookUrl", "signingSecret")})
+        # The signing secret is shown here, once: no listing shows it again.
+        shown = {k: view[k] for k in ("id", "name", "webhookUrl")}
+        _print_json({**shown, "signingSecret": record.signing_secret})
         return 0
 
     return await _with_store(settings, work)
+
+
+async def _integrations_show(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: SqlStore) -> int:
+        record = await store.get_integration(args.integration_id)
+        if record is None:
+            raise admin.AdminError(f"no integration {args.integration_id}")
+        _print_json(admin.integration_view(record, settings))
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def _secrets_reencrypt(settings: Settings, _: argparse.Namespace) -> int:
+    if not _secret_box(settings).encrypts:
+        raise admin.AdminError("RELAY_SECRET_KEYS is empty: set the keys, the new one first")
+
+    async def work(store: SqlStore) -> int:
+        done = await store.reseal_secrets()
+        print(f"re-encrypted {done.count} secrets with the first key")
+        if done.changed:
+            print(f"{done.changed} changed meanwhile (a rotation?): run it again", file=sys.stderr)
+        for problem in done.unreadable:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1 if done.unreadable or done.changed else 0
+
+    return await _with_store(settings, work)
+
+
+async def _secrets_new_key(_: Settings, __: argparse.Namespace) -> int:
+    print(new_key())
+    return 0
 
 
 async def _integrations_list(settings: Settings, args: argparse.Namespace) -> int:
@@ -445,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prune_command(roles)
     _integration_commands(roles)
     _token_commands(roles)
+    _secret_commands(roles)
     return parser
 
 
@@ -485,13 +520,41 @@ def _integration_commands(roles: Any) -> None:
     listing = sub.add_parser("list", help="list integrations")
     listing.add_argument("--json", action="store_true", help=_JSON)
     listing.set_defaults(run=_integrations_list)
-    rotate = sub.add_parser("rotate-secret", help="new signing secret; old one valid a while")
+    show = sub.add_parser("show", help="one integration (never its signing secret)")
+    show.add_argument("integration_id", help="the integration's id")
+    show.set_defaults(run=_integrations_show)
+    rotate = sub.add_parser(
+        "rotate-secret", help="new signing secret (shown once); the old one signs a while too"
+    )
     rotate.add_argument("integration_id", help="the integration's id")
-    rotate.add_argument("--grace", default="24h", help="how long the old secret still signs")
+    rotate.add_argument(
+        "--grace",
+        default=f"{ROTATION_GRACE_SECONDS // 3600}h",
+        help="how long the old secret still signs, alongside the new one (default 24h,"
+        " at most 30d)",
+    )
     rotate.set_defaults(run=_integrations_rotate)
     enable = sub.add_parser("enable", help="re-enable an endpoint disabled by a 410")
     enable.add_argument("integration_id", help="the integration's id")
     enable.set_defaults(run=_integrations_enable)
+
+
+def _secret_commands(roles: Any) -> None:
+    group = roles.add_parser(
+        "secrets",
+        help="the stored secrets' encryption (RELAY_SECRET_KEYS)",
+        description="Signing and bot secrets are stored encrypted with the first key of"
+        " RELAY_SECRET_KEYS (comma-separated Fernet keys; every key decrypts). To change"
+        " keys: put the new key first, keep the old one after it, run `relay secrets"
+        " reencrypt`, then remove the old key.",
+    )
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser(
+        "reencrypt", help="encrypt every stored secret again with the first key"
+    ).set_defaults(run=_secrets_reencrypt)
+    sub.add_parser("new-key", help="print a new key for RELAY_SECRET_KEYS").set_defaults(
+        run=_secrets_new_key
+    )
 
 
 def _dlq_commands(roles: Any) -> None:

@@ -14,6 +14,7 @@ _COMMON = (
     ("RELAY_PARTITIONS", "partition queues per stage"),
     ("RELAY_SHUTDOWN_TIMEOUT", "seconds to finish what is in hand after SIGTERM"),
     ("RELAY_STARTUP_WAIT", "seconds to keep trying the database at start"),
+    ("RELAY_SECRET_KEYS", "Fernet keys sealing stored secrets; the first seals, all open"),
     ("RELAY_QUEUE_WATCH_INTERVAL", "seconds between refreshes of the queue gauges"),
     ("RELAY_MANAGEMENT_URL", "RabbitMQ's management API, for the quorum gauges"),
     ("RELAY_LOG_LEVEL", "debug, info, warning or error"),

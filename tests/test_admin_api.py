@@ -1,14 +1,17 @@
-"""The admin API (/admin/v1) against a real broker and both stores: admin tokens only,
-integrations (create with the endpoint check, change the response URL with the check
-again, disable, enable, delete), tokens (create, list, revoke), queues, and a JSON 4xx for
-every bad input."""
+"""The admin API (/admin/v1) against a real broker and both stores: admin tokens only
+(each looked up by its hash), integrations (create with the endpoint check, change the
+response URL with the check again, disable, enable, delete; the signing secret shown when
+made, by creation or rotation, and never again), tokens (create, list, revoke), queues, and
+a JSON 4xx for every bad input."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+from datetime import datetime, timedelta
 from typing import Any
 
 from relay import admin
+from relay.auth import hash_token
 from relay.broker import topology_of
 from relay.settings import Settings
 from relay.store import SqlStore
@@ -35,6 +38,91 @@ async def test_only_admin_tokens_get_in(
     assert (await call(ingress, "GET", "/integrations", other))[0] == 401
 
 
+async def test_an_admin_token_is_looked_up_by_its_hash_alone(store: SqlStore, settings: Settings):
+    token, record = await admin.create_token(store, None, "admin")
+    _, integration_token = await make_integration(store, settings)
+    assert await store.admin_token_active(hash_token(token))
+    for other in (integration_token, "rly_nonsense", ""):
+        assert not await store.admin_token_active(hash_token(other))
+    assert await store.revoke_token(record.id)
+    assert not await store.admin_token_active(hash_token(token))
+
+
+async def test_a_signing_secret_is_shown_when_made_and_never_in_a_list_or_a_read(
+    ingress: Ingress, admin_token: str, receiver: Receiver, store: SqlStore
+):
+    url = receiver.url("admin-secret")
+    status, created = await call(
+        ingress, "POST", "/integrations", admin_token, {"name": "once", "responseUrl": url}
+    )
+    assert status == 201
+    first = created["signingSecret"]
+    path = f"/integrations/{created['id']}"
+    rotated_until = utcnow() + timedelta(hours=24)
+    status, rotated = await call(ingress, "POST", f"{path}/rotate-secret", admin_token)
+    assert status == 200, rotated
+    assert set(rotated) == {"id", "signingSecret", "previousSecretValidUntil"}
+    second = rotated["signingSecret"]
+    assert second.startswith("whsec_")
+    assert second != first
+    # The grace period the CLI uses (24 hours) unless the body says otherwise.
+    until = datetime.fromisoformat(rotated["previousSecretValidUntil"])
+    assert abs((until - rotated_until).total_seconds()) < 60
+    record = await store.get_integration(created["id"])
+    assert record is not None
+    assert record.signing_secrets(utcnow()) == [second, first]
+    status, again = await call(ingress, "POST", f"{path}/rotate-secret", admin_token, {"grace": 0})
+    assert status == 200
+    record = await store.get_integration(created["id"])
+    assert record is not None
+    assert record.signing_secrets(utcnow()) == [again["signingSecret"]]
+
+    # No list, read or change answers a secret, old or new.
+    secrets = [first, second, again["signingSecret"]]
+    answers = [
+        await call(ingress, "GET", "/integrations?limit=1000", admin_token),
+        await call(ingress, "GET", path, admin_token),
+        await call(ingress, "PATCH", path, admin_token, {"responseUrl": url}),
+        await call(ingress, "PATCH", path, admin_token, {"enabled": True}),
+    ]
+    for status, answer in answers:
+        assert status == 200
+        text = json.dumps(answer)
+        assert "signingSecret" not in text
+        assert not [secret for secret in secrets if secret.removeprefix("whsec_") in text]
+
+
+async def test_a_rotation_takes_an_optional_grace_in_seconds(
+    ingress: Ingress, admin_token: str, store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings, name="rotated")
+    path = f"/integrations/{integration_id}/rotate-secret"
+    before = await store.get_integration(integration_id)
+    for body, raw in [
+        ({"grace": -1}, None),
+        ({"grace": "1h"}, None),
+        ({"grace": True}, None),
+        ({"grace": 31 * 86400}, None),
+        ({"grace": 60, "secret": "whsec_mine"}, None),
+        (None, b"[]"),
+        (None, b"not json"),
+    ]:
+        status, answer = await call(ingress, "POST", path, admin_token, body, raw)
+        assert (status, answer["error"]["code"]) == (400, "invalid_body"), (body, raw, answer)
+    assert await store.get_integration(integration_id) == before
+    assert (await call(ingress, "POST", "/integrations/nope/rotate-secret", admin_token))[0] == 404
+    assert (await call(ingress, "POST", path, None))[0] == 401
+    status, rotated = await call(ingress, "POST", path, admin_token, {"grace": 90})
+    assert status == 200
+    until = datetime.fromisoformat(rotated["previousSecretValidUntil"])
+    assert abs((until - utcnow()).total_seconds() - 90) < 30
+    record = await store.get_integration(integration_id)
+    assert record is not None
+    assert before is not None
+    assert record.signing_secrets(utcnow()) == [rotated["signingSecret"], before.signing_secret]
+    assert record.signing_secrets(utcnow() + timedelta(seconds=120)) == [record.signing_secret]
+
+
 async def test_integrations_from_creation_to_deletion(
     ingress: Ingress, admin_token: str, receiver: Receiver, store: SqlStore
 ):
@@ -48,7 +136,7 @@ async def test_integrations_from_creation_to_deletion(
     assert created["signingSecret"].startswith("whsec_")
     integration_id = created["id"]
     status, shown = await call(ingress, "GET", f"/integrations/{integration_id}", admin_token)
-    assert (status, shown) == (200, created)
+    assert (status, {**shown, "signingSecret": created["signingSecret"]}) == (200, created)
 
     # A new response URL is checked again: a failing endpoint is refused, nothing changes.
     failing = receiver.on("admin-failing", 500)

@@ -12,6 +12,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -21,6 +22,7 @@ from standardwebhooks import Webhook
 
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import utcnow
 from tests.helpers import eventually, message, with_address
 from tests.proxy import Proxy
 
@@ -149,6 +151,41 @@ async def test_integrations_create_checks_the_endpoint_with_a_signed_test_event(
     table = await relay(settings, "integrations", "list")
     assert created["id"] in table.out
     assert "responseUrl" in table.out.splitlines()[0]
+    # The secret was shown once, at creation: no listing or reading shows it again.
+    shown = await relay(settings, "integrations", "show", created["id"])
+    assert json.loads(shown.out)["responseUrl"] == receiver.url
+    secret = created["signingSecret"].removeprefix("whsec_")
+    for run in (listed, table, shown):
+        assert "signingSecret" not in run.out
+        assert secret not in run.out + run.err
+    missing = await relay(settings, "integrations", "show", "nope")
+    assert (missing.code, missing.err.strip()) == (1, "error: no integration nope")
+
+
+async def test_rotate_secret_shows_the_new_secret_once_with_a_bounded_grace(
+    settings: Settings, store: SqlStore
+):
+    created = await unverified_integration(settings, "rotating")
+    run = await relay(settings, "integrations", "rotate-secret", created["id"])
+    assert run.code == 0, run.err
+    rotated = json.loads(run.out)
+    assert set(rotated) == {"id", "signingSecret", "previousSecretValidUntil"}
+    record = await store.get_integration(created["id"])
+    assert record is not None
+    assert record.signing_secrets(utcnow()) == [
+        rotated["signingSecret"],
+        created["signingSecret"],
+    ]
+    until = datetime.fromisoformat(rotated["previousSecretValidUntil"])
+    assert abs((until - utcnow() - timedelta(hours=24)).total_seconds()) < 60  # the default
+    too_long = await relay(
+        settings, "integrations", "rotate-secret", created["id"], "--grace", "31d"
+    )
+    assert (too_long.code, too_long.out) == (1, "")
+    assert "0 to 30 days" in too_long.err
+    assert await store.get_integration(created["id"]) == record
+    listed = (await relay(settings, "integrations", "list", "--json")).out
+    assert rotated["signingSecret"].removeprefix("whsec_") not in listed
 
 
 async def test_integrations_create_refuses_an_endpoint_that_fails(

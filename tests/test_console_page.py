@@ -2,7 +2,8 @@
 driven by Playwright with that executable, as the chat page's test does): a wrong token is
 refused; with an admin token, find the dead letters of an endpoint that failed, replay one,
 purge one, replay the rest, and see them delivered in the conversation's timeline, in the
-attempts and at the endpoint; resend one; recover the purged one. Both stores.
+attempts and at the endpoint; resend one; recover the purged one; give the integration a
+new signing secret, shown once. Both stores.
 
 `RELAY_SCREENSHOT=docs/console.png pytest tests/test_console_page.py` also saves a picture
 of the populated console (the README's).
@@ -48,6 +49,9 @@ async def test_log_in_find_dead_letters_replay_and_purge_them_and_see_them_deliv
     endpoint = f"console-{uuid.uuid4().hex[:8]}"
     url = receiver.on(endpoint, *[500] * 1000)
     integration_id, token = await make_integration(store, settings, "console-shop", url)
+    made = await store.get_integration(integration_id)
+    assert made is not None
+    old_secret = made.signing_secret
     async with fleet(settings, env=FAST_DEATH) as services:
         relay = await services.start("run")
         await post_messages(relay.url, integration_id, token)
@@ -128,6 +132,21 @@ async def test_log_in_find_dead_letters_replay_and_purge_them_and_see_them_deliv
             )
             await open_tab(page, "conversation")
             await refreshed_until(page, "#conversation-form button[type=submit]", sent, 4)
+
+            # A new signing secret, shown this once; the old one signs too for a day.
+            await open_tab(page, "integrations")
+            row = page.locator("#integrations-rows tr", has_text=integration_id)
+            await act(page, row, "Rotate secret")
+            await expect(page.locator("#secret-box")).to_be_visible()
+            secret = await page.locator("#secret-value").input_value()
+            record = await store.get_integration(integration_id)
+            assert record is not None
+            assert record.signing_secrets(datetime.now(UTC)) == [secret, old_secret]
+            await expect(page.locator("#secret-label")).to_contain_text("shown this once")
+            await page.click("#secret-done")
+            await expect(page.locator("#secret-box")).to_be_hidden()
+            assert await page.locator("#secret-value").input_value() == ""
+            assert secret.removeprefix("whsec_") not in await page.content()
 
             await page.click("#logout")
             await expect(page.locator("#login")).to_be_visible()

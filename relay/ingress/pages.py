@@ -2,8 +2,9 @@
 build step, nothing from elsewhere; neither holds a secret):
 
 - `GET /chat`: a local page to talk to the bot through the conversation API (served when
-  `RELAY_CHAT_PAGE=true`, which `make run` sets). It takes the integration and token from
-  its address's fragment, never sent to a server.
+  `RELAY_CHAT_PAGE=true`, which `make run` sets). The user types the integration token into
+  its sign-in form; the page keeps it in the tab's session storage only, never in its
+  address or history (`#integration=ID` may name the integration, which is no secret).
 - `GET /console`: the operator page over the admin API, always served. The operator types
   an admin token, which the page keeps in the tab's session storage and sends as a bearer
   token to `/admin/v1` only.

@@ -43,6 +43,7 @@ from relay.store.records import (
     PendingMessage,
     Pruned,
     PruneKind,
+    Resealed,
     SentResponse,
     TokenKind,
     TokenRecord,
@@ -51,6 +52,7 @@ from relay.store.records import (
     Watermark,
 )
 from relay.store.schema import apply_migrations
+from relay.store.secrets import SecretBox, SecretUnreadable
 from relay.store.sql import SqlStore
 from relay.store.sqlite import SqliteDriver
 
@@ -80,7 +82,10 @@ __all__ = [
     "PruneKind",
     "Pruned",
     "Queued",
+    "Resealed",
     "Retention",
+    "SecretBox",
+    "SecretUnreadable",
     "SentResponse",
     "SqlStore",
     "Store",
@@ -100,8 +105,10 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 
-async def open_store(url: str, pool_size: int = 10) -> SqlStore:
-    """Connect to the database of `url` (sqlite:// or postgresql://) and migrate it."""
+async def open_store(url: str, pool_size: int = 10, secrets: SecretBox | None = None) -> SqlStore:
+    """Connect to the database of `url` (sqlite:// or postgresql://) and migrate it; the
+    secrets it keeps are sealed with `secrets` (`SecretBox.of(settings.secret_keys)`;
+    None: plain text)."""
     driver: Driver
     if url.startswith("sqlite://"):
         driver = await SqliteDriver.open(url)
@@ -112,16 +119,20 @@ async def open_store(url: str, pool_size: int = 10) -> SqlStore:
     except BaseException:
         await driver.close()
         raise
-    return SqlStore(driver)
+    store = SqlStore(driver)
+    store.keep_secrets_with(secrets or SecretBox())
+    return store
 
 
-async def open_store_patiently(url: str, pool_size: int, wait: float) -> SqlStore:
+async def open_store_patiently(
+    url: str, pool_size: int, wait: float, secrets: SecretBox | None = None
+) -> SqlStore:
     """`open_store`, tried again with backoff for up to `wait` seconds while the database
     is away or full: a service starting next to its database must not just exit."""
     deadline = time.monotonic() + wait
     for delay in pauses(0.5, 5.0):
         try:
-            return await open_store(url, pool_size)
+            return await open_store(url, pool_size, secrets)
         except (OSError, asyncpg.PostgresError, StoreUnavailable) as error:
             if time.monotonic() + delay > deadline:
                 raise

@@ -27,16 +27,22 @@ class Page(BaseModel, Generic[T]):
 
 
 class IntegrationView(BaseModel):
-    """An integration as the admin API shows it (its signing secret included)."""
+    """An integration as the admin API lists and shows it: never its signing secret, which
+    only its creation and a rotation answer."""
 
     id: str
     name: str
     webhookUrl: str
     responseUrl: str
-    signingSecret: str
     enabled: bool
     createdAt: Timestamp
     disabledAt: Timestamp | None
+
+
+class IntegrationCreated(IntegrationView):
+    """The answer of an integration's creation: its signing secret, this once."""
+
+    signingSecret: str
 
 
 class IntegrationCreate(BaseModel):
@@ -61,6 +67,30 @@ class IntegrationPatch(BaseModel):
     )
     enabled: bool | None = None
     verify: bool = True
+
+
+# How long a rotated-out signing secret still signs (as well as the new one), by default
+# and at most (`relay integrations rotate-secret --grace`, `POST …/rotate-secret`).
+ROTATION_GRACE_SECONDS = 24 * 3600
+MAX_ROTATION_GRACE_SECONDS = 30 * 24 * 3600
+
+
+class SecretRotation(BaseModel):
+    """`POST /integrations/{id}/rotate-secret` (the body is optional): seconds the old
+    secret still signs alongside the new one (0: from now on only the new one)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grace: float = Field(default=ROTATION_GRACE_SECONDS, ge=0, le=MAX_ROTATION_GRACE_SECONDS)
+
+
+class SecretRotated(BaseModel):
+    """The answer of a rotation: the new signing secret, this once, and until when the
+    previous one still signs deliveries too."""
+
+    id: str
+    signingSecret: str
+    previousSecretValidUntil: Timestamp
 
 
 class TokenCreate(BaseModel):

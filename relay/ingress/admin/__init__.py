@@ -1,5 +1,7 @@
 """The admin API under `/admin/v1` (a sub-application of the ingress), authorized by admin
-tokens (`relay tokens create --kind admin`); integration and bot tokens get 401 there.
+tokens (`relay tokens create --kind admin`); integration and bot tokens get 401 there. The
+presented token's hash is looked up at each request (one indexed row, no cache): a revoked
+token is refused from the next request on, by every ingress.
 
 The same code paths as the CLI (`relay.admin`): an integration is created and its response
 URL changed with the endpoint check, tokens are made and hashed the same way.
@@ -11,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from relay.auth import token_matches
+from relay.auth import hash_token
 from relay.errors import Unauthorized
 from relay.ingress.admin import attempts, dead_letters, integrations, queues
 from relay.ingress.admin.common import SETTINGS_KEY, AdminKeys
@@ -27,8 +29,9 @@ def admin_app(settings: Settings, keys: AdminKeys) -> web.Application:
 
     @web.middleware
     async def admin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = request_token(request)
         store = request.config_dict[keys.store]
-        if not token_matches(request_token(request), await store.admin_token_hashes()):
+        if not (token and await store.admin_token_active(hash_token(token))):
             raise Unauthorized("missing or invalid admin token")
         return await handler(request)
 

@@ -1,12 +1,15 @@
 """Integrations and their tokens: `/integrations`, `/integrations/{id}`,
-`/integrations/{id}/tokens`, `/tokens/{tokenId}`."""
+`/integrations/{id}/rotate-secret`, `/integrations/{id}/tokens`, `/tokens/{tokenId}`.
+
+A signing secret is answered where it is made (creation, rotation), never in a list or a
+read."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from relay import admin
-from relay.errors import NotFound, Unprocessable
+from relay.errors import Conflict, NotFound, Unprocessable
 from relay.ingress.admin.common import (
     SETTINGS_KEY,
     body_of,
@@ -17,13 +20,16 @@ from relay.ingress.admin.common import (
 )
 from relay.ingress.handlers import plausible_id
 from relay.settings import Settings
-from relay.store import IntegrationRecord, Store, TokenRecord
+from relay.store import IntegrationRecord, SecretUnreadable, Store, TokenRecord
 from relay.wire import utcnow
 from relay.wire.admin import (
     IntegrationCreate,
+    IntegrationCreated,
     IntegrationPatch,
     IntegrationView,
     Page,
+    SecretRotated,
+    SecretRotation,
     TokenCreate,
     TokenCreated,
     TokenView,
@@ -36,7 +42,6 @@ def view(record: IntegrationRecord, settings: Settings) -> IntegrationView:
         name=record.name,
         webhookUrl=f"{settings.public_base_url}/webhooks/{record.id}",
         responseUrl=record.response_url,
-        signingSecret=record.signing_secret,
         enabled=record.disabled_at is None,
         createdAt=record.created_at,
         disabledAt=record.disabled_at,
@@ -66,6 +71,7 @@ class IntegrationRoutes:
         app.router.add_get("/integrations/{id}", self.show)
         app.router.add_patch("/integrations/{id}", self.change)
         app.router.add_delete("/integrations/{id}", self.delete)
+        app.router.add_post("/integrations/{id}/rotate-secret", self.rotate)
         app.router.add_get("/integrations/{id}/tokens", self.tokens)
         app.router.add_post("/integrations/{id}/tokens", self.new_token)
         app.router.add_delete("/tokens/{tokenId}", self.revoke)
@@ -98,7 +104,10 @@ class IntegrationRoutes:
             )
         except admin.AdminError as error:
             raise Unprocessable(str(error)) from error
-        return json_answer(view(record, settings), status=201)
+        created = IntegrationCreated(
+            **view(record, settings).model_dump(), signingSecret=record.signing_secret
+        )
+        return json_answer(created, status=201)
 
     async def show(self, request: web.Request) -> web.Response:
         """`GET /integrations/{id}`."""
@@ -112,9 +121,8 @@ class IntegrationRoutes:
         store = self._store(request)
         if body.responseUrl is not None:
             try:
-                await admin.check_endpoint(
-                    settings, body.responseUrl, record.signing_secret, body.verify
-                )
+                secret = _current_secret(record) if body.verify else ""
+                await admin.check_endpoint(settings, body.responseUrl, secret, body.verify)
             except admin.AdminError as error:
                 raise Unprocessable(str(error)) from error
             await store.set_response_url(record.id, body.responseUrl)
@@ -123,6 +131,22 @@ class IntegrationRoutes:
                 record.id, None if body.enabled else (record.disabled_at or utcnow())
             )
         return json_answer(view(await self._integration(request), settings))
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        """`POST /integrations/{id}/rotate-secret {"grace"?}`: a new signing secret, in this
+        answer only; the old one signs too until the grace period is over."""
+        record = await self._integration(request)
+        body = await body_of(request, SecretRotation, optional=True)
+        try:
+            rotated = await admin.rotate_secret(self._store(request), record.id, body.grace)
+        except admin.AdminError as error:  # deleted meanwhile
+            raise NotFound("unknown integration") from error
+        answer = SecretRotated(
+            id=rotated.integration_id,
+            signingSecret=rotated.secret,
+            previousSecretValidUntil=rotated.previous_until,
+        )
+        return json_answer(answer)
 
     async def delete(self, request: web.Request) -> web.Response:
         """`DELETE /integrations/{id}`: with everything it holds."""
@@ -150,3 +174,12 @@ class IntegrationRoutes:
         if not (plausible_id(token_id) and await self._store(request).revoke_token(token_id)):
             raise NotFound("unknown or revoked token")
         return web.Response(status=204)
+
+
+def _current_secret(record: IntegrationRecord) -> str:
+    """The secret the endpoint check signs with; a 409 naming the integration if it cannot
+    be decrypted (RELAY_SECRET_KEYS lacks its key: put it back, or rotate the secret)."""
+    try:
+        return record.signing_secrets(utcnow())[0]
+    except SecretUnreadable as error:
+        raise Conflict(f"{error}; put the key back, or rotate the secret") from error

@@ -1,20 +1,44 @@
-"""Integrations and their tokens."""
+"""Integrations and their tokens, with the secrets they keep (signing and bot secrets),
+sealed as they are written and opened as they are read (`relay.store.secrets`)."""
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from datetime import datetime
 
-from relay.store.driver import Driver
-from relay.store.records import IntegrationRecord, TokenKind, TokenRecord
+from relay.store.driver import Driver, Row, StoreError
+from relay.store.records import IntegrationRecord, Resealed, TokenKind, TokenRecord
+from relay.store.secrets import SecretBox, SecretUnreadable
 from relay.store.sql.common import new_id
 from relay.wire import utcnow
+
+# Every column of an integration but its bot secret, which only `bot_secret` reads.
+_INTEGRATION = (
+    "SELECT id, name, response_url, signing_secret, created_at, disabled_at,"
+    " previous_secret, previous_secret_until FROM integrations"
+)
+# The columns holding secrets, and what each is (for an error naming it).
+_SECRET_COLUMNS = (
+    ("signing_secret", "the signing secret"),
+    ("previous_secret", "the previous signing secret"),
+    ("bot_secret", "the bot secret"),
+)
+_RESEAL_PAGE = 500
 
 
 class IntegrationsSql:
     """`Integrations` (and `IntegrationLookup`) over a `Driver`."""
 
     _driver: Driver
+    # Seals the secrets written and opens those read; plain text (a box without keys)
+    # unless `open_store` was given keys.
+    _secrets: SecretBox = SecretBox()
+
+    def keep_secrets_with(self, box: SecretBox) -> None:
+        """Seal and open stored secrets with `box` (`open_store` calls it once, before the
+        store is handed out)."""
+        self._secrets = box
 
     async def create_integration(
         self, name: str, response_url: str, signing_secret: str
@@ -33,21 +57,46 @@ class IntegrationsSql:
                 record.id,
                 record.name,
                 record.response_url,
-                record.signing_secret,
+                self._secrets.seal(signing_secret),
                 record.created_at,
             )
         return record
 
     async def get_integration(self, integration_id: str) -> IntegrationRecord | None:
         async with self._driver.connection() as conn:
-            row = await conn.fetchone("SELECT * FROM integrations WHERE id = ?", integration_id)
-        return IntegrationRecord.model_validate(row) if row else None
+            row = await conn.fetchone(f"{_INTEGRATION} WHERE id = ?", integration_id)
+        return self._integration(row) if row else None
+
+    def _integration(self, row: Row) -> IntegrationRecord:
+        """The record of a row, its secrets opened. A signing secret no key opens marks the
+        record `secret_unreadable` rather than failing the read: the integration still
+        authenticates and lists, only signing with it fails (naming it)."""
+        fields = {**row, "previous_secret": self._previous_secret(row)}
+        try:
+            fields["signing_secret"] = self._secrets.open(
+                row["signing_secret"], f"the signing secret of integration {row['id']}"
+            )
+        except SecretUnreadable as error:
+            fields.update(signing_secret="", secret_unreadable=str(error))
+        return IntegrationRecord.model_validate(fields)
+
+    def _previous_secret(self, row: Row) -> str | None:
+        stored: str | None = row["previous_secret"]
+        if stored is None:
+            return None
+        whose = f"the previous signing secret of integration {row['id']}"
+        try:
+            return self._secrets.open(stored, whose)
+        except SecretUnreadable:
+            # The current secret signs on its own: the one a rotation replaced is only a
+            # courtesy to receivers that have not switched yet.
+            return None
 
     async def list_integrations(
         self, after: str | None = None, limit: int | None = None
     ) -> list[IntegrationRecord]:
         # Oldest first; a page starts after the integration `after` (created_at, then id).
-        sql = "SELECT * FROM integrations"
+        sql = _INTEGRATION
         args: list[object] = []
         if after is not None:
             sql += (
@@ -60,7 +109,7 @@ class IntegrationsSql:
             args.append(limit)
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(sql, *args)
-        return [IntegrationRecord.model_validate(row) for row in rows]
+        return [self._integration(row) for row in rows]
 
     async def set_response_url(self, integration_id: str, response_url: str) -> bool:
         async with self._driver.connection() as conn:
@@ -89,11 +138,65 @@ class IntegrationsSql:
                 "UPDATE integrations SET previous_secret = signing_secret,"
                 " previous_secret_until = ?, signing_secret = ? WHERE id = ?",
                 previous_until,
-                secret,
+                self._secrets.seal(secret),
                 integration_id,
             )
-            row = await conn.fetchone("SELECT * FROM integrations WHERE id = ?", integration_id)
-        return IntegrationRecord.model_validate(row) if row else None
+            row = await conn.fetchone(f"{_INTEGRATION} WHERE id = ?", integration_id)
+        return self._integration(row) if row else None
+
+    async def bot_secret(self, integration_id: str) -> str:
+        select = "SELECT bot_secret FROM integrations WHERE id = ?"
+        async with self._driver.connection() as conn:
+            row = await conn.fetchone(select, integration_id)
+            if row is not None and row["bot_secret"] is None:
+                # Made on first use; whoever writes first wins, everyone reads the winner's.
+                await conn.execute(
+                    "UPDATE integrations SET bot_secret = ? WHERE id = ? AND bot_secret IS NULL",
+                    self._secrets.seal(secrets.token_urlsafe(32)),
+                    integration_id,
+                )
+                row = await conn.fetchone(select, integration_id)
+        if row is None:
+            raise StoreError(f"no integration {integration_id}")
+        whose = f"the bot secret of integration {integration_id}"
+        return self._secrets.open(row["bot_secret"], whose)
+
+    async def reseal_secrets(self) -> Resealed:
+        replaced: list[bool] = []  # per secret: sealed again, or changed meanwhile
+        unreadable: list[str] = []
+        after = ""
+        while rows := await self._secret_rows(after):
+            for row in rows:
+                for column, whose, stored in _secrets_of(row):
+                    try:
+                        sealed = self._secrets.reseal(stored, whose)
+                    except SecretUnreadable as error:
+                        unreadable.append(str(error))
+                        continue
+                    replaced.append(await self._replace_secret(row["id"], column, stored, sealed))
+            after = rows[-1]["id"]
+        return Resealed(replaced.count(True), unreadable, replaced.count(False))
+
+    async def _secret_rows(self, after: str) -> list[Row]:
+        async with self._driver.connection() as conn:
+            return await conn.fetchall(
+                "SELECT id, signing_secret, previous_secret, bot_secret FROM integrations"
+                " WHERE id > ? ORDER BY id LIMIT ?",
+                after,
+                _RESEAL_PAGE,
+            )
+
+    async def _replace_secret(self, integration_id: str, column: str, old: str, new: str) -> bool:
+        """Whether the column still held `old` and now holds `new` (if not, it changed
+        meanwhile: a rotation, which seals with the first key already)."""
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                f"UPDATE integrations SET {column} = ? WHERE id = ? AND {column} = ?",
+                new,
+                integration_id,
+                old,
+            )
+        return changed == 1
 
     async def create_token(
         self, integration_id: str, kind: TokenKind, token_hash: str, prefix: str
@@ -165,12 +268,15 @@ class IntegrationsSql:
             )
         return record
 
-    async def admin_token_hashes(self) -> list[str]:
+    async def admin_token_active(self, token_hash: str) -> bool:
+        # One row by the unique (so indexed) hash: an admin request costs the same however
+        # many admin tokens there are, and a revocation counts from the next request.
         async with self._driver.connection() as conn:
-            rows = await conn.fetchall(
-                "SELECT token_hash FROM admin_tokens WHERE revoked_at IS NULL"
+            row = await conn.fetchone(
+                "SELECT id FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                token_hash,
             )
-        return [row["token_hash"] for row in rows]
+        return row is not None
 
     async def list_admin_tokens(self) -> list[TokenRecord]:
         async with self._driver.connection() as conn:
@@ -182,3 +288,12 @@ class IntegrationsSql:
             TokenRecord.model_validate({**row, "integration_id": None, "kind": "admin"})
             for row in rows
         ]
+
+
+def _secrets_of(row: Row) -> list[tuple[str, str, str]]:
+    """The secrets an integration's row holds: (column, whose it is, stored value)."""
+    return [
+        (column, f"{what} of integration {row['id']}", row[column])
+        for column, what in _SECRET_COLUMNS
+        if row[column] is not None
+    ]
