@@ -1,12 +1,16 @@
 """`/openapi.json`: every route of the ingress, generated from the wire models so it cannot drift.
 
 The schemas say what the server really accepts, so a client (or a fuzzer) that follows them
-is never refused: strings hold no NUL (`relay.wire.NO_NUL_PATTERN`), a pushed message's
-payload has the shape of its type (`relay.payloads`), URLs are http(s) URLs.
+is never refused: every request body keeps the input contract (`relay.ingress.openapi_contract`),
+a pushed message's payload has the shape of its type (`relay.payloads`), URLs are http(s)
+URLs. And tools can read them: the document validates (openapi-spec-validator), a client
+generated from it works (openapi-python-client: no schema it cannot read, no two classes of
+one name), an event stream's schema is that of one event, as schemathesis reads it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
@@ -17,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 
 from relay.ingress.connector import CONNECTOR_PREFIX
 from relay.ingress.conversations import MAX_LIMIT
+from relay.ingress.openapi_contract import CONTRACT, apply_contract
 from relay.ingress.push import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX
 from relay.ingress.waiting import MAX_WAIT
 from relay.payloads import PAYLOAD_MODELS, TYPE_NAME_PATTERN
@@ -36,12 +41,15 @@ from relay.wire.admin import (
     DeadLetterSelection,
     DeadLetterView,
     IntegrationCreate,
+    IntegrationCreated,
     IntegrationPatch,
     IntegrationView,
     Page,
     QueueView,
     Recovery,
     Resent,
+    SecretRotated,
+    SecretRotation,
     Timeline,
     TokenCreate,
     TokenCreated,
@@ -94,8 +102,11 @@ _MODELS: list[type[BaseModel]] = [
     Activity,
     ResourceResponse,
     IntegrationCreate,
+    IntegrationCreated,
     IntegrationPatch,
     IntegrationView,
+    SecretRotation,
+    SecretRotated,
     TokenCreate,
     TokenCreated,
     Page[IntegrationView],
@@ -162,12 +173,33 @@ def _schemas() -> dict[str, Any]:
     _, generated = models_json_schema(
         [(model, "validation") for model in _MODELS], ref_template=REF_TEMPLATE
     )
-    schemas: dict[str, Any] = generated.get("$defs", {})
+    schemas = distinct_names(generated.get("$defs", {}))
     schemas["BotMessage"] = message_schema(PAYLOAD_MODELS)
     # The model says `{type, payload: object}`; `validate_outgoing` checks each item as a
     # message of its own type, any but `bloc`.
     schemas["BlocItem"] = message_schema({k: v for k, v in PAYLOAD_MODELS.items() if k != "bloc"})
+    schemas["ConversationEvent"] = event_schema()
     return schemas
+
+
+def distinct_names(schemas: dict[str, Any]) -> dict[str, Any]:
+    """`schemas` with each model's name its own: pydantic tells two models of one name apart by
+    their modules (`relay__payloads__CardAction`) but leaves both titled `CardAction`, and a
+    client generator names its classes by title. Such a model becomes `PayloadsCardAction`."""
+    renamed = {
+        name: name.rsplit("__", 2)[-2].title() + name.rsplit("__", 1)[-1]
+        for name in schemas
+        if "__" in name
+    }
+    text = json.dumps(schemas)
+    for old, new in renamed.items():
+        # A reference is a whole JSON string: replacing it as one touches nothing else.
+        before, after = (json.dumps(REF_TEMPLATE.format(model=name)) for name in (old, new))
+        text = text.replace(before, after)
+    named: dict[str, Any] = json.loads(text)
+    for old, new in renamed.items():
+        named[new] = {**named.pop(old), "title": new}
+    return named
 
 
 def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +233,15 @@ def _post_message() -> dict[str, Any]:
                     "content": _json(
                         {"anyOf": [schema_ref("WaitedAnswer"), schema_ref("MessageBundle")]}
                     ),
+                    "headers": {
+                        "Relay-Wait-Limited": {
+                            "description": "With `wait`: this ingress waits for as many "
+                            "messages as it may (the limit named), so the answer did not wait; "
+                            "the responses come by webhook as always.",
+                            "required": False,
+                            "schema": {"enum": ["wait_limit", "wait_limit_per_integration"]},
+                        }
+                    },
                 }
             },
             _WEBHOOK_ERRORS,
@@ -209,13 +250,46 @@ def _post_message() -> dict[str, Any]:
 
 
 _WATERMARK = {"type": "string", "pattern": r"^[0-9]{1,18}\.[0-9]{1,18}$"}
+_EXAMPLE_ITEM = (
+    '{"id": "1043.2205", "direction": "incoming", "type": "text", "payload": {"text": "hello"}, '
+    '"createdAt": "2026-11-26T12:51:07.735Z", "conversationId": "conv-1", '
+    '"botpressConversationId": "e750…", "messageId": "msg-42", "botpressMessageId": "6b77…"}'
+)
 _EVENTS = {
     "200": {
-        "description": "Server-Sent Events: `event: message`, `id:` the item's watermark, "
-        "`data:` the item (a ConversationItem); a comment line at least every 15 s.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "Server-Sent Events, each one item of the conversation's history as it is "
+        "stored: `event: message`, `id:` the item's watermark, `data:` the item (a "
+        "ConversationItem, JSON). The stream starts with `retry: 1000` and sends a comment line "
+        "at least every 15 s; it ends only when the reader leaves or the ingress stops. The "
+        "schema describes one event (as a 3.2 `itemSchema` would):\n\n"
+        "```\nretry: 1000\n\nid: 1043.2205\nevent: message\ndata: "
+        f"{_EXAMPLE_ITEM}\n\n: keep-alive\n\n```",
+        "content": {"text/event-stream": {"schema": schema_ref("ConversationEvent")}},
     }
 }
+
+
+def event_schema() -> dict[str, Any]:
+    """One event of a conversation's stream, as an SSE parser reads it (`event`, `id`, `data`)."""
+    return {
+        "type": "object",
+        "description": "One Server-Sent Event: an item of a conversation's history.",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"const": "message"},
+            "id": {
+                **_WATERMARK,
+                "description": "The item's watermark: resume after it with `Last-Event-ID`.",
+            },
+            "data": {
+                "type": "string",
+                "description": "The item, as JSON.",
+                "contentMediaType": "application/json",
+                "contentSchema": schema_ref("ConversationItem"),
+            },
+        },
+        "examples": [{"event": "message", "id": "1043.2205", "data": _EXAMPLE_ITEM}],
+    }
 
 
 def _conversation_routes() -> dict[str, Any]:
@@ -227,11 +301,16 @@ def _conversation_routes() -> dict[str, Any]:
         "name": LAST_EVENT_ID_HEADER,
         "in": "header",
         "required": False,
-        "description": "Resume after this item (sent by a reconnecting EventSource).",
+        "description": "Resume after this item, a watermark this relay gave out (an event's "
+        "`id`, which a reconnecting EventSource sends back); it wins over `after`.",
         "schema": _WATERMARK,
     }
     readers: list[dict[str, list[str]]] = [{"bearer": []}, {"readToken": []}]
-    full = {**_READ_ERRORS, "503": "This ingress serves as many streams as it may: try again."}
+    full = {
+        **_READ_ERRORS,
+        "503": "This ingress serves as many streams as it may, in all, for this integration "
+        "or for this token (`details.limit` names the limit): try again after `Retry-After`.",
+    }
     base = "/webhooks/{integrationId}"
     history = {
         "200": {
@@ -380,7 +459,11 @@ def _service_routes() -> dict[str, Any]:
                 "200": {
                     "description": "Prometheus exposition.",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
+                },
+                "401": {
+                    "description": "RELAY_METRICS_TOKEN is set and the bearer is not it.",
+                    "content": _json(schema_ref("ErrorBody")),
+                },
             },
         ),
         "/openapi.json": get(
@@ -389,11 +472,25 @@ def _service_routes() -> dict[str, Any]:
     }
 
 
+# Answered by any route (`relay.ingress.clients`) but the orchestrator's probes.
+_PROBES = frozenset({"/healthz", "/readyz"})
+_FAILED_AUTHENTICATION = "too many requests from this address failed authentication"
+_BODY_TOO_SLOW = (
+    "the body did not arrive within RELAY_BODY_READ_TIMEOUT (then the connection closes)"
+)
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+    }
+}
 _ADMIN_ERRORS = {
     "400": "A body or query parameter that is not valid; `details` names each field.",
     "401": "Missing or wrong token: an admin token (`relay tokens create --kind admin`).",
     "404": "Unknown integration or token.",
-    "409": "That response was not delivered yet: it is being retried, or it is dead.",
+    "409": "That response was not delivered yet (it is being retried, or it is dead); or "
+    "the integration's signing secret cannot be decrypted to sign a test event.",
     "422": "The response endpoint failed its check (a signed test event), or is refused.",
     "503": "The broker cannot be reached now; try again.",
 }
@@ -413,8 +510,10 @@ def _admin_operation(
     *,
     path_ids: tuple[str, ...] = (),
     errors: tuple[str, ...] = ("401",),
+    optional_body: bool = False,
 ) -> dict[str, Any]:
-    """An admin route's operation: bearer admin token, JSON in and out."""
+    """An admin route's operation: bearer admin token, JSON in and out (a body whose every
+    field has a default may be left out: `optional_body`)."""
     status, schema = answer
     success: dict[str, Any] = {"description": summary}
     if schema is not None:
@@ -429,11 +528,7 @@ def _admin_operation(
         ),
     }
     if body is not None:
-        # A token's kind has a default: its body may be left out.
-        found["requestBody"] = {
-            "required": body != "TokenCreate",
-            "content": _json(schema_ref(body)),
-        }
+        found["requestBody"] = {"required": not optional_body, "content": _json(schema_ref(body))}
     return found
 
 
@@ -478,8 +573,9 @@ def _admin_routes() -> dict[str, Any]:
             "get": listing,
             "post": operation(
                 "adminCreateIntegration",
-                "Create an integration (its endpoint checked first)",
-                ("201", "IntegrationView"),
+                "Create an integration (its endpoint checked first); the only answer that "
+                "holds its signing secret",
+                ("201", "IntegrationCreated"),
                 "IntegrationCreate",
                 errors=("400", "401", "422"),
             ),
@@ -498,7 +594,7 @@ def _admin_routes() -> dict[str, Any]:
                 ("200", "IntegrationView"),
                 "IntegrationPatch",
                 path_ids=("id",),
-                errors=invalid,
+                errors=(*invalid, "409"),
             ),
             "delete": operation(
                 "adminDeleteIntegration",
@@ -507,6 +603,18 @@ def _admin_routes() -> dict[str, Any]:
                 path_ids=("id",),
                 errors=("401", "404"),
             ),
+        },
+        f"{base}/integrations/{{id}}/rotate-secret": {
+            "post": operation(
+                "adminRotateSecret",
+                "A new signing secret (in this answer only); the old one signs too during "
+                "the grace period",
+                ("200", "SecretRotated"),
+                "SecretRotation",
+                path_ids=("id",),
+                errors=("400", "401", "404"),
+                optional_body=True,  # the grace has a default
+            )
         },
         f"{base}/integrations/{{id}}/tokens": {
             "get": operation(
@@ -523,6 +631,7 @@ def _admin_routes() -> dict[str, Any]:
                 "TokenCreate",
                 path_ids=("id",),
                 errors=("400", "401", "404"),
+                optional_body=True,  # a token's kind has a default
             ),
         },
         f"{base}/tokens/{{tokenId}}": {
@@ -616,9 +725,9 @@ def _admin_recovery_routes() -> dict[str, Any]:
 @cache
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the ingress."""
-    return {
+    document = {
         "openapi": "3.1.0",
-        "info": {"title": "Relay ingress", "version": "1"},
+        "info": {"title": "Relay ingress", "version": "1", "description": CONTRACT},
         "paths": {
             "/webhooks/{integrationId}": {"post": _post_message()},
             **_conversation_routes(),
@@ -636,6 +745,35 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    apply_contract(document)
+    _answer_everywhere(document, "429", _FAILED_AUTHENTICATION, headers=_RETRY_AFTER)
+    _answer_everywhere(document, "408", _BODY_TOO_SLOW, headers={}, with_body=True)
+    return document
+
+
+def _answer_everywhere(
+    document: dict[str, Any],
+    status: str,
+    description: str,
+    headers: dict[str, Any],
+    with_body: bool = False,
+) -> None:
+    """Add an answer that any route may give (bar the probes; `with_body`: any route that
+    takes a body) to every operation; a route that gives the same status for a reason of its
+    own keeps both reasons."""
+    for path, item in document["paths"].items():
+        if path in _PROBES:
+            continue
+        for operation in item.values():
+            if with_body and "requestBody" not in operation:
+                continue
+            answer = operation["responses"].setdefault(
+                status, {"description": "", "content": _json(schema_ref("ErrorBody"))}
+            )
+            given = answer["description"].rstrip(".")
+            either = f"{given}; or {description}" if given else description.capitalize()
+            answer["description"] = f"{either}."
+            answer["headers"] = headers
 
 
 async def openapi_handler(_: web.Request) -> web.Response:
