@@ -545,8 +545,8 @@ def _secret_commands(roles: Any) -> None:
         help="the stored secrets' encryption (RELAY_SECRET_KEYS)",
         description="Signing and bot secrets are stored encrypted with the first key of"
         " RELAY_SECRET_KEYS (comma-separated Fernet keys; every key decrypts). To change"
-        " keys: put the new key first, keep the old one after it, run `relay secrets"
-        " reencrypt`, then remove the old key.",
+        " keys, each step on every service before the next: add the new key after the old"
+        " one; then put it first; run `relay secrets reencrypt`; then remove the old key.",
     )
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser(

@@ -11,6 +11,7 @@ everywhere: bots attach their own metadata.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -26,7 +27,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from relay.wire import NO_NUL, NO_NUL_PATTERN, StorableValue
-from relay.wire.contract import MAX_DEPTH, json_problems, problem, storable_text
+from relay.wire.contract import MAX_DEPTH, MAX_PAYLOAD_BYTES, json_problems, problem, storable_text
 
 MAX_URL_LENGTH = 4096
 _TYPE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -238,6 +239,10 @@ def _bloc_problems(bloc: BlocPayload, path: str) -> list[dict[str, str]]:
     return problems
 
 
+def _json_size(payload: dict[str, Any]) -> int:
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+
+
 def validate_outgoing(type_: str, payload: object) -> dict[str, Any]:
     """Check an outgoing message's type and payload; return the payload, unchanged.
 
@@ -250,6 +255,8 @@ def validate_outgoing(type_: str, payload: object) -> dict[str, Any]:
         raise InvalidPayload([*problems, problem("payload", "must be a JSON object")])
     # A payload is what a body holds: one level fewer than a body may have.
     problems.extend(json_problems(payload, "payload", depth=MAX_DEPTH - 1))
+    if not problems and _json_size(payload) > MAX_PAYLOAD_BYTES:
+        problems.append(problem("payload", f"must be at most {MAX_PAYLOAD_BYTES} bytes of JSON"))
     if not problems:
         problems = _payload_problems(type_, payload, "payload")
     if problems:

@@ -112,9 +112,13 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[Network], NoDecode] = Field(default_factory=list)
     # Integrations (with their token hashes) one process keeps in memory, least recent first out.
     directory_cache_size: int = Field(default=10_000, ge=1)
-    # Seconds a client may take to send a request's headers, and then its body.
+    # Seconds a client may take to send a request's headers, and may pause while sending its
+    # body.
     header_read_timeout: float = Field(default=10.0, gt=0)
     body_read_timeout: float = Field(default=30.0, gt=0)
+    # Seconds a kept-alive connection may stay silent between requests (above a proxy's own
+    # idle timeout, so that the proxy closes first).
+    keepalive_timeout: float = Field(default=75.0, gt=0)
     # Secrets at rest (`relay.store.secrets`): Fernet keys, comma-separated, the first encrypts
     # and every one decrypts (empty: secrets are stored as they are).
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

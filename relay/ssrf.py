@@ -34,6 +34,13 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated, but still routed by some
 _SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+# Translators of a site's own, which may reach anything behind them (and which Python 3.11
+# counts as global): the local-use NAT64 prefix (RFC 8215, where the IPv4 part sits
+# wherever the site's prefix length puts it) and IPv4-translated addresses (SIIT, RFC 2765).
+_NEVER_PUBLIC = (
+    ipaddress.ip_network("64:ff9b:1::/48"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),
+)
 
 # What DNS names are made of (underscores occur in practice); no "%", space or empty label.
 _NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
@@ -66,7 +73,9 @@ def is_public(address: Address) -> bool:
             return is_public(inner)
     if address.is_multicast or address in _SHARED:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address in _SITE_LOCAL:
+    if isinstance(address, ipaddress.IPv6Address) and (
+        address in _SITE_LOCAL or any(address in network for network in _NEVER_PUBLIC)
+    ):
         return False
     return address.is_global
 

@@ -43,6 +43,9 @@ EMBEDDED = [
     pytest.param("http://169.254.169.254/latest/meta-data/", id="metadata"),
     pytest.param("http://[fd00:ec2::254]/latest/meta-data/", id="metadata-ipv6"),
     pytest.param("http://[64:ff9b::a9fe:a9fe]/latest/meta-data/", id="metadata-nat64"),
+    # A site's own translators (Python 3.11 counts these as global).
+    pytest.param("http://[64:ff9b:1::a9fe:a9fe]/latest/meta-data/", id="local-nat64-metadata"),
+    pytest.param("http://[::ffff:0:7f00:1]:{port}/hook", id="ipv4-translated"),
 ]
 INTERNAL = NON_ASCII + NUMERIC + EMBEDDED
 

@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 from ipaddress import ip_network
 from typing import Any
 
+import aiohttp
 import pytest
 
 from relay import admin
 from relay.service.app import METRICS_KEY
 from relay.settings import Settings
 from relay.store import SqlStore
+from relay.wire import utcnow
 from tests.helpers import Ingress, Queues, eventually, make_integration, message, start_ingress
 from tests.sse import open_stream
 
@@ -284,6 +286,36 @@ async def test_a_stream_of_big_items_sends_every_one_in_order(settings: Settings
     assert [event.item["messageId"] for event in events] == [f"msg-{conv}-{i}" for i in range(4)]
 
 
+async def test_a_held_back_stream_is_still_kept_alive(
+    settings: Settings, store: SqlStore, database_url: str
+):
+    """While an open transaction holds new items back (PostgreSQL's horizon), the stream
+    still writes its keep-alive comment and watches its reader."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("only PostgreSQL holds items back behind an open transaction")
+    quick = settings.model_copy(update={"stream_keepalive": 0.3})
+    integration = await make_integration(store, settings, name="held-back")
+    conv = f"conv-{uuid.uuid4().hex[:8]}"
+    async with start_ingress(quick) as ingress, store.driver.transaction() as holding:
+        # A write keeps this transaction's id below every later one: their items wait.
+        await holding.execute(
+            "INSERT INTO leases (name, holder, held_until) VALUES (?, ?, ?)",
+            f"hold-{conv}",
+            "test",
+            utcnow(),
+        )
+        await accepted(ingress, integration, message(conv, conversationId=conv))
+        url = events_url(ingress, integration[0], conv)
+        timeout = aiohttp.ClientTimeout(total=None)
+        async with ingress.http.get(url, headers=bearer(integration[1]), timeout=timeout) as got:
+            assert got.status == 200
+            lines = []
+            async with asyncio.timeout(5):
+                while (line := await got.content.readline()) != b": keep-alive\n":
+                    lines.append(line)
+    assert not any(line.startswith(b"event:") for line in lines), "the item was held back"
+
+
 # -- failed authentication ------------------------------------------------------------------
 
 
@@ -299,8 +331,10 @@ async def test_failed_authentications_are_limited_per_client_before_any_lookup(
     strict: Ingress, settings: Settings, store: SqlStore
 ):
     """Three wrong tokens (or unknown integrations) answer 401/404; then the client is
-    answered 429 with Retry-After, even with a right token: it is refused before anything
-    is looked up. Requests that succeed cost nothing."""
+    answered 429 with Retry-After, even with a right token never seen here: it is refused
+    before anything is looked up. Requests that succeed cost nothing, and a token that
+    worked here lately still works (an attacker behind the same address, a proxy or a
+    carrier's NAT, does not lock out the tenants whose tokens work)."""
     integration = await make_integration(store, settings, name="guarded")
     for _ in range(5):
         await accepted(strict, integration, message(uuid.uuid4().hex))  # successes: free
@@ -310,8 +344,10 @@ async def test_failed_authentications_are_limited_per_client_before_any_lookup(
     assert status == 404
     async with strict.http.get(events_url(strict, integration[0])) as answer:
         assert answer.status == 401
+    await accepted(strict, integration, message(uuid.uuid4().hex))  # proven: still served
+    fresh, _ = await admin.create_token(store, integration[0], "integration")
     async with strict.http.post(
-        f"{strict.url}/webhooks/{integration[0]}", json=message(2), headers=bearer(integration[1])
+        f"{strict.url}/webhooks/{integration[0]}", json=message(2), headers=bearer(fresh)
     ) as answer:
         assert answer.status == 429
         assert int(answer.headers["Retry-After"]) >= 1

@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from relay import admin
+from relay.payloads import InvalidPayload, validate_outgoing
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.wire import InboundEnvelope, InboundRequest, MessageBundle, WebhookResponse, utcnow
-from relay.wire.contract import MAX_DEPTH, json_problems
+from relay.wire.contract import MAX_DEPTH, MAX_PAYLOAD_BYTES, json_problems
 from tests.helpers import (
     Ingress,
     admin_call,
@@ -179,6 +180,18 @@ def test_every_payload_the_contract_takes_every_stage_carries(payload: dict[str,
     assert json.loads(response.model_dump_json())["payload"] == request.normalized_payload()
 
 
+async def test_a_bad_key_above_a_bad_value_is_named_readably(
+    ingress: Ingress, store: SqlStore, settings: Settings
+) -> None:
+    """The path of the place names the bad key, escaped: the answer is still JSON."""
+    integration_id, token = await make_integration(store, settings, name="bad-key")
+    raw = json.dumps(message("bad-key"))[:-1] + ', "payload": {"\\ud800": {"b": 1e999}}}'
+    status, answer = await ingress.post(integration_id, token, None, raw=raw.encode())
+    assert status == 400, answer
+    named = {"field": "payload.\\ud800.b", "message": "must be a finite number"}
+    assert named in answer["error"]["details"]
+
+
 # --- the probes, at every route that takes JSON ------------------------------------------
 
 
@@ -302,3 +315,15 @@ async def test_answered_2xx_is_delivered_and_4xx_keeps_nothing(
     expected = {**(body.get("payload") or {})}
     expected.setdefault("text", body["text"])
     assert stored == expected
+
+
+def test_a_bot_reply_larger_than_any_message_may_carry_is_refused() -> None:
+    """A reply does not come in a request body: its own bound keeps every envelope under
+    what the broker takes (RabbitMQ 4: 16 MiB)."""
+    fits = {"text": "x" * (MAX_PAYLOAD_BYTES - 20)}
+    assert validate_outgoing("text", fits) is fits
+    with pytest.raises(InvalidPayload) as refused:
+        validate_outgoing("text", {"text": "x" * MAX_PAYLOAD_BYTES})
+    assert refused.value.details == [
+        {"field": "payload", "message": f"must be at most {MAX_PAYLOAD_BYTES} bytes of JSON"}
+    ]

@@ -24,6 +24,7 @@ from relay.wire import InboundRequest, utcnow
 from tests.helpers import (
     Ingress,
     Queues,
+    admin_call,
     connected_broker,
     eventually,
     make_integration,
@@ -230,3 +231,24 @@ async def test_an_unreadable_envelope_is_dead_in_the_store_and_holds_up_no_one(
             return (await row(store, second["message"]["id"]))["handled_at"] is not None
 
         await eventually(handled, timeout=10)
+
+
+async def test_recovering_an_integration_skips_what_can_never_be_published(
+    ingress: Ingress, store: SqlStore, settings: Settings, broker: Broker, admin_token: str
+) -> None:
+    integration_id, token = await make_integration(store, settings, name="poison-recover")
+    status, answer = await ingress.post(integration_id, token, message("recover"))
+    assert status == 200, answer
+    conversation = await store.get_conversation(answer["conversation"]["id"])
+    assert conversation is not None
+    deep = {"text": "x", "deep": nested(POISON_DEPTH)}
+    poison, _ = await store.record_pushed(conversation, "text", deep, None, settings.partitions)
+    await set_columns(store, poison.id, created_at=utcnow() - timedelta(minutes=1))
+    await dead_letter_of(broker, "outbound", f"msg_{poison.id}")
+    since = (utcnow() - timedelta(hours=1)).isoformat()
+    status, counted = await admin_call(
+        ingress, "POST", f"/integrations/{integration_id}/recover", admin_token, {"since": since}
+    )
+    assert status == 200, counted
+    assert counted == {"count": 0}
+    assert await letter(broker, "outbound", f"msg_{poison.id}") is not None

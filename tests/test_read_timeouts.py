@@ -21,6 +21,7 @@ from tests.helpers import eventually, make_integration
 from tests.test_bad_input import Service, answers_health, start_service
 
 TIMEOUT = 1.0
+KEEPALIVE = 3.0  # more than twice TIMEOUT: a kept-alive connection outlives a header timeout
 
 
 def sqlite_settings(amqp_url: str, queue_prefix: str, folder: Path) -> Settings:
@@ -52,7 +53,11 @@ async def integration(quick: Settings) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 async def service(quick: Settings, integration: tuple[str, str]) -> AsyncIterator[Service]:
-    env = {"RELAY_HEADER_READ_TIMEOUT": str(TIMEOUT), "RELAY_BODY_READ_TIMEOUT": str(TIMEOUT)}
+    env = {
+        "RELAY_HEADER_READ_TIMEOUT": str(TIMEOUT),
+        "RELAY_BODY_READ_TIMEOUT": str(TIMEOUT),
+        "RELAY_KEEPALIVE_TIMEOUT": str(KEEPALIVE),
+    }
     async with start_service(quick, "ingress", env) as running:
         await eventually(lambda: answers_health(running.port), timeout=30, interval=0.1)
         yield running
@@ -125,6 +130,51 @@ async def test_a_body_that_stops_half_way_is_answered_408(
     error = json.loads(body)["error"]
     assert error["code"] == "request_timeout"
     assert set(error) == {"code", "message", "details"}
+
+
+async def test_a_body_that_keeps_coming_slowly_is_not_cut(
+    service: Service, integration: tuple[str, str]
+):
+    """The body's bound is on its pauses: a large body on a slow link takes as long as it
+    takes, as long as it keeps coming."""
+    integration_id, token = integration
+    body = json.dumps(
+        {
+            "userId": "u",
+            "messageId": "slow-1",
+            "conversationId": "c",
+            "type": "text",
+            "text": "sent slowly, in pieces",
+        }
+    ).encode()
+    pieces = [body[i : i + 20] for i in range(0, len(body), 20)]
+    assert len(pieces) * TIMEOUT / 2 > TIMEOUT * 2  # longer in all than the bound
+    async with connection(service.port) as (reader, writer):
+        writer.write(
+            f"POST /webhooks/{integration_id} HTTP/1.1\r\nHost: relay\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        for piece in pieces:
+            await asyncio.sleep(TIMEOUT / 2)
+            writer.write(piece)
+            await writer.drain()
+        answer = await closed_within(reader, 10)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+async def test_a_partial_head_behind_a_whole_request_is_bounded_by_the_keep_alive(
+    service: Service,
+):
+    """A request and the first byte of the next in one packet: no head timer can see that
+    byte, and the keep-alive bound closes the connection."""
+    loop = asyncio.get_running_loop()
+    async with connection(service.port) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\nG")
+        started = loop.time()
+        data = await closed_within(reader, KEEPALIVE + 3)
+        assert loop.time() - started <= KEEPALIVE + 2
+    assert data.startswith(b"HTTP/1.1 200")
 
 
 async def test_a_kept_alive_connection_waits_for_its_next_request(service: Service):

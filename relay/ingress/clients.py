@@ -4,8 +4,10 @@ A request that fails authentication (a 401, or a 404 for an integration that doe
 exist) takes a token from its client's bucket (`RELAY_AUTH_FAILURE_RATE` per second,
 bursts of `RELAY_AUTH_FAILURE_BURST`). A client whose bucket is empty is answered 429
 before anything else is looked at: guessing tokens or integration ids then costs the
-relay no store query. Requests that succeed take nothing, but a client over its budget is
-refused every request until its bucket refills.
+relay no store query. Requests that succeed take nothing, and a client over its budget is
+still served when it presents a credential that succeeded here lately (its hash is kept):
+an attacker behind the same address (a proxy, a carrier's NAT) does not lock out the
+tenants whose tokens work.
 
 The client is the peer address, unless the peer is a trusted proxy
 (`RELAY_TRUSTED_PROXIES`): then the right-most X-Forwarded-For entry that is not one (each
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from relay.auth import bearer_token, hash_token
 from relay.errors import ApiError, NotFound, RateLimited, Unauthorized
 from relay.ingress.ratelimit import RateLimiter, retry_after
 from relay.metrics import Metrics
@@ -85,6 +89,38 @@ def _key(address: Address | None, text: str) -> str:
     return str(address)
 
 
+def credential_of(request: web.BaseRequest) -> str | None:
+    """The hash of what the request authenticates with (bearer, or a `?token=`), if any."""
+    token = bearer_token(request.headers.get(hdrs.AUTHORIZATION)) or request.query.get("token")
+    return hash_token(token) if token else None
+
+
+class ProvenCredentials:
+    """Hashes of credentials that succeeded here lately, the least recent out first."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._hashes: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def holds(self, credential: str | None) -> bool:
+        if credential is None or credential not in self._hashes:
+            return False
+        self._hashes.move_to_end(credential)
+        return True
+
+    def add(self, credential: str | None) -> None:
+        if credential is None:
+            return
+        self._hashes[credential] = None
+        self._hashes.move_to_end(credential)
+        if len(self._hashes) > self._limit:
+            self._hashes.popitem(last=False)
+
+    def forget(self, credential: str | None) -> None:
+        if credential is not None:
+            self._hashes.pop(credential, None)
+
+
 def failed_authentication(error: ApiError) -> bool:
     """Whether an error answer means the request failed authentication."""
     return isinstance(error, Unauthorized | UnknownTarget)
@@ -104,6 +140,7 @@ class AuthFailures:
         self._buckets = RateLimiter(rate, burst, clock)
         self._trusted = list(trusted)
         self._metrics = metrics
+        self._proven = ProvenCredentials()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -112,16 +149,24 @@ class AuthFailures:
         if request.path in _EXEMPT:
             return await handler(request)
         client = client_address(request, self._trusted)
-        self._refuse_if_spent(client)
+        credential = credential_of(request)
+        if not self._proven.holds(credential):
+            self._refuse_if_spent(client)
         try:
             response = await handler(request)
         except ApiError as error:
             if failed_authentication(error):
-                self._buckets.check(client)
+                self._failed(client, credential)
             raise
         if response.status == Unauthorized.status:
-            self._buckets.check(client)
+            self._failed(client, credential)
+        elif response.status < 400:
+            self._proven.add(credential)
         return response
+
+    def _failed(self, client: str, credential: str | None) -> None:
+        self._buckets.check(client)
+        self._proven.forget(credential)
 
     def _refuse_if_spent(self, client: str) -> None:
         wait = self._buckets.wait(client)

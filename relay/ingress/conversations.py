@@ -97,7 +97,11 @@ def parse_limit(text: str | None) -> int:
     """`limit`: 1 to 1000, 100 if absent; else a 400."""
     if text is None:
         return DEFAULT_LIMIT
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
+    # The length first: int() refuses a string of thousands of digits with a ValueError.
+    if (
+        not (text.isascii() and text.isdigit() and len(text) <= 6)
+        or not 1 <= int(text) <= MAX_LIMIT
+    ):
         raise InvalidQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(text)
 

@@ -149,22 +149,33 @@ class EventStreams:
         """Write what is after `after`, then whatever comes, until the reader leaves or the
         ingress stops."""
         held_back = pauses(0.02, 1.0)
+        loop = asyncio.get_running_loop()
+        written = loop.time()  # when the reader was last written to
         while not watch.stopping:
             page = await read_page(
                 self._api.store, reader.scope, after, PAGE, self._api.page_bytes, _event
             )
             for chunk in _gathered(page):
                 await self._write(response, chunk)
+                written = loop.time()
             after = page.watermark
             if page.more:
                 continue
             if page.held_back:
-                # An earlier transaction may still add items before these: look again soon.
+                # An earlier transaction may still add items before these: look again soon,
+                # keeping the stream alive and watching its reader meanwhile (a transaction
+                # may hold the horizon for long).
                 await watch.news(next(held_back))
+                if _gone(request):
+                    raise _ReaderLeft
+                if loop.time() - written >= self._keepalive:
+                    await self._write(response, b": keep-alive\n\n")
+                    written = loop.time()
                 continue
             held_back = pauses(0.02, 1.0)
             if not await self._news_while_present(request, watch):
                 await self._write(response, b": keep-alive\n\n")
+                written = loop.time()
         self._metrics.streams_dropped.labels("stopping").inc()
 
     async def _news_while_present(self, request: web.Request, watch: Watch) -> bool:

@@ -125,10 +125,17 @@ class ReplyPublisher:
         }
         await self._burial.bury(row.id, delivery_id(row.id), letter, row.reason)
 
-    async def send_again(self, record: OutgoingRecord) -> None:
+    async def send_again(self, record: OutgoingRecord) -> bool:
         """Publish a stored response once more, as a first attempt under its webhook-id
-        (an operator's resend or recovery), whatever became of it before."""
-        await self._publish_one(record, None)
+        (an operator's resend or recovery), whatever became of it before; False if it can
+        never be published (then its outbox ended it dead, with a dead letter, already:
+        such a response was never published, so never tried nor given up)."""
+        try:
+            await self._publish_one(record, None)
+        except Unpublishable as error:
+            log.warning("resend_unpublishable", response_id=record.id, reason=str(error))
+            return False
+        return True
 
     async def _publish_one(self, record: OutgoingRecord, accepted_at: datetime | None) -> None:
         body = envelope_bytes(

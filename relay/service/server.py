@@ -3,11 +3,13 @@ refuses by itself as Relay's JSON and bounding how long a client may take to sen
 request (`ServiceRunner`), and the settings a service application runs with.
 
 aiohttp bounds only the silence between requests (`keepalive_timeout`, an hour by default
-so that it outlasts any proxy's): a client that opens connections and sends their headers
-a byte at a time holds each for that long. Here a request's head must arrive within
+under `AppRunner`): a client that opens connections and sends their headers a byte at a
+time holds each for that long. Here a request's head must arrive within
 `RELAY_HEADER_READ_TIMEOUT` seconds of its first byte (of the connection's opening, for
-the first) or the connection is closed, and its body within `RELAY_BODY_READ_TIMEOUT` of
-the head, or it is answered 408.
+the first) or the connection is closed, and its body must not pause for longer than
+`RELAY_BODY_READ_TIMEOUT`, or it is answered 408. The silence between requests is
+`RELAY_KEEPALIVE_TIMEOUT` (75 s, as `aiohttp.web.run_app` has it): it also bounds a
+partial head sent in the same packet as a whole request, which no timer here sees.
 """
 
 from __future__ import annotations
@@ -72,14 +74,21 @@ class ReadTimeouts:
 
     head: float
     body: float
+    idle: float  # between requests on a kept-alive connection
 
     @classmethod
     def of(cls, settings: Settings | None) -> ReadTimeouts:
         """Those of `settings` (None: the defaults)."""
         if settings is None:
             fields = Settings.model_fields
-            return cls(fields["header_read_timeout"].default, fields["body_read_timeout"].default)
-        return cls(settings.header_read_timeout, settings.body_read_timeout)
+            return cls(
+                fields["header_read_timeout"].default,
+                fields["body_read_timeout"].default,
+                fields["keepalive_timeout"].default,
+            )
+        return cls(
+            settings.header_read_timeout, settings.body_read_timeout, settings.keepalive_timeout
+        )
 
 
 class BodyTimeout(ApiError):
@@ -100,7 +109,7 @@ class _JsonErrorHandler(web.RequestHandler):
     read timeouts, so this subclass is the one place they can be done.
     """
 
-    __slots__ = ("_body_timer", "_head_timer", "_read_timeouts", "_timed_out")
+    __slots__ = ("_body", "_body_timer", "_head_timer", "_read_timeouts", "_timed_out")
 
     def __init__(
         self,
@@ -115,6 +124,7 @@ class _JsonErrorHandler(web.RequestHandler):
         self._timed_out = timed_out
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # the body being read, while it is
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -132,6 +142,10 @@ class _JsonErrorHandler(web.RequestHandler):
         super().data_received(data)
         if self._request_count > heads:
             self._head_arrived()
+        elif data and self._body_timer is not None:
+            # The body goes on arriving: the bound is on its pauses, not its whole length
+            # (a large body on a slow link is not cut).
+            self._arm_body_timer()
         elif data and idle and self._head_timer is None:
             # The first bytes of the next request on a kept-alive connection. (Those that
             # come, pipelined, while a request is handled are left to the keep-alive bound.)
@@ -146,12 +160,23 @@ class _JsonErrorHandler(web.RequestHandler):
             self._head_timer = None
         payload = self._messages[-1][1] if self._messages else None
         if isinstance(payload, StreamReader) and not payload.is_eof():
-            if self._body_timer is not None:
-                self._body_timer.cancel()
-            self._body_timer = self._loop.call_later(
-                self._read_timeouts.body, self._body_late, payload
-            )
-            payload.on_eof(self._body_timer.cancel)
+            self._body = payload
+            self._arm_body_timer()
+            payload.on_eof(self._body_done)
+
+    def _arm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        payload = self._body
+        if payload is None or payload.is_eof():
+            self._body_timer = None
+            return
+        self._body_timer = self._loop.call_later(self._read_timeouts.body, self._body_late, payload)
+
+    def _body_done(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer, self._body = None, None
 
     def _head_late(self) -> None:
         self._head_timer = None
@@ -159,7 +184,7 @@ class _JsonErrorHandler(web.RequestHandler):
         self.force_close()
 
     def _body_late(self, payload: StreamReader) -> None:
-        self._body_timer = None
+        self._body_timer, self._body = None, None
         if payload.is_eof():
             return
         self._timed_out("body")
@@ -248,7 +273,9 @@ class ServiceRunner(web.AppRunner):
         server.__class__ = _JsonErrorServer
         ours = cast(_JsonErrorServer, server)
         given = self.app.get(SERVICE_SETTINGS_KEY)
-        ours.read_timeouts = ReadTimeouts.of(given.settings if given else None)
+        ours.read_timeouts = timeouts = ReadTimeouts.of(given.settings if given else None)
+        # aiohttp's own bound on the silence between requests (an hour unless given).
+        ours._kwargs["keepalive_timeout"] = timeouts.idle
         ours.timed_out = self._count_timeout
         return ours
 

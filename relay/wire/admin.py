@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -205,12 +207,20 @@ class Count(BaseModel):
     count: int
 
 
+def _in_utc(value: datetime) -> datetime:
+    """A time in UTC (ValueError near the calendar's ends, where it cannot be moved there)."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as error:
+        raise ValueError("must be a time that can be expressed in UTC") from error
+
+
 class Recovery(BaseModel):
     """`POST /integrations/{id}/recover`: replay what failed for good since then."""
 
     model_config = ConfigDict(extra="forbid")
 
-    since: Annotated[AwareDatetime, BeforeValidator(_text_only)]
+    since: Annotated[AwareDatetime, BeforeValidator(_text_only), AfterValidator(_in_utc)]
 
 
 class Resent(BaseModel):

@@ -10,7 +10,9 @@ than 200 levels, its serializer about 255; an envelope adds 3 levels around a pa
 - strings and keys: no NUL character, no unpaired surrogate (no store keeps them faithfully);
 - numbers: finite; integers between -2**63 and 2**64 - 1 (64-bit, signed or not: what a
   receiver in any language can read back exactly as an integer);
-- values: objects with string keys, arrays, strings, numbers, true, false, null.
+- values: objects with string keys, arrays, strings, numbers, true, false, null;
+- size: a request body at most RELAY_MAX_BODY_BYTES; a bot's reply's payload at most
+  `MAX_PAYLOAD_BYTES` of JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import math
 from typing import Any
 
 MAX_DEPTH = 64
+# The most a payload that does not come in a request body (a bot's reply) may weigh as JSON:
+# the largest body an ingress may take (RELAY_MAX_BODY_BYTES is at most this), well under
+# what RabbitMQ 4 takes in one message (16 MiB).
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MIN_INTEGER = -(2**63)
 MAX_INTEGER = 2**64 - 1
 
@@ -80,7 +86,10 @@ def check_json(value: Any, depth: int = MAX_DEPTH) -> Any:
 
 
 def _join(path: str, part: object) -> str:
-    return f"{path}.{part}" if path else str(part)
+    # A key with a lone surrogate is shown escaped: the error answer that names the place
+    # must itself be JSON a client can read.
+    shown = str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+    return f"{path}.{shown}" if path else shown
 
 
 def _key_problems(key: object, path: str) -> list[Problem]:

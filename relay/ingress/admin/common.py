@@ -96,9 +96,10 @@ def query_time(request: web.Request, name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError as error:
+        # In UTC now: a time near the calendar's ends cannot be moved to UTC later.
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as error:
         raise InvalidQuery(f"{name} must be an ISO 8601 time") from error
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def query_choice(request: web.Request, name: str, choices: tuple[str, ...]) -> Any:

@@ -58,7 +58,8 @@ class RecoveryRoutes:
                 "that response was not delivered yet: it is being retried, or it is dead"
                 " (replay it from the dead letters, or recover the integration)"
             )
-        await request.config_dict[self.keys.replies].send_again(found.record)
+        if not await request.config_dict[self.keys.replies].send_again(found.record):
+            raise Conflict("that response's stored payload can never be published: it is dead")
         return json_answer(Resent(webhookId=webhook_id, responseId=response_id), status=202)
 
     async def recover(self, request: web.Request) -> web.Response:
@@ -68,13 +69,18 @@ class RecoveryRoutes:
         body = await body_of(request, Recovery)
         records = await store.given_up_since(integration.id, body.since)
         replies = request.config_dict[self.keys.replies]
-        for record in records:
-            await replies.send_again(record)
-        if records:
-            ids = {delivery_id(record.id) for record in records}
-            letters = DeadLetters(request.config_dict[self.keys.broker], "outbound")
-            await letters.purge(matching(integration.id, None, ids))
-        return json_answer(Count(count=len(records)))
+        sent: set[str] = set()
+        try:
+            for record in records:
+                if await replies.send_again(record):
+                    sent.add(delivery_id(record.id))
+        finally:
+            # What was sent again leaves the dead letters, even if the broker went away
+            # before the end (the rest stay, to be recovered again).
+            if sent:
+                letters = DeadLetters(request.config_dict[self.keys.broker], "outbound")
+                await letters.purge(matching(integration.id, None, sent))
+        return json_answer(Count(count=len(sent)))
 
     async def timeline(self, request: web.Request) -> web.Response:
         """The conversation's items after `?after=` (its history) with their attempts."""

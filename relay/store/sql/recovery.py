@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from relay.store.driver import Driver
+from relay.store.driver import Driver, Row
 from relay.store.records import OutgoingRecord, SentResponse
 from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED
 from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
@@ -47,4 +47,12 @@ class RecoverySql:
                 since,
                 since,
             )
-        return [outgoing_record(row) for row in rows]
+        # A row no parser reads can never be sent again: left out (its outbox ended it).
+        return [record for row in rows if (record := _readable(row)) is not None]
+
+
+def _readable(row: Row) -> OutgoingRecord | None:
+    try:
+        return outgoing_record(row)
+    except (ValueError, RecursionError):
+        return None

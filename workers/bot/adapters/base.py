@@ -16,10 +16,13 @@ import structlog
 
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.wire import InboundEnvelope
+from relay.wire.contract import MAX_PAYLOAD_BYTES
 
 log = structlog.get_logger(__name__)
 
 LateReply = Callable[[str, dict[str, Any]], Awaitable[None]]
+# A bot's whole answer: a few replies of the largest payload one may carry.
+MAX_ANSWER_BYTES = 4 * MAX_PAYLOAD_BYTES
 
 
 class BotFailure(Exception):
@@ -79,7 +82,8 @@ async def post_to_bot(
     non-2xx is not (BotFailure, permanent)."""
     try:
         async with http.post(url, json=body, headers=headers, allow_redirects=False) as response:
-            raw = await response.read()
+            # Bounded: an answer larger than any reply may be is refused, not held in memory.
+            raw = await response.content.read(MAX_ANSWER_BYTES + 1)
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as error:
         raise BotFailure(f"the bot did not answer: {error!r}") from error
@@ -87,6 +91,8 @@ async def post_to_bot(
         raise BotFailure(f"the bot answered {status}")
     if not 200 <= status < 300:
         raise BotFailure(f"the bot refused the message with {status}", permanent=True)
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise BotFailure(f"the bot's answer is over {MAX_ANSWER_BYTES} bytes", permanent=True)
     return raw
 
 
