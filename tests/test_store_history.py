@@ -14,6 +14,8 @@ from relay.broker.topology import BASE_PARTITIONS
 from relay.store import ConversationRecord, SqlStore, Watermark, open_store
 from relay.store.postgres import drop_schema
 from relay.store.schema import migrations, statements
+from relay.store.sql.common import new_id
+from relay.store.sql.outgoing import Turn, record_replies_at_once
 from relay.wire import InboundRequest, utcnow
 
 
@@ -200,3 +202,26 @@ def _undo_v6(dialect: str) -> list[str]:
     if dialect == "postgresql":
         return [*drops, "DROP SEQUENCE message_items"]
     return ["DROP INDEX messages_items", *drops]
+
+
+async def test_replies_never_sort_before_the_message_they_answer(
+    store: SqlStore, database_url: str
+) -> None:
+    """The message's ingress marks it queued in a transaction that took its id after the
+    bot's turn took its own (the turn then waits for that row): the replies still come
+    after the message in the history."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's writers take turns: no transaction ids to interleave")
+    integration_id = await integration(store)
+    bundle = await accept(store, integration_id, "interleaved", 1)
+    conversation = conversation_record(bundle, integration_id)
+    turn = Turn(conversation, bundle.message.id, [("text", {"text": "r"})], [new_id()], utcnow(), 8)
+    async with store.driver.transaction() as bot:
+        # The turn's transaction has its id first...
+        await bot.fetchone("SELECT pg_current_xact_id() AS xid")
+        # ...the ingress's mark (a later id) stamps the message and commits...
+        await store.mark_queued([bundle.message.id])
+        # ...and only then does the turn store its reply.
+        assert await record_replies_at_once(bot, turn) is not None
+    page = await store.history("conversation", conversation.id, None, 10)
+    assert [item.direction for item in page.items] == ["incoming", "outgoing"]

@@ -44,12 +44,15 @@ def _mark_handled(dialect: str) -> str:
 
 
 # PostgreSQL only: mark, number and insert in one statement (every part runs, or none).
+# The replies are stamped no earlier than the message they answer: its ingress may have
+# stamped it (marking it queued) in a transaction that took its id after this one did, and
+# this statement then waited for that one's row lock; the replies would sort before it.
 _RECORD_REPLIES_AT_ONCE = """
 WITH handled AS (
     UPDATE messages SET handled_at = $1, state = 'queued', lease_until = NULL,
         lease_owner = NULL, {stamp}
     WHERE id = $2 AND direction = 'incoming' AND handled_at IS NULL
-    RETURNING id
+    RETURNING id, txid
 ), counter AS (
     UPDATE conversations SET next_sequence = next_sequence + $3,
         outbound_partitions = COALESCE(outbound_partitions, $11)
@@ -75,12 +78,13 @@ SELECT (SELECT count(*) FROM handled) AS handled,
 """.format(
     stamp=stamp_set("postgresql"),
     stamp_columns=stamp_values("postgresql")[0],
-    stamp_values=stamp_values("postgresql")[1],
+    stamp_values="GREATEST(pg_current_xact_id()::text::bigint, (SELECT txid FROM handled)),"
+    " nextval('message_items')",
 )
 
 
 @dataclass(frozen=True)
-class _Turn:
+class Turn:
     """A turn's replies about to be stored, with the ids and time they get."""
 
     conversation: ConversationRecord
@@ -127,7 +131,7 @@ class OutgoingSql:
         # The hot path of every turn: the mark goes first and tells whether this turn is the
         # first (no read), the records come from what is known already.
         now, ids = utcnow(), [new_id() for _ in replies]
-        turn = _Turn(conversation, inbound_id, replies, ids, now, partitions)
+        turn = Turn(conversation, inbound_id, replies, ids, now, partitions)
         if self._driver.dialect == "postgresql":
             numbered = await self._record_replies_at_once(turn)
         else:
@@ -157,7 +161,7 @@ class OutgoingSql:
             )
         return [outgoing_record(row) for row in rows]
 
-    async def _record_replies_in_steps(self, turn: _Turn) -> _Numbered | None:
+    async def _record_replies_in_steps(self, turn: Turn) -> _Numbered | None:
         """Where the replies start, or None if the message was handled before (or is not
         there)."""
         async with self._driver.transaction() as conn:
@@ -178,25 +182,12 @@ class OutgoingSql:
                 partitions=turn.partitions,
             )
 
-    async def _record_replies_at_once(self, turn: _Turn) -> _Numbered | None:
+    async def _record_replies_at_once(self, turn: Turn) -> _Numbered | None:
         """`_record_replies_in_steps` as one statement, PostgreSQL's data-modifying WITH:
         one round trip and one commit instead of five round trips, on every turn."""
-        replies, conversation = turn.replies, turn.conversation
         async with self._driver.connection() as conn:
-            row = await conn.fetchone(
-                _RECORD_REPLIES_AT_ONCE,
-                turn.now,
-                turn.inbound_id,
-                len(replies),
-                conversation.id,
-                conversation.integration_id,
-                conversation.user_id,
-                turn.ids,
-                [type_ for type_, _ in replies],
-                [str(payload.get("text", "")) for _, payload in replies],
-                [json.dumps(payload) for _, payload in replies],
-                turn.partitions,
-            )
+            row = await record_replies_at_once(conn, turn)
+        replies = turn.replies
         if row is None or not row["handled"]:
             return None
         if not replies:
@@ -280,6 +271,25 @@ class OutgoingSql:
                 conversation_id,
             )
         return ConversationRecord.model_validate(row) if row else None
+
+
+async def record_replies_at_once(conn: Conn, turn: Turn) -> Row | None:
+    """The statement of `OutgoingSql._record_replies_at_once` on `conn` (PostgreSQL)."""
+    replies, conversation = turn.replies, turn.conversation
+    return await conn.fetchone(
+        _RECORD_REPLIES_AT_ONCE,
+        turn.now,
+        turn.inbound_id,
+        len(replies),
+        conversation.id,
+        conversation.integration_id,
+        conversation.user_id,
+        turn.ids,
+        [type_ for type_, _ in replies],
+        [str(payload.get("text", "")) for _, payload in replies],
+        [json.dumps(payload) for _, payload in replies],
+        turn.partitions,
+    )
 
 
 async def _insert_outgoing(
