@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,17 +133,14 @@ class Settling:
                 headers={**verdict.headers, ATTEMPT_HEADER: next_attempt},
             )
         elif verdict.outcome is Outcome.DEAD:
-            await self._broker.publish_to(
-                topology.dead_exchange(),
+            await dead_letter(
+                self._broker,
                 self.stage,
                 body,
-                message_id=message.message_id or "",
-                headers={
-                    ATTEMPT_HEADER: attempt,
-                    REASON_HEADER: verdict.reason[:1000],
-                    DEAD_AT_HEADER: int(time.time()),
-                    **verdict.headers,
-                },
+                message.message_id or "",
+                verdict.reason,
+                attempt=attempt,
+                headers=verdict.headers,
             )
 
     def _track_parking(self, conversation: str, message_key: str, verdict: Verdict) -> None:
@@ -157,6 +154,31 @@ class Settling:
         # The head went on, or away: what waits in memory behind it looks again (the next
         # one goes now; the others wait for it, or for the head in a delay queue).
         self.waiting_room.release(conversation)
+
+
+async def dead_letter(
+    broker: Broker,
+    stage: StageName,
+    body: bytes,
+    message_id: str,
+    reason: str,
+    attempt: int = 0,
+    headers: Mapping[str, str | int] | None = None,
+) -> None:
+    """Put a message in its stage's dead-letter queue with why, when and on which attempt
+    it died, and wait for the confirm (BrokerUnavailable if not)."""
+    await broker.publish_to(
+        broker.topology.dead_exchange(),  # one per prefix, whatever the partition count
+        stage,
+        body,
+        message_id=message_id,
+        headers={
+            ATTEMPT_HEADER: attempt,
+            REASON_HEADER: reason[:1000],
+            DEAD_AT_HEADER: int(time.time()),
+            **(headers or {}),
+        },
+    )
 
 
 def stale(message: AbstractIncomingMessage) -> bool:

@@ -12,7 +12,6 @@ envelope that could not be made, so it can be listed and purged but not replayed
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +20,9 @@ from pydantic import BaseModel
 
 from relay.broker import Broker, StageName
 from relay.metrics import Metrics
+from relay.pipeline.settle import dead_letter
 from relay.store.protocols import Queued
-from relay.wire import ATTEMPT_HEADER, DEAD_AT_HEADER, REASON_HEADER, dump_json, utcnow
+from relay.wire import dump_json, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -63,16 +63,8 @@ class Burial:
         """Dead-letter the message as `letter_id` (its id on the stage's queues) with `letter`
         (its ids) and the reason, then mark its row dead."""
         body = json.dumps({**letter, "kind": f"{self._stage}{KIND_SUFFIX}"}).encode()
-        await self._broker.publish_to(
-            self._broker.topology.dead_exchange(),
-            self._stage,
-            body,
-            message_id=letter_id,
-            headers={
-                ATTEMPT_HEADER: 0,
-                REASON_HEADER: f"could not be published: {reason}"[:1000],
-                DEAD_AT_HEADER: int(time.time()),
-            },
+        await dead_letter(
+            self._broker, self._stage, body, letter_id, f"could not be published: {reason}"
         )
         await self._store.end_unpublished(row_id, utcnow())
         self._metrics.unpublishable.labels(self._stage).inc()
