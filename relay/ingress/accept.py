@@ -206,37 +206,27 @@ class Acceptor:
         queued = 0
         for pending in stale:
             if isinstance(pending, Unreadable):
-                await self._bury(
-                    pending.id, pending.integration_id, pending.conversation_id, {}, pending.reason
-                )
+                await self._bury(pending)
                 continue
             try:
                 queued += await self._republish(pending)
             except Unpublishable as error:
                 bundle = pending.bundle
-                await self._bury(
-                    bundle.message.id,
-                    pending.integration_id,
-                    bundle.conversation.id,
-                    {"messageId": bundle.message.tags.id},
-                    str(error),
+                row = Unreadable(
+                    bundle.message.id, pending.integration_id, bundle.conversation.id, str(error)
                 )
+                await self._bury(row, {"messageId": bundle.message.tags.id})
         return queued
 
-    async def _bury(
-        self,
-        message_id: str,
-        integration_id: str,
-        conversation_id: str,
-        ids: dict[str, str],
-        reason: str,
-    ) -> None:
+    async def _bury(self, row: Unreadable, caller_ids: dict[str, str] | None = None) -> None:
+        """Dead-letter a message that can never be published, its letter holding the ids the
+        dead-letter listing reads (`relay.pipeline.dlq.read`) and those of the caller known."""
         letter = {
-            "integrationId": integration_id,
-            "bundle": {"conversation": {"id": conversation_id}, "message": {"id": message_id}},
-            **ids,
+            "integrationId": row.integration_id,
+            "bundle": {"conversation": {"id": row.conversation_id}, "message": {"id": row.id}},
+            **(caller_ids or {}),
         }
-        await self._burial.bury(message_id, message_id, letter, reason)
+        await self._burial.bury(row.id, row.id, letter, row.reason)
 
     async def _republish(self, pending: PendingMessage) -> int:
         message = pending.bundle.message
