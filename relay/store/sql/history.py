@@ -26,9 +26,16 @@ from typing import Any, Literal
 import structlog
 
 from relay.store.driver import Driver, Row
-from relay.store.records import HistoryPage, HistoryRow, TurnRecord, Watermark
+from relay.store.records import (
+    HistoryPage,
+    HistoryRow,
+    OutgoingRecord,
+    TurnRecord,
+    Unreadable,
+    Watermark,
+)
 from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED, as_datetime
-from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
+from relay.store.sql.outgoing import OUTGOING_SELECT, read_record
 from relay.wire.contract import MAX_DEPTH, json_problems
 
 log = structlog.get_logger(__name__)
@@ -105,11 +112,24 @@ def shown_payload(text: str, message_id: str) -> Any:
         payload = json.loads(text)
     except (ValueError, RecursionError):
         payload = None
-    else:
-        if not json_problems(payload, depth=MAX_DEPTH - 1):
-            return payload
+    return payload if _carriable(payload, message_id) else None
+
+
+def _carriable(payload: Any, message_id: str) -> bool:
+    """Whether a stored payload (None: not even JSON) keeps the input contract."""
+    if payload is not None and not json_problems(payload, depth=MAX_DEPTH - 1):
+        return True
     log.warning("stored_payload_unreadable", message_id=message_id)
-    return None
+    return False
+
+
+def _shown_response(row: Row) -> OutgoingRecord | None:
+    """A turn's response as a reader is shown it; None for one no answer could carry."""
+    record = read_record(row)
+    if isinstance(record, Unreadable):
+        log.warning("stored_payload_unreadable", message_id=record.id)
+        return None
+    return record if _carriable(record.payload, record.id) else None
 
 
 def _final(rows: Sequence[Row]) -> list[Row]:
@@ -189,7 +209,5 @@ class HistorySql:
             handled=row is not None and row["handled_at"] is not None,
             dead=row is not None and row["dead_at"] is not None,
             # A response whose payload no answer could carry was never sent: left out.
-            responses=[
-                outgoing_record(r) for r in rows if shown_payload(r["payload"], r["id"]) is not None
-            ],
+            responses=[shown for r in rows if (shown := _shown_response(r)) is not None],
         )

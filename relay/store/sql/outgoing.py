@@ -26,8 +26,9 @@ def outgoing_record(row: Row) -> OutgoingRecord:
     return OutgoingRecord.model_validate({**row, "payload": json.loads(row["payload"])})
 
 
-def _claimed(row: Row) -> OutgoingRecord | Unreadable:
-    """A claimed response as the outbox publishes it, or Unreadable if it cannot be read."""
+def read_record(row: Row) -> OutgoingRecord | Unreadable:
+    """A stored response as a record, or Unreadable if its payload cannot be read back (a
+    row written by an older Relay, or by hand)."""
     try:
         return outgoing_record(row)
     except (ValueError, RecursionError) as error:
@@ -259,7 +260,7 @@ class OutgoingSql:
                     now,
                 )
             if won == 1:
-                claimed.append(_claimed(row))
+                claimed.append(read_record(row))
         return claimed
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:

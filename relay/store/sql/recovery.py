@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from relay.store.driver import Driver, Row
+from relay.store.driver import Driver
 from relay.store.records import OutgoingRecord, SentResponse
 from relay.store.sql.common import ATTEMPT_DELIVERED, ATTEMPT_FAILED
-from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record
+from relay.store.sql.outgoing import OUTGOING_SELECT, outgoing_record, read_record
 
 _DELIVERED = f"""EXISTS (SELECT 1 FROM delivery_attempts a WHERE a.message_id = m.id
     AND {ATTEMPT_DELIVERED})"""
@@ -48,11 +48,5 @@ class RecoverySql:
                 since,
             )
         # A row no parser reads can never be sent again: left out (its outbox ended it).
-        return [record for row in rows if (record := _readable(row)) is not None]
-
-
-def _readable(row: Row) -> OutgoingRecord | None:
-    try:
-        return outgoing_record(row)
-    except (ValueError, RecursionError):
-        return None
+        records = [read_record(row) for row in rows]
+        return [record for record in records if isinstance(record, OutgoingRecord)]
