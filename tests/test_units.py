@@ -18,6 +18,7 @@ from relay.aio import cancel_and_wait, cancelled_from_outside, pause
 from relay.auth import bearer_token, hash_token, new_signing_secret, new_token, token_matches
 from relay.broker import Topology, partition_of
 from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.lru import Lru
 from relay.retry import pauses
 from relay.settings import Settings, describe_error
 from relay.signing import signature_headers
@@ -308,3 +309,16 @@ async def test_a_cancel_swallowed_by_a_library_call_still_ends_a_background_loop
     async with asyncio.timeout(5):
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_an_lru_keeps_its_size_and_drops_the_least_recently_used() -> None:
+    cache: Lru[str, int] = Lru(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # read: now the most recent
+    cache.put("c", 3)
+    assert "b" not in cache
+    assert (len(cache), cache.get("a"), cache.get("c")) == (2, 1, 3)
+    cache.pop("a")
+    cache.pop("a")  # gone already: nothing to do
+    assert cache.get("a") is None

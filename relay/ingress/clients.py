@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from aiohttp import hdrs, web
@@ -28,6 +27,7 @@ from aiohttp.typedefs import Handler
 from relay.auth import bearer_token, hash_token
 from relay.errors import ApiError, NotFound, RateLimited, Unauthorized
 from relay.ingress.ratelimit import RateLimiter, retry_after
+from relay.lru import Lru
 from relay.metrics import Metrics
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -99,26 +99,18 @@ class ProvenCredentials:
     """Hashes of credentials that succeeded here lately, the least recent out first."""
 
     def __init__(self, limit: int = 10_000) -> None:
-        self._hashes: OrderedDict[str, None] = OrderedDict()
-        self._limit = limit
+        self._hashes: Lru[str, bool] = Lru(limit)
 
     def holds(self, credential: str | None) -> bool:
-        if credential is None or credential not in self._hashes:
-            return False
-        self._hashes.move_to_end(credential)
-        return True
+        return credential is not None and self._hashes.get(credential) is not None
 
     def add(self, credential: str | None) -> None:
-        if credential is None:
-            return
-        self._hashes[credential] = None
-        self._hashes.move_to_end(credential)
-        if len(self._hashes) > self._limit:
-            self._hashes.popitem(last=False)
+        if credential is not None:
+            self._hashes.put(credential, True)
 
     def forget(self, credential: str | None) -> None:
         if credential is not None:
-            self._hashes.pop(credential, None)
+            self._hashes.pop(credential)
 
 
 def failed_authentication(error: ApiError) -> bool:

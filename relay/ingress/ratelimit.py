@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.errors import RateLimited
+from relay.lru import Lru
 
 # Buckets one limiter keeps, least recently used first out: a flood of new keys (client
 # addresses, say) costs a bounded memory; a bucket pushed out starts full again.
@@ -38,22 +38,28 @@ class RateLimiter:
         self._rate = rate
         self._burst = float(burst)
         self._clock = clock
-        self._max_keys = max_keys
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: Lru[str, _Bucket] = Lru(max_keys)
 
     def check(self, key: str) -> float:
         """Take one token for `key`: 0 if allowed, else the seconds until one is free."""
-        wait = self.wait(key)
-        if wait == 0 and self._rate > 0:
-            self._buckets[key].tokens -= 1
-        return wait
+        if self._rate <= 0:
+            return 0.0
+        bucket = self._refilled(key)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return 0.0
+        return self._short(bucket)
 
     def wait(self, key: str) -> float:
         """Seconds until `key` has a token (0: it has one now), taking none."""
         if self._rate <= 0:
             return 0.0
         bucket = self._refilled(key)
-        return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) / self._rate
+        return 0.0 if bucket.tokens >= 1 else self._short(bucket)
+
+    def _short(self, bucket: _Bucket) -> float:
+        """Seconds until `bucket`, short of a whole token, has one."""
+        return (1 - bucket.tokens) / self._rate
 
     def enforce(self, key: str) -> None:
         """Take one token for `key`, or raise a 429 saying when to retry."""
@@ -67,11 +73,8 @@ class RateLimiter:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self._burst, now)
-            if len(self._buckets) > self._max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
+            bucket = _Bucket(self._burst, now)
+            self._buckets.put(key, bucket)
         bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._rate)
         bucket.stamp = now
         return bucket

@@ -7,13 +7,13 @@ later (push API, Bot Framework connector), so every response takes the same path
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 import structlog
 
 from relay.broker import Broker
+from relay.lru import Lru
 from relay.metrics import Metrics
 from relay.pipeline.unpublishable import Burial, Unpublishable, envelope_bytes
 from relay.store import ConversationRecord, Outgoing, OutgoingRecord
@@ -64,7 +64,7 @@ class ReplyPublisher:
         self._metrics = metrics
         self._burial = Burial(store, broker, metrics, "outbound")
         # Conversations last seen published under this service's partition count.
-        self._settled: OrderedDict[str, None] = OrderedDict()
+        self._settled: Lru[str, bool] = Lru(SETTLED_LIMIT)
 
     @property
     def partitions(self) -> int:
@@ -75,14 +75,11 @@ class ReplyPublisher:
         """Before storing responses of a conversation not seen here under this service's
         partition count: move it there, if nothing of it is unfinished in the stage (once per
         conversation while it stays there: the store reads its count anyway)."""
-        if conversation_id in self._settled:
-            self._settled.move_to_end(conversation_id)
+        if self._settled.get(conversation_id):
             return
         count = await self._store.settle_partitions(conversation_id, "outbound", self.partitions)
         if count == self.partitions:
-            self._settled[conversation_id] = None
-            if len(self._settled) > SETTLED_LIMIT:
-                self._settled.popitem(last=False)
+            self._settled.put(conversation_id, True)
 
     async def publish(
         self, records: list[OutgoingRecord], accepted_at: datetime | None = None
@@ -149,7 +146,7 @@ class ReplyPublisher:
         )
         if record.partitions not in (None, self.partitions):
             # Another service moved the conversation: try to move it back next time.
-            self._settled.pop(record.conversation_id, None)
+            self._settled.pop(record.conversation_id)
         with self._metrics.publish_latency.labels("outbound").time():
             await self._broker.publish(
                 "outbound",

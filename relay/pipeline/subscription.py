@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel
 
 from relay.broker.errors import BROKER_ERRORS
+from relay.lru import Lru
 
 SEEN_LIMIT = 50_000
 CLOSE_TIMEOUT = 5.0  # seconds a channel's close may take
@@ -43,7 +44,7 @@ class Subscription:
         self._settled = asyncio.Event()
         self._settled.set()
         # The conversations met, with the highest sequence number seen of each.
-        self._seen: OrderedDict[str, int | None] = OrderedDict()
+        self._seen: Lru[str, int | None] = Lru(SEEN_LIMIT)
         # Closed, or being closed, by this worker: nothing of it is to be taken any more.
         self.closing = False
         # Deliveries not started yet (in a lane, or held), by tag: when each arrived.
@@ -78,20 +79,17 @@ class Subscription:
         Remembers the most recent `SEEN_LIMIT` conversations: one forgotten costs one more
         look in the store."""
         if conversation in self._seen:
-            self._seen.move_to_end(conversation)
-            last = self._seen[conversation]
+            last = self._seen.get(conversation)
             if sequence is None or last is None:
                 return False
-            self._seen[conversation] = max(last, sequence)
+            self._seen.put(conversation, max(last, sequence))
             return sequence > last + 1
-        self._seen[conversation] = sequence
-        if len(self._seen) > SEEN_LIMIT:
-            self._seen.popitem(last=False)
+        self._seen.put(conversation, sequence)
         return True
 
     def unsee(self, conversation: str) -> None:
         """Meet the conversation for the first time again (its look-up failed)."""
-        self._seen.pop(conversation, None)
+        self._seen.pop(conversation)
 
     def take(self) -> None:
         """A delivery went to a lane."""

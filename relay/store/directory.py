@@ -13,10 +13,10 @@ one query per `auth_cache_seconds`.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relay.lru import Lru
 from relay.store.protocols import IntegrationLookup
 from relay.store.records import IntegrationRecord, TokenKind
 
@@ -34,32 +34,6 @@ class Entry:
     expires: float
 
 
-class _Lru:
-    """Entries by key, at most `size`, the least recently used dropped first."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[Key, Entry] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Key) -> Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: Key, entry: Entry) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-
-    def drop(self, key: Key) -> None:
-        self._entries.pop(key, None)
-
-
 class Directory:
     """Looks up integrations and token hashes through a short-lived, bounded cache."""
 
@@ -73,8 +47,8 @@ class Directory:
         self._store = store
         self._ttl = ttl
         self._clock = clock
-        self._known = _Lru(size)
-        self._unknown = _Lru(size)
+        self._known: Lru[Key, Entry] = Lru(size)
+        self._unknown: Lru[Key, Entry] = Lru(size)
 
     def __len__(self) -> int:
         """Entries held, known and unknown."""
@@ -99,4 +73,4 @@ class Directory:
             (self._known, self._unknown) if entry.integration else (self._unknown, self._known)
         )
         into.put(key, entry)
-        out_of.drop(key)
+        out_of.pop(key)

@@ -4,13 +4,13 @@ queued once the broker confirmed them, discarded or claimed again when not."""
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from relay.broker.topology import BASE_PARTITIONS
+from relay.lru import Lru
 from relay.store.batching import GroupCommit
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
 from relay.store.records import Accepted, PendingMessage, Unreadable
@@ -288,23 +288,17 @@ class KnownRows:
     """
 
     def __init__(self, limit: int = 50_000) -> None:
-        self._rows: OrderedDict[tuple[str, str, str], _Row] = OrderedDict()
-        self._limit = limit
+        self._rows: Lru[tuple[str, str, str], _Row] = Lru(limit)
 
     def get(self, key: tuple[str, str, str]) -> _Row | None:
-        row = self._rows.get(key)
-        if row is not None:
-            self._rows.move_to_end(key)
-        return row
+        return self._rows.get(key)
 
     def put(self, key: tuple[str, str, str], row: _Row) -> None:
         # As seen by later messages: not created by them.
-        self._rows[key] = replace(row, created=False)
-        if len(self._rows) > self._limit:
-            self._rows.popitem(last=False)
+        self._rows.put(key, replace(row, created=False))
 
     def forget(self, key: tuple[str, str, str]) -> None:
-        self._rows.pop(key, None)
+        self._rows.pop(key)
 
 
 def _insert_messages(count: int, dialect: str) -> str:
