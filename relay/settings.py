@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relay.broker.addresses import parse_addresses
+from relay.store.secrets import SecretBox
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -172,12 +172,7 @@ class Settings(BaseSettings):
     @field_validator("secret_keys")
     @classmethod
     def _fernet_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
-        for position, key in enumerate(value, start=1):
-            try:
-                Fernet(key.get_secret_value())
-            except ValueError:
-                # By its place in the list: a key is never shown.
-                raise ValueError(f"key {position} is not a Fernet key") from None
+        SecretBox.of(value)  # a key that is not one is refused by its place, never shown
         return value
 
     @field_validator("database_url")

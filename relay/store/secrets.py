@@ -51,8 +51,8 @@ class SecretBox:
                 fernets.append(Fernet(text.strip()))
             except ValueError:
                 raise ValueError(
-                    f"RELAY_SECRET_KEYS: key {position} is not a Fernet key (32 URL-safe"
-                    " base64-encoded bytes; `relay secrets new-key` makes one)"
+                    f"key {position} is not a Fernet key (32 URL-safe base64-encoded bytes;"
+                    " `relay secrets new-key` makes one)"
                 ) from None
         return cls(MultiFernet(fernets) if fernets else None)
 
