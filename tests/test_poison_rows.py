@@ -19,7 +19,7 @@ from relay.ingress.accept import Acceptor
 from relay.metrics import Metrics
 from relay.pipeline.dlq import DeadLetter, DeadLetters, matching
 from relay.settings import Settings
-from relay.store import SqlStore
+from relay.store import ConversationRecord, OutgoingRecord, SqlStore
 from relay.wire import InboundRequest, utcnow
 from tests.helpers import (
     Ingress,
@@ -63,6 +63,30 @@ async def stale_pending_inbound(
     return accepted.bundle.message.id
 
 
+async def conversation_of(
+    ingress: Ingress, store: SqlStore, integration: tuple[str, str], n: str
+) -> ConversationRecord:
+    """The conversation a message accepted by the ingress started."""
+    status, answer = await ingress.post(*integration, message(n))
+    assert status == 200, answer
+    conversation = await store.get_conversation(answer["conversation"]["id"])
+    assert conversation is not None
+    return conversation
+
+
+async def stale_response(
+    store: SqlStore, settings: Settings, conversation: ConversationRecord, payload: dict[str, Any]
+) -> OutgoingRecord:
+    """A response stored a minute ago and never confirmed by the broker (the outbox's)."""
+    record, _ = await store.record_pushed(conversation, "text", payload, None, settings.partitions)
+    await set_columns(store, record.id, created_at=utcnow() - timedelta(minutes=1))
+    return record
+
+
+def poison_payload() -> dict[str, Any]:
+    return {"text": "x", "deep": nested(POISON_DEPTH)}
+
+
 async def set_columns(store: SqlStore, message_id: str, **values: Any) -> None:
     columns = ", ".join(f"{name} = ?" for name in values)
     async with store.driver.connection() as conn:
@@ -104,20 +128,15 @@ async def test_a_poison_inbound_row_holds_up_neither_sweep(
     broker: Broker,
     queues: Queues,
 ) -> None:
-    integration_id, token = await make_integration(store, settings, name="poison-in")
+    integration = await make_integration(store, settings, name="poison-in")
+    integration_id = integration[0]
     poison = await stale_pending_inbound(
         store, settings, integration_id, "poison", {"deep": nested(POISON_DEPTH)}
     )
     fine = await stale_pending_inbound(store, settings, integration_id, "fine", {"text": "fine"})
     # A response stored and never confirmed, behind the poison row in time.
-    status, answer = await ingress.post(integration_id, token, message("asks"))
-    assert status == 200, answer
-    conversation = await store.get_conversation(answer["conversation"]["id"])
-    assert conversation is not None
-    response, _ = await store.record_pushed(
-        conversation, "text", {"text": "late"}, None, settings.partitions
-    )
-    await set_columns(store, response.id, created_at=utcnow() - timedelta(minutes=1))
+    conversation = await conversation_of(ingress, store, integration, "asks")
+    response = await stale_response(store, settings, conversation, {"text": "late"})
 
     async def swept() -> bool:
         return (await row(store, fine))["state"] == "queued" and (await row(store, response.id))[
@@ -153,18 +172,11 @@ async def test_a_poison_response_ends_dead_and_the_next_one_goes_readers_see_bot
     settings: Settings,
     broker: Broker,
 ) -> None:
-    integration_id, token = await make_integration(store, settings, name="poison-out")
-    status, answer = await ingress.post(integration_id, token, message("hello"))
-    assert status == 200, answer
-    conversation = await store.get_conversation(answer["conversation"]["id"])
-    assert conversation is not None
-    deep = {"text": "x", "deep": nested(POISON_DEPTH)}
-    poison, _ = await store.record_pushed(conversation, "text", deep, None, settings.partitions)
-    fine, _ = await store.record_pushed(
-        conversation, "text", {"text": "after"}, None, settings.partitions
-    )
-    for record in (poison, fine):
-        await set_columns(store, record.id, created_at=utcnow() - timedelta(minutes=1))
+    integration = await make_integration(store, settings, name="poison-out")
+    integration_id, token = integration
+    conversation = await conversation_of(ingress, store, integration, "hello")
+    poison = await stale_response(store, settings, conversation, poison_payload())
+    fine = await stale_response(store, settings, conversation, {"text": "after"})
 
     dead = await dead_letter_of(broker, "outbound", f"msg_{poison.id}")
     assert dead.reason.startswith("could not be published")
@@ -236,14 +248,10 @@ async def test_an_unreadable_envelope_is_dead_in_the_store_and_holds_up_no_one(
 async def test_recovering_an_integration_skips_what_can_never_be_published(
     ingress: Ingress, store: SqlStore, settings: Settings, broker: Broker, admin_token: str
 ) -> None:
-    integration_id, token = await make_integration(store, settings, name="poison-recover")
-    status, answer = await ingress.post(integration_id, token, message("recover"))
-    assert status == 200, answer
-    conversation = await store.get_conversation(answer["conversation"]["id"])
-    assert conversation is not None
-    deep = {"text": "x", "deep": nested(POISON_DEPTH)}
-    poison, _ = await store.record_pushed(conversation, "text", deep, None, settings.partitions)
-    await set_columns(store, poison.id, created_at=utcnow() - timedelta(minutes=1))
+    integration = await make_integration(store, settings, name="poison-recover")
+    integration_id = integration[0]
+    conversation = await conversation_of(ingress, store, integration, "recover")
+    poison = await stale_response(store, settings, conversation, poison_payload())
     await dead_letter_of(broker, "outbound", f"msg_{poison.id}")
     since = (utcnow() - timedelta(hours=1)).isoformat()
     status, counted = await admin_call(
