@@ -34,6 +34,9 @@ class InboundSweep(Protocol):
         """Publish pending messages whose lease ran out; how many were queued."""
 
 
+Sweep = Callable[[], Awaitable[object]]
+
+
 async def sweep_forever(
     acceptor: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float, interval: float
 ) -> None:
@@ -49,9 +52,6 @@ async def sweep_forever(
     async with asyncio.TaskGroup() as group:
         for stage, sweep in sweeps:
             group.create_task(_sweep_loop(stage, sweep, lease, interval))
-
-
-Sweep = Callable[[], Awaitable[object]]
 
 
 async def _sweep_loop(stage: str, sweep: Sweep, lease: float, interval: float) -> None:
