@@ -162,34 +162,37 @@ class EventStreams:
             if page.more:
                 continue
             if page.held_back:
-                # An earlier transaction may still add items before these: look again soon,
-                # keeping the stream alive and watching its reader meanwhile (a transaction
-                # may hold the horizon for long).
-                await watch.news(next(held_back))
-                if _gone(request):
-                    raise _ReaderLeft
-                if loop.time() - written >= self._keepalive:
-                    await self._write(response, b": keep-alive\n\n")
-                    written = loop.time()
-                continue
-            held_back = pauses(0.02, 1.0)
-            if not await self._news_while_present(request, watch):
-                await self._write(response, b": keep-alive\n\n")
-                written = loop.time()
+                # An earlier transaction may still add items before these: look again soon
+                # (it may hold the horizon for long: the stream is kept alive meanwhile).
+                wait = next(held_back)
+            else:
+                held_back, wait = pauses(0.02, 1.0), self._keepalive
+            written = await self._quiet(request, response, watch, wait, written)
         self._metrics.streams_dropped.labels("stopping").inc()
 
-    async def _news_while_present(self, request: web.Request, watch: Watch) -> bool:
-        """Wait up to a keep-alive for news (whether there was any), looking every
-        `PRESENCE_CHECK` seconds whether the reader is still connected (_ReaderLeft if
-        not): a reader that left gives its slots back within seconds."""
+    async def _quiet(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        watch: Watch,
+        seconds: float,
+        written: float,
+    ) -> float:
+        """Wait up to `seconds` for news, looking every `PRESENCE_CHECK` seconds whether the
+        reader is still connected (_ReaderLeft if not: a reader that left gives its slots back
+        within seconds); write a keep-alive comment once nothing was written for a keep-alive.
+        When the reader was last written to."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._keepalive
+        deadline = loop.time() + seconds
         while (left := deadline - loop.time()) > 0:
             if await watch.news(min(left, PRESENCE_CHECK)):
-                return True
+                break
             if _gone(request):
                 raise _ReaderLeft
-        return False
+        if loop.time() - written < self._keepalive:
+            return written
+        await self._write(response, b": keep-alive\n\n")
+        return loop.time()
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         try:
