@@ -13,22 +13,25 @@ from datetime import timedelta
 from typing import Any
 
 import uvloop
+from aio_pika.abc import AbstractConnection
 from aiohttp import web
 from pydantic import ValidationError
 
 from relay import admin, repartition, retention
 from relay.broker import BROKER_ERRORS, Broker, queues, topology_of
 from relay.broker.addresses import Addresses
+from relay.broker.topology import Topology, declared_otherwise
+from relay.broker.version import version_of
 from relay.cli_help import settings_epilog
 from relay.ingress.app import create_app
 from relay.logs import configure_logging
 from relay.metrics import Metrics
-from relay.pipeline.dlq import DeadLetters, matching, settle
+from relay.pipeline.dlq import DeadLetters, settle
 from relay.service.app import create_service_app
 from relay.service.runner import serve
 from relay.settings import Settings, describe_error
 from relay.sink import SinkOptions, create_sink_app
-from relay.store import SecretBox, SqlStore, StoreError, open_store
+from relay.store import DeadLetterFilter, SecretBox, SqlStore, StoreError, open_store
 from relay.store.secrets import new_key
 from relay.wire import utcnow
 from relay.wire.admin import ROTATION_GRACE_SECONDS, DeadLetterSelection
@@ -111,37 +114,41 @@ def _dead_letter_selection(args: argparse.Namespace) -> DeadLetterSelection:
 
 
 async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(broker: Broker) -> int:
-        select = matching(args.integration, None, {args.id} if args.id else None)
-        found = await DeadLetters(broker, args.stage).page(select, None, args.limit)
+    async def work(store: SqlStore) -> int:
+        ids = frozenset({args.id}) if args.id else None
+        selection = DeadLetterFilter(args.stage, args.integration, ids=ids)
+        found = await DeadLetters(store).page(selection, args.limit)
         if args.json:
             _print_json([letter.view() for letter in found])
         else:
-            rows = [{**letter.view(), "deadAt": letter.dead_at} for letter in found]
+            rows = [letter.view() for letter in found]
             print(admin.table(rows, ["id", "integrationId", "attempts", "lastStatus", "reason"]))
         return 0
 
-    return await _with_broker(settings, work)
+    return await _with_store(settings, work)
+
+
+async def _dlq_settle(settings: Settings, args: argparse.Namespace, replay: bool) -> int:
+    selection = _dead_letter_selection(args)
+
+    async def work(store: SqlStore) -> int:
+        async def with_broker(broker: Broker | None) -> int:
+            count = await settle(store, broker, selection, replay=replay)
+            print(f"{'replayed' if replay else 'purged'} {count}")
+            return 0
+
+        # Purging is the store's alone; replaying publishes.
+        return await (_with_broker(settings, with_broker) if replay else with_broker(None))
+
+    return await _with_store(settings, work)
 
 
 async def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
-    selection = _dead_letter_selection(args)
-
-    async def work(broker: Broker) -> int:
-        print(f"replayed {await settle(broker, selection, replay=True)}")
-        return 0
-
-    return await _with_broker(settings, work)
+    return await _dlq_settle(settings, args, replay=True)
 
 
 async def _dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
-    selection = _dead_letter_selection(args)
-
-    async def work(broker: Broker) -> int:
-        print(f"purged {await settle(broker, selection, replay=False)}")
-        return 0
-
-    return await _with_broker(settings, work)
+    return await _dlq_settle(settings, args, replay=False)
 
 
 async def _deliveries_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -308,6 +315,7 @@ async def _queues(settings: Settings, args: argparse.Namespace) -> int:
     async with connection, contextlib.AsyncExitStack() as closing:
         if store is not None:
             closing.push_async_callback(store.close)
+        await _broker_said(connection, topology_of(settings))
         while True:
             others = await _counts(store)
             stats, unanswered = await queues.survey(
@@ -322,6 +330,19 @@ async def _queues(settings: Settings, args: argparse.Namespace) -> int:
                 return 0
             sys.stdout.flush()
             await asyncio.sleep(args.watch)
+
+
+async def _broker_said(connection: AbstractConnection, topology: Topology) -> None:
+    """The broker's version, and the dead-letter queues declared with a delivery limit that
+    drops letters (on standard error: the table or JSON goes to standard output)."""
+    async with connection.channel() as channel:
+        print(f"broker: {await version_of(channel)}", file=sys.stderr)
+        for name in await declared_otherwise(channel, topology):
+            print(
+                f"warning: {name} was declared with a delivery limit (RabbitMQ 4's default of"
+                " 20): letters returned that often are dropped; see the README",
+                file=sys.stderr,
+            )
 
 
 async def _store_if_reachable(settings: Settings) -> SqlStore | None:

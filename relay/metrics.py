@@ -146,8 +146,16 @@ class Metrics:
         )
         self.dead_letters = Gauge(
             "relay_dead_letters",
-            "Messages in the stage's dead-letter queue (as of the last look).",
+            "Dead letters kept in the store, by stage (as of the last look).",
             ["stage"],
+            registry=self.registry,
+        )
+        self.dead_letters_kept = Counter(
+            "relay_dead_letters_kept",
+            "Dead letters taken off a dead-letter queue into the store, by stage and cause:"
+            " relay (a stage gave up on it, with its reason) or broker (the broker"
+            " dead-lettered it past its delivery limit: a message returned too often).",
+            ["stage", "cause"],
             registry=self.registry,
         )
         self.dead_letters_expired = Counter(

@@ -16,9 +16,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiohttp.test_utils import TestServer
 
 from relay import admin
-from relay.broker import Broker, StageName, Topology, declare, partition_of, topology_of
+from relay.broker import STAGES, Broker, StageName, Topology, declare, partition_of, topology_of
 from relay.ingress.app import BROKER_KEY, create_app
 from relay.metrics import Metrics
+from relay.pipeline.dlq import DeadLetters
+from relay.pipeline.dlq_keeper import Keeper
 from relay.settings import Settings
 from relay.store import AttemptRecord, SqlStore, Store, open_store
 from relay.wire import utcnow
@@ -206,6 +208,23 @@ async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
 
 
 @contextlib.asynccontextmanager
+async def keeping_dead_letters(settings: Settings) -> AsyncIterator[DeadLetters]:
+    """The dead letters kept in the store, with a keeper of each stage running meanwhile (as
+    the worker services run them), to list, replay and purge."""
+    store = await open_store(settings.database_url)
+    async with connected_broker(settings) as broker:
+        keepers = [Keeper(store, broker, stage, Metrics()) for stage in STAGES]
+        for keeper in keepers:
+            keeper.start()
+        try:
+            yield DeadLetters(store, broker)
+        finally:
+            for keeper in keepers:
+                await keeper.stop()
+            await store.close()
+
+
+@contextlib.asynccontextmanager
 async def start_bot_worker(
     settings: Settings, adapter: BotAdapter | None = None, consuming: int | None = None
 ) -> AsyncIterator[BotWorker]:
@@ -217,10 +236,13 @@ async def start_bot_worker(
     broker.start()
     topology = broker.topology.with_partitions(consuming or settings.partitions)
     worker = BotWorker(settings, store, broker, bot, Metrics(), topology)
+    keeper = Keeper(store, broker, "inbound", Metrics())  # as the worker service runs one
     try:
         await asyncio.wait_for(worker.start(), 15)
+        keeper.start()
         yield worker
     finally:
+        await keeper.stop()
         await worker.stop(5)
         await bot.close()
         await broker.close()
@@ -276,10 +298,13 @@ async def start_delivery_worker(
         settings.delivery_timeout,
     )
     worker = DeliveryWorker(settings, store, broker, sender, Metrics())
+    keeper = Keeper(opened, broker, "outbound", Metrics())  # as the worker service runs one
     try:
         await asyncio.wait_for(worker.start(), 15)
+        keeper.start()
         yield worker
     finally:
+        await keeper.stop()
         await worker.stop(5)
         await sender.close()
         await broker.close()

@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractRobustConnection
 from relay.broker import Topology, topology_of
 from relay.broker.topology import delete
 from relay.settings import Settings
-from relay.store import SqlStore
+from relay.store import DeadLetterFilter, SqlStore
 from relay.wire import InboundEnvelope, OutboundEnvelope
 from tests.helpers import (
     Ingress,
@@ -153,15 +153,16 @@ async def test_a_bot_that_keeps_failing_dead_letters_the_message_and_the_rest_fo
         await ingress.post(integration_id, token, message(n, text=text))
     async with start_bot_worker(with_bot(settings, "tests.bots:flaky")):
         responses = await take_until(queues, "outbound", 2)
-        dead = await take_dead(amqp, settings, 1)
+        selection = DeadLetterFilter("inbound", integration_id)
+        [letter] = await eventually(lambda: store.dead_letters(selection, None, 10), timeout=20)
     assert [r["body"]["payload"]["text"] for r in by_conversation(responses)["conv-1"]] == [
         "ok after 1",
         "ok after 2",
     ]
-    [(headers, envelope)] = dead
-    assert envelope.text == "fail"
-    assert "broken for this message" in headers["x-relay-reason"]
-    assert headers["x-relay-attempt"] == len(settings.bot_retry_delays)
+    # Kept in the store by the stage's keeper, with the reason and attempts of its headers.
+    assert InboundEnvelope.model_validate(letter.body).text == "fail"
+    assert "broken for this message" in letter.reason
+    assert letter.attempts == len(settings.bot_retry_delays)
 
 
 async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_next(
@@ -199,22 +200,6 @@ async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_
 
 async def _settled(worker: BotWorker, outcome: str, count: int) -> bool:
     return settled(worker, outcome) >= count
-
-
-async def take_dead(
-    amqp: AbstractRobustConnection, settings: Settings, count: int
-) -> list[tuple[dict, InboundEnvelope]]:
-    got: list[tuple[dict, InboundEnvelope]] = []
-
-    async def enough() -> bool:
-        async with amqp.channel() as channel:
-            queue = await channel.get_queue(f"{settings.queue_prefix}.inbound.dead")
-            while (item := await queue.get(no_ack=True, fail=False)) is not None:
-                got.append((dict(item.headers), InboundEnvelope.model_validate_json(item.body)))
-        return len(got) >= count
-
-    await eventually(enough, timeout=20, interval=0.1)
-    return got
 
 
 async def test_an_envelope_that_was_never_accepted_is_dropped(

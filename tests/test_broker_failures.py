@@ -287,6 +287,11 @@ async def test_readyz_reports_the_failing_dependency(proxied: Ingress, proxy: Pr
     await eventually(lambda: ready(proxied), timeout=30)
     async with aiohttp.ClientSession() as http, http.get(f"{proxied.url}/healthz") as response:
         assert response.status == 200
+    # Ready, it says which broker it is on, and that none of its queues can drop a letter.
+    async with proxied.http.get(f"{proxied.url}/readyz") as response:
+        body = await response.json()
+    assert body["broker"]["version"].startswith("RabbitMQ ")
+    assert body["broker"]["queuesAtRisk"] == []
 
 
 async def test_a_stored_response_that_never_reached_the_broker_is_published_by_the_outbox(

@@ -488,8 +488,9 @@ async def test_version_service_help_and_quiet_interactive_commands(settings: Set
     assert quiet.code == 0
     assert quiet.err == ""
     assert not any(line.startswith("{") for line in quiet.out.splitlines())
-    verbose = await relay(settings, "--verbose", "dlq", "list")
+    verbose = await relay(settings, "--verbose", "dlq", "replay", "--all", "--stage", "inbound")
     assert any(json.loads(line)["event"] == "broker_connected" for line in verbose.err.splitlines())
+    assert verbose.out.strip() == "replayed 0"
     # Purging needs a filter or --all, as replaying does.
     for nothing_chosen in (["dlq", "purge"], ["dlq", "purge", "--stage", "inbound"]):
         refused = await relay(settings, *nothing_chosen)

@@ -27,7 +27,13 @@ from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.replies import ReplyPublisher
 from relay.settings import Settings
 from relay.sink import Sink, SinkOptions
-from relay.store import AttemptRecord, SqlStore, StoreError, StoreUnavailable
+from relay.store import (
+    AttemptRecord,
+    DeadLetterFilter,
+    SqlStore,
+    StoreError,
+    StoreUnavailable,
+)
 from relay.store.batching import GroupCommit
 from relay.wire import utcnow
 from tests.helpers import (
@@ -36,6 +42,7 @@ from tests.helpers import (
     attempt_record,
     connected_broker,
     eventually,
+    keeping_dead_letters,
     make_integration,
     message,
     push_text,
@@ -144,17 +151,17 @@ async def test_a_4xx_is_dead_lettered_at_once_with_its_reason(
     assert letter.id == f"msg_{pushed['id']}"
     assert letter.last_status == 400
     assert "400" in letter.reason
-    await dead.purge(lambda d: d.integration_id == integration_id)
+    await dead.purge(DeadLetterFilter(integration_id=integration_id))
 
 
 @pytest.fixture(scope="module")
 async def dead(settings: Settings) -> AsyncIterator[DeadLetters]:
-    async with connected_broker(settings) as broker:
-        yield DeadLetters(broker, "outbound")
+    async with keeping_dead_letters(settings) as letters:
+        yield letters
 
 
 async def _dead(dead: DeadLetters, integration_id: str, count: int) -> list[Any] | None:
-    found = await dead.page(lambda d: d.integration_id == integration_id, None, 1000)
+    found = await dead.page(DeadLetterFilter(integration_id=integration_id), 1000)
     return found if len(found) >= count else None
 
 
@@ -177,7 +184,7 @@ async def test_410_dead_letters_and_disables_the_endpoint(
     integration = await store.get_integration(integration_id)
     assert integration is not None
     assert integration.disabled_at is not None
-    await dead.purge(lambda d: d.integration_id == integration_id)
+    await dead.purge(DeadLetterFilter(integration_id=integration_id))
 
 
 async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
@@ -194,15 +201,15 @@ async def test_exhausted_deliveries_wait_in_the_dlq_and_replay_delivers_them(
         letters = await eventually(lambda: _dead(dead, integration_id, 2))
         assert {d.attempts for d in letters} == {len(settings.delivery_retry_schedule)}
         assert all("gave up after 4 attempts" in d.reason for d in letters)
-        listed = await dead.page(lambda d: d.integration_id == integration_id, None, 1000)
+        listed = await dead.page(DeadLetterFilter(integration_id=integration_id), 1000)
         assert len(listed) == 2  # listing leaves them where they are
         assert len(receiver.at("down")) == 8
         receiver.scripts["down"] = []  # the endpoint is back
-        assert await dead.replay(lambda d: d.integration_id == integration_id) == 2
+        assert await dead.replay(DeadLetterFilter(integration_id=integration_id)) == 2
         hits = await eventually(lambda: _hits(receiver, "down", 10))
     replayed = {hit.headers["webhook-id"] for hit in hits[8:]}
     assert replayed == {f"msg_{p['id']}" for p in pushed}
-    assert await dead.page(lambda d: d.integration_id == integration_id, None, 10) == []
+    assert await dead.page(DeadLetterFilter(integration_id=integration_id), 10) == []
 
 
 async def test_endpoints_on_private_addresses_are_refused(
@@ -223,7 +230,8 @@ async def test_endpoints_on_private_addresses_are_refused(
     assert "not a public address" in by_literal.reason
     assert "not public" in by_name.reason
     assert receiver.at("ssrf") == []
-    await dead.purge(lambda d: d.integration_id in (literal, named))
+    for integration in (literal, named):
+        await dead.purge(DeadLetterFilter(integration_id=integration))
 
 
 async def test_order_per_conversation_holds_while_the_endpoint_flaps(
@@ -553,7 +561,7 @@ async def test_redirects_are_not_followed(
     assert letter.last_status == 302
     attempts = await store.list_attempts(f"msg_{pushed['id']}")
     assert [a.status for a in attempts] == [302] * 4
-    await dead.purge(lambda d: d.integration_id == integration_id)
+    await dead.purge(DeadLetterFilter(integration_id=integration_id))
 
 
 async def test_the_operator_commands(
@@ -586,7 +594,7 @@ async def test_the_operator_commands(
         assert hits[-1].headers["webhook-id"] == f"msg_{first['id']}"
         purge = await relay(settings, "dlq", "purge", "--integration", integration_id)
         assert purge.out.strip() == "purged 1"
-    assert await dead.page(lambda d: d.integration_id == integration_id, None, 10) == []
+    assert await dead.page(DeadLetterFilter(integration_id=integration_id), 10) == []
     rotated = json.loads(
         (
             await relay(settings, "integrations", "rotate-secret", integration_id, "--grace", "1h")

@@ -1,94 +1,44 @@
-"""The dead-letter bounds on the real broker: what is older than the age bound or beyond the
-length bound goes from the head, counted and logged with its ids; the rest stays."""
+"""The dead-letter bounds, on the letters kept in the store (SQLite and PostgreSQL): what is
+older than the age bound or beyond the length bound goes oldest first, counted and logged
+with its ids; the rest stays."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from datetime import UTC, datetime
-from typing import Any
 
-import aio_pika
-import pytest
-from aio_pika.abc import AbstractRobustConnection
 from structlog.testing import capture_logs
 
-from relay.broker import StageName, Topology, declare, topology_of
+from relay.broker import StageName
 from relay.metrics import Metrics
 from relay.pipeline.dlq_bounds import Bounds, enforce
-from relay.settings import Settings
-from relay.wire import DEAD_AT_HEADER, REASON_HEADER
-from tests.helpers import eventually
+from relay.store import DeadLetter, DeadLetterFilter, SqlStore
 
 HOUR = 3600.0
 
 
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """No store is involved: the module's settings need some database."""
-    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'relay.db'}"
-
-
-@pytest.fixture
-async def topology(amqp: AbstractRobustConnection, settings: Settings) -> Topology:
-    """The module's queues (its own prefix), with empty dead-letter queues."""
-    topology = topology_of(settings)
-    async with amqp.channel() as channel:
-        await declare(channel, topology)
-        for stage in ("inbound", "outbound"):
-            queue = await channel.get_queue(topology.dead_queue(stage))
-            await queue.purge()
-    return topology
-
-
-def body_of(stage: StageName, integration_id: str, conversation_id: str) -> dict[str, Any]:
-    """A dead letter's body, as each stage's envelope has the ids."""
-    if stage == "outbound":
-        return {
-            "integrationId": integration_id,
-            "body": {"botpressConversationId": conversation_id},
-        }
-    return {"integrationId": integration_id, "bundle": {"conversation": {"id": conversation_id}}}
-
-
-async def bury(
-    amqp: AbstractRobustConnection,
-    topology: Topology,
-    stage: StageName,
-    age: float | None,
-    headers: dict[str, Any] | None = None,
-) -> str:
-    """Dead-letter a message that died `age` seconds ago (None: no Relay header); its id."""
-    letter_id = f"dead-{uuid.uuid4().hex[:8]}"
-    sent = {REASON_HEADER: "the bot failed", **(headers or {})}
-    if age is not None:
-        sent[DEAD_AT_HEADER] = int(time.time() - age)
-    body = json.dumps(body_of(stage, f"int-{letter_id}", f"conv-{letter_id}")).encode()
-    async with amqp.channel() as channel:  # with confirms: it is there once this returns
-        exchange = await channel.get_exchange(topology.dead_exchange())
-        await exchange.publish(
-            aio_pika.Message(body, message_id=letter_id, headers=sent), routing_key=stage
+async def bury(store: SqlStore, stage: StageName, age: float, prefix: str) -> str:
+    """Keep a letter that died `age` seconds ago; its id."""
+    letter_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    await store.keep_dead_letter(
+        DeadLetter(
+            id=letter_id,
+            stage=stage,
+            integration_id=f"int-{letter_id}",
+            conversation_id=f"conv-{letter_id}",
+            reason="the bot failed",
+            attempts=1,
+            last_status=None,
+            dead_at=int(time.time() - age),
+            body={"integrationId": f"int-{letter_id}"},
         )
+    )
     return letter_id
 
 
-async def left(
-    amqp: AbstractRobustConnection, topology: Topology, stage: StageName, count: int
-) -> list[str]:
-    """The ids of the `count` dead letters left in a stage, taken off it (the one a pass
-    handed back reaches the queue again a moment after its channel closed)."""
-    got: list[str] = []
-
-    async def all_there() -> bool:
-        async with amqp.channel() as channel:
-            queue = await channel.get_queue(topology.dead_queue(stage))
-            while (message := await queue.get(no_ack=True, fail=False)) is not None:
-                got.append(message.message_id or "")
-        return len(got) >= count
-
-    await eventually(all_there)
-    return got
+async def left(store: SqlStore, stage: StageName, prefix: str) -> list[str]:
+    found = await store.dead_letters(DeadLetterFilter(stage=stage), None, 1000)
+    return [letter.id for letter in found if letter.id.startswith(prefix)]
 
 
 def expired(metrics: Metrics, stage: str, reason: str) -> float:
@@ -98,19 +48,23 @@ def expired(metrics: Metrics, stage: str, reason: str) -> float:
     return value or 0.0
 
 
-async def test_dead_letters_past_the_age_bound_go_counted_and_logged(
-    amqp: AbstractRobustConnection, topology: Topology
-) -> None:
-    old = [await bury(amqp, topology, "outbound", 2 * HOUR) for _ in range(3)]
-    young = [await bury(amqp, topology, "outbound", 60) for _ in range(2)]
-    old_inbound = await bury(amqp, topology, "inbound", 3 * HOUR)
+async def purge_all(store: SqlStore) -> None:
+    while found := await store.dead_letters(DeadLetterFilter(), None, 500):
+        await store.forget_dead_letters(found)
+
+
+async def test_dead_letters_past_the_age_bound_go_counted_and_logged(store: SqlStore) -> None:
+    await purge_all(store)
+    old = [await bury(store, "outbound", (3 - i) * HOUR, "age") for i in range(2)]
+    young = [await bury(store, "outbound", 60, "age") for _ in range(2)]
+    old_inbound = await bury(store, "inbound", 3 * HOUR, "age")
     metrics = Metrics()
 
     with capture_logs() as logs:
-        done = await enforce(amqp, topology, Bounds(max_age=HOUR, max_length=0), metrics)
+        done = await enforce(store, Bounds(max_age=HOUR, max_length=0), metrics, time.time())
 
-    assert done == {"inbound": 1, "outbound": 3}
-    assert expired(metrics, "outbound", "age") == 3
+    assert done == {"inbound": 1, "outbound": 2}
+    assert expired(metrics, "outbound", "age") == 2
     assert expired(metrics, "inbound", "age") == 1
     lines = [line for line in logs if line["event"] == "dead_letter_expired"]
     assert [line.get("delivery_id") for line in lines if line["stage"] == "outbound"] == old
@@ -124,18 +78,17 @@ async def test_dead_letters_past_the_age_bound_go_counted_and_logged(
         "warning",
     )
     assert inbound["age"] >= 3 * HOUR
-    assert await left(amqp, topology, "outbound", 2) == young
-    assert await left(amqp, topology, "inbound", 0) == []
+    assert sorted(await left(store, "outbound", "age")) == sorted(young)
+    assert await left(store, "inbound", "age") == []
 
 
-async def test_the_length_bound_takes_the_oldest(
-    amqp: AbstractRobustConnection, topology: Topology
-) -> None:
-    letters = [await bury(amqp, topology, "outbound", 60) for _ in range(5)]
+async def test_the_length_bound_takes_the_oldest(store: SqlStore) -> None:
+    await purge_all(store)
+    letters = [await bury(store, "outbound", 600 - i, "len") for i in range(5)]
     metrics = Metrics()
 
     with capture_logs() as logs:
-        done = await enforce(amqp, topology, Bounds(max_age=HOUR, max_length=3), metrics)
+        done = await enforce(store, Bounds(max_age=HOUR, max_length=3), metrics, time.time())
 
     assert done["outbound"] == 2
     assert expired(metrics, "outbound", "length") == 2
@@ -145,31 +98,14 @@ async def test_the_length_bound_takes_the_oldest(
         (letters[0], "length"),
         (letters[1], "length"),
     ]
-    assert await left(amqp, topology, "outbound", 3) == letters[2:]
+    assert await left(store, "outbound", "len") == letters[2:]
 
 
-async def test_the_broker_s_own_dead_letters_age_by_its_death_header(
-    amqp: AbstractRobustConnection, topology: Topology
-) -> None:
-    # Over its delivery limit, the broker dead-letters a message with an x-death header.
-    died = datetime.fromtimestamp(time.time() - 2 * HOUR, UTC)
-    await bury(amqp, topology, "inbound", None, {"x-death": [{"time": died}]})
-    # One of no known age stays, and so does what is behind it (the pass ends there).
-    unknown = await bury(amqp, topology, "inbound", None)
-    behind = await bury(amqp, topology, "inbound", 2 * HOUR)
-    metrics = Metrics()
+async def test_no_bounds_touch_nothing(store: SqlStore) -> None:
+    await purge_all(store)
+    letters = [await bury(store, "outbound", 30 * 24 * HOUR - i, "none") for i in range(2)]
 
-    done = await enforce(amqp, topology, Bounds(max_age=HOUR, max_length=0), metrics)
-
-    assert done["inbound"] == 1
-    assert expired(metrics, "inbound", "age") == 1
-    assert await left(amqp, topology, "inbound", 2) == [unknown, behind]
-
-
-async def test_no_bounds_touch_nothing(amqp: AbstractRobustConnection, topology: Topology) -> None:
-    letters = [await bury(amqp, topology, "outbound", 30 * 24 * HOUR) for _ in range(2)]
-
-    done = await enforce(amqp, topology, Bounds(max_age=0, max_length=0), Metrics())
+    done = await enforce(store, Bounds(max_age=0, max_length=0), Metrics(), time.time())
 
     assert done == {"inbound": 0, "outbound": 0}
-    assert await left(amqp, topology, "outbound", 2) == letters
+    assert await left(store, "outbound", "none") == letters

@@ -17,9 +17,15 @@ from relay.broker import Broker, StageName
 from relay.errors import InvalidBody
 from relay.ingress.accept import Acceptor
 from relay.metrics import Metrics
-from relay.pipeline.dlq import DeadLetter, DeadLetters, matching
+from relay.pipeline.dlq import DeadLetters
 from relay.settings import Settings
-from relay.store import ConversationRecord, OutgoingRecord, SqlStore
+from relay.store import (
+    ConversationRecord,
+    DeadLetter,
+    DeadLetterFilter,
+    OutgoingRecord,
+    SqlStore,
+)
 from relay.wire import InboundRequest, utcnow
 from tests.helpers import (
     Ingress,
@@ -27,6 +33,7 @@ from tests.helpers import (
     admin_call,
     connected_broker,
     eventually,
+    keeping_dead_letters,
     make_integration,
     message,
     start_bot_worker,
@@ -39,7 +46,8 @@ POISON_DEPTH = 300  # what the outside review's request left in the outbox
 
 @pytest.fixture(scope="module")
 async def broker(settings: Settings) -> AsyncIterator[Broker]:
-    async with connected_broker(settings) as connected:
+    # The dead letters' keepers run meanwhile, as the worker services run them.
+    async with keeping_dead_letters(settings), connected_broker(settings) as connected:
         yield connected
 
 
@@ -104,16 +112,20 @@ async def row(store: SqlStore, message_id: str) -> dict[str, Any]:
     return dict(found)
 
 
-async def letter(broker: Broker, stage: StageName, letter_id: str) -> DeadLetter | None:
-    letters = await DeadLetters(broker, stage).page(matching(None, None, {letter_id}), None, 10)
+def only(stage: StageName, letter_id: str) -> DeadLetterFilter:
+    return DeadLetterFilter(stage, ids=frozenset({letter_id}))
+
+
+async def letter(store: SqlStore, stage: StageName, letter_id: str) -> DeadLetter | None:
+    letters = await DeadLetters(store).page(only(stage, letter_id), 10)
     return letters[0] if letters else None
 
 
-async def dead_letter_of(broker: Broker, stage: StageName, letter_id: str) -> DeadLetter:
+async def dead_letter_of(store: SqlStore, stage: StageName, letter_id: str) -> DeadLetter:
     found: list[DeadLetter] = []
 
     async def buried() -> bool:
-        got = await letter(broker, stage, letter_id)
+        got = await letter(store, stage, letter_id)
         found[:] = [got] if got else []
         return bool(found)
 
@@ -144,7 +156,7 @@ async def test_a_poison_inbound_row_holds_up_neither_sweep(
         ] == "queued"
 
     await eventually(swept, timeout=15)
-    dead = await dead_letter_of(broker, "inbound", poison)
+    dead = await dead_letter_of(store, "inbound", poison)
     assert dead.reason.startswith("could not be published")
     assert dead.integration_id == integration_id
     ended = await row(store, poison)
@@ -161,7 +173,7 @@ async def test_an_unreadable_inbound_row_is_ended_too(
     integration_id, _ = await make_integration(store, settings, name="unreadable")
     corrupt = await stale_pending_inbound(store, settings, integration_id, "corrupt", {"text": "x"})
     await set_columns(store, corrupt, payload="{not json")
-    dead = await dead_letter_of(broker, "inbound", corrupt)
+    dead = await dead_letter_of(store, "inbound", corrupt)
     assert "cannot be read" in dead.reason
     assert (await row(store, corrupt))["dead_at"] is not None
 
@@ -178,7 +190,7 @@ async def test_a_poison_response_ends_dead_and_the_next_one_goes_readers_see_bot
     poison = await stale_response(store, settings, conversation, poison_payload())
     fine = await stale_response(store, settings, conversation, {"text": "after"})
 
-    dead = await dead_letter_of(broker, "outbound", f"msg_{poison.id}")
+    dead = await dead_letter_of(store, "outbound", f"msg_{poison.id}")
     assert dead.reason.startswith("could not be published")
     assert dead.conversation_id == conversation.id
 
@@ -202,9 +214,9 @@ async def test_a_poison_response_ends_dead_and_the_next_one_goes_readers_see_bot
     assert [e["botpressMessageId"] for e in events] == [i["botpressMessageId"] for i in items]
 
     # Listed, never replayed: the letter holds ids, not an envelope.
-    letters = DeadLetters(broker, "outbound")
-    assert await letters.replay(matching(None, None, {f"msg_{poison.id}"})) == 0
-    assert await letter(broker, "outbound", f"msg_{poison.id}") is not None
+    letters = DeadLetters(store, broker)
+    assert await letters.replay(only("outbound", f"msg_{poison.id}")) == 0
+    assert await letter(store, "outbound", f"msg_{poison.id}") is not None
 
 
 async def test_a_publish_that_fails_for_another_reason_than_the_broker_keeps_nothing(
@@ -232,7 +244,7 @@ async def test_an_unreadable_envelope_is_dead_in_the_store_and_holds_up_no_one(
     conversation_id, first_id = first["conversation"]["id"], first["message"]["id"]
     await broker.publish("inbound", conversation_id, b"not an envelope", message_id=first_id)
     async with start_bot_worker(settings):
-        dead = await dead_letter_of(broker, "inbound", first_id)
+        dead = await dead_letter_of(store, "inbound", first_id)
         assert dead.reason == "not a valid envelope"
         assert (await row(store, first_id))["dead_at"] is not None
         # The same conversation: its next message is not held behind the dead one.
@@ -252,11 +264,11 @@ async def test_recovering_an_integration_skips_what_can_never_be_published(
     integration_id = integration[0]
     conversation = await conversation_of(ingress, store, integration, "recover")
     poison = await stale_response(store, settings, conversation, poison_payload())
-    await dead_letter_of(broker, "outbound", f"msg_{poison.id}")
+    await dead_letter_of(store, "outbound", f"msg_{poison.id}")
     since = (utcnow() - timedelta(hours=1)).isoformat()
     status, counted = await admin_call(
         ingress, "POST", f"/integrations/{integration_id}/recover", admin_token, {"since": since}
     )
     assert status == 200, counted
     assert counted == {"count": 0}
-    assert await letter(broker, "outbound", f"msg_{poison.id}") is not None
+    assert await letter(store, "outbound", f"msg_{poison.id}") is not None

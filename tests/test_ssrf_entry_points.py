@@ -15,13 +15,13 @@ import pytest
 
 from relay import admin
 from relay.auth import new_signing_secret
-from relay.pipeline.dlq import DeadLetter, DeadLetters
+from relay.pipeline.dlq import DeadLetters
 from relay.settings import Settings
-from relay.store import SqlStore
+from relay.store import DeadLetter, DeadLetterFilter, SqlStore
 from tests.helpers import (
     Ingress,
-    connected_broker,
     eventually,
+    keeping_dead_letters,
     make_integration,
     message,
     push_text,
@@ -106,8 +106,8 @@ async def test_cli_create_refuses_the_endpoint(
 
 @pytest.fixture(scope="module")
 async def dead(settings: Settings) -> AsyncIterator[DeadLetters]:
-    async with connected_broker(settings) as broker:
-        yield DeadLetters(broker, "outbound")
+    async with keeping_dead_letters(settings) as letters:
+        yield letters
 
 
 async def responded(ingress: Ingress, store: SqlStore, url: str) -> str:
@@ -122,7 +122,11 @@ async def responded(ingress: Ingress, store: SqlStore, url: str) -> str:
 
 
 async def dead_letters(dead: DeadLetters, ids: set[str]) -> dict[str, DeadLetter] | None:
-    found = await dead.page(lambda d: d.integration_id in ids, None, 1000)
+    found = [
+        letter
+        for letter in await dead.page(DeadLetterFilter(stage="outbound"), 1000)
+        if letter.integration_id in ids
+    ]
     by_integration = {letter.integration_id: letter for letter in found}
     return by_integration if set(by_integration) == ids else None
 
@@ -146,4 +150,5 @@ async def test_delivery_refuses_every_form_at_the_first_attempt(
     ), tried
     assert not [reason for _, reason in tried.values() if reason.startswith("gave up")], tried
     assert internal.connections == 0
-    await dead.purge(lambda d: d.integration_id in urls)
+    for integration in urls:
+        await dead.purge(DeadLetterFilter(integration_id=integration))

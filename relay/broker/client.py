@@ -16,6 +16,7 @@ from relay.broker.addresses import Addresses, ClusterConnection
 from relay.broker.errors import BROKER_ERRORS, CONNECTION_ERRORS
 from relay.broker.news import NewsPublisher
 from relay.broker.topology import StageName, Topology, declare, partition_of
+from relay.broker.version import BrokerVersion, version_of
 from relay.retry import pauses
 
 log = structlog.get_logger(__name__)
@@ -47,6 +48,9 @@ class Broker:
         self._task: asyncio.Task[None] | None = None
         self._renewing: asyncio.Task[None] | None = None
         self._renewed_at = 0.0
+        # What the broker said it is, and its queues found declared otherwise (`declare`).
+        self.version: BrokerVersion | None = None
+        self.declared_otherwise: list[str] = []
         # Conversations with news, told to every ingress (`relay.broker.news`).
         self.news = NewsPublisher(lambda: self._connection, topology.news_exchange, publish_timeout)
 
@@ -94,14 +98,21 @@ class Broker:
         connection = await self.addresses.connect_robust(attempt_seconds=10)
         try:
             channel = await self._open_channel(connection)
-            self._exchanges = await declare(channel, self.topology)
+            otherwise: list[str] = []
+            self._exchanges = await declare(channel, self.topology, otherwise)
+            self.version, self.declared_otherwise = await version_of(channel), otherwise
         except BaseException:
             await connection.close()
             raise
         self._connection, self._channel = connection, channel
         self._connected.set()
         connection.reconnect_callbacks.add(self._on_reconnected)
-        log.info("broker_connected", prefix=self.topology.prefix, node=connection.node)
+        log.info(
+            "broker_connected",
+            prefix=self.topology.prefix,
+            node=connection.node,
+            version=str(self.version),
+        )
 
     def _on_reconnected(self, connection: Any) -> None:
         log.info("broker_reconnected", node=self.node)

@@ -203,8 +203,6 @@ def export(stats: list[QueueStat], metrics: Metrics) -> None:
             continue
         metrics.queue_messages.labels(stat.stage, stat.name).set(stat.ready)
         metrics.queue_consumers.labels(stat.stage, stat.name).set(stat.consumers or 0)
-        if stat.kind == "dead":
-            metrics.dead_letters.labels(stat.stage).set(stat.ready)
         if stat.members:
             metrics.queue_members.labels(stat.stage, stat.name).set(len(stat.members))
             metrics.queue_members_online.labels(stat.stage, stat.name).set(len(stat.online))

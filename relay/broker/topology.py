@@ -18,6 +18,7 @@ partition number, so it returns to its own partition.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,6 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from relay.broker.dead_queues import dead_arguments, declare_dead_queue, declared_as_meant
+from relay.broker.errors import CONNECTION_ERRORS
+from relay.broker.version import BrokerVersion, version_of
 
 if TYPE_CHECKING:  # the settings import the broker's address parsing
     from relay.settings import Settings
@@ -147,8 +152,15 @@ def topology_of(settings: Settings) -> Topology:
     )
 
 
-async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, AbstractExchange]:
-    """Declare every exchange, queue and binding (idempotent); the exchanges by name."""
+async def declare(
+    channel: AbstractChannel, topology: Topology, otherwise: list[str] | None = None
+) -> dict[str, AbstractExchange]:
+    """Declare every exchange, queue and binding (idempotent); the exchanges by name. Each
+    queue has the delivery limit it means to have on this broker's version: the partition
+    queues `topology.delivery_limit`, the delay and dead-letter queues none. A dead-letter
+    queue found declared otherwise (by an earlier version) is taken as it is, and its name
+    added to `otherwise`."""
+    version = await version_of(channel)
     dead = await channel.declare_exchange(
         topology.dead_exchange(), aio_pika.ExchangeType.DIRECT, durable=True
     )
@@ -167,21 +179,59 @@ async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, Abs
         )
         for seconds in topology.stage_delays(stage):
             name = topology.delay_exchange(stage, seconds)
-            exchanges[name] = await _declare_delay(channel, topology, stage, seconds)
+            exchanges[name] = await _declare_delay(channel, topology, stage, seconds, version)
         for partition in range(topology.partitions):
             queue = await _declare_quorum(
                 channel, topology.queue(stage, partition), topology.partition_arguments(stage)
             )
             await queue.bind(exchange, routing_key=topology.routing_key(partition))
-        dead_queue = await _declare_quorum(
-            channel, topology.dead_queue(stage), {"x-queue-type": "quorum", **LEADER_LOCATOR}
-        )
-        await dead_queue.bind(dead, routing_key=stage)
+        name = topology.dead_queue(stage)
+        meant = await declare_dead_queue(channel, name, dead, stage, dead_queue_arguments(version))
+        if not meant and otherwise is not None:
+            otherwise.append(name)
     return exchanges
 
 
+def dead_queue_arguments(version: BrokerVersion) -> dict[str, Any]:
+    """A dead-letter queue's arguments on this broker version."""
+    return dead_arguments({"x-queue-type": "quorum", **LEADER_LOCATOR}, version)
+
+
+async def declared_otherwise(channel: AbstractChannel, topology: Topology) -> list[str]:
+    """The topology's dead-letter queues (those that exist) declared otherwise than this
+    version of Relay declares them on this broker: with a delivery limit that drops."""
+    version = await version_of(channel)
+    found = []
+    for stage in STAGES:
+        name = topology.dead_queue(stage)
+        if await exists(channel, name) and not await declared_as_meant(
+            channel, name, dead_queue_arguments(version)
+        ):
+            found.append(name)
+    return found
+
+
+async def exists(channel: AbstractChannel, name: str) -> bool:
+    """Whether the queue exists, asked on a channel of its own (a passive declaration of a
+    missing queue closes its channel)."""
+    underlay = await channel.get_underlay_channel()
+    probe = await underlay.connection.channel()
+    try:
+        await probe.queue_declare(name, passive=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await probe.close()
+
+
 async def _declare_delay(
-    channel: AbstractChannel, topology: Topology, stage: StageName, seconds: float
+    channel: AbstractChannel,
+    topology: Topology,
+    stage: StageName,
+    seconds: float,
+    version: BrokerVersion,
 ) -> AbstractExchange:
     name = topology.delay_exchange(stage, seconds)
     exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
@@ -195,6 +245,9 @@ async def _declare_delay(
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
             **LEADER_LOCATOR,
+            # Never consumed (its messages leave by expiry), so never returned; but never
+            # dropped either, on any version.
+            **version.no_delivery_limit(),
         },
     )
     await queue.bind(exchange)
@@ -204,17 +257,22 @@ async def _declare_delay(
 async def _declare_quorum(
     channel: AbstractChannel, name: str, arguments: dict[str, Any]
 ) -> AbstractQueue:
-    """Declare a queue; one that an earlier version declared without a leader locator is
-    taken as it is (the broker refuses a declare whose arguments differ, and a queue's
-    arguments cannot change; its leader stays where it was placed)."""
+    """Declare a queue; one that an earlier version declared without a leader locator (its
+    leader stays where it was placed), or a delay queue without a delivery limit (never
+    consumed, so never returned), is taken as it is: the broker refuses a declare whose
+    arguments differ, and a queue's arguments cannot change."""
     try:
         return await channel.declare_queue(name, durable=True, arguments=arguments)
     except aiormq.exceptions.ChannelPreconditionFailed as error:
-        if "x-queue-leader-locator" not in str(error):
+        if "x-queue-leader-locator" not in str(error) and "x-delivery-limit" not in str(error):
             raise
     await channel.reopen()  # the refusal closed the channel; the same object serves on
-    others = {k: v for k, v in arguments.items() if k not in LEADER_LOCATOR}
-    return await channel.declare_queue(name, durable=True, arguments=others)
+    try:
+        others = {k: v for k, v in arguments.items() if k not in LEADER_LOCATOR}
+        return await channel.declare_queue(name, durable=True, arguments=others)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        await channel.reopen()
+    return await channel.declare_queue(name, passive=True)
 
 
 async def delete(channel: AbstractChannel, topology: Topology) -> None:

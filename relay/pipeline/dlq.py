@@ -1,22 +1,29 @@
-"""Dead letters: list them, replay them, purge them.
+"""Dead letters: kept in the store, listed, replayed and purged there.
 
-Listing takes every message of a dead-letter queue without acking and then closes the
-channel, which puts them all back: the queue is unchanged. Replaying publishes the message
-back to its stage with confirms (outbound: attempts reset, same delivery id and so the same
-`webhook-id`) and only then acks the dead copy, so nothing is lost in between.
+A dead-letter queue only carries a letter to the store (`relay.pipeline.dlq_keeper`): what
+the broker dead-letters (a delivery limit reached) and what the stages dead-letter (a reason
+of their own) is taken off the queue once it is kept. Listing a letter reads a row, so no
+look ever takes a letter off a queue or counts against a broker's delivery limit (RabbitMQ 4
+gives quorum queues one of 20 by default, and counts a message taken and given back).
+
+Replaying publishes the letter back to its stage with confirms (outbound: attempts reset,
+same delivery id and so the same `webhook-id`), and only then forgets it, unless it died
+again meanwhile: nothing is lost in between.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 
-from relay.broker import STAGES, Broker, BrokerUnavailable, StageName
+from relay.broker import Broker, StageName
 from relay.pipeline.unpublishable import replayable
+from relay.store import DeadLetter, DeadLetterFilter, DeadLetterStore
 from relay.wire import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
@@ -27,188 +34,152 @@ from relay.wire import (
 )
 from relay.wire.admin import DeadLetterSelection
 
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A dead message, as `relay dlq list` and the admin API show it."""
-
-    id: str
-    stage: StageName
-    integration_id: str
-    conversation_id: str
-    reason: str
-    attempts: int
-    last_status: int | None
-    dead_at: int | None
-    body: dict[str, Any]
-
-    def view(self) -> dict[str, Any]:
-        """JSON for `--json`."""
-        return {
-            "id": self.id,
-            "stage": self.stage,
-            "integrationId": self.integration_id,
-            "conversationId": self.conversation_id,
-            "reason": self.reason,
-            "attempts": self.attempts,
-            "lastStatus": self.last_status,
-            "deadAt": self.dead_at,
-            "body": self.body,
-        }
+# Letters read from the store at a time, when replaying or purging a selection.
+BATCH = 200
 
 
-def read(stage: StageName, message: AbstractIncomingMessage) -> DeadLetter:
-    """The dead letter a message holds."""
+def read(stage: StageName, message: AbstractIncomingMessage, now: float) -> DeadLetter:
+    """The dead letter a message of a dead-letter queue holds."""
     headers = message.headers or {}
-    try:
-        body = json.loads(message.body)
-    except ValueError:
-        body = {}
+    body = _body(message.body)
     if stage == "outbound":
-        conversation = body.get("body", {}).get("botpressConversationId", "")
+        conversation = _text(_dict(body.get("body")).get("botpressConversationId"))
     else:
-        conversation = body.get("bundle", {}).get("conversation", {}).get("id", "")
+        conversation = _text(_dict(_dict(body.get("bundle")).get("conversation")).get("id"))
     return DeadLetter(
-        id=message.message_id or "",
+        # A message with no id (not one of Relay's) is known by its content.
+        id=message.message_id or f"sha256:{hashlib.sha256(message.body).hexdigest()[:32]}",
         stage=stage,
-        integration_id=body.get("integrationId", ""),
+        integration_id=_text(body.get("integrationId")),
         conversation_id=conversation,
-        reason=str(headers.get(REASON_HEADER, "")),
+        reason=str(headers.get(REASON_HEADER) or _broker_reason(headers) or ""),
         attempts=_int(headers.get(ATTEMPTS_HEADER, headers.get(ATTEMPT_HEADER))) or 0,
         last_status=_int(headers.get(LAST_STATUS_HEADER)) or None,
-        dead_at=_int(headers.get(DEAD_AT_HEADER)),
+        dead_at=_dead_at(message, now),
         body=body,
     )
 
 
+def _body(raw: bytes) -> dict[str, Any]:
+    """The letter's JSON object; what is not one is kept as text, to be read and purged."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"unreadable": raw.decode(errors="replace")}
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _int(value: object) -> int | None:
-    return value if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-Select = Callable[[DeadLetter], bool]
-Position = tuple[int, str]  # a listing's order: when a letter died (unix seconds), its id
+def _death(headers: dict[str, Any]) -> dict[str, Any]:
+    """The broker's latest account of the message's death (`x-death`), if it has one."""
+    deaths = headers.get("x-death")
+    return _dict(deaths[0]) if isinstance(deaths, list) and deaths else {}
 
 
-def position(letter: DeadLetter) -> Position:
-    return (letter.dead_at or 0, letter.id)
+def _broker_reason(headers: dict[str, Any]) -> str | None:
+    """Why the broker dead-lettered it (e.g. `delivery_limit`, past the delivery limit)."""
+    death = _death(headers)
+    reason = death.get("reason")
+    if not isinstance(reason, str):
+        return None
+    queue = death.get("queue")
+    return f"{reason} (dead-lettered by the broker from {queue})"
+
+
+def _dead_at(message: AbstractIncomingMessage, now: float) -> int:
+    """When it died: Relay's own header, else the broker's (`x-death`), else when it was
+    published, else now (unix seconds)."""
+    headers = message.headers or {}
+    own = _int(headers.get(DEAD_AT_HEADER))
+    if own is not None:
+        return own
+    died = _death(headers).get("time")
+    if isinstance(died, datetime):
+        return int(died.timestamp())
+    return int(message.timestamp.timestamp() if message.timestamp else now)
+
+
+def selection_of(chosen: DeadLetterSelection) -> DeadLetterFilter:
+    """The letters an admin selection names."""
+    return DeadLetterFilter(
+        stage=chosen.stage,
+        integration_id=chosen.integrationId,
+        conversation_id=chosen.conversationId,
+        ids=frozenset(chosen.ids) if chosen.ids is not None else None,
+    )
 
 
 class DeadLetters:
-    """The dead-letter queue of one stage, through a connected broker."""
+    """The dead letters kept in the store; `broker` publishes replays."""
 
-    def __init__(self, broker: Broker, stage: StageName) -> None:
+    def __init__(self, store: DeadLetterStore, broker: Broker | None = None) -> None:
+        self._store = store
         self._broker = broker
-        self._stage = stage
 
-    async def _taken(self, channel: AbstractChannel) -> AsyncIterator[AbstractIncomingMessage]:
-        """Every message of the queue, one at a time, unacked (closing the channel returns
-        those not acked). Only the one in hand is held here: a long queue is never all in
-        memory."""
-        # Dead-letter queues have no single active consumer, so basic.get works; messages
-        # held by another listing are simply not seen this time.
-        queue = await channel.declare_queue(
-            self._broker.topology.dead_queue(self._stage), passive=True
-        )
-        while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            yield message
+    async def page(
+        self, selection: DeadLetterFilter, limit: int, after: DeadLetter | None = None
+    ) -> list[DeadLetter]:
+        """The first `limit` selected letters (after `after`), in the order they died."""
+        position = None if after is None else (after.dead_at, after.stage, after.id)
+        return await self._store.dead_letters(selection, position, limit)
 
-    async def _channel(self) -> AbstractChannel:
-        connection = self._broker.connection
-        if connection is None or connection.is_closed:
-            raise BrokerUnavailable("not connected to the broker")
-        return await connection.channel()
+    async def _every(self, selection: DeadLetterFilter) -> AsyncIterator[list[DeadLetter]]:
+        """The selected letters, a batch at a time, each letter once."""
+        last: DeadLetter | None = None
+        while batch := await self.page(selection, BATCH, last):
+            yield batch
+            last = batch[-1]
 
-    async def page(self, select: Select, after: Position | None, limit: int) -> list[DeadLetter]:
-        """The first `limit` selected dead letters after `after`, in the order they died
-        (then by id); the queue is left as it was. Keeps at most twice a page in memory."""
-        kept: list[DeadLetter] = []
-        channel = await self._channel()
-        try:
-            async for message in self._taken(channel):
-                letter = read(self._stage, message)
-                if select(letter) and (after is None or position(letter) > after):
-                    kept.append(letter)
-                    if len(kept) >= 2 * limit:
-                        kept = sorted(kept, key=position)[:limit]
-        finally:
-            await channel.close()  # returns every message taken, unacked
-        return sorted(kept, key=position)[:limit]
-
-    async def first(self) -> DeadLetter | None:
-        """The letter at the head of the queue, the first to have died (left in place)."""
-        channel = await self._channel()
-        try:
-            async for message in self._taken(channel):
-                return read(self._stage, message)
-            return None
-        finally:
-            await channel.close()
-
-    async def replay(self, select: Select) -> int:
-        """Send the selected dead letters back to their stage; how many."""
-        return await self._settle(select, republish=True)
-
-    async def purge(self, select: Select) -> int:
-        """Delete the selected dead letters for good; how many."""
-        return await self._settle(select, republish=False)
-
-    async def _settle(self, select: Select, republish: bool) -> int:
-        channel = await self._channel()
-        done: set[str] = set()
-        try:
-            async for message in self._taken(channel):
-                letter = read(self._stage, message)
-                if letter.id in done:
-                    # Replayed and dead again already, at the queue's tail: everything that
-                    # was there before has been met.
-                    break
-                if not select(letter) or (republish and not replayable(letter.body)):
-                    continue  # a letter with no envelope can only be purged
-                if republish:
-                    await self._republish(letter)
-                await message.ack()
-                done.add(letter.id)
-        finally:
-            await channel.close()
+    async def replay(self, selection: DeadLetterFilter) -> int:
+        """Send the selected letters back to their stage; how many. A letter with no
+        envelope (an unpublishable row's) can only be purged: it stays."""
+        if self._broker is None:
+            raise RuntimeError("replaying needs a broker")
+        done: set[tuple[str, str]] = set()
+        async for batch in self._every(selection):
+            for letter in batch:
+                # One that died again after its replay is met again further on: once is all.
+                if (letter.stage, letter.id) in done or not replayable(letter.body):
+                    continue
+                await self._republish(self._broker, letter)
+                await self._store.forget_dead_letters([letter])
+                done.add((letter.stage, letter.id))
         return len(done)
 
-    async def _republish(self, letter: DeadLetter) -> None:
+    async def purge(self, selection: DeadLetterFilter) -> int:
+        """Delete the selected letters for good; how many."""
+        purged = 0
+        async for batch in self._every(selection):
+            purged += await self._store.forget_dead_letters(batch)
+        return purged
+
+    @staticmethod
+    async def _republish(broker: Broker, letter: DeadLetter) -> None:
         body = dict(letter.body)
-        if self._stage == "outbound":
+        if letter.stage == "outbound":
             # A fresh start: attempts and the age limit count from the replay.
             body["attempt"] = 0
             body["createdAt"] = utcnow().isoformat()
-        await self._broker.publish(
-            self._stage, letter.conversation_id, json.dumps(body).encode(), message_id=letter.id
+        await broker.publish(
+            letter.stage, letter.conversation_id, json.dumps(body).encode(), message_id=letter.id
         )
 
 
-def matching(
-    integration_id: str | None, conversation_id: str | None, ids: set[str] | None = None
-) -> Select:
-    """The letters of that integration, conversation and ids (None: any)."""
-
-    def select(letter: DeadLetter) -> bool:
-        return (
-            (integration_id is None or letter.integration_id == integration_id)
-            and (conversation_id is None or letter.conversation_id == conversation_id)
-            and (ids is None or letter.id in ids)
-        )
-
-    return select
-
-
-def stages_of(stage: StageName | None) -> list[StageName]:
-    """The stages a selection names (None: both)."""
-    return list(STAGES) if stage is None else [stage]
-
-
-async def settle(broker: Broker, selection: DeadLetterSelection, replay: bool) -> int:
+async def settle(
+    store: DeadLetterStore, broker: Broker | None, selection: DeadLetterSelection, replay: bool
+) -> int:
     """Replay or purge the selected dead letters; how many (the CLI's path, too)."""
-    ids = set(selection.ids) if selection.ids is not None else None
-    select = matching(selection.integrationId, selection.conversationId, ids)
-    done = 0
-    for stage in stages_of(selection.stage):
-        letters = DeadLetters(broker, stage)
-        done += await (letters.replay(select) if replay else letters.purge(select))
-    return done
+    letters = DeadLetters(store, broker)
+    chosen = selection_of(selection)
+    return await (letters.replay(chosen) if replay else letters.purge(chosen))

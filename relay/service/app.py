@@ -35,6 +35,8 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 # A readiness check returns None when fine, or a short reason.
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 READINESS_KEY = web.AppKey("readiness", list[tuple[str, ReadinessCheck]])
+# The brokers the service's roles connected (`/readyz` tells the version and what it found).
+BROKERS_KEY = web.AppKey("brokers", list[Broker])
 WATCHER_KEY = web.AppKey("queue_watcher", Watcher)
 
 # An error's own headers (Allow, Retry-After...) are kept; these describe aiohttp's text body.
@@ -123,9 +125,22 @@ async def readyz(request: web.Request) -> web.Response:
         reason = await check()
         if reason is not None:
             failures[name] = reason
+    brokers: list[Broker] = request.app[BROKERS_KEY]
+    about = _broker_report(brokers)
     if failures:
-        return web.json_response({"status": "unavailable", "failures": failures}, status=503)
-    return web.json_response({"status": "ok"})
+        body = {"status": "unavailable", "failures": failures, **about}
+        return web.json_response(body, status=503)
+    return web.json_response({"status": "ok", **about})
+
+
+def _broker_report(brokers: Sequence[Broker]) -> dict[str, object]:
+    """The broker's version, and its queues declared with settings that can lose messages
+    (a dead-letter queue with RabbitMQ 4's default delivery limit)."""
+    connected = [broker for broker in brokers if broker.version is not None]
+    if not connected:
+        return {}
+    otherwise = sorted({name for broker in connected for name in broker.declared_otherwise})
+    return {"broker": {"version": str(connected[0].version), "queuesAtRisk": otherwise}}
 
 
 def metrics_route(own_listener: bool) -> Handler:
@@ -191,6 +206,7 @@ def create_service_app(
     app = web.Application(middlewares=[observe], client_max_size=client_max_size)
     app[METRICS_KEY] = metrics_
     app[READINESS_KEY] = list(checks)
+    app[BROKERS_KEY] = []
     app[WATCHER_KEY] = Watcher()
     app[SERVICE_SETTINGS_KEY] = ServiceSettings()
     app.router.add_get("/healthz", healthz)

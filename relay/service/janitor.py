@@ -1,6 +1,6 @@
 """The janitor of the worker services: every RELAY_PRUNE_INTERVAL, prune the store
 (`relay.retention`, RELAY_RETENTION_DAYS) and bound the dead-letter queues
-(`relay.pipeline.dlq_bounds`, RELAY_DLQ_MAX_AGE and RELAY_DLQ_MAX_LENGTH).
+(`relay.pipeline.dlq_bounds`, RELAY_DLQ_MAX_AGE and RELAY_DLQ_MAX_LENGTH) in the store.
 
 No coordinator: of all the janitors sharing a store, the one holding the `janitor` lease
 does the work. Its holder renews it at each look, so the others' looks find it taken and
@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import timedelta
+from typing import Protocol
 
 import structlog
 
-from relay.aio import cancel_and_wait, cancelled_from_outside, pause
-from relay.broker import CONNECTION_ERRORS, Broker
+from relay.aio import cancel_and_wait, pause
 from relay.metrics import Metrics
 from relay.pipeline.dlq_bounds import Bounds, enforce
 from relay.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, prune
 from relay.settings import Settings
-from relay.store import Retention, StoreError
+from relay.store import DeadLetterStore, Retention, StoreError
 from relay.wire import utcnow
 
 log = structlog.get_logger(__name__)
@@ -37,15 +38,16 @@ FULL_VACUUM_LIMIT = 64 * 1024 * 1024
 FIRST_LOOK = 60.0
 
 
+class JanitorStore(Retention, DeadLetterStore, Protocol):
+    """What the janitor prunes and bounds."""
+
+
 class Janitor:
     """Prunes and bounds the dead letters in the background while a worker service runs."""
 
-    def __init__(
-        self, settings: Settings, store: Retention, broker: Broker, metrics: Metrics
-    ) -> None:
+    def __init__(self, settings: Settings, store: JanitorStore, metrics: Metrics) -> None:
         self._settings = settings
         self._store = store
-        self._broker = broker
         self._metrics = metrics
         # Outlives an interval: its holder's next look renews it before it expires.
         self._turn = Lease(store, JANITOR_LEASE, 1.5 * settings.prune_interval)
@@ -103,22 +105,12 @@ class Janitor:
 
     async def _bound_dead_letters(self) -> None:
         bounds = Bounds(self._settings.dlq_max_age, self._settings.dlq_max_length)
-        connection = self._broker.connection
-        if not (bounds.max_age or bounds.max_length) or connection is None:
-            return
-        if not self._broker.ready:
-            log.info("dead_letter_bounds_skipped", reason="the broker is away")
+        if not (bounds.max_age or bounds.max_length):
             return
         try:
-            expired = await enforce(connection, self._broker.topology, bounds, self._metrics)
-        except CONNECTION_ERRORS as error:
+            expired = await enforce(self._store, bounds, self._metrics, time.time())
+        except StoreError as error:
             log.warning("dead_letter_bounds_failed", error=str(error))
-            return
-        except asyncio.CancelledError:
-            if cancelled_from_outside():
-                raise
-            # aiormq cancels what waits on a connection that closes: the broker went away.
-            log.warning("dead_letter_bounds_failed", error="the connection closed")
             return
         if any(expired.values()):
             log.info("dead_letters_bounded", **expired)

@@ -16,9 +16,11 @@ from aiohttp import web
 from relay.aio import cancel_and_wait
 from relay.broker import Broker, Topology, topology_of
 from relay.metrics import Metrics
+from relay.pipeline.dlq_keeper import Keeper
 from relay.pipeline.generations import Generations, register_forever
 from relay.pipeline.stage import StageWorker
 from relay.service.app import (
+    BROKERS_KEY,
     METRICS_KEY,
     READINESS_KEY,
     WATCHER_KEY,
@@ -57,6 +59,7 @@ async def dependencies(
     noting = asyncio.create_task(register_forever(store, settings.partitions), name="register")
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
+    app[BROKERS_KEY].append(broker)
     prefix = f"{name}_" if name else ""
     app[READINESS_KEY].extend(
         [(f"{prefix}broker", broker_check(broker)), (f"{prefix}store", store_check(store))]
@@ -75,7 +78,7 @@ async def queue_gauges(
 ) -> AsyncIterator[None]:
     """Refresh the queue gauges through `broker` (of every partition count noted in `store`)
     while in scope, unless another service of this process does already."""
-    watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings, store.partition_counts)
+    watching = app[WATCHER_KEY].start(broker, app[METRICS_KEY], settings, store)
     try:
         yield
     finally:
@@ -100,14 +103,18 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
             )
             app[READINESS_KEY].append((f"{name}_partitions", stall_check(worker)))
             await worker.start(settings.startup_wait)
+            # The stage's dead letters, from their queue into the store.
+            keeper = Keeper(store, broker, own.stage, app[METRICS_KEY])
+            keeper.start()
             # Retention and the dead-letter bounds: whichever janitor holds the turn works.
-            janitor = Janitor(settings, store, broker, app[METRICS_KEY])
+            janitor = Janitor(settings, store, app[METRICS_KEY])
             janitor.start()
             try:
                 async with queue_gauges(app, broker, settings, store):
                     yield
             finally:
                 await janitor.stop()
+                await keeper.stop()
                 await worker.stop(settings.shutdown_timeout)
                 await close_extra()
 

@@ -11,12 +11,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from relay.broker.topology import BASE_PARTITIONS
+from relay.broker.topology import BASE_PARTITIONS, StageName
 from relay.store.records import (
     Accepted,
     AttemptQuery,
     AttemptRecord,
     ConversationRecord,
+    DeadLetter,
+    DeadLetterFilter,
+    DeadPosition,
     FoundAttempt,
     HistoryPage,
     InboundState,
@@ -339,6 +342,26 @@ class Retention(Protocol):
         (its autovacuum reuses the space)."""
 
 
+class DeadLetterStore(Protocol):
+    """Dead letters, kept here once the keeper took them off a dead-letter queue
+    (`relay.pipeline.dlq`)."""
+
+    async def keep_dead_letter(self, letter: DeadLetter) -> None:
+        """Keep the letter (one that died again replaces its earlier death, counted)."""
+
+    async def dead_letters(
+        self, selection: DeadLetterFilter, after: DeadPosition | None, limit: int
+    ) -> list[DeadLetter]:
+        """The first `limit` selected letters after `after`, in the order they died (then
+        by stage and id)."""
+
+    async def forget_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Delete these letters, each unless it died again since it was read; how many."""
+
+    async def dead_letter_summary(self) -> dict[StageName, tuple[int, int | None]]:
+        """How many letters each stage keeps, and when the oldest died (unix seconds)."""
+
+
 class Store(
     StoreHandle,
     Integrations,
@@ -352,6 +375,7 @@ class Store(
     History,
     Recovery,
     Retention,
+    DeadLetterStore,
     Protocol,
 ):
     """Persistent state of the relay, every role at once. Implemented for SQLite and PostgreSQL."""

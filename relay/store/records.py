@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from relay.broker.topology import StageName
 from relay.store.secrets import SecretUnreadable
 from relay.wire import MessageBundle
 
@@ -94,6 +95,9 @@ class Accepted:
     created_conversation: bool = False
     # The partition count it is published under (None: written before counts could change).
     partitions: int | None = None
+    # Its number among its conversation's inbound messages (None: written before they were
+    # numbered): see `relay.store.sql.inbound`.
+    sequence: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class PendingMessage:
     request_id: str | None
     lease_owner: str
     partitions: int | None = None  # the partition count it is published under
+    sequence: int | None = None  # its number in its conversation, as in `Accepted`
 
 
 @dataclass(frozen=True)
@@ -303,3 +308,56 @@ class Pruned:
     def total(self) -> int:
         """Rows deleted, of every kind."""
         return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead message as kept in the store (`relay.pipeline.dlq`), as `relay dlq list` and
+    the admin API show it."""
+
+    id: str
+    stage: StageName
+    integration_id: str
+    conversation_id: str
+    reason: str
+    attempts: int
+    last_status: int | None
+    dead_at: int  # unix seconds
+    body: dict[str, Any]
+    deaths: int = 1  # how many times it died (a replayed letter may die again)
+
+    def view(self) -> dict[str, Any]:
+        """JSON for `--json`."""
+        return {
+            "id": self.id,
+            "stage": self.stage,
+            "integrationId": self.integration_id,
+            "conversationId": self.conversation_id,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "lastStatus": self.last_status,
+            "deadAt": self.dead_at,
+            "body": self.body,
+        }
+
+
+# Where a listing of dead letters is: (dead_at, stage, id) of the last letter seen.
+DeadPosition = tuple[int, str, str]
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead letters (None: any)."""
+
+    stage: StageName | None = None
+    integration_id: str | None = None
+    conversation_id: str | None = None
+    ids: frozenset[str] | None = None
+
+    def __contains__(self, letter: DeadLetter) -> bool:
+        return (
+            (self.stage is None or letter.stage == self.stage)
+            and (self.integration_id is None or letter.integration_id == self.integration_id)
+            and (self.conversation_id is None or letter.conversation_id == self.conversation_id)
+            and (self.ids is None or letter.id in self.ids)
+        )

@@ -185,8 +185,51 @@ CREATE INDEX conversations_updated ON conversations (updated_at, id);
 CREATE INDEX users_updated ON users (updated_at, id)
 """
 
+# Dead letters (relay.pipeline.dlq): kept here, the dead-letter queues only carry them here, so
+# that listing one never takes it off a queue. A letter is known by its stage and id (a relay
+# message id, or a delivery id); `dead_at` is unix seconds, the order listings page in;
+# `deaths` counts its deaths, so that a replay forgets only the death it replayed.
+_V9 = """
+CREATE TABLE dead_letters (
+    stage TEXT NOT NULL,
+    id TEXT NOT NULL,
+    deaths INTEGER NOT NULL,
+    integration_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_status INTEGER,
+    dead_at BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (stage, id)
+);
+CREATE INDEX dead_letters_order ON dead_letters (dead_at, stage, id);
+CREATE INDEX dead_letters_stage ON dead_letters (stage, dead_at, id);
+CREATE INDEX dead_letters_integration ON dead_letters (integration_id, dead_at, stage, id)
+"""
+
+# Inbound order (relay.store.sql.inbound): each incoming message numbered in its conversation
+# by the statement that writes it, from the conversation's counter (the last number given).
+# Numbers only grow: a message discarded, or a messageId found there already, leaves a gap.
+# Rows written before stay unnumbered (NULL): no check, like the envelopes of before.
+_V10 = """
+ALTER TABLE conversations ADD COLUMN inbound_sequence INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN inbound_sequence INTEGER
+"""
+
 # A version is one script for both dialects, or one per dialect.
-MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
+MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
+    _V1,
+    _V2,
+    _V3,
+    _V4,
+    _V5,
+    _V6,
+    _V7,
+    _V8,
+    _V9,
+    _V10,
+]
 
 
 def migrations(dialect: str) -> list[str]:

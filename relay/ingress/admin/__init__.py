@@ -40,6 +40,6 @@ def admin_app(settings: Settings, keys: AdminKeys) -> web.Application:
     integrations.IntegrationRoutes(keys.store).add_to(app)
     queues.add_routes(app, keys)
     attempts.add_routes(app, keys.store)
-    dead_letters.add_routes(app, keys.broker)
+    dead_letters.add_routes(app, keys)
     RecoveryRoutes(keys).add_to(app)
     return app

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import time
-from typing import cast
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from relay.broker import Broker, StageName, queues
+from relay.broker import queues
 from relay.broker.presence import QueueAges
 from relay.broker.queues import QueueStat
 from relay.errors import Unavailable
 from relay.ingress.admin.common import SETTINGS_KEY, AdminKeys, json_answer
-from relay.pipeline.dlq import DeadLetters
 from relay.wire.admin import Page, QueueView
 
 
-async def _age(stat: QueueStat, broker: Broker, ages: QueueAges) -> float | None:
-    """Partition queues: their workers' word; dead letters: since the first died."""
-    if stat.kind == "dead" and stat.ready:
-        first = await DeadLetters(broker, cast(StageName, stat.stage)).first()
-        if first is not None and first.dead_at is not None:
-            return max(0.0, round(time.time() - first.dead_at, 1))
+def _age(
+    stat: QueueStat, kept: Mapping[str, tuple[int, int | None]], ages: QueueAges
+) -> float | None:
+    """Partition queues: their workers' word; dead letters: since the oldest kept died."""
+    if stat.kind == "dead":
+        oldest = kept.get(stat.stage, (0, None))[1]
+        if oldest is not None:
+            return max(0.0, round(time.time() - oldest, 1))
     reported = ages.age(stat.name)
     if reported is None and stat.ready == 0 and not stat.unacked:
         return 0.0  # empty: nothing waits
@@ -43,9 +44,11 @@ def add_routes(app: web.Application, keys: AdminKeys) -> None:
             connection, broker.topology, list(counts), settings.management_url
         )
         ages = request.config_dict[keys.ages]
+        summary = await request.config_dict[keys.store].dead_letter_summary()
+        kept = {str(stage): found for stage, found in summary.items()}
         items = [
             QueueView.model_validate(stat, from_attributes=True).model_copy(
-                update={"oldestAgeSeconds": await _age(stat, broker, ages)}
+                update={"oldestAgeSeconds": _age(stat, kept, ages)}
             )
             for stat in stats
         ]

@@ -24,9 +24,9 @@ from relay.ingress.admin.common import (
     page_size,
 )
 from relay.ingress.conversations import as_item, parse_watermark
-from relay.pipeline.dlq import DeadLetters, matching
+from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.replies import delivery_id
-from relay.store import AttemptQuery
+from relay.store import AttemptQuery, DeadLetterFilter
 from relay.wire.admin import Count, Recovery, Resent, Timeline
 
 WEBHOOK_ID_PREFIX = delivery_id("")
@@ -78,8 +78,8 @@ class RecoveryRoutes:
             # What was sent again leaves the dead letters, even if the broker went away
             # before the end (the rest stay, to be recovered again).
             if sent:
-                letters = DeadLetters(request.config_dict[self.keys.broker], "outbound")
-                await letters.purge(matching(integration.id, None, sent))
+                chosen = DeadLetterFilter("outbound", integration.id, ids=frozenset(sent))
+                await DeadLetters(store).purge(chosen)
         return json_answer(Count(count=len(sent)))
 
     async def timeline(self, request: web.Request) -> web.Response:

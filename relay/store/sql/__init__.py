@@ -6,6 +6,7 @@ from __future__ import annotations
 from relay.store.batching import GroupCommit
 from relay.store.driver import Driver
 from relay.store.sql.attempts import AttemptsSql
+from relay.store.sql.dead_letters import DeadLettersSql
 from relay.store.sql.generations import GenerationsSql
 from relay.store.sql.history import HistorySql
 from relay.store.sql.inbound import InboundSql, KnownRows
@@ -30,6 +31,7 @@ class SqlStore(
     SearchSql,
     RecoverySql,
     RetentionSql,
+    DeadLettersSql,
 ):
     """`Store` over a `Driver`; every statement here runs on SQLite and PostgreSQL."""
 
