@@ -105,6 +105,7 @@ class Acceptor:
                 accepted.text,
                 request_id,
                 accepted.partitions,
+                accepted.sequence,
                 first=first,
             )
         except BrokerUnavailable as error:
@@ -170,11 +171,13 @@ class Acceptor:
         text: str,
         request_id: str | None,
         partitions: int | None,
+        sequence: int | None,
         first: bool = False,
     ) -> None:
         """Put the message on its inbound partition among `partitions` (the count its
         conversation is published under; None: this service's) and wait for the confirm
-        (`first`: the message's first publish ever)."""
+        (`first`: the message's first publish ever). `sequence`: its number in its
+        conversation, by which the bot stage checks the broker's order."""
         body = envelope_bytes(
             lambda: InboundEnvelope(
                 integrationId=integration_id,
@@ -182,6 +185,7 @@ class Acceptor:
                 bundle=bundle,
                 acceptedAt=utcnow(),
                 requestId=request_id,
+                sequence=sequence,
             )
         )
         with self._metrics.publish_latency.labels("inbound").time():
@@ -237,6 +241,7 @@ class Acceptor:
                 pending.text,
                 pending.request_id,
                 pending.partitions,
+                pending.sequence,
             )
         except BrokerUnavailable as error:
             # Left pending: the lease just taken runs out and a later sweep tries again.

@@ -194,6 +194,10 @@ class InboundEnvelope(BaseModel):
     bundle: MessageBundle
     acceptedAt: Timestamp
     requestId: str | None = None
+    # The message's number among its conversation's inbound messages: increasing in the order
+    # the store accepted them, with gaps (a message discarded). None in an envelope from
+    # before they were numbered, or for a message stored before.
+    sequence: int | None = Field(default=None, ge=0)
 
 
 class WebhookResponse(BaseModel):

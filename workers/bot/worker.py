@@ -9,7 +9,10 @@ Order: each partition queue has a single active consumer, and within a worker th
 of one conversation run one at a time in arrival order (`Lanes`). A message whose bot fails
 waits in a delay queue; the messages behind it wait with it (`Parking`). Its retry time is
 noted in the store, so a worker meeting the conversation later (the first one stopped or
-died) parks the messages behind it too.
+died) parks the messages behind it too. The broker's order is checked: each message carries
+its number in its conversation, and one that skips a number (a quorum queue may deliver out
+of order after losing its leader) sends the worker to the store, to wait behind the missing
+one as the delivery stage does.
 """
 
 from __future__ import annotations
@@ -86,8 +89,16 @@ class BotWorker(StageWorker[InboundEnvelope]):
         """When the ingress accepted the message."""
         return envelope.acceptedAt
 
+    def sequence(self, envelope: InboundEnvelope) -> int | None:
+        """The message's number in its conversation (None in an older envelope). Numbers
+        have gaps (a message discarded by its ingress): a skip sends the worker to the store,
+        which answers the messages still to handle in their order, so a message the broker
+        delivers ahead of an earlier one waits behind it, and a gap costs one look-up."""
+        return envelope.sequence
+
     async def unfinished(self, envelope: InboundEnvelope) -> list[Unfinished]:
-        """The conversation's queued messages that no turn has handled yet."""
+        """The conversation's queued messages that no turn has handled yet, in the order of
+        their numbers."""
         return await self._store.unhandled(
             envelope.bundle.conversation.id,
             utcnow() - PARKING_LOOKBACK - timedelta(seconds=sum(self._delays)),

@@ -1,12 +1,23 @@
 """Inbound messages: accepted once per messageId in `pending` state with a lease, marked
-queued once the broker confirmed them, discarded or claimed again when not."""
+queued once the broker confirmed them, discarded or claimed again when not.
+
+Each message is numbered in its conversation by the statement that writes it: the
+conversation's counter (`conversations.inbound_sequence`, the last number given) grows by
+the messages of it that the statement writes, which take the new numbers in the order they
+came. The counter's row lock orders concurrent writers of one conversation, so numbers are
+never shared and follow the order of the writes; they only grow, so a message discarded (its
+publish failed) or a messageId found there already leaves a gap. The bot stage's order check
+(`workers.bot.worker`) asks the store on a skipped number, so a gap costs one look-up.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from relay.broker.topology import BASE_PARTITIONS
@@ -15,13 +26,14 @@ from relay.store.batching import GroupCommit
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreUnavailable
 from relay.store.records import Accepted, PendingMessage, Unreadable
 from relay.store.sql.common import MAX_PARAMETERS, as_datetime, chunks, delete_unused, new_id
-from relay.store.sql.generations import read_lock, settle_in
+from relay.store.sql.generations import settle_in
 from relay.store.sql.stamps import stamp_set
 from relay.wire import Conversation, InboundRequest, Message, MessageBundle, Tags, User, utcnow
 
 _BUNDLE_SELECT = """
 SELECT m.id, m.external_id, m.type, m.text, m.payload, m.direction, m.fingerprint, m.state,
        m.lease_until, m.created_at, m.updated_at, m.integration_id, m.request_id, m.partitions,
+       m.inbound_sequence,
        u.id AS u_id, u.external_id AS u_ext, u.created_at AS u_created, u.updated_at AS u_updated,
        c.id AS c_id, c.external_id AS c_ext, c.created_at AS c_created, c.updated_at AS c_updated
 FROM messages m
@@ -80,6 +92,7 @@ def _accepted(row: Row) -> Accepted:
         created=False,
         lease_until=as_datetime(lease) if lease is not None else None,
         partitions=row["partitions"],
+        sequence=row["inbound_sequence"],
     )
 
 
@@ -132,10 +145,7 @@ class InboundSql:
                             request_id,
                             partitions,
                         )
-                        written = await conn.fetchall(
-                            _insert_messages(1, self._driver.dialect), *new.values
-                        )
-                        new.written(written)
+                        new.written(await _write_numbered(conn, self._driver.dialect, [new]))
                         # Raises _Exists inside: what this transaction created is rolled back.
                         accepted = new.accepted()
                     self._known.put(user_key, user)
@@ -154,15 +164,17 @@ class InboundSql:
         raise StoreUnavailable("could not record the message under contention; retry")
 
     async def _write_new_messages(self, batch: Sequence[_NewMessage]) -> None:
-        """Write a batch of new inbound messages in one statement; each learns whether it
-        was inserted (or its messageId was there already). A batch refused as a whole (a
-        user or conversation gone) is written again one by one by the group commit."""
-        for chunk in chunks(batch, MAX_PARAMETERS // len(batch[0].values)):
-            async with self._driver.connection() as conn:
-                rows = await conn.fetchall(
-                    _insert_messages(len(chunk), self._driver.dialect),
-                    *[value for new in chunk for value in new.values],
-                )
+        """Write a batch of new inbound messages in one statement (on SQLite, two in one
+        transaction); each learns whether it was inserted (or its messageId was there
+        already), and its number. A batch refused as a whole (a user or conversation gone) is
+        written again one by one by the group commit."""
+        dialect = self._driver.dialect
+        # PostgreSQL numbers and writes in one statement: autocommit, one round trip.
+        writing = self._driver.connection if dialect == "postgresql" else self._driver.transaction
+        per_row = len(batch[0].values) + _NUMBERING_PARAMETERS
+        for chunk in chunks(batch, MAX_PARAMETERS // per_row):
+            async with writing() as conn:
+                rows = await _write_numbered(conn, dialect, chunk)
             for new in chunk:
                 new.written(rows)
 
@@ -267,6 +279,7 @@ def _pending(row: Row, owner: str) -> PendingMessage | Unreadable:
         request_id=row["request_id"],
         lease_owner=owner,
         partitions=row["partitions"],
+        sequence=row["inbound_sequence"],
     )
 
 
@@ -301,21 +314,82 @@ class KnownRows:
         self._rows.pop(key)
 
 
-def _insert_messages(count: int, dialect: str) -> str:
-    """An insert of `count` new inbound messages, answering the ids it wrote (a messageId
-    there already is skipped) and the partition count each is published under: its
-    conversation's (read under `read_lock`), or the caller's if the conversation has none."""
-    partitions = (
-        f"COALESCE((SELECT inbound_partitions FROM conversations WHERE id = ?{read_lock(dialect)}),"
-        " ?)"
+async def _write_numbered(conn: Conn, dialect: str, news: Sequence[_NewMessage]) -> list[Row]:
+    """Write new inbound messages, numbered: their conversations' counters grow by how many
+    of them each has, and they take the new numbers in order. PostgreSQL does both in one
+    statement (the counter's row lock orders concurrent writers of a conversation, and a
+    move of its partition count waits for the write, as the write for a move); SQLite, whose
+    writers take turns, in two within the caller's transaction. The rows written: id,
+    partitions and number of each (a messageId there already is skipped)."""
+    count, shares = len(news), Counter(new.conv.id for new in news)
+    reserve = [value for new in news for value in (new.conv.id, shares[new.conv.id])]
+    reserve += [new.conv.id for new in news]
+    insert = [
+        value
+        for new, offset in zip(news, _offsets(news), strict=True)
+        for value in (*new.values, offset)
+    ]
+    if dialect == "postgresql":
+        return await conn.fetchall(_reserve_and_insert(count), *reserve, *insert)
+    await conn.fetchall(_reserve(count), *reserve)
+    return await conn.fetchall(_insert_messages(count, "conversations"), *insert)
+
+
+# Bound values per message besides its row's: its number's offset, three for the counter.
+_NUMBERING_PARAMETERS = 4
+
+
+@lru_cache(maxsize=256)
+def _reserve(count: int) -> str:
+    """Grow the counter of each conversation of `count` new messages by how many of them
+    are its (the values: each message's conversation and that share, then each message's
+    conversation again); answering its last number now, and the partition count it is
+    published under."""
+    shares = " ".join(["WHEN ? THEN CAST(? AS INTEGER)"] * count)
+    return (
+        f"UPDATE conversations SET inbound_sequence = inbound_sequence + CASE id {shares} END"
+        f" WHERE id IN ({', '.join(['?'] * count)})"
+        " RETURNING id, inbound_sequence, inbound_partitions"
     )
-    row = f"(?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, {partitions})"
+
+
+@lru_cache(maxsize=256)
+def _insert_messages(count: int, counters: str) -> str:
+    """An insert of `count` new inbound messages, answering the ids it wrote (a messageId
+    there already is skipped), the partition count each is published under (its
+    conversation's, or the caller's if the conversation has none) and its number: its
+    conversation's last number after `_reserve`, read from `counters`, plus its offset."""
+    partitions = f"COALESCE((SELECT inbound_partitions FROM {counters} WHERE id = ?), ?)"
+    number = f"(SELECT inbound_sequence FROM {counters} WHERE id = ?) + ?"
+    values = "?, ?, ?, ?, ?, 'incoming', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?"
+    row = f"({values}, {partitions}, {number})"
     return (
         "INSERT INTO messages (id, integration_id, external_id, conversation_id, user_id,"
         " direction, type, text, payload, fingerprint, state, lease_until, lease_owner,"
-        f" request_id, created_at, updated_at, partitions) VALUES {', '.join([row] * count)}"
-        " ON CONFLICT (integration_id, external_id) DO NOTHING RETURNING id, partitions"
+        " request_id, created_at, updated_at, partitions, inbound_sequence)"
+        f" VALUES {', '.join([row] * count)}"
+        " ON CONFLICT (integration_id, external_id) DO NOTHING"
+        " RETURNING id, partitions, inbound_sequence"
     )
+
+
+@lru_cache(maxsize=256)
+def _reserve_and_insert(count: int) -> str:
+    """`_reserve` and `_insert_messages` in one statement (PostgreSQL's data-modifying WITH:
+    the insert reads the counters as the update left them)."""
+    return f"WITH numbered AS ({_reserve(count)}) {_insert_messages(count, 'numbered')}"
+
+
+def _offsets(news: Sequence[_NewMessage]) -> list[int]:
+    """Each message's number as an offset from its conversation's last number once grown:
+    the last of the conversation's messages here gets that number (0), each before it one
+    less."""
+    left = Counter(new.conv.id for new in news)
+    offsets = []
+    for new in news:
+        left[new.conv.id] -= 1
+        offsets.append(-left[new.conv.id])
+    return offsets
 
 
 class _NewMessage:
@@ -363,15 +437,18 @@ class _NewMessage:
             now,
             self.conv.id,
             partitions,
+            self.conv.id,
         )
         self.inserted = False
+        self.sequence: int | None = None
 
     def written(self, rows: Sequence[Row]) -> None:
-        """Learn from an insert's answer whether this message was written, and under which
-        partition count."""
+        """Learn from an insert's answer whether this message was written, under which
+        partition count, and its number."""
         for row in rows:
             if row["id"] == self.message.id:
                 self.inserted, self.partitions = True, int(row["partitions"])
+                self.sequence = row["inbound_sequence"]
                 return
 
     def accepted(self) -> Accepted:
@@ -393,6 +470,7 @@ class _NewMessage:
             created_user=self.user.created,
             created_conversation=self.conv.created,
             partitions=self.partitions,
+            sequence=self.sequence,
         )
 
 
