@@ -36,11 +36,13 @@ class Proxy:
 
     async def stop(self) -> None:
         """Stop listening and drop every connection: the target looks down."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # Dropped before waiting: since Python 3.12 wait_closed() waits for every connection.
         await self.cut()
+        if server is not None:
+            await server.wait_closed()
 
     async def cut(self) -> None:
         """Drop every open connection."""

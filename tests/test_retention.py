@@ -9,8 +9,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 from structlog.testing import capture_logs
 
+from relay.broker import topology_of
 from relay.metrics import Metrics
 from relay.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, parse_age, prune
 from relay.service.janitor import JANITOR_LEASE, Janitor
@@ -353,7 +355,7 @@ async def lease_holders(store: SqlStore) -> set[str]:
 
 
 async def test_worker_services_prune_and_let_the_leases_go_on_sigterm(
-    store: SqlStore, settings: Settings
+    store: SqlStore, settings: Settings, amqp: AbstractRobustConnection
 ) -> None:
     integration_id, _ = await make_integration(store, settings)
     old = await delivered_long_ago(store, integration_id, "services")
@@ -363,7 +365,16 @@ async def test_worker_services_prune_and_let_the_leases_go_on_sigterm(
         async def pruned() -> bool:
             return not await present(store, "messages", [old.id, old.replies[0].id])
 
+        async def both_started() -> bool:
+            # Each service's dead-letter keeper consumes once the service is up: a SIGTERM
+            # before then (while Python still imports) would kill it outright.
+            async with amqp.channel() as channel:
+                dead = topology_of(settings).dead_queue("outbound")
+                queue = await channel.declare_queue(dead, passive=True)
+                return queue.declaration_result.consumer_count == 2
+
         await eventually(pruned, timeout=30)
+        await eventually(both_started, timeout=30)
     # Both stopped on SIGTERM with exit code 0 (relay_processes checks), leases let go.
     assert await lease_holders(store) == set()
 
