@@ -6,6 +6,9 @@ however often it is returned; an old dead-letter queue is replaced with its lett
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 
@@ -18,6 +21,7 @@ from relay.broker.topology import declared_otherwise, delete
 from relay.broker.version import version_of
 from relay.metrics import Metrics
 from relay.pipeline.dlq_keeper import Keeper
+from relay.pipeline.renewal import renew_worn
 from relay.settings import Settings
 from relay.store import DeadLetterFilter, SqlStore
 from relay.wire import REASON_HEADER
@@ -179,6 +183,46 @@ async def test_an_old_dead_letter_queue_is_taken_as_it_is_and_reported(
             await delete(channel, old)
 
 
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs the broker's rabbitmqctl")
+async def test_the_readme_s_policy_lifts_an_old_queue_s_limit_on_rabbitmq_4(
+    amqp: AbstractRobustConnection, settings: Settings
+) -> None:
+    async with amqp.channel() as channel:
+        if (await version_of(channel)).major < 4:
+            pytest.skip("RabbitMQ 3.x gives a queue that names no limit none: nothing to lift")
+    prefix = f"{settings.queue_prefix}-policy-{uuid.uuid4().hex[:6]}"
+    name = f"{prefix}.outbound.dead"  # as an older Relay declared it: no limit said
+    async with amqp.channel() as channel:
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=name)
+    pattern = f"^{re.escape(prefix)}\\.(inbound|outbound)\\.dead$"
+    policy = f"relay-dead-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(
+        rabbitmqctl,
+        "set_policy",
+        policy,
+        pattern,
+        '{"delivery-limit": -1}',
+        "--apply-to",
+        "quorum_queues",
+    )
+    try:
+        # Past RabbitMQ 4's default of 20, still there.
+        assert await return_until_gone(amqp, name, 25) == 25
+        assert await depth(amqp, name) == 1
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "clear_policy", policy)
+        async with amqp.channel() as channel:
+            await channel.queue_delete(name)
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
 async def test_queues_declared_now_are_as_meant(
     amqp: AbstractRobustConnection, topology: Topology
 ) -> None:
@@ -187,3 +231,39 @@ async def test_queues_declared_now_are_as_meant(
         version = await version_of(channel)
     assert version.product == "RabbitMQ"
     assert version.major >= 3
+
+
+async def test_a_message_given_back_on_purpose_is_renewed_not_worn_out(
+    amqp: AbstractRobustConnection, topology: Topology, settings: Settings
+) -> None:
+    # What a stopping or handing-over worker does with what it holds unstarted: give it
+    # back, renewing it once it has used half its deliveries (1 of 2 here). Twelve such
+    # returns, six times the limit, and the message is still in its queue, not dead (without
+    # the renewal the third return dead-letters it: the test above).
+    worn_out = topology
+    partition = worn_out.queue("inbound", 1)
+    async with amqp.channel() as channel:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", message_id="renewed", headers={REASON_HEADER: "kept"}),
+            routing_key=partition,
+        )
+    broker = Broker(settings.amqp_url, worn_out, settings.publish_timeout)
+    broker.start()
+    try:
+        await asyncio.wait_for(broker.wait_connected(), 15)
+        renewals = 0
+        for _ in range(12):
+            channel = await amqp.channel()
+            came: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await (await channel.get_queue(partition)).consume(came.put)
+            message = await asyncio.wait_for(came.get(), 5)
+            assert message.message_id == "renewed"
+            assert (message.headers or {}).get(REASON_HEADER) == "kept"
+            left = await renew_worn(broker, worn_out, "inbound", 1, [message])
+            renewals += not left
+            await channel.close()  # gives back what was not renewed
+        assert renewals >= 6
+        assert await depth(amqp, partition) == 1
+        assert await depth(amqp, worn_out.dead_queue("inbound")) == 0
+    finally:
+        await broker.close()

@@ -1,6 +1,6 @@
 """The broker's version, and what it changes in the queues Relay declares.
 
-Measured (tests/test_delivery_limits.py), on RabbitMQ 3.10 and 4.0 alike: a quorum queue
+Measured (tests/test_dead_letters.py), on RabbitMQ 3.10 and 4.0 alike: a quorum queue
 counts every return towards its delivery limit (a nack or reject with requeue, and the
 messages a closed channel held). What differs is the limit a queue gets when it names none,
 and how "no limit" is said:

@@ -35,6 +35,7 @@ from relay.broker.topology import Topology
 from relay.metrics import Metrics
 from relay.pipeline.lanes import Lanes
 from relay.pipeline.parking import Parking
+from relay.pipeline.renewal import renew_worn
 from relay.pipeline.subscription import Delivery, Subscription
 from relay.pipeline.waiting import WaitingRoom
 from relay.retry import pauses
@@ -282,10 +283,20 @@ class Partitions(ABC, Generic[E]):
             for message in held:
                 self._take(subscription, message)
             return
-        await subscription.close()
+        await self._give_back(subscription)
         self._forget_parking(subscription)
         log.info("partition_handed_off", stage=self.stage, partition=partition, finished=finished)
         await self._resubscribe(partition)
+
+    async def _give_back(self, subscription: Subscription) -> None:
+        """Close the subscription, giving back what it holds unstarted; a message that has
+        used half its deliveries is renewed first (`relay.pipeline.renewal`), so that
+        hand-offs and stops never wear a healthy message out."""
+        if subscription.is_open and subscription.held:
+            subscription.held = await renew_worn(
+                self._broker, self.topology, self.stage, subscription.partition, subscription.held
+            )
+        await subscription.close()
 
 
 def _observed(task: asyncio.Future[Any]) -> None:

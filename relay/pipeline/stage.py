@@ -163,7 +163,7 @@ class StageWorker(Partitions[E], ParkingAdoption[E], Settling):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for subscription in self._subscriptions.values():
-            await subscription.close()
+            await self._give_back(subscription)
         log.info("worker_stopped", stage=self.stage, finished=finished)
 
     async def _on_delivery(
