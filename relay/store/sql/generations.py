@@ -3,10 +3,11 @@ moved to a publisher's count only once the conversation has nothing unfinished i
 stage, and the counts in use (see `relay.pipeline.generations`).
 
 A conversation's count per stage is the column `inbound_partitions` or
-`outbound_partitions` of its row. The hot path only reads it, in the statement that writes
-the message (under a key-share lock on PostgreSQL); `settle` moves it, holding the row
-exclusively while it looks for unfinished messages, so that no message is written under
-the old count once the move is decided, and none written before it is missed.
+`outbound_partitions` of its row. The hot path reads it in the statement that writes the
+message, from the row it updates (its per-conversation counter): on PostgreSQL under that
+row's lock, so a move waits for the write and the write for a move. `settle` moves it,
+holding the row exclusively while it looks for unfinished messages, so that no message is
+written under the old count once the move is decided, and none written before it is missed.
 """
 
 from __future__ import annotations
@@ -48,13 +49,6 @@ _UNPUBLISHED_REPLIES = (
     " AND direction = 'outgoing' AND state = 'pending' LIMIT 1"
 )
 _COLUMN = {"inbound": "inbound_partitions", "outbound": "outbound_partitions"}
-
-
-def read_lock(dialect: str) -> str:
-    """What a statement writing a message adds to its read of the conversation's count: a
-    key-share lock on PostgreSQL (a move waits for the write, the write for a move);
-    nothing on SQLite, whose writers take turns."""
-    return " FOR KEY SHARE" if dialect == "postgresql" else ""
 
 
 async def settle_in(
