@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from relay.broker import StageName
 from relay.metrics import Metrics
+from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.dlq_bounds import Bounds, enforce
 from relay.store import DeadLetter, DeadLetterFilter, SqlStore
 
@@ -49,8 +50,7 @@ def expired(metrics: Metrics, stage: str, reason: str) -> float:
 
 
 async def purge_all(store: SqlStore) -> None:
-    while found := await store.dead_letters(DeadLetterFilter(), None, 500):
-        await store.forget_dead_letters(found)
+    await DeadLetters(store).purge(DeadLetterFilter())
 
 
 async def test_dead_letters_past_the_age_bound_go_counted_and_logged(store: SqlStore) -> None:

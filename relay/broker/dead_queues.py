@@ -14,9 +14,10 @@ start declares it anew).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiormq
+import aiormq.abc
 import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -60,15 +61,25 @@ async def declare_dead_queue(
 async def declared_as_meant(channel: AbstractChannel, name: str, arguments: dict[str, Any]) -> bool:
     """Whether the queue is (or now is) declared with `arguments`, asked on a channel of its
     own: the broker closes the channel of a refused declaration."""
+    async with probe(channel) as probing:
+        try:
+            await probing.queue_declare(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as error:
+            if "x-delivery-limit" not in str(error) and "x-queue-leader-locator" not in str(error):
+                raise
+            return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def probe(channel: AbstractChannel) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A channel of its own on `channel`'s connection, for a declaration the broker may
+    refuse (a refusal closes the channel it came on, which `channel` is spared); closed
+    after, whatever the broker did with it."""
     underlay = await channel.get_underlay_channel()
-    probe = await underlay.connection.channel()
+    probing = await underlay.connection.channel()
     try:
-        await probe.queue_declare(name, durable=True, arguments=arguments)
-        return True
-    except aiormq.exceptions.ChannelPreconditionFailed as error:
-        if "x-delivery-limit" not in str(error) and "x-queue-leader-locator" not in str(error):
-            raise
-        return False
+        yield probing
     finally:
         with contextlib.suppress(*CONNECTION_ERRORS):
-            await probe.close()
+            await probing.close()

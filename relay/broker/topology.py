@@ -18,7 +18,6 @@ partition number, so it returns to its own partition.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,8 +26,12 @@ import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from relay.broker.dead_queues import dead_arguments, declare_dead_queue, declared_as_meant
-from relay.broker.errors import CONNECTION_ERRORS
+from relay.broker.dead_queues import (
+    dead_arguments,
+    declare_dead_queue,
+    declared_as_meant,
+    probe,
+)
 from relay.broker.version import BrokerVersion, version_of
 
 if TYPE_CHECKING:  # the settings import the broker's address parsing
@@ -214,16 +217,12 @@ async def declared_otherwise(channel: AbstractChannel, topology: Topology) -> li
 async def exists(channel: AbstractChannel, name: str) -> bool:
     """Whether the queue exists, asked on a channel of its own (a passive declaration of a
     missing queue closes its channel)."""
-    underlay = await channel.get_underlay_channel()
-    probe = await underlay.connection.channel()
-    try:
-        await probe.queue_declare(name, passive=True)
-        return True
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            await probe.close()
+    async with probe(channel) as probing:
+        try:
+            await probing.queue_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+    return True
 
 
 async def _declare_delay(
