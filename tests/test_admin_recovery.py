@@ -15,6 +15,7 @@ import pytest
 from relay import admin
 from relay.broker import Broker, topology_of
 from relay.broker.presence import Presence, QueueAges
+from relay.ingress.admin.common import encode_cursor
 from relay.metrics import Metrics
 from relay.pipeline.dlq_bounds import Bounds, enforce
 from relay.settings import Settings
@@ -149,7 +150,21 @@ async def test_bad_dead_letter_requests_are_json_400s(
             )
             assert status == 400, (action, body, answer)
             assert answer["error"]["code"] == "invalid_body"
-    for query in ("stage=nope", "limit=0", "cursor=nope", "cursor=", "integrationId="):
+    # Cursors this API never gave out: a time past 64 bits (or past Python's digits for an
+    # int), a time in other digits than ASCII, a stage that is not one.
+    forged = [
+        encode_cursor(dead_at, stage, "msg_x")
+        for dead_at, stage in (
+            ("9" * 20, "inbound"),
+            ("9" * 5000, "inbound"),
+            ("\u0661\u0662", "inbound"),
+            ("1", "sideways"),
+        )
+    ]
+    queries = ["stage=nope", "limit=0", "cursor=nope", "cursor=", "integrationId="]
+    # Text no store keeps: a NUL (PostgreSQL refuses it; it was a 500).
+    queries += ["integrationId=a%00b", "conversationId=%00"]
+    for query in [*queries, *(f"cursor={cursor}" for cursor in forged)]:
         status, answer = await call(ingress, "GET", f"/dead-letters?{query}", admin_token)
         assert (status, answer["error"]["code"]) == (400, "invalid_query"), query
 

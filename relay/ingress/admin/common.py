@@ -20,6 +20,7 @@ from relay.ingress.handlers import plausible_id
 from relay.pipeline.replies import ReplyPublisher
 from relay.settings import Settings
 from relay.store import IntegrationLookup, IntegrationRecord, Store
+from relay.wire.contract import storable_text
 
 SETTINGS_KEY = web.AppKey("admin_settings", Settings)
 
@@ -84,10 +85,17 @@ def decode_cursor(text: str, count: int) -> list[str]:
 
 
 def query_text(request: web.Request, name: str) -> str | None:
+    """A text parameter: absent (None), or text the store can look for (the input contract's
+    `storable_text`: a NUL would reach PostgreSQL, which refuses it)."""
     text = request.query.get(name)
+    if text is None:
+        return None
     if text == "":
         raise InvalidQuery(f"{name} must not be empty")
-    return text
+    try:
+        return storable_text(text)
+    except ValueError as error:
+        raise InvalidQuery(f"{name} {error}") from error
 
 
 def query_time(request: web.Request, name: str) -> datetime | None:

@@ -6,6 +6,7 @@ a listing reads rows, never a queue.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -43,11 +44,16 @@ def view(letter: DeadLetter) -> DeadLetterView:
     )
 
 
+_UNIX_SECONDS = re.compile(r"[0-9]{1,18}")
+
+
 def _cursor(text: str | None) -> DeadPosition | None:
     if text is None:
         return None
     dead_at, stage, letter_id = decode_cursor(text, 3)
-    if stage not in STAGES or not dead_at.isdigit():
+    # ASCII digits that fit the store's 64-bit column (`isdigit` takes other scripts' digits,
+    # and a time past 64 bits reached the database as a 500).
+    if stage not in STAGES or not _UNIX_SECONDS.fullmatch(dead_at):
         raise InvalidQuery("cursor is not one this API gave out")
     return int(dead_at), stage, letter_id
 
