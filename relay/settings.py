@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     botframework_app_id: str = ""
     botframework_app_password: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Log lines for people (coloured, aligned) or for machines (JSON), the same fields either
+    # way; `auto` picks the console form when the stream is a terminal.
+    log_format: Literal["auto", "console", "json"] = "auto"
+    # Traces over OTLP/HTTP (`relay.tracing`): the collector's base URL (its /v1/traces is
+    # posted to), empty to trace nothing at no cost; the name each service reports, suffixed
+    # with its role; the share of new traces sampled (a back end's sampled parent is kept).
+    otlp_endpoint: str = ""
+    otlp_service_name: str = Field(default="relay", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
     # The conversation API (`relay.ingress.conversations`): a read token's lifetime, the
     # longest silence on an event stream, how long a write to a stream may wait for its
     # reader before the stream is dropped, and how many streams one ingress serves.
