@@ -1,17 +1,24 @@
-"""structlog set up for JSON lines; ids are bound as context variables and follow the message.
+"""structlog set up once per process; ids are bound as context variables and follow the message.
 
-Libraries that log through the standard `logging` module (aio-pika, aiohttp, asyncio) are
-rendered by the same processors, so every line on stdout is one JSON object.
+Two renderings of the same fields: JSON lines for machines (a log shipper, `docker logs`, a
+file) and aligned, coloured lines for a person watching a terminal (`make run`, a service
+started by hand). `RELAY_LOG_FORMAT=auto` (the default) picks the console form when the
+stream is a terminal and JSON otherwise; `console` or `json` forces one. Libraries that log
+through the standard `logging` module (aio-pika, aiohttp, asyncio) are rendered by the same
+processors, so every line on the stream has one form.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import TextIO
+from typing import Literal, TextIO
 
 import structlog
 from structlog.typing import Processor
+
+LogFormat = Literal["auto", "console", "json"]
 
 # Libraries whose debug lines carry data, not events: aiosqlite logs every statement with its
 # parameters (token hashes, bot secrets, user text). Kept at info even when Relay is at debug.
@@ -25,18 +32,42 @@ _SHARED: list[Processor] = [
 ]
 
 
-def configure_logging(level: str = "info", stream: TextIO = sys.stdout) -> None:
-    """JSON lines on `stream`, with the bound ids (request, integration, conversation,
-    message). Services log to stdout; one-shot commands to stderr, keeping stdout for
-    their output."""
+def resolved_format(fmt: LogFormat, stream: TextIO) -> Literal["console", "json"]:
+    """The form `fmt` means on `stream`: `auto` is the console form on a terminal only."""
+    if fmt != "auto":
+        return fmt
+    isatty = getattr(stream, "isatty", None)
+    return "console" if isatty is not None and isatty() else "json"
+
+
+def _renderer(form: Literal["console", "json"], stream: TextIO) -> list[Processor]:
+    if form == "json":
+        return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    # Colour only where it can be seen, and never against https://no-color.org. Tracebacks
+    # are plain: the rich formatter would print each frame's locals, tokens and secrets
+    # among them.
+    isatty = getattr(stream, "isatty", None)
+    colors = isatty is not None and isatty() and "NO_COLOR" not in os.environ
+    return [
+        structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
+    ]
+
+
+def configure_logging(
+    level: str = "info", stream: TextIO = sys.stdout, fmt: LogFormat = "auto"
+) -> None:
+    """Log lines on `stream` in the form `fmt` resolves to, with the bound ids (request,
+    integration, conversation, message). Services log to stdout; one-shot commands to
+    stderr, keeping stdout for their output."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_SHARED,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(),
+                *_renderer(resolved_format(fmt, stream), stream),
             ],
         )
     )
