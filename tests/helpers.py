@@ -21,13 +21,14 @@ from relay.ingress.app import BROKER_KEY, create_app
 from relay.metrics import Metrics
 from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.dlq_keeper import Keeper
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
 from relay.store import AttemptRecord, SqlStore, Store, open_store
-from relay.wire import utcnow
+from relay.wire import InboundEnvelope, OutboundEnvelope, utcnow
 from workers.bot.adapters import BotAdapter, load_adapter
-from workers.bot.worker import BotWorker
+from workers.bot.worker import bot_worker
 from workers.delivery.sender import Sender
-from workers.delivery.worker import DeliveryWorker
+from workers.delivery.worker import delivery_worker
 
 T = TypeVar("T")
 
@@ -227,7 +228,7 @@ async def keeping_dead_letters(settings: Settings) -> AsyncIterator[DeadLetters]
 @contextlib.asynccontextmanager
 async def start_bot_worker(
     settings: Settings, adapter: BotAdapter | None = None, consuming: int | None = None
-) -> AsyncIterator[BotWorker]:
+) -> AsyncIterator[StageWorker[InboundEnvelope]]:
     """A bot worker in this process until the block ends; `consuming`: the partition count
     whose queues it consumes, if not its own (as a worker service does for every count)."""
     bot = adapter or load_adapter(settings)
@@ -235,7 +236,7 @@ async def start_bot_worker(
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
     topology = broker.topology.with_partitions(consuming or settings.partitions)
-    worker = BotWorker(settings, store, broker, bot, Metrics(), topology)
+    worker = bot_worker(settings, store, broker, bot, Metrics(), topology)
     keeper = Keeper(store, broker, "inbound", Metrics())  # as the worker service runs one
     try:
         await asyncio.wait_for(worker.start(), 15)
@@ -273,7 +274,7 @@ def by_conversation(responses: list[dict[str, Any]]) -> dict[str, list[dict[str,
     return grouped
 
 
-def settled(worker: BotWorker, outcome: str) -> float:
+def settled(worker: StageWorker[InboundEnvelope], outcome: str) -> float:
     """How many inbound messages the worker settled with `outcome` (done, drop, dead...)."""
     value = worker.metrics.registry.get_sample_value(
         "relay_messages_consumed_total", {"stage": "inbound", "outcome": outcome}
@@ -284,7 +285,7 @@ def settled(worker: BotWorker, outcome: str) -> float:
 @contextlib.asynccontextmanager
 async def start_delivery_worker(
     settings: Settings, wrap: Callable[[SqlStore], Any] | None = None
-) -> AsyncIterator[DeliveryWorker]:
+) -> AsyncIterator[StageWorker[OutboundEnvelope]]:
     """A delivery worker in this process until the block ends (its store seen through
     `wrap`, e.g. to make one call fail)."""
     opened = await open_store(settings.database_url)
@@ -297,7 +298,7 @@ async def start_delivery_worker(
         settings.delivery_connect_timeout,
         settings.delivery_timeout,
     )
-    worker = DeliveryWorker(settings, store, broker, sender, Metrics())
+    worker = delivery_worker(settings, store, broker, sender, Metrics())
     keeper = Keeper(opened, broker, "outbound", Metrics())  # as the worker service runs one
     try:
         await asyncio.wait_for(worker.start(), 15)

@@ -197,7 +197,7 @@ async def test_an_ack_that_never_answers_lets_its_lane_go(monkeypatch: pytest.Mo
     monkeypatch.setattr(settle, "ACK_TIMEOUT", 0.05)
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     with structlog.testing.capture_logs() as logs:
-        await asyncio.wait_for(settle._quietly(never), 5)
+        await asyncio.wait_for(settle.quietly(never), 5)
     assert [line["event"] for line in logs] == ["ack_failed"]
     assert never.cancelled()
 
@@ -271,6 +271,8 @@ async def test_a_wait_in_the_waiting_room_ends_by_itself():
     await eventually(lambda: _true(resumed == ["m2"]))
     assert room.count(0) == 0
     room.close()
+    # A stopping worker's room holds nothing more: its parked messages go to a delay queue.
+    assert not room.hold("c", 0, object(), "m3", 0.5, place=1)
 
 
 async def _true(value: bool) -> bool:

@@ -9,6 +9,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from relay.broker import Topology, topology_of
 from relay.broker.topology import delete
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
 from relay.store import DeadLetterFilter, SqlStore
 from relay.wire import InboundEnvelope, OutboundEnvelope
@@ -24,7 +25,6 @@ from tests.helpers import (
     start_ingress,
     take_until,
 )
-from workers.bot.worker import BotWorker
 
 
 def with_bot(settings: Settings, bot: str) -> Settings:
@@ -97,7 +97,7 @@ async def republish(amqp: AbstractRobustConnection, settings: Settings, item: di
         )
 
 
-async def done_with(worker: BotWorker, outcome: str, count: int) -> bool:
+async def done_with(worker: StageWorker[InboundEnvelope], outcome: str, count: int) -> bool:
     return settled(worker, outcome) >= count
 
 
@@ -198,7 +198,7 @@ async def test_a_conversation_parked_by_a_stopped_worker_keeps_its_order_on_the_
     assert settled(next_worker, "wait") >= 1  # the third waited behind the first
 
 
-async def _settled(worker: BotWorker, outcome: str, count: int) -> bool:
+async def _settled(worker: StageWorker[InboundEnvelope], outcome: str, count: int) -> bool:
     return settled(worker, outcome) >= count
 
 

@@ -5,17 +5,37 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 
 from relay.pipeline.delays import hop
+from relay.pipeline.settle import Outcome, Verdict
 from relay.ssrf import EndpointRefused, GuardedResolver, check_url, is_public
+from relay.wire import DUE_HEADER, OutboundEnvelope
+from workers.delivery.attempt_log import record
 from workers.delivery.backoff import jittered, next_delay, parse_retry_after
 from workers.delivery.breaker import Breakers, State, endpoint_of
+from workers.delivery.judging import permanent, wait_for
+from workers.delivery.sender import Sent
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+OUTBOUND = {
+    "integrationId": "int_1",
+    "deliveryId": "dlv_1",
+    "createdAt": NOW.isoformat(),
+    "body": {
+        "type": "text",
+        "payload": {"text": "hi"},
+        "conversationId": "c1",
+        "botpressUserId": "u1",
+        "botpressMessageId": "msg_1",
+        "botpressConversationId": "conv_1",
+        "sequence": 1,
+    },
+}
 
 
 def test_jitter_stays_within_twenty_percent_and_varies():
@@ -160,3 +180,29 @@ def test_ssrf_checks_what_a_name_resolves_to():
     with pytest.raises(EndpointRefused):
         asyncio.run(resolve([]))
     assert asyncio.run(resolve([ipaddress.ip_network("127.0.0.0/8")])) == ["127.0.0.1"]
+
+
+def test_only_the_4xx_an_endpoint_answers_again_are_permanent():
+    assert all(permanent(status) for status in (400, 404, 410, 422))
+    assert not any(permanent(status) for status in (408, 409, 425, 429, 500, 503, None))
+
+
+def test_a_wait_holds_the_order_and_says_when_it_ends():
+    before = time.time()
+    verdict = wait_for(45.0, "not due yet", [1.0, 10.0, 60.0])
+    assert (verdict.outcome, verdict.delay, verdict.holds_order) == (Outcome.WAIT, 10.0, True)
+    due = verdict.headers[DUE_HEADER]
+    assert isinstance(due, int)
+    assert int((before + 45) * 1000) <= due <= (time.time() + 45) * 1000
+
+
+def test_an_attempt_row_notes_the_next_attempt_only_for_a_retry():
+    envelope = OutboundEnvelope.model_validate(OUTBOUND)
+    sent = Sent(status=503, latency_ms=12.5, error=None, body="busy")
+    due = int(NOW.timestamp() * 1000)
+    retry = record(envelope, sent, Verdict(Outcome.RETRY, headers={DUE_HEADER: due}))
+    assert retry.next_attempt_at == NOW
+    assert (retry.delivery_id, retry.attempt, retry.status) == ("dlv_1", 0, 503)
+    assert (retry.response_body, retry.latency_ms) == ("busy", 12.5)
+    waited = record(envelope, sent, Verdict(Outcome.WAIT, headers={DUE_HEADER: due}))
+    assert waited.next_attempt_at is None

@@ -1,20 +1,30 @@
-"""The floor plan's rules, read from the imports of every module (with `ast`, nothing runs):
+"""The floor plan's rules, read from the source of every module (with `ast`, nothing runs):
 
 - nothing under `workers/` imports `relay.ingress`: a worker runs without the HTTP API;
-- nothing under `relay/` imports `workers`, except `relay/cli.py`, which wires the roles;
+- nothing under `relay/` imports `workers`, except the CLI (`relay.cli`, or the
+  `relay.commands` package), which wires the roles; in particular the pipeline
+  (`relay.pipeline`) never calls up into the workers: each stage is a handler it is given;
 - nothing under `relay/` but the CLI imports `relay.ingress`: the core sits below it;
 - no import cycles between the modules of `relay/` and `workers/` (counting the imports a
-  module makes when it is loaded, not those inside functions or under `if TYPE_CHECKING:`).
+  module makes when it is loaded, not those inside functions or under `if TYPE_CHECKING:`);
+- no module imports a private name (`_name`) from another module: what a module shares it
+  names without the underscore;
+- no class is over `CLASS_LIMIT` code lines (blank lines, comment-only lines and docstrings
+  not counted): a class that grows past it is split into parts it receives.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("relay", "workers")
+CLI = ("relay.cli", "relay.commands")  # the command line (a module, or a package)
+CLASS_LIMIT = 150
 Graph = dict[str, set[str]]
 
 
@@ -148,20 +158,27 @@ def test_workers_do_not_import_the_ingress() -> None:
     assert not offenders, "workers/ must not import relay.ingress:\n" + "\n".join(offenders)
 
 
+def _in_cli(module: str) -> bool:
+    return any(_inside(module, cli) for cli in CLI)
+
+
 def test_relay_imports_workers_only_in_the_cli() -> None:
     offenders = imports_of(
-        "workers", lambda module: not _inside(module, "relay") or module == "relay.cli"
+        "workers", lambda module: not _inside(module, "relay") or _in_cli(module)
     )
-    assert not offenders, "only relay/cli.py may import workers:\n" + "\n".join(offenders)
+    assert not offenders, "only the CLI may import workers:\n" + "\n".join(offenders)
+
+
+def test_the_pipeline_never_imports_workers() -> None:
+    offenders = imports_of("workers", lambda module: not _inside(module, "relay.pipeline"))
+    assert not offenders, "relay.pipeline must not import workers:\n" + "\n".join(offenders)
 
 
 def test_the_core_does_not_import_the_ingress() -> None:
     offenders = imports_of(
         "relay.ingress",
         lambda module: (
-            not _inside(module, "relay")
-            or _inside(module, "relay.ingress")
-            or module == "relay.cli"
+            not _inside(module, "relay") or _inside(module, "relay.ingress") or _in_cli(module)
         ),
     )
     assert not offenders, "only the CLI may import relay.ingress:\n" + "\n".join(offenders)
@@ -175,10 +192,10 @@ def test_no_import_cycles() -> None:
 def test_the_rules_see_the_imports() -> None:
     """The graph holds what the code imports (a reader that found nothing would pass)."""
     everything, at_load = imports(load_time_only=False), imports(load_time_only=True)
-    assert "workers.bot.service" in everything["relay.cli"]
+    cli = [module for module in everything if _in_cli(module)]
+    assert any("workers.bot.service" in everything[module] for module in cli)
     assert "relay.pipeline.stage" in at_load["workers.delivery.worker"]
     assert "relay.store.sql.inbound" in at_load["relay.store.sql"]
-    assert "relay.broker.queues" in at_load["relay.cli"]  # `from package import module`
     # Imported inside a function: seen by the rules, not by the cycle check.
     assert "workers.bot.adapters.botframework" in everything["workers.bot.adapters"]
     assert "workers.bot.adapters.botframework" not in at_load["workers.bot.adapters"]
@@ -188,3 +205,137 @@ def test_cycles_are_found_and_named() -> None:
     graph: Graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
     assert cycles(graph) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_a_from_import_of_a_submodule_names_the_submodule() -> None:
+    (node,) = ast.parse("from relay.broker import queues, Broker").body
+    assert isinstance(node, ast.ImportFrom)
+    named = set(_targets(node, "relay.cli", False, {"relay.broker", "relay.broker.queues"}))
+    assert named == {"relay.broker.queues", "relay.broker"}
+
+
+def private_imports() -> list[str]:
+    """Every `from module import _name` of another project module's private name."""
+    modules = sources()
+    known = set(modules)
+    return sorted(
+        found
+        for module, path in modules.items()
+        for found in privates_taken(
+            ast.parse(path.read_text(), str(path)), module, path.name == "__init__.py", known
+        )
+    )
+
+
+def privates_taken(tree: ast.Module, module: str, is_package: bool, known: set[str]) -> list[str]:
+    """The private names a module's `from` imports take from other project modules."""
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        for alias in node.names:
+            targets = set(_targets(node, module, is_package, known)) & known
+            if _private(alias.name) and targets - {module}:
+                source = "." * node.level + (node.module or "")
+                found.append(f"{module} imports {alias.name} from {source}")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_private_imports_are_found() -> None:
+    tree = ast.parse(
+        "from relay.a import _hidden, shown, __version__\n"
+        "from . import _sibling\n"
+        "from os import _exit\n"
+        "def f():\n    from relay.a import _late\n"
+    )
+    known = {"relay.a", "relay.b", "relay"}
+    assert privates_taken(tree, "relay.b", False, known) == [
+        "relay.b imports _hidden from relay.a",
+        "relay.b imports _sibling from .",
+        "relay.b imports _late from relay.a",
+    ]
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    found = private_imports()
+    assert not found, "private names imported from another module:\n" + "\n".join(found)
+
+
+def code_lines(source: str) -> set[int]:
+    """The numbers of the lines that hold code: not blank, not only a comment, not a
+    docstring (of the module, a class or a function)."""
+    lines: set[int] = set()
+    ignored = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT}
+    ignored |= {tokenize.DEDENT, tokenize.ENDMARKER}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in ignored:
+            lines.update(range(token.start[0], token.end[0] + 1))
+    return lines - docstring_lines(ast.parse(source))
+
+
+def docstring_lines(tree: ast.Module) -> set[int]:
+    """The lines of every docstring in the tree."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        first = node.body[0] if node.body else None
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
+            found.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    return found
+
+
+def class_sizes(source: str) -> dict[str, int]:
+    """Each class's code lines (nested classes by their dotted name, counted in both)."""
+    code = code_lines(source)
+    sizes: dict[str, int] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                name = f"{prefix}{child.name}"
+                first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
+                last = child.end_lineno or child.lineno
+                sizes[name] = sum(1 for line in code if first <= line <= last)
+                visit(child, f"{name}.")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return sizes
+
+
+def test_no_class_is_over_the_limit() -> None:
+    over = sorted(
+        f"{module}.{name}: {size} code lines"
+        for module, path in sources().items()
+        for name, size in class_sizes(path.read_text()).items()
+        if size > CLASS_LIMIT
+    )
+    assert not over, f"classes over {CLASS_LIMIT} code lines:\n" + "\n".join(over)
+
+
+def test_class_size_counts_code_only() -> None:
+    source = '''
+@decorated
+class Small:
+    """A docstring
+    over two lines."""
+
+    # a comment
+    x = 1  # a trailing comment
+
+    def method(self) -> str:
+        """Its docstring."""
+        return """a string
+        that is code"""
+'''
+    assert class_sizes(source) == {"Small": 6}

@@ -1,8 +1,8 @@
 """A stage worker's partitions under faults, on the real broker: a connection lost in the
 middle of a hand-off, and a partition that stops making progress.
 
-The worker here is a small `StageWorker` whose `decide` the test holds and releases, so
-the fault lands exactly where it must.
+The worker here is a `StageWorker` of a small handler whose `decide` the test holds and
+releases, so the fault lands exactly where it must.
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ class Note(BaseModel):
     createdAt: datetime
 
 
-class NoteWorker(StageWorker[Note]):
-    """Records what it handled; a note whose number is in `gates` waits for its event."""
+class Notes:
+    """A stage handler that records what it handled; a note whose number is in `gates`
+    waits for its event."""
 
     stage: StageName = "outbound"
     envelope_type = Note
 
-    def __init__(self, broker: Broker, settings: Settings) -> None:
-        super().__init__(broker, Metrics(), 8, settings)
-        self.broker = broker
+    def __init__(self) -> None:
         self.handled: list[tuple[str, int]] = []
         self.gates: dict[int, asyncio.Event] = {}
         self.waiting: set[int] = set()
@@ -54,8 +53,17 @@ class NoteWorker(StageWorker[Note]):
     def created_at(self, envelope: Note) -> datetime:
         return envelope.createdAt
 
+    def sequence(self, envelope: Note) -> int | None:
+        return None
+
+    def parking_key(self, message_id: str) -> str:
+        return message_id
+
     async def unfinished(self, envelope: Note) -> list[Unfinished]:
         return []
+
+    async def unreadable(self, message_id: str) -> None:
+        pass
 
     async def decide(self, message: AbstractIncomingMessage, envelope: Note) -> Verdict:
         gate = self.gates.get(envelope.n)
@@ -64,6 +72,18 @@ class NoteWorker(StageWorker[Note]):
             await gate.wait()
         self.handled.append((envelope.conversation, envelope.n))
         return Verdict(Outcome.DONE)
+
+
+class NoteWorker(StageWorker[Note]):
+    """A stage worker of `Notes`, with the handler's records at hand."""
+
+    def __init__(self, broker: Broker, settings: Settings) -> None:
+        notes = Notes()
+        super().__init__(notes, broker, Metrics(), 8, settings)
+        self.broker = broker
+        self.handled = notes.handled
+        self.gates = notes.gates
+        self.waiting = notes.waiting
 
 
 @contextlib.asynccontextmanager

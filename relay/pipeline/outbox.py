@@ -2,10 +2,10 @@
 published again.
 
 Two kinds are left `pending` by a crash between the store's commit and the broker's
-confirm: inbound messages (the acceptor's lease runs out: `relay.ingress.accept` claims and
-publishes them under the same relay id) and bot responses (`relay.pipeline.replies`). One
-loop sweeps each; the ingress runs them. A message published twice is deduplicated
-downstream (the same relay id, the same `webhook-id`).
+confirm: inbound messages (the acceptor's lease runs out: `relay.ingress.inbound_outbox`
+claims and publishes them under the same relay id) and bot responses
+(`relay.pipeline.replies`). One loop sweeps each; the ingress runs them. A message published
+twice is deduplicated downstream (the same relay id, the same `webhook-id`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 
 
 class InboundSweep(Protocol):
-    """The inbound outbox: publishes pending messages whose lease ran out (the acceptor)."""
+    """The inbound outbox: publishes pending messages whose lease ran out."""
 
     async def sweep_outbox(self, limit: int = 100) -> int:
         """Publish pending messages whose lease ran out; how many were queued."""
@@ -38,15 +38,15 @@ Sweep = Callable[[], Awaitable[object]]
 
 
 async def sweep_forever(
-    acceptor: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float, interval: float
+    inbound: InboundSweep, replies: ReplyPublisher, store: Outgoing, lease: float, interval: float
 ) -> None:
     """Publish what a crashed process left pending: inbound messages (see
-    `relay.ingress.accept`) and responses stored but never confirmed by the broker.
+    `relay.ingress.inbound_outbox`) and responses stored but never confirmed by the broker.
 
     The two sweeps run side by side, each in its own loop: one that fails or hangs never
     holds up the other."""
     sweeps: list[tuple[str, Sweep]] = [
-        ("inbound", lambda: acceptor.sweep_outbox()),
+        ("inbound", lambda: inbound.sweep_outbox()),
         ("outbound", lambda: _sweep_responses(replies, store, lease)),
     ]
     async with asyncio.TaskGroup() as group:

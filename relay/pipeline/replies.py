@@ -19,39 +19,16 @@ from relay.pipeline.unpublishable import Burial, Unpublishable, envelope_bytes
 from relay.store import ConversationRecord, Outgoing, OutgoingRecord
 from relay.store.batching import GroupCommit
 from relay.store.records import Unreadable
-from relay.wire import OutboundEnvelope, WebhookResponse, utcnow
+from relay.views import delivery_id, webhook_body
+from relay.wire import OutboundEnvelope, utcnow
 
 log = structlog.get_logger(__name__)
 
 SETTLED_LIMIT = 50_000  # conversations remembered as settled (the least recent go first)
 
 
-def delivery_id(message_id: str) -> str:
-    """The `webhook-id` of a response: derived from its relay id, so stable across retries."""
-    return f"msg_{message_id}"
-
-
-def response_id(webhook_id: str) -> str | None:
-    """The relay id of the response with that `webhook-id` (None: not one of ours)."""
-    found = webhook_id.removeprefix("msg_")
-    return found if found != webhook_id and found else None
-
-
 def _unreadable(record: OutgoingRecord, reason: str) -> Unreadable:
     return Unreadable(record.id, record.integration_id, record.conversation_id, reason)
-
-
-def webhook_body(record: OutgoingRecord) -> WebhookResponse:
-    """The body POSTed to the back end for this response."""
-    return WebhookResponse(
-        type=record.type,
-        payload=record.payload,
-        conversationId=record.conversation_external_id,
-        botpressUserId=record.user_id,
-        botpressMessageId=record.id,
-        botpressConversationId=record.conversation_id,
-        sequence=record.sequence,
-    )
 
 
 class ReplyPublisher:

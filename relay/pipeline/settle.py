@@ -1,9 +1,9 @@
 """Settling: the one place a message's verdict becomes broker actions.
 
-A worker's `decide` says what becomes of a message as data (a `Verdict`: an `Outcome`, with
-the wait, the reason, a rewritten body, headers); `Settling._settle` publishes it to a delay
-or dead-letter queue with a confirm, and only then acks it, keeping the conversation's
-parking in step.
+A stage handler's `decide` says what becomes of a message as data (a `Verdict`: an
+`Outcome`, with the wait, the reason, a rewritten body, headers); `Settler.settle` publishes
+it to a delay or dead-letter queue with a confirm, and only then acks it, keeping the
+conversation's parking in step (and waking what waits in memory behind it).
 """
 
 from __future__ import annotations
@@ -56,17 +56,27 @@ class Verdict:
     holds_order: bool = False
 
 
-class Settling:
-    """Turns each message's verdict into broker actions (a part of `StageWorker`)."""
+class Settler:
+    """Turns each message's verdict into broker actions, for one stage's partition queues
+    (those of `topology`), keeping the stage's `parking` and `waiting_room` in step."""
 
-    stage: StageName
-    parking: Parking
-    waiting_room: WaitingRoom[Any]
-    _broker: Broker
-    topology: Topology  # the partition count this worker consumes, and its queues
-    _metrics: Metrics
+    def __init__(
+        self,
+        broker: Broker,
+        topology: Topology,
+        stage: StageName,
+        metrics: Metrics,
+        parking: Parking,
+        waiting_room: WaitingRoom[Any],
+    ) -> None:
+        self._broker = broker
+        self._topology = topology
+        self._stage = stage
+        self._metrics = metrics
+        self._parking = parking
+        self._waiting_room = waiting_room
 
-    async def _settle(
+    async def settle(
         self,
         message: AbstractIncomingMessage,
         conversation: str | None,
@@ -74,12 +84,12 @@ class Settling:
         verdict: Verdict,
     ) -> None:
         """The one place a verdict becomes broker actions."""
-        self._metrics.consumed.labels(self.stage, verdict.outcome.value).inc()
+        self._metrics.consumed.labels(self._stage, verdict.outcome.value).inc()
         if verdict.outcome is Outcome.AGAIN:
             # The store is away for a moment: wait in the broker, holding the conversation's
             # order (a requeue would let the next message overtake, and count towards the
             # queue's delivery limit).
-            delays = self.topology.stage_delays(self.stage)
+            delays = self._topology.stage_delays(self._stage)
             verdict = Verdict(
                 Outcome.WAIT,
                 delay=delays[0] if delays else 1.0,
@@ -89,12 +99,12 @@ class Settling:
         outcome = verdict.outcome
         if not await self._forward_holding_order(message, verdict):
             return
-        await _quietly(message.ack())
+        await quietly(message.ack())
         if conversation and message_key:
             self._track_parking(conversation, message_key, verdict)
         log.info(
             "message_settled",
-            stage=self.stage,
+            stage=self._stage,
             outcome=outcome.value,
             reason=verdict.reason or None,
         )
@@ -120,13 +130,13 @@ class Settling:
 
     async def _forward(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Publish the message where the verdict sends it (nothing for done and drop)."""
-        topology = self.topology
+        topology = self._topology
         body = verdict.body if verdict.body is not None else message.body
         attempt = attempt_of(message)
         if verdict.outcome in (Outcome.RETRY, Outcome.WAIT):
             next_attempt = attempt + 1 if verdict.outcome is Outcome.RETRY else attempt
             await self._broker.publish_to(
-                topology.delay_exchange(self.stage, verdict.delay),
+                topology.delay_exchange(self._stage, verdict.delay),
                 message.routing_key or "",  # the partition: it returns to its own queue
                 body,
                 message_id=message.message_id or "",
@@ -135,7 +145,7 @@ class Settling:
         elif verdict.outcome is Outcome.DEAD:
             await dead_letter(
                 self._broker,
-                self.stage,
+                self._stage,
                 body,
                 message.message_id or "",
                 verdict.reason,
@@ -145,15 +155,15 @@ class Settling:
 
     def _track_parking(self, conversation: str, message_key: str, verdict: Verdict) -> None:
         if verdict.outcome is Outcome.RETRY or verdict.holds_order:
-            self.parking.delay_head(conversation, message_key, verdict.delay)
+            self._parking.delay_head(conversation, message_key, verdict.delay)
         elif verdict.outcome is Outcome.WAIT:
-            self.parking.sent_away(conversation, message_key, verdict.delay)
+            self._parking.sent_away(conversation, message_key, verdict.delay)
             return
         elif verdict.outcome in (Outcome.DONE, Outcome.DROP, Outcome.DEAD):
-            self.parking.done(conversation, message_key)
+            self._parking.done(conversation, message_key)
         # The head went on, or away: what waits in memory behind it looks again (the next
         # one goes now; the others wait for it, or for the head in a delay queue).
-        self.waiting_room.release(conversation)
+        self._waiting_room.release(conversation)
 
 
 async def dead_letter(
@@ -197,7 +207,7 @@ def attempt_of(message: AbstractIncomingMessage) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
 
-async def _quietly(action: Awaitable[None]) -> None:
+async def quietly(action: Awaitable[None]) -> None:
     """Ack or nack; after a reconnect the old channel's tags are void and the broker
     redelivers, which the handlers' idempotency absorbs.
 

@@ -45,14 +45,20 @@ class WaitingRoom(Generic[Item]):
         self._resume = resume
         self._capacity = capacity
         self._by_conversation: dict[str, list[_Waiting[Item]]] = {}
+        self._closed = False
 
     def hold(
         self, conversation: str, partition: int, owner: object, item: Item, wait: float, place: int
     ) -> bool:
         """Keep `item` (of `owner`, the subscription it came through; `place` messages go
-        before it) for `wait` seconds at most (False: too long, too far back, or no room
-        left in the partition)."""
-        if wait > MAX_WAIT or place > NEAR or self.count(partition) >= self._capacity:
+        before it) for `wait` seconds at most (False: too long, too far back, no room left
+        in the partition, or the room is closed)."""
+        if (
+            self._closed
+            or wait > MAX_WAIT
+            or place > NEAR
+            or self.count(partition) >= self._capacity
+        ):
             return False
         waiting: _Waiting[Item] = _Waiting(item, partition, owner)
         waiting.timer = asyncio.get_running_loop().call_later(
@@ -88,7 +94,9 @@ class WaitingRoom(Generic[Item]):
         )
 
     def close(self) -> None:
-        """Cancel every wait (stop: the channels' close returns the messages)."""
+        """Cancel every wait and hold nothing more (stop: the channels' close returns the
+        messages)."""
+        self._closed = True
         for entries in self._by_conversation.values():
             for waiting in entries:
                 waiting.cancel()

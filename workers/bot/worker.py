@@ -1,5 +1,8 @@
 """The bot worker: takes inbound messages, runs the bot, stores and queues its replies.
 
+`BotTurns` is the inbound stage's handler (`relay.pipeline.handler.StageHandler`);
+`bot_worker` gives it to a `StageWorker`, which consumes the inbound partitions in order.
+
 Per message: check the store (the arbiter of what was accepted), run one bot turn, store
 the turn's replies with their sequence numbers and the mark "handled" in one transaction,
 publish them with confirms, and only then ack. A redelivered message whose replies are
@@ -42,6 +45,7 @@ from relay.store import (
     Turns,
     Unfinished,
 )
+from relay.tracing import ids, note
 from relay.wire import FIRST_COPY_HEADER, InboundEnvelope, utcnow
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
 
@@ -58,8 +62,23 @@ class BotStore(Turns, ParkingQueries, Conversations, Outgoing, Protocol):
     bot secret, and the replies it publishes."""
 
 
-class BotWorker(StageWorker[InboundEnvelope]):
-    """Consumes every inbound partition; one instance per process."""
+def bot_worker(
+    settings: Settings,
+    store: BotStore,
+    broker: Broker,
+    adapter: BotAdapter,
+    metrics: Metrics,
+    topology: Topology | None = None,
+) -> StageWorker[InboundEnvelope]:
+    """The stage worker that consumes every inbound partition (of `topology`, by default
+    the broker's) with the bot's turns; one per partition count per process."""
+    turns = BotTurns(settings, store, broker, adapter, metrics)
+    return StageWorker(turns, broker, metrics, settings.bot_concurrency, settings, topology)
+
+
+class BotTurns:
+    """The inbound stage's handler: one bot turn per message, its replies stored and
+    published before the message is acked."""
 
     envelope_type = InboundEnvelope
     stage: StageName = "inbound"
@@ -71,10 +90,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         broker: Broker,
         adapter: BotAdapter,
         metrics: Metrics,
-        topology: Topology | None = None,
     ) -> None:
-        super().__init__(broker, metrics, settings.bot_concurrency, settings, topology)
         self._settings = settings
+        self._metrics = metrics
+        self._broker = broker
         self._store = store
         self._adapter = adapter
         self._replies = ReplyPublisher(store, broker, metrics)
@@ -96,6 +115,10 @@ class BotWorker(StageWorker[InboundEnvelope]):
         delivers ahead of an earlier one waits behind it, and a gap costs one look-up."""
         return envelope.sequence
 
+    def parking_key(self, message_id: str) -> str:
+        """An inbound message parks under its relay id, its id on the queues."""
+        return message_id
+
     async def unfinished(self, envelope: InboundEnvelope) -> list[Unfinished]:
         """The conversation's queued messages that no turn has handled yet, in the order of
         their numbers."""
@@ -111,6 +134,7 @@ class BotWorker(StageWorker[InboundEnvelope]):
 
     async def decide(self, message: AbstractIncomingMessage, envelope: InboundEnvelope) -> Verdict:
         """Run the turn (or republish stored replies) and say what becomes of the message."""
+        note(ids(integration_id=envelope.integrationId))
         try:
             return await self._turn_or_republish(message, envelope)
         except (StoreError, BrokerUnavailable) as error:

@@ -1,4 +1,7 @@
-"""One signed POST of a response to the back end's endpoint, and what came of it."""
+"""One signed POST of a response to the back end's endpoint, and what came of it.
+
+Sent inside a traced delivery attempt (`relay.tracing`), the POST carries the attempt's
+`traceparent`, and the attempt's span gets the endpoint's status."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import aiohttp
 
 from relay.signing import signature_headers
 from relay.ssrf import EndpointRefused, Network, check_url, guarded_session
+from relay.tracing import inject_current, note_status
 from relay.wire import utcnow
 
 RESPONSE_BODY_LIMIT = 4096
@@ -54,9 +58,11 @@ class Sender:
         try:
             check_url(url, self._networks, self._https_only)
             headers = signature_headers(secrets, webhook_id, body, utcnow())
+            inject_current(headers)
             async with self._http.post(
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
+                note_status(response.status)
                 text = await response.content.read(RESPONSE_BODY_LIMIT)
                 return Sent(
                     response.status,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from relay.broker import Broker, Topology
 from relay.metrics import Metrics
+from relay.pipeline.stage import StageWorker
 from relay.service.lifecycle import Closer, Context, MakeWorker, worker_context
 from relay.settings import Settings
 from relay.store import Store
+from relay.wire import OutboundEnvelope
 from workers.delivery.sender import Sender
-from workers.delivery.worker import DeliveryWorker
+from workers.delivery.worker import delivery_worker
 
 
 def delivery_worker_context(settings: Settings) -> Context:
@@ -22,8 +24,8 @@ def delivery_worker_context(settings: Settings) -> Context:
             settings.delivery_timeout,
         )
 
-        def make(topology: Topology) -> DeliveryWorker:
-            return DeliveryWorker(settings, store, broker, sender, metrics, topology)
+        def make(topology: Topology) -> StageWorker[OutboundEnvelope]:
+            return delivery_worker(settings, store, broker, sender, metrics, topology)
 
         return make, sender.close
 
