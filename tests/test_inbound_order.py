@@ -16,8 +16,9 @@ import pytest
 from relay.broker import Broker
 from relay.ingress.accept import Acceptor
 from relay.metrics import Metrics
+from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
-from relay.store import Accepted, SqlStore, open_store
+from relay.store import Accepted, SqlStore, Vanished, open_store
 from relay.wire import InboundEnvelope, InboundRequest, utcnow
 from tests.conftest import PARTITIONS
 from tests.helpers import (
@@ -31,7 +32,7 @@ from tests.helpers import (
 )
 from workers.bot.adapters.base import BotContext
 from workers.bot.adapters.plugin import PluginBot
-from workers.bot.worker import BotWorker
+from workers.bot.worker import BotTurns
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,11 @@ async def accept(
     partitions: int = PARTITIONS,
 ) -> Accepted:
     """Record an inbound message as an ingress does (under the tests' partition count)."""
-    return await store.accept_incoming(
+    outcome = await store.accept_incoming(
         integration_id, request(conversation, n), lease(seconds), None, partitions
     )
+    assert isinstance(outcome, Accepted)
+    return outcome
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -179,7 +182,7 @@ async def test_the_accept_path_and_the_outbox_put_the_number_in_the_envelope(
         await acceptor.accept(integration_id, request("carried", n), None)
     # A publisher that died between its commit and its publish: the outbox publishes it.
     stale = await accept(store, integration_id, "carried", 3, seconds=-1)
-    assert await acceptor.sweep_outbox() >= 1
+    assert await acceptor.outbox.sweep_outbox() >= 1
     taken = await queues.take("inbound")
     mine = [t for t in taken if t["bundle"]["conversation"]["tags"]["id"] == "carried"]
     assert [t["sequence"] for t in mine] == [1, 2, 3]
@@ -207,16 +210,17 @@ class Recorder:
         return [text for c, text, _ in self.seen if c == conversation]
 
 
-def count_lookups(worker: BotWorker) -> list[str]:
+def count_lookups(worker: StageWorker[InboundEnvelope]) -> list[str]:
     """Note each time the worker asks the store what its conversation has unfinished."""
     asked: list[str] = []
-    unfinished = worker.unfinished
+    turns = worker.handler
+    unfinished = turns.unfinished
 
     async def counted(envelope: InboundEnvelope) -> Any:
         asked.append(envelope.text)
         return await unfinished(envelope)
 
-    worker.unfinished = counted  # type: ignore[method-assign]
+    turns.unfinished = counted  # type: ignore[method-assign]
     return asked
 
 
@@ -231,7 +235,7 @@ async def known_conversation(
 
 async def publish(acceptor: Acceptor, integration_id: str, accepted: Accepted) -> None:
     """Publish an accepted message's envelope to its partition queue as the ingress does."""
-    await acceptor.publish(
+    await acceptor.publisher.publish(
         integration_id,
         accepted.bundle,
         accepted.text,
@@ -276,7 +280,7 @@ async def test_without_the_number_the_bot_would_see_the_queues_order(
     store: SqlStore, settings: Settings, broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The premise of the test above: the worker really is handed 1, 3, 2.
-    monkeypatch.setattr(BotWorker, "sequence", lambda self, envelope: None)
+    monkeypatch.setattr(BotTurns, "sequence", lambda self, envelope: None)
     seen, _ = await deliver_reordered(store, settings, broker, "unchecked", (1, 3, 2))
     assert seen == ["unchecked first", "unchecked 1", "unchecked 3", "unchecked 2"]
 
@@ -300,3 +304,40 @@ async def test_a_gap_costs_one_look_up_and_holds_nothing_up(
         await until(lambda: len(bot.texts("gapped")) == 4, timeout=5)
     assert bot.texts("gapped") == ["gapped first", "gapped 1", "gapped 3", "gapped 4"]
     assert asked == ["gapped first", "gapped 3"]
+
+
+# --- the acceptor: the one layer that retries ----------------------------------------------
+
+
+async def test_the_acceptor_makes_an_attempt_that_vanished_again(
+    store: SqlStore, settings: Settings, broker: Broker, queues: Queues, database_url: str
+) -> None:
+    # Another process discarded the first message of a conversation this one remembers: the
+    # store's attempt answers Vanished (nothing written), the acceptor's next one makes the
+    # conversation anew.
+    integration_id, _ = await make_integration(store, settings)
+    first = await accept(store, integration_id, "vanishing", 1)
+    other = await open_store(database_url)
+    try:
+        assert await other.discard_pending(first)
+    finally:
+        await other.close()
+    outcomes: list[object] = []
+    record = store.accept_incoming
+
+    async def spied(*args: Any) -> object:
+        outcomes.append(await record(*args))
+        return outcomes[-1]
+
+    store.accept_incoming = spied  # type: ignore[method-assign]
+    try:
+        acceptor = Acceptor(store, broker, Metrics(), lease=30, wait=2)
+        second = request("vanishing", 2)
+        bundle = await acceptor.accept(integration_id, second, None)
+    finally:
+        del store.accept_incoming
+    assert [type(outcome) for outcome in outcomes] == [Vanished, Accepted]
+    assert bundle.conversation.id != first.bundle.conversation.id
+    found = await store.find_incoming(integration_id, second.messageId)
+    assert found is not None
+    assert found.state == "queued"

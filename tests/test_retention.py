@@ -12,9 +12,9 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from structlog.testing import capture_logs
 
+from relay.admin.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, parse_age, prune
 from relay.broker import topology_of
 from relay.metrics import Metrics
-from relay.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, parse_age, prune
 from relay.service.janitor import JANITOR_LEASE, Janitor
 from relay.settings import Settings
 from relay.store import Accepted, OutgoingRecord, SqlStore, open_store
@@ -214,9 +214,19 @@ async def test_old_settled_turns_go_and_recent_and_in_flight_ones_stay(
     again = InboundRequest.model_validate(
         message("delivered", conversationId="conv-delivered", userId="user-delivered")
     )
-    accepted = await store.accept_incoming(integration_id, again, lease_until(), None)
+    accepted = await recorded(store, integration_id, again)
     assert accepted.created
     assert accepted.bundle.conversation.id != delivered.conversation
+
+
+async def recorded(store: SqlStore, integration_id: str, request: InboundRequest) -> Accepted:
+    """Record as the acceptor does: an attempt that finds its remembered user or
+    conversation pruned meanwhile (`Vanished`) is made again, and then makes them anew."""
+    for _ in range(2):
+        outcome = await store.accept_incoming(integration_id, request, lease_until(), None)
+        if isinstance(outcome, Accepted):
+            return outcome
+    raise AssertionError("the second attempt vanished too")
 
 
 async def test_a_turn_goes_as_a_whole_and_pushed_keys_with_their_response(
@@ -247,7 +257,7 @@ async def test_a_turn_goes_as_a_whole_and_pushed_keys_with_their_response(
     again = InboundRequest.model_validate(
         message("pushing-2", conversationId="conv-pushing", userId="user-pushing")
     )
-    accepted = await store.accept_incoming(integration_id, again, lease_until(), None)
+    accepted = await recorded(store, integration_id, again)
     await store.mark_queued([accepted.bundle.message.id])
     key_again, created = await store.record_pushed(
         replying(integration_id, accepted), "text", {"text": "p"}, "key-1"

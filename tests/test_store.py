@@ -17,6 +17,7 @@ from relay.store import (
     SqlStore,
     StoreError,
     StoreUnavailable,
+    Vanished,
     open_store,
     schema,
 )
@@ -43,6 +44,18 @@ def replying(integration_id: str, accepted: Accepted) -> ConversationRecord:
 
 def lease(seconds: float = 30) -> object:
     return utcnow() + timedelta(seconds=seconds)
+
+
+async def accepted_in_the_end(
+    store: SqlStore, integration_id: str, request: InboundRequest
+) -> Accepted:
+    """Record as the acceptor does: an attempt that found what it relied on removed by a
+    concurrent discard (`Vanished`) is made again."""
+    for _ in range(5):
+        outcome = await store.accept_incoming(integration_id, request, lease(), None)
+        if isinstance(outcome, Accepted):
+            return outcome
+    raise AssertionError("every attempt vanished")
 
 
 async def test_migrations_are_idempotent_and_versioned(store: SqlStore, database_url: str):
@@ -359,11 +372,8 @@ async def test_a_discard_never_takes_a_concurrent_message_along(
         )
         _, kept = await asyncio.gather(
             store.discard_pending(failed),
-            store.accept_incoming(
-                integration_id,
-                inbound(f"{round_}-b", userId=user, conversationId="other"),
-                lease(),
-                None,
+            accepted_in_the_end(
+                store, integration_id, inbound(f"{round_}-b", userId=user, conversationId="other")
             ),
         )
         found = await store.find_incoming(integration_id, f"msg-{round_}-b")
@@ -372,7 +382,7 @@ async def test_a_discard_never_takes_a_concurrent_message_along(
         assert await store.find_incoming(integration_id, f"msg-{round_}-a") is None
 
 
-async def test_a_retry_racing_the_discard_of_its_first_attempt_never_fails(
+async def test_a_retry_racing_the_discard_of_its_first_attempt_answers_what_it_found(
     store: SqlStore, settings: Settings
 ):
     integration_id, _ = await make_integration(store, settings)
@@ -383,7 +393,9 @@ async def test_a_retry_racing_the_discard_of_its_first_attempt_never_fails(
             store.discard_pending(first),
         )
         found = await store.find_incoming(integration_id, f"msg-{round_}")
-        if again.created:  # came after the discard: a new message of its own
+        if isinstance(again, Vanished):  # found the first attempt, then found it discarded
+            assert found is None
+        elif again.created:  # came after the discard: a new message of its own
             assert again.bundle.message.id != first.bundle.message.id
             assert found is not None
             assert found.bundle.message.id == again.bundle.message.id
@@ -537,9 +549,11 @@ async def test_a_remembered_conversation_removed_meanwhile_is_made_again(
         assert await other.discard_pending(first)
     finally:
         await other.close()
-    second = await store.accept_incoming(
-        integration_id, inbound(2, conversationId="conv-x", userId="user-x"), lease(), None
-    )
+    request = inbound(2, conversationId="conv-x", userId="user-x")
+    # The attempt finds them gone and forgets them (nothing written); the next makes them.
+    assert isinstance(await store.accept_incoming(integration_id, request, lease(), None), Vanished)
+    second = await store.accept_incoming(integration_id, request, lease(), None)
+    assert isinstance(second, Accepted)
     assert second.created
     assert second.created_conversation
     assert second.bundle.conversation.id != first.bundle.conversation.id
@@ -569,3 +583,54 @@ async def test_concurrent_messages_of_a_known_conversation_are_each_written_once
             "SELECT external_id FROM messages WHERE integration_id = ?", integration_id
         )
     assert sorted(r["external_id"] for r in rows) == sorted(by_message)
+
+
+async def test_messages_of_new_conversations_join_one_batch_with_known_ones(
+    store: SqlStore, settings: Settings
+):
+    # One path: a conversation seen for the first time is made, then its message is written
+    # with the others of the moment, in one statement.
+    integration_id, _ = await make_integration(store, settings)
+    await store.accept_incoming(integration_id, inbound("known"), lease(), None)
+    sizes: list[int] = []
+    group = store._new_messages
+    write = group._write
+
+    async def spied(batch):  # type: ignore[no-untyped-def]
+        sizes.append(len(batch))
+        await write(batch)
+
+    group._write = spied
+    requests = [inbound(f"new-{n}", conversationId=f"new-{n}") for n in range(10)]
+    requests += [inbound(f"known-{n}") for n in range(10)]
+    results = await asyncio.gather(
+        *[store.accept_incoming(integration_id, r, lease(), None) for r in requests]
+    )
+    assert all(isinstance(r, Accepted) and r.created for r in results)
+    assert sum(sizes) == 20
+    assert max(sizes) > 1
+
+
+async def test_a_messageid_found_there_keeps_nothing_made_for_it(
+    store: SqlStore, settings: Settings
+):
+    # The messageId was used before, in another conversation: the conversation and user
+    # this attempt made for it are removed again, as a rolled-back transaction would.
+    integration_id, _ = await make_integration(store, settings)
+    first = await store.accept_incoming(integration_id, inbound(1), lease(), None)
+    again = await store.accept_incoming(
+        integration_id, inbound(1, conversationId="elsewhere", userId="someone"), lease(), None
+    )
+    assert isinstance(first, Accepted)
+    assert isinstance(again, Accepted)
+    assert not again.created
+    assert again.bundle == first.bundle
+    async with store.driver.connection() as conn:
+        convs = await conn.fetchall(
+            "SELECT external_id FROM conversations WHERE integration_id = ?", integration_id
+        )
+        users = await conn.fetchall(
+            "SELECT external_id FROM users WHERE integration_id = ?", integration_id
+        )
+    assert [c["external_id"] for c in convs] == ["conv-1"]
+    assert [u["external_id"] for u in users] == ["user-1"]

@@ -11,8 +11,12 @@ discard then finds nothing of its own to delete.
 
 A crash between the commit and the confirm leaves a `pending` row whose lease runs out;
 the outbox sweeper (or the next retry of the same messageId) claims it and publishes it
-under the same relay id. Concurrent duplicates wait for the first request's outcome
-instead of publishing twice.
+under the same relay id (`relay.ingress.inbound_outbox`). Concurrent duplicates wait for
+the first request's outcome instead of publishing twice.
+
+A request's path: `Acceptor.accept` makes attempts (`_attempt`): the store records the
+message (`Inbound.accept_incoming`); a new one is published (`_publish_or_discard`), an
+existing one waited for (`_settle_existing`).
 """
 
 from __future__ import annotations
@@ -25,25 +29,20 @@ import structlog
 
 from relay.broker import Broker, BrokerUnavailable
 from relay.errors import Conflict, InvalidBody, Unavailable
+from relay.ingress.inbound_outbox import InboundOutbox
+from relay.ingress.publisher import InboundPublisher
 from relay.metrics import Metrics
-from relay.pipeline.unpublishable import Burial, Unpublishable, envelope_bytes
+from relay.pipeline.unpublishable import Burial, Unpublishable
 from relay.retry import pauses
-from relay.store import Accepted, Inbound, PendingMessage, StoreError
-from relay.store.batching import GroupCommit
-from relay.store.records import Unreadable
-from relay.wire import (
-    FIRST_COPY_HEADER,
-    REQUEST_ID_HEADER,
-    InboundEnvelope,
-    InboundRequest,
-    MessageBundle,
-    utcnow,
-)
+from relay.store import Accepted, Inbound, StoreError, Vanished
+from relay.wire import InboundRequest, MessageBundle, utcnow
 
 log = structlog.get_logger(__name__)
 
 _POLL_FIRST, _POLL_MAX = 0.005, 0.2
-_ATTEMPTS = 3
+# Attempts per request. Each one that comes to nothing met a concurrent discard (another
+# request's publish failed), which is rare and over at once.
+_ATTEMPTS = 5
 
 
 def _retry_later(message: str) -> Unavailable:
@@ -57,49 +56,62 @@ class Acceptor:
         self, store: Inbound, broker: Broker, metrics: Metrics, lease: float, wait: float
     ) -> None:
         self._store = store
-        self._queued = GroupCommit(store.mark_queued, "mark-inbound-queued")
-        self._broker = broker
         self._metrics = metrics
-        self._burial = Burial(store, broker, metrics, "inbound")
         self._lease = timedelta(seconds=lease)
         # How long a duplicate waits for the first request's publish before answering 503.
         self._wait = wait
+        self.publisher = InboundPublisher(store, broker, metrics)
+        burial = Burial(store, broker, metrics, "inbound")
+        self.outbox = InboundOutbox(store, self.publisher, burial, self._lease)
 
     async def accept(
         self, integration_id: str, request: InboundRequest, request_id: str | None
     ) -> MessageBundle:
         """The message's objects once it is queued; Conflict or Unavailable otherwise."""
+        # The one retry of the accept path. Here, not in the store: an attempt comes to
+        # nothing in two ways, and only this layer sees both — the store's write finding
+        # what it relied on removed (`Vanished`), and a duplicate's wait finding the first
+        # request's row discarded. Either way the whole attempt is made afresh, the store's
+        # write included, so the store answers each attempt's outcome and never retries.
         for _ in range(_ATTEMPTS):
-            accepted = await self._store.accept_incoming(
-                integration_id,
-                request,
-                utcnow() + self._lease,
-                request_id,
-                self._broker.topology.partitions,
-            )
-            if accepted.fingerprint != request.fingerprint():
-                self._metrics.inbound.labels("conflict").inc()
-                raise Conflict(
-                    "messageId was already used with a different body",
-                    details={"messageId": request.messageId},
-                )
-            if accepted.created:
-                return await self._publish_or_discard(
-                    integration_id, accepted, request_id, first=True
-                )
-            settled = await self._settle_existing(integration_id, accepted, request_id)
-            if settled is not None:
-                self._metrics.inbound.labels("duplicate").inc()
-                return settled
-            # The first attempt failed and was discarded: this request tries afresh.
+            bundle = await self._attempt(integration_id, request, request_id)
+            if bundle is not None:
+                return bundle
         raise _retry_later("the message could not be accepted; send it again")
+
+    async def _attempt(
+        self, integration_id: str, request: InboundRequest, request_id: str | None
+    ) -> MessageBundle | None:
+        """The message's objects once queued, by this request or a concurrent one; None if
+        a concurrent discard took away what this attempt found."""
+        outcome = await self._store.accept_incoming(
+            integration_id,
+            request,
+            utcnow() + self._lease,
+            request_id,
+            self.publisher.partitions,
+        )
+        if isinstance(outcome, Vanished):
+            return None
+        if outcome.fingerprint != request.fingerprint():
+            self._metrics.inbound.labels("conflict").inc()
+            raise Conflict(
+                "messageId was already used with a different body",
+                details={"messageId": request.messageId},
+            )
+        if outcome.created:
+            return await self._publish_or_discard(integration_id, outcome, request_id, first=True)
+        settled = await self._settle_existing(integration_id, outcome, request_id)
+        if settled is not None:
+            self._metrics.inbound.labels("duplicate").inc()
+        return settled
 
     async def _publish_or_discard(
         self, integration_id: str, accepted: Accepted, request_id: str | None, first: bool
     ) -> MessageBundle:
         message_id = accepted.bundle.message.id
         try:
-            await self.publish(
+            await self.publisher.publish(
                 integration_id,
                 accepted.bundle,
                 accepted.text,
@@ -121,8 +133,7 @@ class Acceptor:
             await asyncio.shield(self._store.discard_pending(accepted))
             raise InvalidBody("the message cannot be queued", details=str(error)) from error
         try:
-            await asyncio.shield(self._queued.add(message_id))
-            self._broker.news.announce(integration_id, accepted.bundle.conversation.id)
+            await self.publisher.mark_queued(integration_id, accepted.bundle)
         except StoreError as error:
             # The broker holds it: it is accepted. The row stays pending, so the outbox
             # publishes it again after the lease (consumers deduplicate on the relay id).
@@ -163,95 +174,3 @@ class Acceptor:
         if accepted.lease_until is None or accepted.lease_until >= now:
             return None
         return await self._store.claim_pending(accepted.bundle.message.id, now, now + self._lease)
-
-    async def publish(
-        self,
-        integration_id: str,
-        bundle: MessageBundle,
-        text: str,
-        request_id: str | None,
-        partitions: int | None,
-        sequence: int | None,
-        first: bool = False,
-    ) -> None:
-        """Put the message on its inbound partition among `partitions` (the count its
-        conversation is published under; None: this service's) and wait for the confirm
-        (`first`: the message's first publish ever). `sequence`: its number in its
-        conversation, by which the bot stage checks the broker's order."""
-        body = envelope_bytes(
-            lambda: InboundEnvelope(
-                integrationId=integration_id,
-                text=text,
-                bundle=bundle,
-                acceptedAt=utcnow(),
-                requestId=request_id,
-                sequence=sequence,
-            )
-        )
-        with self._metrics.publish_latency.labels("inbound").time():
-            await self._broker.publish(
-                "inbound",
-                bundle.conversation.id,
-                body,
-                message_id=bundle.message.id,
-                headers={REQUEST_ID_HEADER: request_id or "", FIRST_COPY_HEADER: int(first)},
-                partitions=partitions,
-            )
-        self._metrics.published.labels("inbound").inc()
-
-    async def sweep_outbox(self, limit: int = 100) -> int:
-        """Publish pending messages whose lease ran out, one by one; how many were queued.
-
-        A message that can never be published is ended dead (`relay.pipeline.unpublishable`)
-        and the sweep goes on; the broker's failure ends the sweep (the next one tries again).
-        """
-        now = utcnow()
-        stale = await self._store.claim_stale_pending(now, now + self._lease, limit)
-        queued = 0
-        for pending in stale:
-            if isinstance(pending, Unreadable):
-                await self._bury(pending)
-                continue
-            try:
-                queued += await self._republish(pending)
-            except Unpublishable as error:
-                bundle = pending.bundle
-                row = Unreadable(
-                    bundle.message.id, pending.integration_id, bundle.conversation.id, str(error)
-                )
-                await self._bury(row, {"messageId": bundle.message.tags.id})
-        return queued
-
-    async def _bury(self, row: Unreadable, caller_ids: dict[str, str] | None = None) -> None:
-        """Dead-letter a message that can never be published, its letter holding the ids the
-        dead-letter listing reads (`relay.pipeline.dlq.read`) and those of the caller known."""
-        letter = {
-            "integrationId": row.integration_id,
-            "bundle": {"conversation": {"id": row.conversation_id}, "message": {"id": row.id}},
-            **(caller_ids or {}),
-        }
-        await self._burial.bury(row.id, row.id, letter, row.reason)
-
-    async def _republish(self, pending: PendingMessage) -> int:
-        message = pending.bundle.message
-        try:
-            await self.publish(
-                pending.integration_id,
-                pending.bundle,
-                pending.text,
-                pending.request_id,
-                pending.partitions,
-                pending.sequence,
-            )
-        except BrokerUnavailable as error:
-            # Left pending: the lease just taken runs out and a later sweep tries again.
-            log.warning("outbox_publish_failed", message_id=message.id, error=str(error))
-            raise
-        await asyncio.shield(self._queued.add(message.id))
-        self._broker.news.announce(pending.integration_id, pending.bundle.conversation.id)
-        log.info(
-            "outbox_published",
-            message_id=message.id,
-            conversation_id=pending.bundle.conversation.id,
-        )
-        return 1

@@ -53,6 +53,7 @@ from relay.store.records import (
     TokenRecord,
     TurnRecord,
     Unfinished,
+    Vanished,
     Watermark,
 )
 from relay.store.schema import apply_migrations
@@ -105,6 +106,7 @@ __all__ = [
     "TurnRecord",
     "Turns",
     "Unfinished",
+    "Vanished",
     "Watermark",
     "open_store",
     "open_store_patiently",

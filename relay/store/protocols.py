@@ -34,6 +34,7 @@ from relay.store.records import (
     TurnRecord,
     Unfinished,
     Unreadable,
+    Vanished,
     Watermark,
 )
 from relay.wire import InboundRequest
@@ -137,13 +138,16 @@ class Inbound(Queued, Protocol):
         lease_until: datetime,
         request_id: str | None,
         partitions: int = BASE_PARTITIONS,
-    ) -> Accepted:
-        """Record an inbound message once per (integration, messageId), in `pending` state.
+    ) -> Accepted | Vanished:
+        """Record an inbound message once per (integration, messageId), in `pending` state:
+        one attempt, whose outcome is a value.
 
-        Writes user, conversation and message in one transaction, or nothing when the
-        messageId exists already (then the existing objects are returned). The message goes
-        under its conversation's partition count, moved to `partitions` first if nothing of
-        it is unfinished (`Accepted.partitions` says which).
+        `Accepted` with `created` if it wrote the message (and the user and conversation
+        it made for it), without if the messageId exists already (the existing objects;
+        nothing else written stays). `Vanished` if what it relied on was removed by a
+        concurrent discard: nothing written stays, and the caller tries again. The message
+        goes under its conversation's partition count, moved to `partitions` first if
+        nothing of it is unfinished (`Accepted.partitions` says which).
         """
 
     async def find_incoming(self, integration_id: str, message_id: str) -> Accepted | None:

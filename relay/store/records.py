@@ -76,7 +76,7 @@ class TokenRecord(BaseModel):
 
 @dataclass(frozen=True)
 class Accepted:
-    """The outcome of recording an inbound message.
+    """The outcome of recording an inbound message (or `Vanished`).
 
     `created` is true when this call wrote the message; otherwise the message existed and
     `fingerprint` tells whether the caller sent the same body. `state` is `pending` until the
@@ -96,8 +96,16 @@ class Accepted:
     # The partition count it is published under (None: written before counts could change).
     partitions: int | None = None
     # Its number among its conversation's inbound messages (None: written before they were
-    # numbered): see `relay.store.sql.inbound`.
+    # numbered): see `relay.store.sql.new_messages`.
     sequence: int | None = None
+
+
+@dataclass(frozen=True)
+class Vanished:
+    """The other outcome of recording an inbound message: what the attempt relied on was
+    removed meanwhile by a concurrent discard (a failed first publish) — the row of its
+    messageId, or a user or conversation it named. Nothing of the attempt stays; the caller
+    makes it again (`relay.ingress.accept`)."""
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,7 @@ CREATE INDEX dead_letters_stage ON dead_letters (stage, dead_at, id);
 CREATE INDEX dead_letters_integration ON dead_letters (integration_id, dead_at, stage, id)
 """
 
-# Inbound order (relay.store.sql.inbound): each incoming message numbered in its conversation
+# Inbound order (relay.store.sql.new_messages): each incoming message numbered in its conversation
 # by the statement that writes it, from the conversation's counter (the last number given).
 # Numbers only grow: a message discarded, or a messageId found there already, leaves a gap.
 # Rows written before stay unnumbered (NULL): no check, like the envelopes of before.

@@ -9,19 +9,24 @@ from relay.store.sql.attempts import AttemptsSql
 from relay.store.sql.dead_letters import DeadLettersSql
 from relay.store.sql.generations import GenerationsSql
 from relay.store.sql.history import HistorySql
-from relay.store.sql.inbound import InboundSql, KnownRows
+from relay.store.sql.inbound import InboundSql
 from relay.store.sql.integrations import IntegrationsSql
+from relay.store.sql.new_messages import KnownRows
 from relay.store.sql.outgoing import OutgoingSql
 from relay.store.sql.parking import ParkingSql
 from relay.store.sql.recovery import RecoverySql
+from relay.store.sql.reseal import ResealSql
 from relay.store.sql.retention import RetentionSql
 from relay.store.sql.search import SearchSql
+from relay.store.sql.tokens import TokensSql
 
 __all__ = ["SqlStore"]
 
 
 class SqlStore(
     IntegrationsSql,
+    TokensSql,
+    ResealSql,
     InboundSql,
     OutgoingSql,
     ParkingSql,

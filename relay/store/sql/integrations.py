@@ -1,14 +1,14 @@
-"""Integrations and their tokens, with the secrets they keep (signing and bot secrets),
-sealed as they are written and opened as they are read (`relay.store.secrets`)."""
+"""Integrations, with the secrets they keep (signing and bot secrets), sealed as they are
+written and opened as they are read (`relay.store.secrets`). Their tokens:
+`relay.store.sql.tokens`; sealing the stored secrets again: `relay.store.sql.reseal`."""
 
 from __future__ import annotations
 
 import secrets
-import uuid
 from datetime import datetime
 
 from relay.store.driver import Driver, Row, StoreError
-from relay.store.records import IntegrationRecord, Resealed, TokenKind, TokenRecord
+from relay.store.records import IntegrationRecord
 from relay.store.secrets import SecretBox, SecretUnreadable
 from relay.store.sql.common import new_id
 from relay.wire import utcnow
@@ -18,17 +18,10 @@ _INTEGRATION = (
     "SELECT id, name, response_url, signing_secret, created_at, disabled_at,"
     " previous_secret, previous_secret_until FROM integrations"
 )
-# The columns holding secrets, and what each is (for an error naming it).
-_SECRET_COLUMNS = (
-    ("signing_secret", "the signing secret"),
-    ("previous_secret", "the previous signing secret"),
-    ("bot_secret", "the bot secret"),
-)
-_RESEAL_PAGE = 500
 
 
 class IntegrationsSql:
-    """`Integrations` (and `IntegrationLookup`) over a `Driver`."""
+    """The integrations of `Integrations` (and `IntegrationLookup`) over a `Driver`."""
 
     _driver: Driver
     # Seals the secrets written and opens those read; plain text (a box without keys)
@@ -160,140 +153,3 @@ class IntegrationsSql:
             raise StoreError(f"no integration {integration_id}")
         whose = f"the bot secret of integration {integration_id}"
         return self._secrets.open(row["bot_secret"], whose)
-
-    async def reseal_secrets(self) -> Resealed:
-        replaced: list[bool] = []  # per secret: sealed again, or changed meanwhile
-        unreadable: list[str] = []
-        after = ""
-        while rows := await self._secret_rows(after):
-            for row in rows:
-                for column, whose, stored in _secrets_of(row):
-                    try:
-                        sealed = self._secrets.reseal(stored, whose)
-                    except SecretUnreadable as error:
-                        unreadable.append(str(error))
-                        continue
-                    replaced.append(await self._replace_secret(row["id"], column, stored, sealed))
-            after = rows[-1]["id"]
-        return Resealed(replaced.count(True), unreadable, replaced.count(False))
-
-    async def _secret_rows(self, after: str) -> list[Row]:
-        async with self._driver.connection() as conn:
-            return await conn.fetchall(
-                "SELECT id, signing_secret, previous_secret, bot_secret FROM integrations"
-                " WHERE id > ? ORDER BY id LIMIT ?",
-                after,
-                _RESEAL_PAGE,
-            )
-
-    async def _replace_secret(self, integration_id: str, column: str, old: str, new: str) -> bool:
-        """Whether the column still held `old` and now holds `new` (if not, it changed
-        meanwhile: a rotation, which seals with the first key already)."""
-        async with self._driver.connection() as conn:
-            changed = await conn.execute(
-                f"UPDATE integrations SET {column} = ? WHERE id = ? AND {column} = ?",
-                new,
-                integration_id,
-                old,
-            )
-        return changed == 1
-
-    async def create_token(
-        self, integration_id: str, kind: TokenKind, token_hash: str, prefix: str
-    ) -> TokenRecord:
-        record = TokenRecord(
-            id="tok_" + uuid.uuid4().hex[:16],
-            integration_id=integration_id,
-            kind=kind,
-            prefix=prefix,
-            created_at=utcnow(),
-        )
-        async with self._driver.transaction() as conn:
-            await conn.execute(
-                "INSERT INTO tokens (id, integration_id, kind, token_hash, prefix, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                record.id,
-                integration_id,
-                kind,
-                token_hash,
-                prefix,
-                record.created_at,
-            )
-        return record
-
-    async def active_token_hashes(self, integration_id: str, kind: TokenKind) -> list[str]:
-        async with self._driver.connection() as conn:
-            rows = await conn.fetchall(
-                "SELECT token_hash FROM tokens"
-                " WHERE integration_id = ? AND kind = ? AND revoked_at IS NULL",
-                integration_id,
-                kind,
-            )
-        return [row["token_hash"] for row in rows]
-
-    async def list_tokens(self, integration_id: str) -> list[TokenRecord]:
-        async with self._driver.connection() as conn:
-            rows = await conn.fetchall(
-                "SELECT * FROM tokens WHERE integration_id = ? ORDER BY created_at, id",
-                integration_id,
-            )
-        return [TokenRecord.model_validate(row) for row in rows]
-
-    async def revoke_token(self, token_id: str) -> bool:
-        changed = 0
-        async with self._driver.transaction() as conn:
-            for table in ("tokens", "admin_tokens"):
-                changed += await conn.execute(
-                    f"UPDATE {table} SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                    utcnow(),
-                    token_id,
-                )
-        return changed == 1
-
-    async def create_admin_token(self, token_hash: str, prefix: str) -> TokenRecord:
-        record = TokenRecord(
-            id="adm_" + uuid.uuid4().hex[:16],
-            integration_id=None,
-            kind="admin",
-            prefix=prefix,
-            created_at=utcnow(),
-        )
-        async with self._driver.connection() as conn:
-            await conn.execute(
-                "INSERT INTO admin_tokens (id, token_hash, prefix, created_at) VALUES (?, ?, ?, ?)",
-                record.id,
-                token_hash,
-                prefix,
-                record.created_at,
-            )
-        return record
-
-    async def admin_token_active(self, token_hash: str) -> bool:
-        # One row by the unique (so indexed) hash: an admin request costs the same however
-        # many admin tokens there are, and a revocation counts from the next request.
-        async with self._driver.connection() as conn:
-            row = await conn.fetchone(
-                "SELECT id FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-                token_hash,
-            )
-        return row is not None
-
-    async def list_admin_tokens(self) -> list[TokenRecord]:
-        async with self._driver.connection() as conn:
-            rows = await conn.fetchall(
-                "SELECT id, prefix, created_at, revoked_at FROM admin_tokens"
-                " ORDER BY created_at, id"
-            )
-        return [
-            TokenRecord.model_validate({**row, "integration_id": None, "kind": "admin"})
-            for row in rows
-        ]
-
-
-def _secrets_of(row: Row) -> list[tuple[str, str, str]]:
-    """The secrets an integration's row holds: (column, whose it is, stored value)."""
-    return [
-        (column, f"{what} of integration {row['id']}", row[column])
-        for column, what in _SECRET_COLUMNS
-        if row[column] is not None
-    ]

@@ -21,7 +21,7 @@ class ParkingSql:
                 " WHERE m.conversation_id = ? AND m.direction = 'incoming'"
                 " AND m.state = 'queued' AND m.handled_at IS NULL AND m.dead_at IS NULL"
                 " AND m.created_at >= ?"
-                # In the order of their numbers (`relay.store.sql.inbound`): the order the bot
+                # In the order of their numbers (`relay.store.sql.new_messages`): the order the bot
                 # stage checks. Messages written before they were numbered come first.
                 " ORDER BY COALESCE(m.inbound_sequence, 0), m.created_at, m.id",
                 conversation_id,
