@@ -18,6 +18,7 @@ from relay.broker.news import NewsPublisher
 from relay.broker.topology import StageName, Topology, declare, partition_of
 from relay.broker.version import BrokerVersion, version_of
 from relay.retry import pauses
+from relay.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -37,9 +38,13 @@ class Broker:
     next, and everything opened on it is restored there.
     """
 
-    def __init__(self, url: str, topology: Topology, publish_timeout: float) -> None:
+    def __init__(
+        self, url: str, topology: Topology, publish_timeout: float, tracing: Tracing = NO_TRACING
+    ) -> None:
         self.addresses = Addresses(url)
         self.topology = topology
+        # The service's tracer: each publish carries the context of the span it is made in.
+        self.tracing = tracing
         self._publish_timeout = publish_timeout
         self._connection: ClusterConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -57,12 +62,9 @@ class Broker:
     @property
     def ready(self) -> bool:
         """True while the connection and the publishing channel are open."""
-        return (
-            self._connection is not None
-            and not self._connection.is_closed
-            and self._channel is not None
-            and not self._channel.is_closed
-        )
+        connection, channel = self._connection, self._channel
+        connected = connection is not None and not connection.is_closed
+        return connected and channel is not None and not channel.is_closed
 
     @property
     def node(self) -> str | None:
@@ -165,11 +167,8 @@ class Broker:
         count the conversation is published under; by default this service's), and wait for
         the confirm (or BrokerUnavailable)."""
         count = partitions or self.topology.partitions
-        queues = (
-            self.topology
-            if count == self.topology.partitions
-            else self.topology.with_partitions(count)
-        )
+        topology = self.topology
+        queues = topology if count == topology.partitions else topology.with_partitions(count)
         await self.publish_to(
             self.topology.exchange(stage),
             queues.routing_key(partition_of(conversation_id, count)),
@@ -190,29 +189,31 @@ class Broker:
         """Publish persistently to one of the relay's exchanges and wait for the confirm."""
         if not self.ready:
             raise BrokerUnavailable("not connected to the broker")
-        message = aio_pika.Message(
-            body,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type="application/json",
-            message_id=message_id,
-            headers=dict(headers or {}),
-        )
         exchange = self._exchanges[exchange_name]
-        try:
-            # A publish on a connection that died silently can hang: always bound it.
-            async with asyncio.timeout(self._publish_timeout):
-                await exchange.publish(message, routing_key=routing_key, mandatory=True)
-        except aio_pika.exceptions.DeliveryError as error:
-            self._renew_channel_soon()
-            raise BrokerUnavailable(f"refused by the broker: {error}") from error
-        except BROKER_ERRORS as error:
-            raise BrokerUnavailable(f"{type(error).__name__}: {error}") from error
-        except asyncio.CancelledError as error:
-            if cancelled_from_outside():
-                raise
-            # aiormq cancels the confirm it waits for when the connection closes under it
-            # (a heartbeat timeout): the publish failed, the caller was not cancelled.
-            raise BrokerUnavailable("the connection closed during the publish") from error
+        # The publish is a span of its own when made inside one: its context goes with it.
+        with self.tracing.producing(exchange_name, headers, message_id) as sent:
+            message = aio_pika.Message(
+                body,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                content_type="application/json",
+                message_id=message_id,
+                headers=sent,
+            )
+            try:
+                # A publish on a connection that died silently can hang: always bound it.
+                async with asyncio.timeout(self._publish_timeout):
+                    await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            except aio_pika.exceptions.DeliveryError as error:
+                self._renew_channel_soon()
+                raise BrokerUnavailable(f"refused by the broker: {error}") from error
+            except BROKER_ERRORS as error:
+                raise BrokerUnavailable(f"{type(error).__name__}: {error}") from error
+            except asyncio.CancelledError as error:
+                if cancelled_from_outside():
+                    raise
+                # aiormq cancels the confirm it waits for when the connection closes under it
+                # (a heartbeat timeout): the publish failed, the caller was not cancelled.
+                raise BrokerUnavailable("the connection closed during the publish") from error
 
     async def close(self) -> None:
         """Stop connecting and close the connection."""

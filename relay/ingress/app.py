@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
+from opentelemetry.trace import StatusCode
 
 from relay.aio import cancel_and_wait
 from relay.broker import Broker
@@ -24,7 +25,7 @@ from relay.ingress.accept import Acceptor
 from relay.ingress.admin import admin_app
 from relay.ingress.admin.common import AdminKeys
 from relay.ingress.clients import AuthFailures
-from relay.ingress.connector import add_connector_routes
+from relay.ingress.connector import CONNECTOR_PREFIX, add_connector_routes
 from relay.ingress.conversations import ConversationApi
 from relay.ingress.events import EventStreams
 from relay.ingress.handlers import WebhookHandler
@@ -44,6 +45,7 @@ from relay.service.server import SERVICE_SETTINGS_KEY
 from relay.settings import Settings
 from relay.store import Store
 from relay.store.directory import Directory
+from relay.tracing import HTTP_STATUS, NO_TRACING, Tracing, ids
 
 STORE_KEY = web.AppKey("store", Store)
 BROKER_KEY = web.AppKey("broker", Broker)
@@ -57,6 +59,20 @@ WATCHERS_KEY = web.AppKey("watchers", Watchers)
 FEED_KEY = web.AppKey("news_feed", NewsFeed)
 AGES_KEY = web.AppKey("queue_ages", QueueAges)
 FAILURES_KEY = web.AppKey("auth_failures", AuthFailures)
+TRACING_KEY = web.AppKey("tracing", Tracing)
+
+WEBHOOK_PATH = "/webhooks/{integrationId}"
+PUSH_PATH = "/bot/conversations/{conversationId}/messages"
+# The requests that bring a message in: its trace starts there, or goes on from the caller's.
+ACCEPTING = frozenset(
+    {
+        ("POST", WEBHOOK_PATH),
+        ("POST", PUSH_PATH),
+        ("POST", CONNECTOR_PREFIX),
+        ("POST", f"{CONNECTOR_PREFIX}/{{activityId}}"),
+        ("PUT", f"{CONNECTOR_PREFIX}/{{activityId}}"),
+    }
+)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,16 +86,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         settings.auth_failure_rate, settings.auth_failure_burst, settings.trusted_proxies, metrics
     )
     app.middlewares.append(failures.middleware)
+    # Outermost: the span covers the whole answer, errors rendered and limits applied.
+    app.middlewares.insert(0, _traced)
     app[FAILURES_KEY] = failures
     app.cleanup_ctx.append(settings_context(settings))
     app.cleanup_ctx.append(_resources(settings))
     app.on_shutdown.append(_stop_watchers)
     app.router.add_get("/openapi.json", openapi_handler)
-    app.router.add_post("/webhooks/{integrationId}", _routed(HANDLER_KEY, lambda h: h.post_message))
+    app.router.add_post(WEBHOOK_PATH, _routed(HANDLER_KEY, lambda h: h.post_message))
     add_conversation_routes(app)
-    app.router.add_post(
-        "/bot/conversations/{conversationId}/messages", _routed(PUSH_KEY, lambda p: p.post_message)
-    )
+    app.router.add_post(PUSH_PATH, _routed(PUSH_KEY, lambda p: p.post_message))
     add_connector_routes(app, STORE_KEY, REPLIES_KEY)
     if settings.chat_page:
         app.router.add_get("/chat", static_page("chat.html"))
@@ -149,6 +165,28 @@ def _routed(key: web.AppKey[T], pick: Callable[[T], Handler]) -> Handler:
     return handle
 
 
+@web.middleware
+async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The server span of a request that brings a message in (when the ingress traces)."""
+    tracing = request.app.get(TRACING_KEY, NO_TRACING)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    if not tracing.enabled or (request.method, route) not in ACCEPTING:
+        return await handler(request)
+    found = request.match_info
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": route,
+        **ids(found.get("integrationId"), found.get("conversationId")),
+    }
+    with tracing.served(request.headers, f"{request.method} {route}", attributes) as span:
+        response = await handler(request)
+        span.set_attribute(HTTP_STATUS, response.status)
+        if response.status >= 500:
+            span.set_status(StatusCode.ERROR)
+        return response
+
+
 async def _stop_watchers(app: web.Application) -> None:
     """Waits and streams end first at stop: they answer what they have, or close."""
     if WATCHERS_KEY in app:
@@ -184,6 +222,7 @@ def _resources(
                 wait=settings.publish_timeout + 2,
             )
             app[STORE_KEY], app[BROKER_KEY], app[ACCEPTOR_KEY] = store, broker, acceptor
+            app[TRACING_KEY] = broker.tracing
             app[REPLIES_KEY] = replies = ReplyPublisher(store, broker, app[METRICS_KEY])
             app[WATCHERS_KEY] = watchers = Watchers()
             _add_handlers(app, settings, store)
@@ -193,7 +232,7 @@ def _resources(
             ages.start()
             sweeper = asyncio.create_task(
                 sweep_forever(
-                    acceptor, replies, store, settings.outbox_lease, settings.outbox_interval
+                    acceptor.outbox, replies, store, settings.outbox_lease, settings.outbox_interval
                 )
             )
             try:

@@ -1,5 +1,5 @@
 """The janitor of the worker services: every RELAY_PRUNE_INTERVAL, prune the store
-(`relay.retention`, RELAY_RETENTION_DAYS) and bound the dead-letter queues
+(`relay.admin.retention`, RELAY_RETENTION_DAYS) and bound the dead-letter queues
 (`relay.pipeline.dlq_bounds`, RELAY_DLQ_MAX_AGE and RELAY_DLQ_MAX_LENGTH) in the store.
 
 No coordinator: of all the janitors sharing a store, the one holding the `janitor` lease
@@ -19,10 +19,10 @@ from typing import Protocol
 
 import structlog
 
+from relay.admin.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, prune
 from relay.aio import cancel_and_wait, pause
 from relay.metrics import Metrics
 from relay.pipeline.dlq_bounds import Bounds, enforce
-from relay.retention import LEASE_SECONDS, PRUNE_LEASE, Lease, prune
 from relay.settings import Settings
 from relay.store import DeadLetterStore, Retention, StoreError
 from relay.wire import utcnow

@@ -32,6 +32,7 @@ from relay.service.janitor import Janitor
 from relay.service.listeners import service_settings
 from relay.settings import Settings
 from relay.store import SecretBox, SqlStore, Store, open_store_patiently
+from relay.tracing import Tracing
 from relay.wire import utcnow
 
 Closer = Callable[[], Awaitable[None]]
@@ -47,7 +48,20 @@ async def dependencies(
 ) -> AsyncIterator[tuple[SqlStore, Broker]]:
     """The store (waited for up to `startup_wait`) and a broker connecting in the background,
     with their readiness checks (`broker` and `store`, after `{name}_` if named); closed on
-    exit, the broker first."""
+    exit, the broker first. The broker carries the role's tracing (`Broker.tracing`: the
+    ingress, or the `{name}` worker), whose last spans are sent after both are closed."""
+    tracing = Tracing.open(settings, f"{name}-worker" if name else "ingress")
+    try:
+        async with _store_and_broker(app, settings, name, tracing) as opened:
+            yield opened
+    finally:
+        await tracing.close()
+
+
+@contextlib.asynccontextmanager
+async def _store_and_broker(
+    app: web.Application, settings: Settings, name: str, tracing: Tracing
+) -> AsyncIterator[tuple[SqlStore, Broker]]:
     store = await open_store_patiently(
         settings.database_url,
         settings.database_pool_size,
@@ -57,7 +71,7 @@ async def dependencies(
     # Workers consume the queues of every partition count a service runs with.
     await store.register_partitions(settings.partitions, utcnow())
     noting = asyncio.create_task(register_forever(store, settings.partitions), name="register")
-    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
+    broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout, tracing)
     broker.start()
     app[BROKERS_KEY].append(broker)
     prefix = f"{name}_" if name else ""

@@ -39,6 +39,10 @@ ATTEMPTS_HEADER = "x-relay-attempts"  # the attempts a dead response was given
 FIRST_COPY_HEADER = "x-relay-first-copy"
 REQUEST_ID_HEADER = "x-request-id"  # the ingress request that accepted an inbound message
 LAST_EVENT_ID_HEADER = "Last-Event-ID"  # where a reconnecting event stream resumes
+# W3C Trace Context (`relay.tracing`), under the same names in HTTP and AMQP headers: the
+# back end's POST, the queue messages between services, and each webhook POST.
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
 
 
 def _iso_millis(value: datetime) -> str:
