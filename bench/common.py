@@ -64,7 +64,7 @@ def relay_command() -> list[str]:
     we start: its pid is the Python process of the service (see `Service.check_pid`).
     """
     script = Path(sys.executable).parent / "relay"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "relay.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "relay.commands"]
 
 
 @dataclass

@@ -67,9 +67,9 @@ from bench.common import (
     spawn,
 )
 from bench.raw import RawResult, raw_ceiling
-from relay import admin
 from relay.broker import topology_of
 from relay.broker.topology import Topology
+from relay.commands.output import table
 from relay.settings import Settings
 from relay.store import open_store
 
@@ -743,7 +743,7 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
         }
         for r in results
     ]
-    print(admin.table(rows, list(rows[0])))
+    print(table(rows, list(rows[0])))
     print("\nchecks (full + half load)")
     checks = [
         {
@@ -760,7 +760,7 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
         }
         for r in results
     ]
-    print(admin.table(checks, list(checks[0])))
+    print(table(checks, list(checks[0])))
     for r in results:
         if r.out_of_order_examples:
             shown = "; ".join(
@@ -774,7 +774,7 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
         " e.g. other jobs or the hypervisor's steal)"
     )
     resources = [row for r in results for row in _resource_rows(r)]
-    print(admin.table(resources, list(resources[0])))
+    print(table(resources, list(resources[0])))
     machine = ", ".join(
         f"{r.case} {r.machine_cpu_percent_full_load}% busy,"
         f" {r.machine_iowait_percent_full_load}% iowait"
@@ -784,7 +784,7 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
     database = [{"case": r.case, **r.database} for r in results if r.database]
     if database:
         print("\nPostgreSQL per user message during full load")
-        print(admin.table(database, list(database[0])))
+        print(table(database, list(database[0])))
     print(f"\nraw two-hop chain: {raw.per_second} msgs/s; {_raw_line(raw)}")
     for r in results:
         print(f"\n{r.case}: counters at the end")

@@ -32,9 +32,9 @@ from bench.common import (
     service,
     service_env,
 )
-from relay import admin
 from relay.broker import topology_of
 from relay.broker.topology import Topology
+from relay.commands.output import table
 from relay.settings import Settings
 from relay.store import open_store
 
@@ -154,7 +154,7 @@ async def run_one(kind: str, messages: int, concurrency: int, conversations: int
 def print_table(results: list[Result]) -> None:
     """The figures as an aligned table."""
     rows = [asdict(r) for r in results]
-    print(admin.table(rows, list(rows[0])))
+    print(table(rows, list(rows[0])))
 
 
 async def main(args: argparse.Namespace) -> int:

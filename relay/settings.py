@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     admin_port: int | None = Field(default=None, ge=0, le=65535)
     # `relay run` serves a local chat page at /chat (`make run` turns it on).
     chat_page: bool = False
-    # Retention (`relay.retention`): what is settled and older than this many days goes (0:
+    # Retention (`relay.admin.retention`): what is settled and older than this many days goes (0:
     # kept for ever), pruned by the worker services' janitor every `prune_interval` seconds.
     retention_days: int = Field(default=30, ge=0)
     prune_interval: float = Field(default=3600.0, gt=0)

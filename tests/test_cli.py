@@ -26,7 +26,7 @@ from relay.wire import utcnow
 from tests.helpers import eventually, message, with_address
 from tests.proxy import Proxy
 
-RELAY = [sys.executable, "-m", "relay.cli"]
+RELAY = [sys.executable, "-m", "relay.commands"]
 
 
 @dataclass
@@ -449,8 +449,8 @@ async def relay_processes(
 
 
 def test_every_option_of_every_command_says_what_it_does():
-    from relay.cli import build_parser
-    from relay.cli_help import SERVICE_SETTINGS
+    from relay.commands.main import build_parser
+    from relay.commands.settings_help import SERVICE_SETTINGS
 
     def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
         missing = []

@@ -6,7 +6,7 @@ attempts and at the endpoint; resend one; recover the purged one; give the integ
 new signing secret, shown once. Both stores.
 
 `RELAY_SCREENSHOT=docs/console.png pytest tests/test_console_page.py` also saves a picture
-of the populated console (the README's).
+of the populated console (the docs' admin page, docs/api/admin.md).
 """
 
 from __future__ import annotations

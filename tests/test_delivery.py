@@ -22,11 +22,11 @@ from standardwebhooks import Webhook
 from relay import admin
 from relay.broker import topology_of
 from relay.broker.topology import delete
+from relay.commands.sink import Sink, SinkOptions
 from relay.metrics import Metrics
 from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.replies import ReplyPublisher
 from relay.settings import Settings
-from relay.sink import Sink, SinkOptions
 from relay.store import (
     AttemptRecord,
     DeadLetterFilter,

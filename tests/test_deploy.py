@@ -26,7 +26,7 @@ import yaml
 
 from relay.broker import topology_of
 from relay.broker.topology import StageName, Topology
-from relay.cli import SERVICES, build_parser
+from relay.commands.main import SERVICES, build_parser
 from relay.metrics import Metrics
 from relay.settings import Settings
 

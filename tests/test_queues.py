@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestServer
 
 from relay.broker import Broker, Topology, declare, queues, topology_of
-from relay.cli import create_all_app
+from relay.commands.roles import create_all_app
 from relay.metrics import Metrics
 from relay.service.app import METRICS_KEY
 from relay.service.gauges import watch

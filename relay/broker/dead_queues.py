@@ -6,9 +6,9 @@ returned past it, with nowhere to dead-letter to, is dropped. A queue's argument
 change once it exists: a dead-letter queue that an earlier Relay declared on RabbitMQ 4
 (or on 3.x before an upgrade to 4) keeps that default. It is taken as it is, and reported
 (`relay queues`, `/readyz`): the keeper takes each letter off it at once, so only a keeper
-that dies holding a letter twenty times over loses it; the README gives the policy that
-lifts the limit (`delivery-limit: -1`), or the queue can be deleted once empty (the next
-start declares it anew).
+that dies holding a letter twenty times over loses it; docs/operating/versions.md gives the
+policy that lifts the limit (`delivery-limit: -1`), or the queue can be deleted once empty
+(the next start declares it anew).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ async def declare_dead_queue(
             "dead_letter_queue_declared_otherwise",
             queue=name,
             meant=arguments,
-            advice="see the README: queues declared by older versions",
+            advice="see docs/operating/versions.md: queues declared by older versions",
         )
         queue = await channel.declare_queue(name, passive=True)
     await queue.bind(exchange, routing_key=routing_key)

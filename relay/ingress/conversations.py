@@ -24,10 +24,10 @@ from relay.errors import InvalidQuery, NotFound, Unauthorized
 from relay.ingress.handlers import addressed_integration, plausible_id, request_token
 from relay.ingress.paging import read_page
 from relay.ingress.ratelimit import RateLimiter
-from relay.pipeline.replies import delivery_id
 from relay.store import History, HistoryRow, IntegrationRecord, Watermark
 from relay.store.directory import Directory
-from relay.wire import ConversationItem, ItemDelivery, ReadTokenAnswer
+from relay.views import history_item
+from relay.wire import ReadTokenAnswer
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
@@ -57,30 +57,9 @@ class Reader:
         return "integration", self.integration.id
 
 
-def as_item(row: HistoryRow) -> ConversationItem:
-    """A history row as the API shows it."""
-    outgoing = row.direction == "outgoing"
-    state = "delivered" if row.delivered else "dead" if row.dead else None
-    state = state or ("failed" if row.attempts else "pending")
-    return ConversationItem(
-        id=str(row.watermark),
-        direction=row.direction,
-        type=row.type,
-        payload=row.payload,
-        createdAt=row.created_at,
-        conversationId=row.conversation_external_id,
-        botpressConversationId=row.conversation_id,
-        messageId=row.external_id or row.id,
-        botpressMessageId=row.id,
-        sequence=row.sequence,
-        webhookId=delivery_id(row.id) if outgoing else None,
-        delivery=ItemDelivery(state=state, attempts=row.attempts) if outgoing else None,
-    )
-
-
 def item_json(row: HistoryRow) -> bytes:
     """A history row as the API shows it, in JSON."""
-    return as_item(row).model_dump_json(exclude_none=True).encode()
+    return history_item(row).model_dump_json(exclude_none=True).encode()
 
 
 def parse_watermark(text: str | None, name: str) -> Watermark | None:

@@ -24,9 +24,10 @@ from relay.ingress.handlers import plausible_id, request_token
 from relay.ingress.ratelimit import RateLimiter
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.pipeline.replies import ReplyPublisher
-from relay.store import ConversationRecord, Conversations, OutgoingRecord
+from relay.store import ConversationRecord, Conversations
 from relay.store.directory import Directory
-from relay.wire import BotReply, OutgoingMessage, PushAnswer
+from relay.views import outgoing_view
+from relay.wire import BotReply, PushAnswer
 
 log = structlog.get_logger(__name__)
 
@@ -34,21 +35,6 @@ log = structlog.get_logger(__name__)
 # reaches us as a lone surrogate, which no store can keep.
 IDEMPOTENCY_KEY = re.compile(r"[!-~]([ -~]*[!-~])?")
 IDEMPOTENCY_KEY_MAX = 256
-
-
-def outgoing_view(record: OutgoingRecord) -> OutgoingMessage:
-    """The answer's `message`: a bot message as stored."""
-    return OutgoingMessage(
-        id=record.id,
-        createdAt=record.created_at,
-        updatedAt=record.created_at,
-        type=record.type,
-        payload=record.payload,
-        direction="outgoing",
-        conversationId=record.conversation_id,
-        userId=record.user_id,
-        sequence=record.sequence,
-    )
 
 
 def idempotency_key(request: web.Request) -> str | None:

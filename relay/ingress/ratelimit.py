@@ -25,7 +25,7 @@ class RateLimiter:
     """Allows `rate` requests per second with bursts of `burst`; rate 0 disables it.
 
     The limit holds per ingress process: with K ingress replicas an integration may send
-    up to K times the rate (documented in the README).
+    up to K times the rate (documented in docs/operating/security.md, Fair limits).
     """
 
     def __init__(

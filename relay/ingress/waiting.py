@@ -27,9 +27,9 @@ from relay.errors import InvalidQuery
 from relay.ingress.limits import Claim, Slots, take_all
 from relay.ingress.watchers import Watchers
 from relay.metrics import Metrics
-from relay.pipeline.replies import delivery_id, webhook_body
 from relay.settings import Settings
 from relay.store import History, TurnRecord
+from relay.views import delivery_id, webhook_body
 from relay.wire import MessageBundle, WaitedAnswer, WaitedResponse
 
 MAX_WAIT = 30.0

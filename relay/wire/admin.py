@@ -1,4 +1,9 @@
-"""The admin API's bodies (`/admin/v1`, `relay.ingress.admin`): what it takes and answers."""
+"""The admin API's bodies (`/admin/v1`): what it takes and answers.
+
+The wire half of administration: the routes (`relay.ingress.admin`) parse requests into
+these models, the operations (`relay.admin`) take plain values, and `relay.views` makes
+the answers from store records (the CLI prints the same views).
+"""
 
 from __future__ import annotations
 

@@ -3,8 +3,11 @@ tokens (`relay tokens create --kind admin`); integration and bot tokens get 401 
 presented token's hash is looked up at each request (one indexed row, no cache): a revoked
 token is refused from the next request on, by every ingress.
 
-The same code paths as the CLI (`relay.admin`): an integration is created and its response
-URL changed with the endpoint check, tokens are made and hashed the same way.
+The HTTP surface of administration, and only that: each route parses its request (into a
+model of `relay.wire.admin`), calls the operation (`relay.admin`, the store, or
+`relay.pipeline.dlq`) and answers through `relay.views`. The CLI (`relay.commands`) calls
+the same operations: an integration is created and its response URL changed with the
+endpoint check, tokens are made and hashed the same way.
 """
 
 from __future__ import annotations

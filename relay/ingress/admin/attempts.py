@@ -21,28 +21,11 @@ from relay.ingress.admin.common import (
 )
 from relay.store import AttemptQuery, FoundAttempt, Store
 from relay.store.records import AttemptOutcome, StatusClass
+from relay.views import attempt_view
 from relay.wire.admin import AttemptView, Page
 
 _STATUS_CLASSES: tuple[str, ...] = get_args(StatusClass)
 _OUTCOMES: tuple[str, ...] = get_args(AttemptOutcome)
-
-
-def view(found: FoundAttempt) -> AttemptView:
-    return AttemptView(
-        id=found.id,
-        webhookId=found.delivery_id,
-        attempt=found.attempt,
-        integrationId=found.integration_id,
-        responseId=found.message_id,
-        conversationId=found.conversation_external_id,
-        botpressConversationId=found.conversation_id,
-        status=found.status,
-        latencyMs=found.latency_ms,
-        error=found.error,
-        nextAttemptAt=found.next_attempt_at,
-        responseBody=found.response_body,
-        createdAt=found.created_at,
-    )
 
 
 def _cursor(text: str | None) -> tuple[datetime, str] | None:
@@ -76,7 +59,7 @@ def add_routes(app: web.Application, store_key: web.AppKey[Store]) -> None:
         )
         found = await request.config_dict[store_key].search_attempts(query, limit + 1)
         page = Page[AttemptView](
-            items=[view(f) for f in found[:limit]],
+            items=[attempt_view(f) for f in found[:limit]],
             nextCursor=_next_cursor(found[limit - 1]) if len(found) > limit else None,
         )
         return json_answer(page)

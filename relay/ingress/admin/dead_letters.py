@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -26,23 +25,9 @@ from relay.ingress.admin.common import (
     query_text,
 )
 from relay.pipeline.dlq import settle
-from relay.store import DeadLetter, DeadLetterFilter, DeadPosition
+from relay.store import DeadLetterFilter, DeadPosition
+from relay.views import dead_letter_view
 from relay.wire.admin import Count, DeadLetterSelection, DeadLetterView, Page
-
-
-def view(letter: DeadLetter) -> DeadLetterView:
-    return DeadLetterView(
-        id=letter.id,
-        stage=letter.stage,
-        integrationId=letter.integration_id,
-        conversationId=letter.conversation_id,
-        reason=letter.reason,
-        attempts=letter.attempts,
-        lastStatus=letter.last_status,
-        deadAt=datetime.fromtimestamp(letter.dead_at, UTC),
-        body=letter.body,
-    )
-
 
 _UNIX_SECONDS = re.compile(r"[0-9]{1,18}")
 
@@ -76,7 +61,7 @@ def add_routes(app: web.Application, keys: AdminKeys) -> None:
             last = items[-1]
             next_cursor = encode_cursor(str(last.dead_at), last.stage, last.id)
         page = Page[DeadLetterView](
-            items=[view(letter) for letter in items], nextCursor=next_cursor
+            items=[dead_letter_view(letter) for letter in items], nextCursor=next_cursor
         )
         return json_answer(page)
 

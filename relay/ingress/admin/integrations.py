@@ -19,8 +19,8 @@ from relay.ingress.admin.common import (
     page_size,
 )
 from relay.ingress.handlers import plausible_id
-from relay.settings import Settings
-from relay.store import IntegrationRecord, SecretUnreadable, Store, TokenRecord
+from relay.store import IntegrationRecord, SecretUnreadable, Store
+from relay.views import integration_view, rotation_view, token_view
 from relay.wire import utcnow
 from relay.wire.admin import (
     IntegrationCreate,
@@ -28,35 +28,11 @@ from relay.wire.admin import (
     IntegrationPatch,
     IntegrationView,
     Page,
-    SecretRotated,
     SecretRotation,
     TokenCreate,
     TokenCreated,
     TokenView,
 )
-
-
-def view(record: IntegrationRecord, settings: Settings) -> IntegrationView:
-    return IntegrationView(
-        id=record.id,
-        name=record.name,
-        webhookUrl=f"{settings.public_base_url}/webhooks/{record.id}",
-        responseUrl=record.response_url,
-        enabled=record.disabled_at is None,
-        createdAt=record.created_at,
-        disabledAt=record.disabled_at,
-    )
-
-
-def token_view(record: TokenRecord) -> TokenView:
-    return TokenView(
-        id=record.id,
-        integrationId=record.integration_id,
-        kind=record.kind,
-        prefix=record.prefix,
-        createdAt=record.created_at,
-        revokedAt=record.revoked_at,
-    )
 
 
 class IntegrationRoutes:
@@ -87,9 +63,8 @@ class IntegrationRoutes:
         limit = page_size(request)
         cursor = cursor_of(request)
         records = await self._store(request).list_integrations(cursor, limit + 1)
-        settings = request.app[SETTINGS_KEY]
         page = Page[IntegrationView](
-            items=[view(r, settings) for r in records[:limit]],
+            items=[_view(request, r) for r in records[:limit]],
             nextCursor=records[limit - 1].id if len(records) > limit else None,
         )
         return json_answer(page)
@@ -105,13 +80,13 @@ class IntegrationRoutes:
         except admin.AdminError as error:
             raise Unprocessable(str(error)) from error
         created = IntegrationCreated(
-            **view(record, settings).model_dump(), signingSecret=record.signing_secret
+            **_view(request, record).model_dump(), signingSecret=record.signing_secret
         )
         return json_answer(created, status=201)
 
     async def show(self, request: web.Request) -> web.Response:
         """`GET /integrations/{id}`."""
-        return json_answer(view(await self._integration(request), request.app[SETTINGS_KEY]))
+        return json_answer(_view(request, await self._integration(request)))
 
     async def change(self, request: web.Request) -> web.Response:
         """`PATCH /integrations/{id}`: a new response URL (checked again), enabled or not."""
@@ -130,7 +105,7 @@ class IntegrationRoutes:
             await store.set_disabled(
                 record.id, None if body.enabled else (record.disabled_at or utcnow())
             )
-        return json_answer(view(await self._integration(request), settings))
+        return json_answer(_view(request, await self._integration(request)))
 
     async def rotate(self, request: web.Request) -> web.Response:
         """`POST /integrations/{id}/rotate-secret {"grace"?}`: a new signing secret, in this
@@ -141,12 +116,7 @@ class IntegrationRoutes:
             rotated = await admin.rotate_secret(self._store(request), record.id, body.grace)
         except admin.AdminError as error:  # deleted meanwhile
             raise NotFound("unknown integration") from error
-        answer = SecretRotated(
-            id=rotated.integration_id,
-            signingSecret=rotated.secret,
-            previousSecretValidUntil=rotated.previous_until,
-        )
-        return json_answer(answer)
+        return json_answer(rotation_view(rotated))
 
     async def delete(self, request: web.Request) -> web.Response:
         """`DELETE /integrations/{id}`: with everything it holds."""
@@ -174,6 +144,11 @@ class IntegrationRoutes:
         if not (plausible_id(token_id) and await self._store(request).revoke_token(token_id)):
             raise NotFound("unknown or revoked token")
         return web.Response(status=204)
+
+
+def _view(request: web.Request, record: IntegrationRecord) -> IntegrationView:
+    """The integration as answered, its webhook URL under this ingress's RELAY_PUBLIC_URL."""
+    return integration_view(record, request.app[SETTINGS_KEY].public_base_url)
 
 
 def _current_secret(record: IntegrationRecord) -> str:

@@ -3,9 +3,7 @@
 
 A resend publishes the stored response as a first attempt under its webhook-id, so the
 back end can tell it is the same response. A recovery does that for every response of the
-integration given up on since a time, in each conversation's order, then removes their
-dead letters (a crash in between leaves a dead letter whose replay the back end would see
-under the same webhook-id again: a duplicate it can drop, never a loss).
+integration given up on since a time (`relay.admin.recovery`).
 """
 
 from __future__ import annotations
@@ -14,8 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from relay.admin.recovery import recover_integration
 from relay.errors import Conflict, NotFound
-from relay.ingress.admin.attempts import view as attempt_view
 from relay.ingress.admin.common import (
     AdminKeys,
     body_of,
@@ -23,10 +21,9 @@ from relay.ingress.admin.common import (
     json_answer,
     page_size,
 )
-from relay.ingress.conversations import as_item, parse_watermark
-from relay.pipeline.dlq import DeadLetters
-from relay.pipeline.replies import delivery_id
-from relay.store import AttemptQuery, DeadLetterFilter
+from relay.ingress.conversations import parse_watermark
+from relay.store import AttemptQuery
+from relay.views import attempt_view, delivery_id, history_item
 from relay.wire.admin import Count, Recovery, Resent, Timeline
 
 WEBHOOK_ID_PREFIX = delivery_id("")
@@ -67,20 +64,10 @@ class RecoveryRoutes:
         store = request.config_dict[self.keys.store]
         integration = await find_integration(store, request.match_info["id"])
         body = await body_of(request, Recovery)
-        records = await store.given_up_since(integration.id, body.since)
         replies = request.config_dict[self.keys.replies]
-        sent: set[str] = set()
-        try:
-            for record in records:
-                if await replies.send_again(record):
-                    sent.add(delivery_id(record.id))
-        finally:
-            # What was sent again leaves the dead letters, even if the broker went away
-            # before the end (the rest stay, to be recovered again).
-            if sent:
-                chosen = DeadLetterFilter("outbound", integration.id, ids=frozenset(sent))
-                await DeadLetters(store).purge(chosen)
-        return json_answer(Count(count=len(sent)))
+        return json_answer(
+            Count(count=await recover_integration(store, replies, integration.id, body.since))
+        )
 
     async def timeline(self, request: web.Request) -> web.Response:
         """The conversation's items after `?after=` (its history) with their attempts."""
@@ -99,7 +86,7 @@ class RecoveryRoutes:
         found = await store.search_attempts(query, TIMELINE_ATTEMPTS) if responses else []
         attempts = [attempt_view(a) for a in reversed(found) if a.message_id in responses]
         answer = Timeline(
-            messages=[as_item(row) for row in page.items],
+            messages=[history_item(row) for row in page.items],
             attempts=attempts,
             watermark=str(page.watermark),
         )

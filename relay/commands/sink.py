@@ -1,4 +1,5 @@
-"""`relay sink`: a local response endpoint that verifies and prints what it receives.
+"""`relay sink`: a local response endpoint that verifies and prints what it receives (the
+back end `make run` and the delivery tests point deliveries at).
 
 It checks each delivery's Standard Webhooks signature against the secrets of every
 integration in the store (reloaded when one does not verify, so new integrations and
@@ -9,6 +10,7 @@ rotations are picked up), prints one readable line per response, and can be told
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -18,7 +20,10 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from relay.store import Integrations
+from relay.commands.common import Commands, on_store
+from relay.service.runner import serve
+from relay.settings import Settings
+from relay.store import Integrations, SqlStore
 from relay.wire import utcnow
 
 
@@ -103,3 +108,21 @@ def create_sink_app(store: Integrations, options: SinkOptions) -> web.Applicatio
     app = web.Application()
     app.router.add_post("/{tail:.*}", sink.handle)
     return app
+
+
+@on_store
+async def run(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
+    options = SinkOptions(fail=args.fail, status=args.status, retry_after=args.retry_after)
+    await serve(create_sink_app(store, options), args.host, args.port, settings.shutdown_timeout)
+    return 0
+
+
+def add_to(commands: Commands[argparse.ArgumentParser]) -> None:
+    """`relay sink`."""
+    sink = commands.add_parser("sink", help="a local response endpoint that prints what it gets")
+    sink.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sink.add_argument("--port", type=int, default=8090, help="port to listen on")
+    sink.add_argument("--fail", type=int, default=0, help="answer 500 to the first N")
+    sink.add_argument("--status", type=int, default=200, help="the status to answer")
+    sink.add_argument("--retry-after", help="Retry-After to send with failures")
+    sink.set_defaults(run=run)

@@ -1,5 +1,6 @@
 """Retention: a prune run under the store's lease, by the worker services' janitor
-(`relay.service.janitor`) or by hand (`relay prune --older-than 7d`).
+(`relay.service.janitor`, every RELAY_PRUNE_INTERVAL) or by hand (`relay prune --older-than
+7d`, `relay.commands.prune`).
 
 What goes and what stays is the store's (`relay.store.sql.retention`); here: the lease
 that keeps one process at a time at it, and the ages people type.

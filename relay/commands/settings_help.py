@@ -18,6 +18,7 @@ _COMMON = (
     ("RELAY_QUEUE_WATCH_INTERVAL", "seconds between refreshes of the queue gauges"),
     ("RELAY_MANAGEMENT_URL", "RabbitMQ's management API, for the quorum gauges"),
     ("RELAY_LOG_LEVEL", "debug, info, warning or error"),
+    ("RELAY_LOG_FORMAT", "auto (console at a terminal, else JSON), console or json"),
 )
 _INGRESS = (
     ("RELAY_HTTP_HOST", "address to listen on (127.0.0.1)"),

@@ -1,4 +1,5 @@
-"""`relay partitions`: the partition counts in use, and retiring one nobody runs with.
+"""The partition counts in use, and retiring one nobody runs with (`relay partitions`,
+`relay.commands.partitions`).
 
 Changing RELAY_PARTITIONS is a rolling restart with the new value (see
 `relay.pipeline.generations`); the old count's queues are consumed until they are retired
@@ -11,8 +12,7 @@ and then its partition queues are deleted, if they are still empty.
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
 from aio_pika.abc import AbstractConnection
@@ -107,30 +107,3 @@ async def retire(
         for name in names:
             await channel.queue_delete(name)
     return names
-
-
-def render_table(views: list[CountView], own: int) -> str:
-    """A fixed-width table, one count per line."""
-    header = ("PARTITIONS", "LAST NOTED", "RUNNING", "UNFINISHED IN", "UNFINISHED OUT", "READY")
-    rows = [header] + [
-        (
-            f"{v.partitions}{' (this config)' if v.partitions == own else ''}",
-            v.last_noted.isoformat(timespec="seconds"),
-            "yes" if v.running else "no",
-            str(v.unfinished_inbound),
-            str(v.unfinished_outbound),
-            "?" if v.ready is None else str(v.ready),
-        )
-        for v in views
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def render_json(views: list[CountView]) -> str:
-    """The counts as one JSON document."""
-    rows = [{**asdict(v), "last_noted": v.last_noted.isoformat()} for v in views]
-    return json.dumps({"partition_counts": rows}, indent=2)

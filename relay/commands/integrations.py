@@ -1,0 +1,113 @@
+"""`relay integrations create | list | show | rotate-secret | enable`: through the same
+operations (`relay.admin`) and views (`relay.views`) as the admin API."""
+
+from __future__ import annotations
+
+import argparse
+
+from relay import admin, views
+from relay.admin import AdminError
+from relay.commands.common import Commands, add_json, group, on_store, using_store
+from relay.commands.output import plain, print_json, show
+from relay.settings import Settings
+from relay.store import SqlStore
+from relay.wire.admin import ROTATION_GRACE_SECONDS
+
+LIST_COLUMNS = ["id", "name", "responseUrl", "createdAt"]
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@on_store
+async def create(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
+    record = await admin.create_integration(
+        store, settings, args.name, args.response_url, verify=not args.no_verify
+    )
+    view = plain(views.integration_view(record, settings.public_base_url))
+    # The signing secret is shown here, once: no listing shows it again.
+    shown = {k: view[k] for k in ("id", "name", "webhookUrl")}
+    print_json({**shown, "signingSecret": record.signing_secret})
+    return 0
+
+
+@on_store
+async def listing(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
+    base = settings.public_base_url
+    found = [plain(views.integration_view(r, base)) for r in await store.list_integrations()]
+    show(found, LIST_COLUMNS, args.json)
+    return 0
+
+
+@on_store
+async def show_one(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
+    record = await store.get_integration(args.integration_id)
+    if record is None:
+        raise AdminError(f"no integration {args.integration_id}")
+    print_json(plain(views.integration_view(record, settings.public_base_url)))
+    return 0
+
+
+async def rotate(settings: Settings, args: argparse.Namespace) -> int:
+    grace = parse_duration(args.grace)  # before the store: a typo costs no connection
+    rotated = await using_store(
+        settings, lambda store: admin.rotate_secret(store, args.integration_id, grace)
+    )
+    print_json(plain(views.rotation_view(rotated)))
+    return 0
+
+
+@on_store
+async def enable(store: SqlStore, _: Settings, args: argparse.Namespace) -> int:
+    if not await store.set_disabled(args.integration_id, None):
+        raise AdminError(f"no integration {args.integration_id}")
+    print(f"enabled {args.integration_id}")
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `90`, `90s`, `15m`, `24h` or `7d`."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError as error:
+        raise AdminError(f"not a duration: {text!r} (try 90s, 15m, 24h, 7d)") from error
+    if seconds < 0:
+        raise AdminError("a duration cannot be negative")
+    return seconds
+
+
+def add_to(commands: Commands[argparse.ArgumentParser]) -> None:
+    """`relay integrations` and its actions."""
+    actions = group(commands, "integrations", "manage integrations")
+    made = actions.add_parser("create", help="create an integration")
+    made.add_argument("--name", required=True, help="a name for people to read")
+    made.add_argument("--response-url", required=True, help="the back end's response endpoint")
+    made.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not POST a test event to the response endpoint first",
+    )
+    made.set_defaults(run=create)
+    listed = actions.add_parser("list", help="list integrations")
+    add_json(listed)
+    listed.set_defaults(run=listing)
+    _one(actions, "show", "one integration (never its signing secret)").set_defaults(run=show_one)
+    rotating = _one(
+        actions, "rotate-secret", "new signing secret (shown once); the old one signs a while too"
+    )
+    rotating.add_argument(
+        "--grace",
+        default=f"{ROTATION_GRACE_SECONDS // 3600}h",
+        help="how long the old secret still signs, alongside the new one (default 24h,"
+        " at most 30d)",
+    )
+    rotating.set_defaults(run=rotate)
+    _one(actions, "enable", "re-enable an endpoint disabled by a 410").set_defaults(run=enable)
+
+
+def _one(
+    actions: Commands[argparse.ArgumentParser], name: str, helptext: str
+) -> argparse.ArgumentParser:
+    """An action on one integration, named by its id."""
+    command = actions.add_parser(name, help=helptext)
+    command.add_argument("integration_id", help="the integration's id")
+    return command
