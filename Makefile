@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 RUNTIME_LOCK := requirements/runtime.txt
 DEV_LOCK := requirements/dev.txt
 
-.PHONY: install lock run test test-faults test-stack lint bench bench-ingress clean
+.PHONY: install lock run test test-faults test-stack lint bench bench-ingress clean docs docs-build
 
 install: $(STAMP)
 
@@ -58,7 +58,7 @@ test-faults: install
 STACK := scripts/ensure-stack
 STACK_FAULTS := test_kill_9_of_each_role_mid_stream or test_broker_stop_app_start_app_three_times
 STACK_SKIPS := test_chat_page test_console_page test_schemathesis test_fuzz test_openapi_tools \
-	test_deploy test_dependencies test_layout
+	test_deploy test_dependencies test_layout test_docs
 test-stack:
 	@$(STACK)
 	@status=0; \
@@ -81,6 +81,15 @@ bench: install
 bench-ingress: install
 	@scripts/ensure-services --postgres
 	$(BIN)/python -m bench.ingress_load $(BENCH_ARGS)
+
+# The docs site (mkdocs.yml, docs/): `make docs` serves it on 127.0.0.1:8000 and rebuilds on
+# every change; `make docs-build` builds it into site/ with warnings as errors, as CI does.
+DOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+docs: install
+	$(DOCS) serve --dev-addr 127.0.0.1:8000
+
+docs-build: install
+	$(DOCS) build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
