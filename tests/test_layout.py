@@ -1,14 +1,17 @@
 """The floor plan's rules, read from the source of every module (with `ast`, nothing runs):
 
 - nothing under `workers/` imports `relay.ingress`: a worker runs without the HTTP API;
-- nothing under `relay/` imports `workers`, except the CLI (`relay.cli`, or the
-  `relay.commands` package), which wires the roles; in particular the pipeline
+- nothing under `relay/` imports `workers`, except the CLI (`relay.commands`), which wires
+  the roles; in particular the pipeline
   (`relay.pipeline`) never calls up into the workers: each stage is a handler it is given;
 - nothing under `relay/` but the CLI imports `relay.ingress`: the core sits below it;
 - no import cycles between the modules of `relay/` and `workers/` (counting the imports a
   module makes when it is loaded, not those inside functions or under `if TYPE_CHECKING:`);
 - no module imports a private name (`_name`) from another module: what a module shares it
   names without the underscore;
+- the root of `relay/` holds only what the parts share: each of its modules is used by at
+  least two parts (`relay.<package>`, `workers.<package>`); what one part alone uses lives
+  in that part;
 - no class is over `CLASS_LIMIT` code lines (blank lines, comment-only lines and docstrings
   not counted): a class that grows past it is split into parts it receives.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("relay", "workers")
-CLI = ("relay.cli", "relay.commands")  # the command line (a module, or a package)
+CLI = ("relay.commands",)  # the command line
 CLASS_LIMIT = 150
 Graph = dict[str, set[str]]
 
@@ -210,8 +213,43 @@ def test_cycles_are_found_and_named() -> None:
 def test_a_from_import_of_a_submodule_names_the_submodule() -> None:
     (node,) = ast.parse("from relay.broker import queues, Broker").body
     assert isinstance(node, ast.ImportFrom)
-    named = set(_targets(node, "relay.cli", False, {"relay.broker", "relay.broker.queues"}))
+    named = set(
+        _targets(node, "relay.commands.main", False, {"relay.broker", "relay.broker.queues"})
+    )
     assert named == {"relay.broker.queues", "relay.broker"}
+
+
+def part_of(module: str) -> str | None:
+    """The part a module belongs to (`relay.pipeline`, `workers.bot`); None for a module
+    in the root of `relay/` (or `relay` itself)."""
+    names = module.split(".")
+    return ".".join(names[:2]) if len(names) > 2 or names[0] == "workers" else None
+
+
+def root_modules_used_by_one_part() -> list[str]:
+    """The modules in the root of `relay/` that fewer than two parts import."""
+    graph = imports(load_time_only=False)
+    lonely: list[str] = []
+    for module, path in sources().items():
+        if path.parent != ROOT / "relay" or path.name == "__init__.py":
+            continue
+        users = {part_of(user) for user, imported in graph.items() if module in imported}
+        users.discard(None)
+        if len(users) < 2:
+            lonely.append(f"{module} (used by {', '.join(sorted(map(str, users))) or 'nothing'})")
+    return lonely
+
+
+def test_the_root_of_relay_holds_only_what_parts_share() -> None:
+    lonely = root_modules_used_by_one_part()
+    assert not lonely, "modules of relay/'s root that one part alone uses:\n" + "\n".join(lonely)
+
+
+def test_parts_are_named_by_their_package() -> None:
+    assert part_of("relay.pipeline.stage") == "relay.pipeline"
+    assert part_of("relay.store.sql.inbound") == "relay.store"
+    assert part_of("workers.bot.worker") == "workers.bot"
+    assert part_of("relay.settings") is None
 
 
 def private_imports() -> list[str]:

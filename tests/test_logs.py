@@ -16,7 +16,7 @@ from typing import TextIO
 import pytest
 import structlog
 
-from relay.logs import configure_logging, resolved_format
+from relay.commands.logs import configure_logging, resolved_format
 from relay.settings import Settings
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -28,7 +28,7 @@ from relay.commands import (
     tokens,
 )
 from relay.commands.common import Command
-from relay.logs import configure_logging
+from relay.commands.logs import configure_logging
 from relay.settings import Settings, describe_error
 
 # In the order `relay --help` lists them.
