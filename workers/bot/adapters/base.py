@@ -15,6 +15,7 @@ import aiohttp
 import structlog
 
 from relay.payloads import InvalidPayload, validate_outgoing
+from relay.tracing import inject_current
 from relay.wire import InboundEnvelope
 from relay.wire.contract import MAX_PAYLOAD_BYTES
 
@@ -79,7 +80,10 @@ async def post_to_bot(
 ) -> bytes:
     """POST to a bot; its answer's body. The one policy for what a bot's answer means:
     a timeout, a connection error, 408, 429 or 5xx is retried (BotFailure); another
-    non-2xx is not (BotFailure, permanent)."""
+    non-2xx is not (BotFailure, permanent). Inside a traced turn the POST carries its
+    `traceparent`, so a bot that traces joins the message's trace."""
+    headers = dict(headers or {})
+    inject_current(headers)
     try:
         async with http.post(url, json=body, headers=headers, allow_redirects=False) as response:
             # Bounded: an answer larger than any reply may be is refused, not held in memory.
