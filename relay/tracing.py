@@ -131,10 +131,9 @@ def note(attributes: Attributes) -> None:
         span.set_attributes(attributes)
 
 
-def note_status(status: int | None) -> None:
+def note_status(status: int) -> None:
     """Record an HTTP status on the current span (nothing when none is recording)."""
-    if status is not None:
-        note({HTTP_STATUS: status})
+    note({HTTP_STATUS: status})
 
 
 def _parent(headers: Mapping[str, Any]) -> Context | None:
@@ -159,9 +158,10 @@ class Tracing:
         exporting to `RELAY_OTLP_ENDPOINT`, or `NO_TRACING` if it is empty."""
         if not settings.otlp_endpoint:
             return NO_TRACING
-        provider = _provider(settings, f"{settings.otlp_service_name}-{role}")
+        service = f"{settings.otlp_service_name}-{role}"
+        provider = _provider(settings, service)
         # Not the endpoint: its URL may hold the collector's credentials.
-        log.info("tracing", service=f"{settings.otlp_service_name}-{role}")
+        log.info("tracing", service=service)
         return cls(provider.get_tracer("relay"), provider)
 
     @property

@@ -177,7 +177,7 @@ def part_of(path: str) -> str:
         (len(prefix), name)
         for name, prefixes in API_PARTS.items()
         for prefix in prefixes
-        if path == prefix or path.startswith(prefix)
+        if path.startswith(prefix)
     ]
     if not matches:
         log.warning("docs: the OpenAPI path %s belongs to none of docs/api/'s pages", path)
@@ -221,8 +221,8 @@ def settings_table() -> str:
         log.warning("docs: a note for %s, which is no longer a setting", stale)
     rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     for name, field in fields.items():
-        meaning = NOTES.get(name) or comments.get(name, ("", ""))[0]
-        meaning = meaning or comments.get(name, ("", ""))[1]
+        own, group = comments.get(name, ("", ""))
+        meaning = NOTES.get(name) or own or group
         if not meaning:
             log.warning("docs: RELAY_%s has no comment in relay/settings.py", name.upper())
         cells = (f"`RELAY_{name.upper()}`", type_text(field), default_text(field), meaning)

@@ -49,6 +49,22 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+async def until_ready(
+    http: aiohttp.ClientSession, base: str, timeout: float = 30.0, interval: float = 0.1
+) -> None:
+    """Wait until the service at `base` answers `/readyz` with 200 (a started process
+    refuses connections until it listens)."""
+
+    async def ready() -> bool:
+        try:
+            async with http.get(f"{base}/readyz") as response:
+                return response.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await eventually(ready, timeout=timeout, interval=interval)
+
+
 def with_address(url: str, host_port: str) -> str:
     """The URL with another host:port, keeping user and password."""
     parts = urlsplit(url)

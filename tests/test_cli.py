@@ -23,7 +23,7 @@ from standardwebhooks import Webhook
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.wire import utcnow
-from tests.helpers import eventually, message, with_address
+from tests.helpers import eventually, message, until_ready, with_address
 from tests.proxy import Proxy
 
 RELAY = [sys.executable, "-m", "relay.commands"]
@@ -368,15 +368,7 @@ async def test_ingress_finishes_in_flight_requests_on_sigterm_and_exits_zero(
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await eventually(ready, timeout=30)
+            await until_ready(http, base, interval=0.02)
             async with http.post(
                 f"{base}/webhooks/{created['id']}",
                 json=message("logged"),

@@ -23,7 +23,7 @@ from relay import admin
 from relay.auth import reply_token
 from relay.settings import Settings
 from relay.store import SqlStore
-from tests.helpers import eventually, message
+from tests.helpers import eventually, message, until_ready
 from tests.test_bad_input import Service, raw_request, start_service
 from tests.test_cli import relay
 
@@ -204,15 +204,7 @@ async def test_no_log_line_or_error_body_holds_a_token_or_the_signing_secret(
     }
     async with start_service(settings, "run", env) as service, aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{service.port}"
-
-        async def ready() -> bool:
-            try:
-                async with http.get(f"{base}/readyz") as response:
-                    return response.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready, timeout=30, interval=0.1)
+        await until_ready(http, base)
         async with http.post(
             f"{base}/webhooks/{secrets.integration_id}",
             json=message(1),

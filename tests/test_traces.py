@@ -29,7 +29,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.tracing import ATTEMPT, HTTP_STATUS, INTEGRATION_ID, MESSAGE_ID
-from tests.helpers import eventually, make_integration, message
+from tests.helpers import eventually, make_integration, message, until_ready
 from tests.receivers import Hit, Receiver, serving
 from tests.test_cli import free_port, relay_processes
 
@@ -122,15 +122,7 @@ async def post_when_ready(
 ) -> dict[str, Any]:
     """POST the message once the ingress is ready (one request: one accept span); its answer."""
     async with aiohttp.ClientSession() as http:
-
-        async def ready() -> bool:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as answer:
-                    return answer.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await eventually(ready, timeout=60, interval=0.2)
+        await until_ready(http, f"http://127.0.0.1:{port}", timeout=60, interval=0.2)
         async with http.post(
             f"http://127.0.0.1:{port}/webhooks/{integration_id}",
             json=body,

@@ -28,6 +28,7 @@ from relay.tracing import (
 )
 from relay.wire import TRACEPARENT_HEADER, TRACESTATE_HEADER
 from tests.helpers import eventually
+from tests.receivers import serving
 from tests.test_traces import Collector, Exported, new_traceparent, serve_collector
 from workers.bot.adapters.base import post_to_bot
 
@@ -152,22 +153,14 @@ async def test_a_bot_is_posted_the_turns_traceparent_and_nothing_outside_a_turn(
 
     app = web.Application()
     app.router.add_post("/bot", bot)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = f"http://127.0.0.1:{port}/bot"
     tracing, _ = in_memory()
-    try:
-        async with aiohttp.ClientSession() as http:
-            with tracing.consumed("inbound", {}, ids(conversation_id="c1")) as turn:
-                await post_to_bot(http, url, {"text": "hi"}, {"X-Bot": "1"})
+    async with serving(app) as base, aiohttp.ClientSession() as http:
+        url = f"{base}/bot"
+        with tracing.consumed("inbound", {}, ids(conversation_id="c1")) as turn:
+            await post_to_bot(http, url, {"text": "hi"}, {"X-Bot": "1"})
+        await post_to_bot(http, url, {"text": "hi"})
+        with NO_TRACING.consumed("inbound", {}, {}):
             await post_to_bot(http, url, {"text": "hi"})
-            with NO_TRACING.consumed("inbound", {}, {}):
-                await post_to_bot(http, url, {"text": "hi"})
-    finally:
-        await runner.cleanup()
     trace_id, span_id = hex_ids(turn)
     flags = f"{int(turn.get_span_context().trace_flags):02x}"
     assert seen == [f"00-{trace_id}-{span_id}-{flags}", None, None]

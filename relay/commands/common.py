@@ -9,7 +9,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from aio_pika.abc import AbstractConnection
+
 from relay.broker import Broker, topology_of
+from relay.broker.addresses import Addresses
 from relay.settings import Settings
 from relay.store import SecretBox, SqlStore, open_store
 
@@ -22,6 +25,7 @@ T = TypeVar("T")
 
 JSON_HELP = "print JSON instead of a table"
 BROKER_WAIT = 15.0  # seconds a command waits for the broker to connect
+CONNECT_SECONDS = 10.0  # seconds a command tries each broker address for a plain connection
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,12 @@ def on_store(work: StoreCommand) -> Command:
         return await using_store(settings, lambda store: work(store, settings, args))
 
     return run
+
+
+async def broker_connection(settings: Settings) -> AbstractConnection:
+    """A plain connection to the broker (the first address that answers), for commands that
+    read or declare queues rather than publish."""
+    return await Addresses(settings.amqp_url).connect(attempt_seconds=CONNECT_SECONDS)
 
 
 async def using_broker(settings: Settings, work: Callable[[Broker], Awaitable[T]]) -> T:

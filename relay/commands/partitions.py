@@ -10,18 +10,16 @@ from dataclasses import asdict
 from relay.admin import AdminError
 from relay.admin.partitions import CannotRetire, CountView, counts, retire
 from relay.broker import topology_of
-from relay.broker.addresses import Addresses
-from relay.commands.common import Commands, add_json, on_store
+from relay.commands.common import Commands, add_json, broker_connection, on_store
 from relay.settings import Settings
 from relay.store import SqlStore
 
-CONNECT_SECONDS = 10.0
 HEADER = ("PARTITIONS", "LAST NOTED", "RUNNING", "UNFINISHED IN", "UNFINISHED OUT", "READY")
 
 
 @on_store
 async def listing(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
-    connection = await Addresses(settings.amqp_url).connect(attempt_seconds=CONNECT_SECONDS)
+    connection = await broker_connection(settings)
     async with connection:
         views = await counts(store, connection, topology_of(settings))
     print(render_json(views) if args.json else render_table(views, settings.partitions))
@@ -32,7 +30,7 @@ async def listing(store: SqlStore, settings: Settings, args: argparse.Namespace)
 async def retiring(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
     # The workers look for counts every RELAY_GENERATIONS_INTERVAL: two looks and a second.
     let_go = 2 * settings.generations_interval + 1
-    connection = await Addresses(settings.amqp_url).connect(attempt_seconds=CONNECT_SECONDS)
+    connection = await broker_connection(settings)
     async with connection:
         try:
             deleted = await retire(store, connection, topology_of(settings), args.count, let_go)

@@ -11,31 +11,30 @@ import sys
 from aio_pika.abc import AbstractConnection
 
 from relay.broker import BROKER_ERRORS, queues, topology_of
-from relay.broker.addresses import Addresses
 from relay.broker.topology import Topology, declared_otherwise
 from relay.broker.version import version_of
-from relay.commands.common import Commands, add_json
+from relay.commands.common import Commands, add_json, broker_connection
 from relay.settings import Settings
 from relay.store import SqlStore, StoreError, open_store
 
-CONNECT_SECONDS = 10.0
 CLEAR_SCREEN = "\033[H\033[J"
 WATCH_DEFAULT = 2.0
 
 
 async def look(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        connection = await Addresses(settings.amqp_url).connect(attempt_seconds=CONNECT_SECONDS)
+        connection = await broker_connection(settings)
     except BROKER_ERRORS as error:
         print(f"error: cannot reach the broker: {error}", file=sys.stderr)
         return 1
     store = await _store_if_reachable(settings)
+    topology = topology_of(settings)
     async with connection, contextlib.AsyncExitStack() as closing:
         if store is not None:
             closing.push_async_callback(store.close)
-        await _broker_said(connection, topology_of(settings))
+        await _broker_said(connection, topology)
         while True:
-            await _look_once(settings, connection, store, args)
+            await _look_once(settings, topology, connection, store, args)
             if args.watch is None:
                 return 0
             sys.stdout.flush()
@@ -44,14 +43,13 @@ async def look(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _look_once(
     settings: Settings,
+    topology: Topology,
     connection: AbstractConnection,
     store: SqlStore | None,
     args: argparse.Namespace,
 ) -> None:
     others = await _counts(store)
-    stats, unanswered = await queues.survey(
-        connection, topology_of(settings), others, settings.management_url
-    )
+    stats, unanswered = await queues.survey(connection, topology, others, settings.management_url)
     if unanswered is not None:
         print(f"warning: management API: {unanswered}", file=sys.stderr)
     if args.watch is not None and not args.json:
@@ -67,7 +65,7 @@ async def _broker_said(connection: AbstractConnection, topology: Topology) -> No
         for name in await declared_otherwise(channel, topology):
             print(
                 f"warning: {name} was declared with a delivery limit (RabbitMQ 4's default of"
-                " 20): letters returned that often are dropped; see the README",
+                " 20): letters returned that often are dropped; see docs/operating/versions.md",
                 file=sys.stderr,
             )
 

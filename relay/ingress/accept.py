@@ -93,14 +93,15 @@ class Acceptor:
         )
         if isinstance(outcome, Vanished):
             return None
+        if outcome.created:
+            # Written by this attempt, with this request's own fingerprint: nothing to compare.
+            return await self._publish_or_discard(integration_id, outcome, request_id, first=True)
         if outcome.fingerprint != request.fingerprint():
             self._metrics.inbound.labels("conflict").inc()
             raise Conflict(
                 "messageId was already used with a different body",
                 details={"messageId": request.messageId},
             )
-        if outcome.created:
-            return await self._publish_or_discard(integration_id, outcome, request_id, first=True)
         settled = await self._settle_existing(integration_id, outcome, request_id)
         if settled is not None:
             self._metrics.inbound.labels("duplicate").inc()

@@ -38,7 +38,7 @@ from relay.ingress.watchers import Watchers
 from relay.metrics import Metrics
 from relay.pipeline.outbox import sweep_forever
 from relay.pipeline.replies import ReplyPublisher
-from relay.service.app import METRICS_KEY, create_service_app, observe
+from relay.service.app import METRICS_KEY, create_service_app, observe, route_label
 from relay.service.lifecycle import dependencies, queue_gauges
 from relay.service.listeners import listening, settings_context
 from relay.service.server import SERVICE_SETTINGS_KEY
@@ -169,9 +169,10 @@ def _routed(key: web.AppKey[T], pick: Callable[[T], Handler]) -> Handler:
 async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The server span of a request that brings a message in (when the ingress traces)."""
     tracing = request.app.get(TRACING_KEY, NO_TRACING)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else ""
-    if not tracing.enabled or (request.method, route) not in ACCEPTING:
+    if not tracing.enabled:
+        return await handler(request)
+    route = route_label(request)
+    if (request.method, route) not in ACCEPTING:
         return await handler(request)
     found = request.match_info
     attributes = {

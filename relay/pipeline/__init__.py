@@ -16,8 +16,9 @@ How a delivery travels (by function name):
 1. `Subscriber._subscribe` consumes the partition queue; the broker's delivery calls the
    stage worker's intake, `StageWorker._on_delivery` (held with `Subscription.held` during
    a hand-off or a stop, returned when the channel closes).
-2. `StageWorker._take` reads the envelope (`handler.parse`) and `Lanes.submit`s it under
-   its conversation's key: one lane per conversation, in arrival order.
+2. `StageWorker._take` reads the envelope (`relay.pipeline.handler.parse`) and
+   `Lanes.submit`s it under its conversation's key: one lane per conversation, in arrival
+   order.
 3. In its lane, `Handling.process` -> `Handling._handle`: a stale delivery is skipped; one
    that is not an envelope is dead (`Handling._dead_unread`); otherwise
    `Handling._verdict`:
@@ -30,8 +31,9 @@ How a delivery travels (by function name):
    - any other goes to the handler: `StageHandler.decide` returns a `Verdict`.
 4. `Settler.settle` carries the verdict out: `Settler._forward` publishes to a delay or
    dead-letter queue with a confirm, the message is acked (`quietly`), and
-   `Settler._track_parking` moves the conversation's parking on, which releases what waits
-   in memory behind it (`WaitingRoom.release`).
+   `Settler._track_parking` moves the conversation's parking on, which (unless the message
+   was only sent away to wait behind its parked head) releases what waits in memory behind
+   it (`WaitingRoom.release`).
 
 A partition handed over (`PartitionSet.rebalance` -> `PartitionSet._hand_off`) or a worker
 stopping (`StageWorker.stop`) takes back what was not started (`StageWorker._withdraw`),

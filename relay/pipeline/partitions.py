@@ -30,7 +30,6 @@ from relay.aio import pause
 from relay.broker import CONNECTION_ERRORS, Broker, BrokerUnavailable, StageName, partition_of
 from relay.broker.presence import Presence
 from relay.broker.topology import Topology
-from relay.metrics import Metrics
 from relay.pipeline.background import Background
 from relay.pipeline.parking import Parking
 from relay.pipeline.renewal import renew_worn
@@ -94,7 +93,6 @@ class PartitionSet:
         topology: Topology,
         stage: StageName,
         settings: Settings,
-        metrics: Metrics,
         prefetch: int,
         presence: Presence,
         holdings: Holdings,
@@ -104,7 +102,6 @@ class PartitionSet:
         self._broker = broker
         self._topology = topology
         self._stage = stage
-        self._metrics = metrics
         self._presence = presence
         self._holdings = holdings
         self._watch = watch
@@ -222,8 +219,7 @@ class PartitionSet:
         if self.stopping:
             return
         held = self.active - {n for n, s in self._subscriptions.items() if s.holding}
-        if self._topology.partitions == self._broker.topology.partitions:
-            self._metrics.partitions_held.labels(self._stage).set(len(held))
+        self._watch.held(len(held))
         partitions, peers = self._topology.partitions, self._presence.peers()
         for partition in surplus(partitions, peers, held, self._holdings.parked_partitions()):
             self._background.spawn(self._hand_off(partition), f"hand-off-{partition}")

@@ -75,12 +75,12 @@ class StageWorker(Generic[E]):
         self._lanes: Lanes[Delivery[E]] = Lanes(handling.process, concurrency)
         presence = Presence(broker, self.stage, settings.presence_interval, self.topology)
         self._worker_id = presence.worker_id
-        self._partitions = self._partition_set(settings, 2 * concurrency, presence)
-
-    def _partition_set(self, settings: Settings, prefetch: int, presence: Presence) -> PartitionSet:
         # Per partition channel, the prefetch is twice the lanes' concurrency: as many
         # messages again wait in memory for their turn (so a full waiting room never keeps
         # the heads they wait for from being delivered).
+        self._partitions = self._partition_set(settings, 2 * concurrency, presence)
+
+    def _partition_set(self, settings: Settings, prefetch: int, presence: Presence) -> PartitionSet:
         own_count = self.topology.partitions == self._broker.topology.partitions
         watch = PartitionWatch(
             self.stage,
@@ -98,7 +98,6 @@ class StageWorker(Generic[E]):
             self.topology,
             self.stage,
             settings,
-            self._metrics,
             prefetch,
             presence,
             holdings,

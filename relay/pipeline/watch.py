@@ -64,6 +64,12 @@ class PartitionWatch:
         self._presence.report(ages)
         self._report_stuck_lanes()
 
+    def held(self, count: int) -> None:
+        """Report how many partitions this worker is the active consumer of; only for the
+        service's own count (a retiring count's worker would overwrite it)."""
+        if self._own_count:
+            self._metrics.partitions_held.labels(self._stage).set(count)
+
     def label(self, partition: int) -> str:
         """A partition as metrics name it: `3`, or `of16.3` for another count's than the
         service's."""

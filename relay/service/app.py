@@ -64,7 +64,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     response = await _answer(request, handler)
     response.headers["X-Request-Id"] = request_id
-    route = _route_label(request)
+    route = route_label(request)
     metrics = request.app[METRICS_KEY]
     metrics.http_requests.labels(request.method, route, str(response.status)).inc()
     metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
@@ -107,7 +107,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, "internal", "internal error")
 
 
-def _route_label(request: web.Request) -> str:
+def route_label(request: web.Request) -> str:
+    """The template of the route a request matched (`unmatched` if none)."""
     # The route template, not the path: one series per route whatever the ids.
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"

@@ -39,11 +39,13 @@ def wait_for(seconds: float, reason: str, queues: Sequence[float]) -> Verdict:
 class Judge:
     """Turns an attempt's answer into a verdict, and counts it."""
 
-    def __init__(self, settings: Settings, store: Attempts, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, store: Attempts, metrics: Metrics, queues: Sequence[float]
+    ) -> None:
         self._settings = settings
         self._store = store
         self._metrics = metrics
-        self._queues = sorted(settings.delivery_delay_queues)
+        self._queues = queues  # the delay queues' seconds, in order
 
     async def judge(
         self, envelope: OutboundEnvelope, integration: IntegrationRecord, sent: Sent

@@ -7,9 +7,7 @@ order. Its parts: `Endpoints` (an endpoint's in-flight slots and circuit breaker
 
 Per response: wait if it is not due yet (its retry time, carried in a header), or if its
 endpoint's circuit is open or its in-flight cap is reached; otherwise POST it signed, log
-the attempt, and decide: 2xx done; 410 dead-letters and disables the endpoint; another 4xx
-(but 408, 409, 425, 429) dead-letters; anything else retries on the schedule, with jitter,
-`Retry-After` (clamped) and an overload penalty, until attempts or age run out.
+the attempt, and let the `Judge` decide what its answer makes of it.
 
 Order per conversation: a response that waits holds its conversation (parking), so the
 later responses wait behind it in the delay queues and leave after it. The attempt log
@@ -23,6 +21,7 @@ the worker to the store the same way, and waits behind the missing one.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -76,13 +75,15 @@ def delivery_worker(
     breakers = Breakers(
         settings.breaker_threshold, settings.breaker_cooldown, settings.endpoint_concurrency
     )
+    queues = sorted(settings.delivery_delay_queues)  # where waits are spent
     deliveries = Deliveries(
         settings,
         store,
         sender,
         Endpoints(breakers, metrics),
-        Judge(settings, store, metrics),
+        Judge(settings, store, metrics, queues),
         AttemptLog(store),
+        queues,
     )
     concurrency = settings.delivery_concurrency
     return StageWorker(deliveries, broker, metrics, concurrency, settings, topology)
@@ -102,6 +103,7 @@ class Deliveries:
         endpoints: Endpoints,
         judge: Judge,
         attempts: AttemptLog,
+        queues: Sequence[float],
     ) -> None:
         self._settings = settings
         self._store = store
@@ -112,7 +114,7 @@ class Deliveries:
         self._directory = Directory(
             store, settings.auth_cache_seconds, settings.directory_cache_size
         )
-        self._queues = sorted(settings.delivery_delay_queues)
+        self._queues = queues
 
     async def unreadable(self, message_id: str) -> None:
         """A response's queue id is its webhook-id: marked dead, no response waits for it."""

@@ -23,10 +23,9 @@ from relay.ingress.admin.common import (
 )
 from relay.ingress.conversations import parse_watermark
 from relay.store import AttemptQuery
-from relay.views import attempt_view, delivery_id, history_item
+from relay.views import attempt_view, history_item, response_id
 from relay.wire.admin import Count, Recovery, Resent, Timeline
 
-WEBHOOK_ID_PREFIX = delivery_id("")
 TIMELINE_ATTEMPTS = 1000  # the newest this many of a conversation's attempts
 
 
@@ -44,11 +43,11 @@ class RecoveryRoutes:
     async def resend(self, request: web.Request) -> web.Response:
         """A delivered response once more (202: it is queued, not yet delivered)."""
         webhook_id = request.match_info["webhookId"]
-        response_id = webhook_id.removeprefix(WEBHOOK_ID_PREFIX)
+        relay_id = response_id(webhook_id)
         found = None
-        if webhook_id.startswith(WEBHOOK_ID_PREFIX) and response_id:
-            found = await request.config_dict[self.keys.store].find_response(response_id)
-        if found is None:
+        if relay_id is not None:
+            found = await request.config_dict[self.keys.store].find_response(relay_id)
+        if relay_id is None or found is None:
             raise NotFound("no response has that webhook-id")
         if not found.delivered:
             raise Conflict(
@@ -57,7 +56,7 @@ class RecoveryRoutes:
             )
         if not await request.config_dict[self.keys.replies].send_again(found.record):
             raise Conflict("that response's stored payload can never be published: it is dead")
-        return json_answer(Resent(webhookId=webhook_id, responseId=response_id), status=202)
+        return json_answer(Resent(webhookId=webhook_id, responseId=relay_id), status=202)
 
     async def recover(self, request: web.Request) -> web.Response:
         """Every response of the integration given up on since `since`, sent again."""

@@ -153,11 +153,19 @@ class InboundSql:
 
     async def _release(self, new: NewMessage) -> None:
         """Remove the user and conversation made for a message that was not written, unless
-        another message uses them by now (best effort, as in `discard_pending`)."""
-        if new.conv.created:
-            await delete_unused(self._driver, "conversations", [new.conv.id])
-        if new.user.created:
-            await delete_unused(self._driver, "users", [new.user.id])
+        another message uses them by now."""
+        await self._delete_made(
+            new.conv.id if new.conv.created else None, new.user.id if new.user.created else None
+        )
+
+    async def _delete_made(self, conversation_id: str | None, user_id: str | None) -> None:
+        """Delete the conversation and user an attempt made (those not None). Best effort, one
+        statement each: a message that came to use them since (even one not yet committed)
+        makes the foreign key refuse, and then they stay."""
+        if conversation_id is not None:
+            await delete_unused(self._driver, "conversations", [conversation_id])
+        if user_id is not None:
+            await delete_unused(self._driver, "users", [user_id])
 
     async def _write_new_messages(self, batch: Sequence[NewMessage]) -> None:
         """Write a batch of new inbound messages in one statement (on SQLite, two in one
@@ -216,12 +224,10 @@ class InboundSql:
             )
         if deleted != 1:
             return False
-        # Best effort, one statement each: a message that came to use them since (even one
-        # not yet committed) makes the foreign key refuse, and then they stay.
-        if accepted.created_conversation:
-            await delete_unused(self._driver, "conversations", [bundle.conversation.id])
-        if accepted.created_user:
-            await delete_unused(self._driver, "users", [bundle.user.id])
+        await self._delete_made(
+            bundle.conversation.id if accepted.created_conversation else None,
+            bundle.user.id if accepted.created_user else None,
+        )
         return True
 
     async def claim_pending(
