@@ -357,7 +357,7 @@ async def test_a_read_token_reads_one_conversation_and_nothing_else(
 
 
 async def test_a_read_token_expires(settings: Settings, workers: None, integration: Integration):
-    short = settings.model_copy(update={"read_token_seconds": 1.0})
+    short = settings.model_copy(update={"read_token_seconds": 3.0})
     async with start_ingress(short) as ingress:
         conv = conversation()
         await talk(ingress, integration, conv, 1)
@@ -368,7 +368,7 @@ async def test_a_read_token_expires(settings: Settings, workers: None, integrati
         async def refused() -> bool:
             return (await get(ingress, path))[0] == 401
 
-        await eventually(refused, timeout=5, interval=0.1)
+        await eventually(refused, timeout=10, interval=0.1)
 
 
 # -- event streams ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ A history page holds at most `limit` items and `RELAY_HISTORY_PAGE_BYTES` of the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -117,7 +118,8 @@ class ConversationApi:
         """`POST .../conversations/{conversationId}/tokens`: a read token for one hour."""
         reader = await self.authorize(request, read_token_ok=False)
         assert reader.conversation_id is not None
-        expires = int(time.time() + self._token_seconds)
+        # Rounded up: truncating would cut a short lifetime by up to a second.
+        expires = math.ceil(time.time() + self._token_seconds)
         secret = await self.store.bot_secret(reader.integration.id)
         answer = ReadTokenAnswer(
             token=read_token(secret, reader.conversation_id, expires),
