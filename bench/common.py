@@ -1,5 +1,6 @@
 """What the benchmarks share: addresses, ports, a fresh store, Relay services as processes,
-an integration with its token, and the removal of a run's queues."""
+an integration with its token, and the removal of a run's queues (Relay's and the Celery
+yardstick's)."""
 
 from __future__ import annotations
 
@@ -88,14 +89,19 @@ class Service:
 
     def status(self, field: str) -> int:
         """A `kB` field of /proc/<pid>/status (VmHWM, VmRSS), in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field)
+        return process_status(self.pid, field)
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the process used so far."""
         return process_cpu_seconds(self.pid)
+
+
+def process_status(pid: int, field: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmHWM, VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -103,6 +109,18 @@ def process_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a prefork pool's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 def service_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -215,6 +233,59 @@ async def remove_topology(topology: Topology, amqp_url: str = AMQP_URL) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection, connection.channel() as channel:
         await delete(channel, topology)
+
+
+# What a Celery worker on quorum queues declares for native delayed delivery (kombu's
+# `native_delayed_delivery`): one exchange and queue per level, and the exchange that routes
+# a message back to its queue. Shared by every Celery app on the virtual host.
+CELERY_DELAYED_LEVELS = 28
+CELERY_DELAYED_DELIVERY = "celery_delayed_delivery"
+
+
+async def remove_celery_topology(queue: str, amqp_url: str = AMQP_URL) -> None:
+    """Delete a Celery yardstick run's queue and exchange (both named `queue`), then the
+    shared delayed-delivery topology unless another Celery queue is bound to it or a retry
+    waits in it: each delete is conditional, and a refused one leaves the rest."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(queue)
+        if not await _delete_if(connection, exchange=CELERY_DELAYED_DELIVERY):
+            return  # another Celery queue still routes through it
+        # Level 0 first: each level's exchange is bound to the one below it.
+        for level in range(CELERY_DELAYED_LEVELS):
+            name = f"celery_delayed_{level}"
+            if not (
+                await _delete_if(connection, queue=name)
+                and await _delete_if(connection, exchange=name)
+            ):
+                return
+
+
+async def _delete_if(
+    connection: aio_pika.abc.AbstractConnection, *, queue: str = "", exchange: str = ""
+) -> bool:
+    """Delete an empty queue or an unbound exchange; False if it was not (or not there)."""
+    channel = await connection.channel()  # a refusal closes the channel
+    try:
+        if queue:
+            # Quorum queues refuse `if-empty`: look, then delete (a retry published in
+            # between would be lost; no run of ours publishes one while this runs).
+            declared = await channel.declare_queue(queue, passive=True)
+            if declared.declaration_result.message_count:
+                return False
+            await channel.queue_delete(queue)
+        else:
+            await channel.exchange_delete(exchange, if_unused=True)
+    except (
+        aio_pika.exceptions.ChannelPreconditionFailed,
+        aio_pika.exceptions.ChannelNotFoundEntity,
+    ):
+        return False
+    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+        await channel.close()
+    return True
 
 
 def percentiles(seconds: Sequence[float], cuts: Sequence[int] = (50, 95, 99)) -> list[float]:

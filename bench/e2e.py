@@ -15,6 +15,14 @@ process that consumes and acks, with as many messages of the inbound envelope's 
 the same partitions. That is the least a relay keeping at-least-once can make the broker
 do per user message; `e2e/raw` is Relay's delivered rate over it.
 
+Then the second yardstick, the Celery relay a user writes in an afternoon
+(`bench.celery_relay`): an aiohttp ingress publishing a Celery task with a confirm on a
+quorum queue, a Celery prefork worker (8 processes, late acks) running the same one-reply
+bot and POSTing each reply with `requests`; one hop, no store, no dedupe, no order within a
+conversation. It goes through the same warm-up, full-load and half-load phases with the same
+messages, conversations, client and receiver; `e2e/celery` is Relay's delivered rate over
+its. `--no-celery` leaves it out.
+
 Reported per case: accepted and delivered msgs/s, POST->webhook latency percentiles at full
 and half load, errors, missing and duplicate deliveries, peak RSS and CPU milliseconds per
 user message of every process (each service, the receiver, RabbitMQ, PostgreSQL), and on
@@ -23,7 +31,7 @@ PostgreSQL the commits, rows inserted, updated and read per user message.
     python -m bench.e2e [--messages 5000] [--conversations 50] [--concurrency 32]
                         [--half-messages N] [--stores sqlite,postgresql]
                         [--bots one-reply,echo] [--modes services,run] [--json]
-                        [--set RELAY_NAME=value ...]
+                        [--no-celery] [--set RELAY_NAME=value ...]
 
 `--set` passes a setting to the three services (e.g. RELAY_ENDPOINT_CONCURRENCY=64).
 """
@@ -56,15 +64,19 @@ from bench.common import (
     SERVICES_AMQP_URL,
     STORES,
     Service,
+    children_of,
     create_integration,
     database,
     free_port,
     percentiles,
     process_cpu_seconds,
+    process_status,
+    remove_celery_topology,
     remove_topology,
     service,
     service_env,
     spawn,
+    stop_process,
 )
 from bench.raw import RawResult, raw_ceiling
 from relay.broker import topology_of
@@ -81,6 +93,10 @@ MODES = ("services", "run")
 PG_STATS_LAG = 1.2
 STALL_SECONDS = 60.0  # give up waiting for deliveries after this long without any
 SETTLE_SECONDS = 2.0  # after the last phase, how long late duplicates may take to show
+CELERY_CONCURRENCY = 8  # the Celery yardstick's prefork processes
+CELERY_PREFETCH = 4  # its worker_prefetch_multiplier (Celery's default)
+CELERY_READY_SECONDS = 60.0  # for its worker to consume with every process forked
+ROOT = Path(__file__).resolve().parent.parent
 METRICS = (
     "relay_messages_consumed_total",
     "relay_delivery_attempts_total",
@@ -112,6 +128,9 @@ class Phase:
     latency_max_ms: float
     post_p50_ms: float
     post_p99_ms: float
+    # Replies that arrived before the reply to an earlier message of their conversation, one
+    # whose POST was answered before theirs was sent: an order any relay could keep.
+    reordered: int = 0
     # Open loop only: the rate asked for, the rate sent, the pacer's worst lateness.
     target_per_second: float | None = None
     sent_per_second: float | None = None
@@ -151,6 +170,7 @@ class StoreResult:
     # PostgreSQL only, per user message of the full-load phase: commits, rows in, up, read.
     database: dict[str, float] = field(default_factory=dict)
     ratio: float = 0.0  # delivered msgs/s / the raw two-hop chain's msgs/s
+    celery_ratio: float | None = None  # delivered msgs/s / the Celery relay's (if it ran)
 
     @property
     def case(self) -> str:
@@ -164,6 +184,27 @@ class StoreResult:
         return any(p.errors or p.missing for p in phases) or bool(
             self.duplicates or self.out_of_order
         )
+
+
+@dataclass
+class CeleryResult(StoreResult):
+    """The Celery yardstick's figures (store `none`, mode `celery`). It numbers nothing, so
+    `out_of_order` is both phases' `reordered`: a figure, not a failure (it keeps no order)."""
+
+    queue: str = ""
+    concurrency: int = CELERY_CONCURRENCY
+    prefetch_multiplier: int = CELERY_PREFETCH
+
+    @property
+    def case(self) -> str:
+        """How the case is named in the tables."""
+        return f"celery prefork {self.bot}"
+
+    @property
+    def failed(self) -> bool:
+        """Anything lost, refused or repeated."""
+        phases = (self.full, self.half)
+        return any(p.errors or p.missing for p in phases) or bool(self.duplicates)
 
 
 # ---------------------------------------------------------------------------- client
@@ -258,11 +299,13 @@ class Client:
 class Inbox:
     """What the receiver got, fetched incrementally, with the checks on it."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, ordered: bool = True) -> None:
         self._base = base
+        self._ordered = ordered  # whether the replies carry a sequence to check
         self._http = aiohttp.ClientSession()
         self.rows = 0
         self.texts: dict[str, float] = {}  # uid -> first arrival of its echoed text
+        self.conversation_of: dict[str, str] = {}  # uid -> its reply's conversationId
         self.typing = 0
         self.webhook_ids: Counter[str] = Counter()
         self.out_of_order = 0
@@ -294,6 +337,16 @@ class Inbox:
         self.webhook_ids[webhook_id] += 1
         if self.webhook_ids[webhook_id] > 1:
             return
+        if self._ordered:
+            self._check_sequence(conv, seq)
+        if kind == "typing":
+            self.typing += 1
+        elif kind == "text" and text.startswith("echo: "):
+            uid = text.removeprefix("echo: ")
+            self.texts.setdefault(uid, arrived)
+            self.conversation_of.setdefault(uid, conv)
+
+    def _check_sequence(self, conv: str, seq: int) -> None:
         if seq <= self._sequence.get(conv, -1):
             self.out_of_order += 1
             if len(self.disorder) < 10:
@@ -301,10 +354,6 @@ class Inbox:
                     {"conversationId": conv, "after": self._sequence[conv], "sequence": seq}
                 )
         self._sequence[conv] = max(seq, self._sequence.get(conv, -1))
-        if kind == "typing":
-            self.typing += 1
-        elif kind == "text" and text.startswith("echo: "):
-            self.texts.setdefault(text.removeprefix("echo: "), arrived)
 
     async def wait_for(self, uids: Iterable[str]) -> None:
         """Until every uid's text arrived, or nothing arrived for STALL_SECONDS."""
@@ -349,7 +398,28 @@ def phase_figures(posts: Sequence[Post], inbox: Inbox) -> Phase:
         latency_max_ms=round(max(latencies, default=0) * 1000, 1),
         post_p50_ms=post_p50,
         post_p99_ms=post_p99,
+        reordered=reordered(accepted, inbox),
     )
+
+
+def reordered(accepted: Sequence[Post], inbox: Inbox) -> int:
+    """Replies that overtook the reply to an earlier message of their conversation, one whose
+    POST was answered before theirs was sent (messages in flight together have no order)."""
+    by_conversation: dict[str, list[Post]] = {}
+    for post in accepted:
+        if post.uid in inbox.texts:
+            by_conversation.setdefault(inbox.conversation_of[post.uid], []).append(post)
+    count = 0
+    for posts in by_conversation.values():
+        answered = sorted(posts, key=lambda p: p.answered)
+        latest, earlier = float("-inf"), 0  # the latest arrival of the replies answered before
+        for post in sorted(posts, key=lambda p: p.sent):
+            while earlier < len(answered) and answered[earlier].answered < post.sent:
+                latest = max(latest, inbox.texts[answered[earlier].uid])
+                earlier += 1
+            if inbox.texts[post.uid] < latest:
+                count += 1
+    return count
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -390,15 +460,27 @@ def pids_named(name: str) -> list[int]:
     return found
 
 
-def cpu_of(groups: Mapping[str, Sequence[int]]) -> dict[str, float]:
-    """CPU seconds used so far by each group of processes (gone processes count 0)."""
-    totals = {}
+def process_groups(services: Sequence[Service]) -> dict[str, list[int]]:
+    """Each service's process, and each process it started (`relay run`'s workers) as a
+    group of its own, named after the role it runs."""
+    groups = {running.name: [running.pid] for running in services}
+    for running in services:
+        for child in children_of(running.pid):
+            with contextlib.suppress(OSError):
+                args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                role = next((a.decode() for a in args if a.endswith(b"-worker")), str(child))
+                groups[f"{running.name}:{role}"] = [child]
+    return groups
+
+
+def cpu_of(groups: Mapping[str, Sequence[int]]) -> dict[str, dict[int, float]]:
+    """CPU seconds used so far by each process of each group (gone processes left out)."""
+    totals: dict[str, dict[int, float]] = {}
     for name, pids in groups.items():
-        total = 0.0
+        totals[name] = {}
         for pid in pids:
             with contextlib.suppress(OSError):
-                total += process_cpu_seconds(pid)
-        totals[name] = total
+                totals[name][pid] = process_cpu_seconds(pid)
     return totals
 
 
@@ -412,11 +494,11 @@ def machine_busy() -> tuple[float, float, float]:
 class CpuMeter:
     """CPU of each process group between `start` and `stop`."""
 
-    def __init__(self, services: Sequence[Service], receiver: Service) -> None:
-        self._groups: dict[str, list[int]] = {s.name: [s.pid] for s in services}
+    def __init__(self, groups: Mapping[str, Sequence[int]], receiver: Service) -> None:
+        self._groups: dict[str, list[int]] = {name: list(pids) for name, pids in groups.items()}
         self._groups["receiver"] = [receiver.pid]
         self._groups["client"] = [os.getpid()]
-        self._before: dict[str, float] = {}
+        self._before: dict[str, dict[int, float]] = {}
         self._machine = (0.0, 0.0, 0.0)
         self._started = 0.0
         self.result: dict[str, tuple[float, float]] = {}  # group -> (seconds, % of a core)
@@ -441,7 +523,10 @@ class CpuMeter:
         wall = time.monotonic() - self._started
         after = cpu_of(self._groups)
         for name, seconds in after.items():
-            used = seconds - self._before.get(name, 0.0)
+            # Only what ran throughout: a process gone by now (a PostgreSQL backend of another
+            # client) would take its whole past off the group's figure.
+            before = self._before.get(name, {})
+            used = sum(cpu - before[pid] for pid, cpu in seconds.items() if pid in before)
             self.result[name] = (round(used, 2), round(100 * used / wall, 1))
         busy, iowait, total = machine_busy()
         elapsed = max(total - self._machine[2], 1)
@@ -481,6 +566,7 @@ class Options:
     modes: list[str]
     json: bool
     settings: dict[str, str]  # RELAY_* values for the services
+    celery: bool = True  # the Celery yardstick after the raw chain
 
 
 def run_settings(database_url: str, bot: str, options: Options) -> Settings:
@@ -663,12 +749,28 @@ async def measure(
     counters: PostgresCounters | None,
 ) -> dict[str, Any]:
     """Warm up, full load, half load; the figures, memory, CPU and the services' counters."""
+    groups = process_groups(services)
+    measured = await run_phases(groups, receiver, client, inbox, options, counters)
+    return measured | {"metrics": await scrape(services)}
+
+
+async def run_phases(
+    groups: Mapping[str, Sequence[int]],
+    receiver: Service,
+    client: Client,
+    inbox: Inbox,
+    options: Options,
+    counters: PostgresCounters | None,
+) -> dict[str, Any]:
+    """Warm up, full load, half load; the figures, and the memory and CPU of each group of
+    processes (the relay's: Relay's services, or the Celery yardstick's), the receiver, the
+    client and the shared servers."""
     tag = uuid.uuid4().hex[:6]
     warm = messages(f"{tag}-warm", WARM_UP, min(options.conversations, WARM_UP), prefix="w")
     await full_load(client, inbox, warm)
     if counters is not None:
         await counters.start()
-    meter = CpuMeter(services, receiver)
+    meter = CpuMeter(groups, receiver)
     meter.start()
     full = await full_load(
         client, inbox, messages(f"{tag}-full", options.messages, options.conversations)
@@ -676,7 +778,7 @@ async def measure(
     meter.stop()
     database_figures = await counters.per_message(options.messages) if counters else {}
     batch = messages(f"{tag}-half", options.half_messages, options.conversations)
-    half_meter = CpuMeter(services, receiver)
+    half_meter = CpuMeter(groups, receiver)
     half_meter.start()
     half = await half_load(client, inbox, batch, max(full.delivered_per_second / 2, 1.0))
     half_meter.stop()
@@ -684,7 +786,7 @@ async def measure(
     await inbox.fetch()
     resources = {
         name: Resources(
-            peak_rss_mb=_peak_rss(services, name),
+            peak_rss_mb=_peak_rss(groups[name]) if name in groups else None,
             cpu_seconds_full_load=seconds,
             cpu_percent_full_load=percent,
             cpu_ms_per_message=round(seconds * 1000 / options.messages, 2),
@@ -705,28 +807,113 @@ async def measure(
         "machine_cpu_percent_full_load": meter.machine_percent,
         "other_cpu_percent_full_load": meter.other_percent,
         "machine_iowait_percent_full_load": meter.iowait_percent,
-        "metrics": await scrape(services),
         "database": database_figures,
     }
 
 
-def _peak_rss(services: Sequence[Service], name: str) -> float | None:
-    for running in services:
-        if running.name == name:
-            return round(running.status("VmHWM") / 2**20, 1)
-    return None
+def _peak_rss(pids: Sequence[int]) -> float:
+    """The processes' peak resident sets, added up (MB)."""
+    return round(sum(process_status(pid, "VmHWM") for pid in pids) / 2**20, 1)
+
+
+# ---------------------------------------------------------------------------- the Celery yardstick
+
+
+async def run_celery(options: Options) -> CeleryResult:
+    """The Celery relay (`bench.celery_relay`) through the same phases: a fresh queue, a
+    receiver, the worker, then the ingress; all stopped and the queue removed afterwards."""
+    queue = "bench-celery-" + uuid.uuid4().hex[:8]
+    token = uuid.uuid4().hex
+    async with contextlib.AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(receiver_process())
+        stack.push_async_callback(remove_celery_topology, queue)  # after both stopped
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "BENCH_CELERY_AMQP_URL": AMQP_URL,
+            "BENCH_CELERY_QUEUE": queue,
+            "BENCH_CELERY_TOKEN": token,
+            "BENCH_CELERY_RESPONSE_URL": f"{receiver.base_url}/hook",
+            "BENCH_CELERY_PREFETCH": str(CELERY_PREFETCH),
+        }
+        worker = await stack.enter_async_context(celery_worker(queue, env))
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.celery_relay", "ingress", f"--port={port}"]
+        ingress = await stack.enter_async_context(spawn("ingress", argv, port, env))
+        for running in (worker, ingress):
+            running.check_pid()
+        client = Client(f"{ingress.base_url}/webhooks/celery", token, options.concurrency)
+        stack.push_async_callback(client.close)
+        inbox = Inbox(receiver.base_url, ordered=False)
+        stack.push_async_callback(inbox.close)
+        groups = {"ingress": [ingress.pid], "worker": [worker.pid, *children_of(worker.pid)]}
+        measured = await run_phases(groups, receiver, client, inbox, options, None)
+    result = CeleryResult(
+        store="none", bot="one-reply", mode="celery", inbound_envelope_bytes=0, **measured
+    )
+    result.queue = queue
+    result.out_of_order = result.full.reordered + result.half.reordered
+    return result
+
+
+@contextlib.asynccontextmanager
+async def celery_worker(queue: str, env: Mapping[str, str]) -> AsyncIterator[Service]:
+    """`celery worker` (prefork) on `queue`, once it consumes with every process forked;
+    SIGTERM (a warm shutdown) and wait on the way out."""
+    argv = [
+        *(sys.executable, "-m", "celery", "--quiet", "-A", "bench.celery_relay", "worker"),
+        *("--pool", "prefork", "--concurrency", str(CELERY_CONCURRENCY), "-Q", queue),
+        *("--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"),
+        *("--hostname", f"{queue}@%h"),
+    ]
+    # Its stdout to our stderr: it prints its shutdown there even with --quiet (and --json
+    # prints the report on stdout).
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=dict(env), stdout=sys.stderr.fileno(), start_new_session=True
+    )
+    try:
+        await _consuming(queue, process)
+        yield Service("worker", process, "")
+    finally:
+        await stop_process(process)
+
+
+async def _consuming(queue: str, process: asyncio.subprocess.Process) -> None:
+    """Until `queue` has a consumer and the pool all its processes (fail if the worker died
+    or took longer than CELERY_READY_SECONDS)."""
+    deadline = time.monotonic() + CELERY_READY_SECONDS
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise RuntimeError(f"the Celery worker exited with {process.returncode}")
+            channel = await connection.channel()  # a passive declare of no queue closes it
+            with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):
+                declared = await channel.declare_queue(queue, passive=True)
+                forked = len(children_of(process.pid))
+                if declared.declaration_result.consumer_count and forked >= CELERY_CONCURRENCY:
+                    return
+                await channel.close()
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"the Celery worker did not consume {queue} within {CELERY_READY_SECONDS} s")
 
 
 # ---------------------------------------------------------------------------- output
 
 
-def print_report(results: Sequence[StoreResult], raw: RawResult, options: Options) -> None:
-    """The figures as aligned tables."""
+def print_report(
+    relay: Sequence[StoreResult],
+    raw: RawResult,
+    celery: CeleryResult | None,
+    options: Options,
+) -> None:
+    """The figures as aligned tables: Relay's cases, then the Celery yardstick's row."""
     print(
         f"{options.messages} messages over {options.conversations} conversations, "
         f"{options.concurrency} concurrent keep-alive connections; latency = POST sent -> "
         "echoed text at the receiver (ms)\n"
     )
+    results = [*relay, *([celery] if celery else [])]
     rows = [
         {
             "case": r.case,
@@ -740,10 +927,12 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
             "half p95": r.half.latency_p95_ms,
             "half p99": r.half.latency_p99_ms,
             "e2e/raw": r.ratio,
+            "e2e/celery": r.celery_ratio,
         }
         for r in results
     ]
-    print(table(rows, list(rows[0])))
+    columns = [c for c in rows[0] if c != "e2e/celery" or celery]
+    print(table(rows, columns))
     print("\nchecks (full + half load)")
     checks = [
         {
@@ -761,6 +950,12 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
         for r in results
     ]
     print(table(checks, list(checks[0])))
+    if celery:
+        print(
+            f"{celery.case}: out of order = replies that overtook the reply to an earlier"
+            " message of their conversation, one answered before theirs was sent (it numbers"
+            " nothing and keeps no order: a figure, not a failure)"
+        )
     for r in results:
         if r.out_of_order_examples:
             shown = "; ".join(
@@ -786,7 +981,9 @@ def print_report(results: Sequence[StoreResult], raw: RawResult, options: Option
         print("\nPostgreSQL per user message during full load")
         print(table(database, list(database[0])))
     print(f"\nraw two-hop chain: {raw.per_second} msgs/s; {_raw_line(raw)}")
-    for r in results:
+    if celery:
+        print(f"celery relay: {celery.full.delivered_per_second} msgs/s; {_celery_line(celery)}")
+    for r in relay:
         print(f"\n{r.case}: counters at the end")
         for name, counters in r.metrics.items():
             shown = ", ".join(f"{k} {v:g}" for k, v in counters.items())
@@ -832,11 +1029,41 @@ def _raw_line(raw: RawResult) -> str:
     )
 
 
-def report_json(results: Sequence[StoreResult], raw: RawResult, options: Options) -> str:
+def _celery_line(celery: CeleryResult) -> str:
+    cpu = ", ".join(
+        f"{name} {res.cpu_ms_per_message}"
+        for name, res in celery.resources.items()
+        if name in ("ingress", "worker", "rabbitmq")
+    )
+    return (
+        "aiohttp ingress (token check, apply_async in a thread, publisher confirms) -> quorum"
+        f" queue -> Celery prefork worker ({celery.concurrency} processes, prefetch multiplier"
+        f" {celery.prefetch_multiplier}, late acks) -> one-reply bot -> requests POST; e2e/raw"
+        f" {celery.ratio}; CPU ms/msg: {cpu} (worker: the parent and its processes added up,"
+        " in its peak RSS too, so pages they share count once per process)"
+    )
+
+
+def report_json(
+    results: Sequence[StoreResult],
+    raw: RawResult,
+    celery: CeleryResult | None,
+    options: Options,
+) -> str:
     """One JSON document with the configuration and every figure."""
     config = {k: v for k, v in asdict(options).items() if k != "json"}
-    cases = [asdict(r) | {"case": r.case, "ok": not r.failed} for r in results]
-    return json.dumps({"config": config, "raw": asdict(raw), "results": cases}, indent=2)
+    cases = [_case_json(r) for r in results]
+    document = {
+        "config": config,
+        "raw": asdict(raw),
+        "celery": _case_json(celery) if celery else None,
+        "results": cases,
+    }
+    return json.dumps(document, indent=2)
+
+
+def _case_json(result: StoreResult) -> dict[str, Any]:
+    return asdict(result) | {"case": result.case, "ok": not result.failed}
 
 
 # ---------------------------------------------------------------------------- main
@@ -868,13 +1095,21 @@ async def main(options: Options) -> int:
         settings.bot_concurrency * 2,  # the prefetch of the workers' consuming channels
         broker_pids=pids_named("beam.smp"),
     )
+    celery: CeleryResult | None = None
+    if options.celery:
+        print("running the Celery relay...", file=sys.stderr, flush=True)
+        celery = await run_celery(options)
+        celery.ratio = round(celery.full.delivered_per_second / raw.per_second, 3)
     for result in results:
         result.ratio = round(result.full.delivered_per_second / raw.per_second, 3)
+        if celery and celery.full.delivered_per_second:
+            rate = result.full.delivered_per_second / celery.full.delivered_per_second
+            result.celery_ratio = round(rate, 3)
     if options.json:
-        print(report_json(results, raw, options))
+        print(report_json(results, raw, celery, options))
     else:
-        print_report(results, raw, options)
-    return 1 if any(r.failed for r in results) else 0
+        print_report(results, raw, celery, options)
+    return 1 if any(r.failed for r in [*results, *([celery] if celery else [])]) else 0
 
 
 def cases(options: Options) -> list[Case]:
@@ -903,6 +1138,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--bots", default=",".join(BOTS), help="comma-separated")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--no-celery",
+        dest="celery",
+        action="store_false",
+        help="leave out the Celery yardstick (and the e2e/celery ratio)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -938,6 +1179,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         modes,
         args.json,
         dict(pairs),
+        args.celery,
     )
 
 
