@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     admin_port: int | None = Field(default=None, ge=0, le=65535)
     # `relay run` serves a local chat page at /chat (`make run` turns it on).
     chat_page: bool = False
+    # `relay run`: `3` runs the bot worker and the delivery worker in processes of their own
+    # beside the ingress, so that every core works (a worker that exits is started again);
+    # `1` runs all three in one process; `auto` is 3 where the process may use several cores.
+    run_processes: Literal["auto", "1", "3"] = "auto"
     # Retention (`relay.admin.retention`): what is settled and older than this many days goes (0:
     # kept for ever), pruned by the worker services' janitor every `prune_interval` seconds.
     retention_days: int = Field(default=30, ge=0)

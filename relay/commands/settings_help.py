@@ -72,13 +72,19 @@ _DELIVERY = (
     ("RELAY_ALLOWED_ENDPOINT_NETWORKS", "subnets reachable despite the SSRF guard"),
     ("RELAY_HTTPS_ONLY", "refuse http:// endpoints"),
 )
+# `relay run`: whether its workers run in processes of their own, and their status ports then.
+_RUN = (
+    ("RELAY_RUN_PROCESSES", "auto (3 on several cores), 1 (one process) or 3 (one per role)"),
+    ("RELAY_BOT_WORKER_PORT", "with 3: the bot worker's /healthz, /readyz, /metrics (a free one)"),
+    ("RELAY_DELIVERY_WORKER_PORT", "with 3: the delivery worker's (a free one)"),
+)
 
 SERVICE_SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
     "ingress": _INGRESS + _COMMON,
     "bot-worker": _BOT + _WORKERS + _COMMON,
     "delivery-worker": _DELIVERY + _WORKERS + _COMMON,
-    # One process, one port (RELAY_HTTP_PORT) for everything.
-    "run": _INGRESS + _BOT[1:] + _DELIVERY[1:] + _WORKERS + _COMMON,
+    # The ingress's port (RELAY_HTTP_PORT) for everything, unless the workers run apart.
+    "run": _RUN + _INGRESS + _BOT[1:] + _DELIVERY[1:] + _WORKERS + _COMMON,
     # `relay prune`: the age is its argument; the store is all it touches.
     "prune": (
         ("RELAY_DATABASE_URL", "sqlite:///file or postgresql://…"),

@@ -49,8 +49,8 @@ async def serve(app: web.Application, host: str, port: int, shutdown_timeout: fl
     with stop_signals() as stopped:
         # ServiceRunner: what aiohttp answers by itself (unparsable requests) is JSON too,
         # and a client has the read timeouts of the settings to send its request.
-        async with listening(app, host, port, shutdown_timeout):
-            log.info("listening", url=f"http://{host}:{port}")
+        async with listening(app, host, port, shutdown_timeout) as bound:
+            log.info("listening", url=f"http://{host}:{bound}")
             name = await stopped
             log.info("stopping", signal=name)
             # Leaving stops accepting, waits for in-flight handlers, then closes store and
