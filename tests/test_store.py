@@ -17,6 +17,7 @@ from relay.store import (
     SqlStore,
     StoreError,
     StoreUnavailable,
+    TurnReplies,
     Vanished,
     open_store,
     schema,
@@ -387,7 +388,9 @@ async def test_a_retry_racing_the_discard_of_its_first_attempt_answers_what_it_f
 ):
     integration_id, _ = await make_integration(store, settings)
     for round_ in range(15):
-        first = await store.accept_incoming(integration_id, inbound(round_), lease(), None)
+        # Through the acceptor's retry: the last round's discard removed the conversation
+        # this process remembers, which an attempt learns as `Vanished`.
+        first = await accepted_in_the_end(store, integration_id, inbound(round_))
         again, _ = await asyncio.gather(
             store.accept_incoming(integration_id, inbound(round_), lease(), None),
             store.discard_pending(first),
@@ -492,6 +495,61 @@ async def test_replies_are_recorded_once_and_read_back_as_they_were_returned(
         target, later.bundle.message.id, [("text", {"text": "next"})]
     )
     assert next_reply.sequence == 3
+
+
+async def test_turns_of_several_conversations_are_recorded_together(
+    store: SqlStore, settings: Settings
+):
+    # The bot worker's lanes that finish together: one transaction, each turn numbered in
+    # its own conversation, a turn handled before answered with what it stored then.
+    integration_id, _ = await make_integration(store, settings)
+    turns = []
+    for name in ("a", "b", "c"):
+        accepted = await store.accept_incoming(
+            integration_id,
+            inbound(f"together-{name}", conversationId=f"together-{name}"),
+            lease(),
+            None,
+        )
+        assert isinstance(accepted, Accepted)
+        turns.append((replying(integration_id, accepted), accepted.bundle.message.id))
+    (a, a_id), (b, b_id), (c, c_id) = turns
+    before = await store.record_replies(b, b_id, [("text", {"text": "stored first"})])
+    recorded = await store.record_turns(
+        [
+            TurnReplies(a, a_id, [("typing", {"value": True}), ("text", {"text": "a"})], 8),
+            TurnReplies(b, b_id, [("text", {"text": "not stored"})], 8),
+            TurnReplies(c, c_id, [], 8),
+        ]
+    )
+    assert [[(r.payload, r.sequence) for r in records] for records in recorded] == [
+        [({"value": True}, 1), ({"text": "a"}, 2)],
+        [({"text": "stored first"}, 1)],
+        [],
+    ]
+    assert recorded[1] == before
+    assert {await store.inbound_state(id_) for id_ in (a_id, b_id, c_id)} == {"handled"}
+
+
+async def test_a_batch_with_a_turn_never_accepted_raises_and_the_rest_stand(
+    store: SqlStore, settings: Settings
+):
+    integration_id, _ = await make_integration(store, settings)
+    kept = await store.accept_incoming(integration_id, inbound("batch-kept"), lease(), None)
+    gone = await store.accept_incoming(
+        integration_id, inbound("batch-gone", conversationId="batch-gone"), lease(), None
+    )
+    assert isinstance(kept, Accepted) and isinstance(gone, Accepted)
+    assert await store.discard_pending(gone)
+    kept_turn = TurnReplies(
+        replying(integration_id, kept), kept.bundle.message.id, [("text", {"text": "k"})], 8
+    )
+    gone_turn = TurnReplies(replying(integration_id, gone), gone.bundle.message.id, [], 8)
+    with pytest.raises(StoreError):
+        await store.record_turns([kept_turn, gone_turn])
+    # Asked again alone (as the bot worker's group write does), the stored turn is answered.
+    [records] = await store.record_turns([kept_turn])
+    assert [(r.payload, r.sequence) for r in records] == [({"text": "k"}, 1)]
 
 
 async def test_a_turn_without_replies_still_marks_its_message_handled(

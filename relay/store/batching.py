@@ -16,65 +16,89 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 BATCH_LIMIT = 200  # items per write (the store splits statements to its parameter limit)
 
 
-class GroupCommit(Generic[T]):
-    """Batches items for `write`; `add` returns once the batch holding its item is written."""
+class GroupCall(Generic[T, R]):
+    """Batches items for `write`, which answers one result per item, in order; `add`
+    returns its item's result once the batch holding it is written.
 
-    def __init__(self, write: Callable[[Sequence[T]], Awaitable[None]], name: str) -> None:
+    A batch is what waits while the previous one is written: nothing waits for company.
+    """
+
+    def __init__(self, write: Callable[[Sequence[T]], Awaitable[Sequence[R]]], name: str) -> None:
         self._write = write
         self._name = name
-        self._waiting: list[tuple[T, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def add(self, item: T) -> None:
+    async def add(self, item: T) -> R:
         """Write `item` with whatever else is waiting; raises what the write raised."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
         if self._writer is None or self._writer.done():
             # A context of its own: the first writer's log context is not the batch's.
             self._writer = asyncio.create_task(
                 self._drain(), name=self._name, context=contextvars.Context()
             )
-        await done
+        return await done
 
     async def _drain(self) -> None:
-        batch: list[tuple[T, asyncio.Future[None]]] = []
+        batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
                 try:
-                    await self._write([item for item, _ in batch])
+                    results = await self._write([item for item, _ in batch])
                 except Exception:
                     # One bad item must not fail the others: each is written alone.
                     for item, done in batch:
                         await self._write_alone(item, done)
                 else:
-                    for _, done in batch:
-                        _settle(done, None)
+                    for (_, done), result in zip(batch, results, strict=True):
+                        _settle(done, result)
         except BaseException as error:  # cancelled: no writer may wait forever
             for _, done in [*batch, *self._waiting]:
-                _settle(done, error)
+                _fail(done, error)
             self._waiting = []
             raise
 
-    async def _write_alone(self, item: T, done: asyncio.Future[None]) -> None:
+    async def _write_alone(self, item: T, done: asyncio.Future[R]) -> None:
         try:
-            await self._write([item])
+            [result] = await self._write([item])
         except Exception as error:
-            _settle(done, error)
+            _fail(done, error)
         else:
-            _settle(done, None)
+            _settle(done, result)
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():  # its writer was cancelled, or it was settled already
+class GroupCommit(Generic[T]):
+    """A `GroupCall` for writes that answer nothing: `add` returns once its item is written."""
+
+    def __init__(self, write: Callable[[Sequence[T]], Awaitable[None]], name: str) -> None:
+        self._write = write
+        self._call: GroupCall[T, None] = GroupCall(self._written, name)
+
+    async def _written(self, items: Sequence[T]) -> list[None]:
+        await self._write(items)
+        return [None] * len(items)
+
+    async def add(self, item: T) -> None:
+        """Write `item` with whatever else is waiting; raises what the write raised."""
+        await self._call.add(item)
+
+
+def _settle(done: asyncio.Future[R], result: R) -> None:
+    if not done.done():  # its writer was cancelled, or it was settled already
+        done.set_result(result)
+
+
+def _fail(done: asyncio.Future[R], error: BaseException) -> None:
+    if done.done():
         return
-    if error is None:
-        done.set_result(None)
-    elif isinstance(error, Exception):
+    if isinstance(error, Exception):
         done.set_exception(error)
     else:
         done.cancel()

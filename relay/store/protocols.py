@@ -32,6 +32,7 @@ from relay.store.records import (
     TokenKind,
     TokenRecord,
     TurnRecord,
+    TurnReplies,
     Unfinished,
     Unreadable,
     Vanished,
@@ -231,6 +232,12 @@ class Turns(Protocol):
         They go under the conversation's outbound partition count (`partitions` if it has
         none yet): see `Generations.settle_partitions`.
         """
+
+    async def record_turns(self, turns: Sequence[TurnReplies]) -> list[list[OutgoingRecord]]:
+        """`record_replies` of several turns, each of its own conversation, in one
+        transaction (one commit): the records of each, in the order of `turns`. Raises if
+        a turn cannot be stored (none is then) or its message is not there (the others are
+        stored: asked again, they are answered as stored)."""
 
 
 class ParkingQueries(Protocol):

@@ -256,6 +256,17 @@ class HistoryPage:
 
 
 @dataclass(frozen=True)
+class TurnReplies:
+    """A bot turn's replies to store: to `inbound_id`, in `conversation`, under the
+    conversation's outbound partition count (`partitions` if it has none yet)."""
+
+    conversation: ConversationRecord
+    inbound_id: str
+    replies: list[tuple[str, dict[str, Any]]]
+    partitions: int
+
+
+@dataclass(frozen=True)
 class TurnRecord:
     """How far the bot turn of an incoming message got: its responses so far."""
 

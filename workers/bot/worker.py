@@ -42,9 +42,11 @@ from relay.store import (
     Outgoing,
     ParkingQueries,
     StoreError,
+    TurnReplies,
     Turns,
     Unfinished,
 )
+from relay.store.batching import GroupCall
 from relay.tracing import ids, note
 from relay.wire import FIRST_COPY_HEADER, InboundEnvelope, utcnow
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
@@ -97,6 +99,8 @@ class BotTurns:
         self._store = store
         self._adapter = adapter
         self._replies = ReplyPublisher(store, broker, metrics)
+        # The turns of the lanes that finish together are stored together: one commit.
+        self._recorded = GroupCall(store.record_turns, "record-turns")
         self._delays = sorted(settings.bot_retry_delays)
         self._secrets: dict[str, str] = {}
 
@@ -161,8 +165,8 @@ class BotTurns:
             replies = []  # handled before: the stored replies are all there is
         try:
             await self._replies.settle(conversation.id)
-            records = await self._store.record_replies(
-                conversation, message_id, replies, self._replies.partitions
+            records = await self._recorded.add(
+                TurnReplies(conversation, message_id, replies, self._replies.partitions)
             )
             self._broker.news.announce(conversation.integration_id, conversation.id)
         except StoreError:

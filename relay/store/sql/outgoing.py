@@ -4,13 +4,20 @@ the outbox when never confirmed; the conversation and bot secret a bot's own cal
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from relay.broker.topology import BASE_PARTITIONS
 from relay.store.driver import Conn, Driver, IntegrityViolation, Row, StoreError
-from relay.store.records import ConversationRecord, InboundState, OutgoingRecord, Unreadable
+from relay.store.records import (
+    ConversationRecord,
+    InboundState,
+    OutgoingRecord,
+    TurnReplies,
+    Unreadable,
+)
 from relay.store.sql.common import MAX_PARAMETERS, chunks, new_id
 from relay.store.sql.stamps import stamp_set, stamp_values
 from relay.wire import utcnow
@@ -129,74 +136,55 @@ class OutgoingSql:
         replies: list[tuple[str, dict[str, Any]]],
         partitions: int = BASE_PARTITIONS,
     ) -> list[OutgoingRecord]:
+        turn = TurnReplies(conversation, inbound_id, replies, partitions)
+        [records] = await self.record_turns([turn])
+        return records
+
+    async def record_turns(self, turns: Sequence[TurnReplies]) -> list[list[OutgoingRecord]]:
         # The hot path of every turn: the mark goes first and tells whether this turn is the
-        # first (no read), the records come from what is known already.
-        now, ids = utcnow(), [new_id() for _ in replies]
-        turn = Turn(conversation, inbound_id, replies, ids, now, partitions)
+        # first (no read), the records come from what is known already. One transaction for
+        # the lot: the commit is most of a turn's cost in the store.
+        now = utcnow()
+        prepared = [_prepared(turn, now) for turn in turns]
+        numbered: dict[int, _Numbered | None] = {}
+        async with self._driver.transaction() as conn:
+            # In conversation order, as the ingress's batches take the same rows: two
+            # writers of several rows do not wait for each other crosswise.
+            for index in sorted(range(len(prepared)), key=lambda i: prepared[i].conversation.id):
+                numbered[index] = await self._number(conn, prepared[index])
+        return [await self._records(turn, numbered[index]) for index, turn in enumerate(prepared)]
+
+    async def _number(self, conn: Conn, turn: Turn) -> _Numbered | None:
+        """Mark the turn's message handled, number and insert its replies: where they start,
+        or None if the message was handled before (or is not there)."""
         if self._driver.dialect == "postgresql":
-            numbered = await self._record_replies_at_once(turn)
-        else:
-            numbered = await self._record_replies_in_steps(turn)
+            return await _record_replies_at_once(conn, turn)
+        if not await conn.execute(_mark_handled(self._driver.dialect), turn.now, turn.inbound_id):
+            return None
+        return await _insert_outgoing(
+            conn,
+            self._driver.dialect,
+            turn.conversation,
+            turn.replies,
+            reply_to=turn.inbound_id,
+            key=None,
+            ids=turn.ids,
+            now=turn.now,
+            partitions=turn.partitions,
+        )
+
+    async def _records(self, turn: Turn, numbered: _Numbered | None) -> list[OutgoingRecord]:
+        """The turn's records: made from what was written, or read back if nothing was (the
+        message was handled before: its replies are those stored then)."""
         if numbered is not None:
-            return [
-                OutgoingRecord(
-                    id=id_,
-                    integration_id=conversation.integration_id,
-                    conversation_id=conversation.id,
-                    conversation_external_id=conversation.external_id,
-                    user_id=conversation.user_id,
-                    type=type_,
-                    payload=payload,
-                    sequence=numbered.first + offset,
-                    state="pending",
-                    created_at=now,
-                    partitions=numbered.partitions,
-                )
-                for offset, (id_, (type_, payload)) in enumerate(zip(ids, replies, strict=True))
-            ]
+            return _new_records(turn, numbered)
         async with self._driver.connection() as conn:
-            if await conn.fetchone("SELECT id FROM messages WHERE id = ?", inbound_id) is None:
-                raise StoreError(f"no inbound message {inbound_id}")
+            if await conn.fetchone("SELECT id FROM messages WHERE id = ?", turn.inbound_id) is None:
+                raise StoreError(f"no inbound message {turn.inbound_id}")
             rows = await conn.fetchall(
-                OUTGOING_SELECT + " WHERE m.reply_to = ? ORDER BY m.sequence", inbound_id
+                OUTGOING_SELECT + " WHERE m.reply_to = ? ORDER BY m.sequence", turn.inbound_id
             )
         return [outgoing_record(row) for row in rows]
-
-    async def _record_replies_in_steps(self, turn: Turn) -> _Numbered | None:
-        """Where the replies start, or None if the message was handled before (or is not
-        there)."""
-        async with self._driver.transaction() as conn:
-            first = await conn.execute(
-                _mark_handled(self._driver.dialect), turn.now, turn.inbound_id
-            )
-            if not first:
-                return None
-            return await _insert_outgoing(
-                conn,
-                self._driver.dialect,
-                turn.conversation,
-                turn.replies,
-                reply_to=turn.inbound_id,
-                key=None,
-                ids=turn.ids,
-                now=turn.now,
-                partitions=turn.partitions,
-            )
-
-    async def _record_replies_at_once(self, turn: Turn) -> _Numbered | None:
-        """`_record_replies_in_steps` as one statement, PostgreSQL's data-modifying WITH:
-        one round trip and one commit instead of five round trips, on every turn."""
-        async with self._driver.connection() as conn:
-            row = await record_replies_at_once(conn, turn)
-        replies = turn.replies
-        if row is None or not row["handled"]:
-            return None
-        if not replies:
-            return _Numbered(0, turn.partitions)
-        if row["next_sequence"] is None or row["inserted"] != len(replies):
-            # Cannot be: the message's own conversation (a foreign key) is not there.
-            raise StoreError(f"the replies to {turn.inbound_id} could not be numbered")
-        return _Numbered(int(row["next_sequence"]) - len(replies) + 1, int(row["partitions"]))
 
     async def record_pushed(
         self,
@@ -291,6 +279,46 @@ async def record_replies_at_once(conn: Conn, turn: Turn) -> Row | None:
         [json.dumps(payload) for _, payload in replies],
         turn.partitions,
     )
+
+
+def _prepared(turn: TurnReplies, now: datetime) -> Turn:
+    ids = [new_id() for _ in turn.replies]
+    return Turn(turn.conversation, turn.inbound_id, turn.replies, ids, now, turn.partitions)
+
+
+def _new_records(turn: Turn, numbered: _Numbered) -> list[OutgoingRecord]:
+    conversation = turn.conversation
+    return [
+        OutgoingRecord(
+            id=id_,
+            integration_id=conversation.integration_id,
+            conversation_id=conversation.id,
+            conversation_external_id=conversation.external_id,
+            user_id=conversation.user_id,
+            type=type_,
+            payload=payload,
+            sequence=numbered.first + offset,
+            state="pending",
+            created_at=turn.now,
+            partitions=numbered.partitions,
+        )
+        for offset, (id_, (type_, payload)) in enumerate(zip(turn.ids, turn.replies, strict=True))
+    ]
+
+
+async def _record_replies_at_once(conn: Conn, turn: Turn) -> _Numbered | None:
+    """`OutgoingSql._number` as one statement, PostgreSQL's data-modifying WITH: one round
+    trip instead of five, on every turn."""
+    row = await record_replies_at_once(conn, turn)
+    replies = turn.replies
+    if row is None or not row["handled"]:
+        return None
+    if not replies:
+        return _Numbered(0, turn.partitions)
+    if row["next_sequence"] is None or row["inserted"] != len(replies):
+        # Cannot be: the message's own conversation (a foreign key) is not there.
+        raise StoreError(f"the replies to {turn.inbound_id} could not be numbered")
+    return _Numbered(int(row["next_sequence"]) - len(replies) + 1, int(row["partitions"]))
 
 
 async def _insert_outgoing(
