@@ -62,13 +62,13 @@ class Handling(Generic[E]):
             # Never let one message's failure end its lane: the messages behind it would be
             # stranded unacked. This one goes back to its queue.
             log.exception("message_handling_failed", message_id=delivery.message.message_id)
-            await quietly(delivery.message.nack(requeue=True))
+            await quietly(delivery.subscription.acks.nack(delivery.message))
         except asyncio.CancelledError:
             if cancelled_from_outside():
                 raise
             # A future aiormq cancelled as its connection closed: not the end of the lane.
             log.error("message_handling_cancelled", message_id=delivery.message.message_id)
-            await quietly(delivery.message.nack(requeue=True))
+            await quietly(delivery.subscription.acks.nack(delivery.message))
         finally:
             delivery.subscription.done()
 
@@ -102,7 +102,9 @@ class Handling(Generic[E]):
                 )
             if verdict is not None:
                 note({OUTCOME: verdict.outcome.value})
-                await self._settler.settle(message, conversation, message_key, verdict)
+                await self._settler.settle(
+                    delivery.subscription.acks, message, conversation, message_key, verdict
+                )
 
     async def _verdict(
         self, delivery: Delivery[E], envelope: E, conversation: str, message_key: str

@@ -23,6 +23,7 @@ from relay.aio import cancelled_from_outside
 from relay.broker import BROKER_ERRORS, Broker, BrokerUnavailable, StageName
 from relay.broker.topology import Topology
 from relay.metrics import Metrics
+from relay.pipeline.acks import Acks
 from relay.pipeline.parking import Parking
 from relay.pipeline.waiting import WaitingRoom
 from relay.wire import ATTEMPT_HEADER, DEAD_AT_HEADER, REASON_HEADER
@@ -78,12 +79,14 @@ class Settler:
 
     async def settle(
         self,
+        acks: Acks,
         message: AbstractIncomingMessage,
         conversation: str | None,
         message_key: str | None,
         verdict: Verdict,
     ) -> None:
-        """The one place a verdict becomes broker actions."""
+        """The one place a verdict becomes broker actions (the ack through `acks`, its
+        channel's)."""
         self._metrics.consumed.labels(self._stage, verdict.outcome.value).inc()
         if verdict.outcome is Outcome.AGAIN:
             # The store is away for a moment: wait in the broker, holding the conversation's
@@ -99,7 +102,7 @@ class Settler:
         outcome = verdict.outcome
         if not await self._forward_holding_order(message, verdict):
             return
-        await quietly(message.ack())
+        await quietly(acks.ack(message))
         if conversation and message_key:
             self._track_parking(conversation, message_key, verdict)
         log.info(

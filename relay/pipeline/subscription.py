@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from relay.broker.errors import BROKER_ERRORS
 from relay.lru import Lru
+from relay.pipeline.acks import Acks
 
 SEEN_LIMIT = 50_000
 CLOSE_TIMEOUT = 5.0  # seconds a channel's close may take
@@ -49,6 +50,8 @@ class Subscription:
         self.closing = False
         # Deliveries not started yet (in a lane, or held), by tag: when each arrived.
         self._unstarted: OrderedDict[int, float] = OrderedDict()
+        # Every delivery is acked (or given back) through here.
+        self.acks = Acks()
 
     @property
     def is_open(self) -> bool:
@@ -58,6 +61,7 @@ class Subscription:
     def arrived(self, message: AbstractIncomingMessage) -> None:
         """A delivery came and waits to be started."""
         self._unstarted[message.delivery_tag or 0] = time.monotonic()
+        self.acks.delivered(message)
 
     def started(self, message: AbstractIncomingMessage) -> None:
         """A delivery's handling began (or it was dropped)."""
