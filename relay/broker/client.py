@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
@@ -189,7 +190,7 @@ class Broker:
         """Publish persistently to one of the relay's exchanges and wait for the confirm."""
         if not self.ready:
             raise BrokerUnavailable("not connected to the broker")
-        exchange = self._exchanges[exchange_name]
+        exchange, channel = self._exchanges[exchange_name], self._channel
         # The publish is a span of its own when made inside one: its context goes with it.
         with self.tracing.producing(exchange_name, headers, message_id) as sent:
             message = aio_pika.Message(
@@ -202,7 +203,7 @@ class Broker:
             try:
                 # A publish on a connection that died silently can hang: always bound it.
                 async with asyncio.timeout(self._publish_timeout):
-                    await exchange.publish(message, routing_key=routing_key, mandatory=True)
+                    await _publish(channel, exchange, message, routing_key)
             except aio_pika.exceptions.DeliveryError as error:
                 self._renew_channel_soon()
                 raise BrokerUnavailable(f"refused by the broker: {error}") from error
@@ -225,3 +226,28 @@ class Broker:
             with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self._connection.close()
+
+
+async def _publish(
+    channel: AbstractChannel | None,
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+) -> None:
+    """`exchange.publish` on `channel` (the exchange's), less its wait for the frame to be
+    written: concurrent publishes go out back to back, each still waiting for its own
+    confirm (which can only come once its frame was written)."""
+    if channel is None or channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError("the publishing channel is closed")
+    underlay = await channel.get_underlay_channel()
+    if not isinstance(underlay, aiormq.Channel):  # another client under aio-pika: as it does
+        await exchange.publish(message, routing_key=routing_key, mandatory=True)
+        return
+    await underlay.basic_publish(
+        message.body,
+        exchange=exchange.name,
+        routing_key=routing_key,
+        properties=message.properties,
+        mandatory=True,
+        wait=False,
+    )

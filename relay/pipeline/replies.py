@@ -65,18 +65,23 @@ class ReplyPublisher:
 
         `accepted_at`: when the user's message they answer was accepted (for latency).
         """
-        published: list[str] = []
+        waiting = [r for r in sorted(records, key=lambda r: r.sequence) if r.state != "queued"]
+        # Back to back on the channel, in sequence order (its lock takes them in the order
+        # they start), the confirms awaited together.
+        outcomes = await asyncio.gather(
+            *(self._publish_one(record, accepted_at) for record in waiting),
+            return_exceptions=True,
+        )
+        published = [r.id for r, outcome in zip(waiting, outcomes, strict=True) if outcome is None]
         try:
-            for record in sorted(records, key=lambda r: r.sequence):
-                if record.state != "queued":
-                    try:
-                        await self._publish_one(record, accepted_at)
-                    except Unpublishable as error:
-                        # Ended, not retried: the responses behind it go on (a worker meeting
-                        # the skipped number asks the store, which has it dead).
-                        await self.bury_unreadable(_unreadable(record, str(error)))
-                        continue
-                    published.append(record.id)
+            for record, outcome in zip(waiting, outcomes, strict=True):
+                if isinstance(outcome, Unpublishable):
+                    # Ended, not retried: the responses behind it go on (a worker meeting the
+                    # skipped number asks the store, which has it dead).
+                    await self.bury_unreadable(_unreadable(record, str(outcome)))
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
                     log.info(
                         "response_queued",
                         response_id=record.id,
