@@ -242,5 +242,5 @@ async def test_the_workers_stop_when_the_parent_is_killed(
 
         await eventually(all_gone, timeout=STOP_BOUND, interval=0.05)
         # Each stopped as on SIGTERM (the kernel's, asked for at start), not killed.
-        stopped = [line for line in run.lines() if '"event": "stopped"' in line]
+        stopped = [line for line in run.lines() if '"event":"stopped"' in line.replace(" ", "")]
         assert len(stopped) == 2, run.tail(40)

@@ -193,12 +193,19 @@ class InboundSql:
 
     async def mark_queued(self, message_ids: Sequence[str]) -> None:
         # One statement per chunk: autocommit, no transaction round trips on the hot path.
-        for chunk in chunks(message_ids, MAX_PARAMETERS):
+        # On PostgreSQL the rows are taken in id order, as a batch of bot turns takes them.
+        dialect = self._driver.dialect
+        for chunk in chunks(sorted(message_ids), MAX_PARAMETERS):
+            marks = ", ".join(["?"] * len(chunk))
+            rows = (
+                f"SELECT id FROM messages WHERE id IN ({marks}) ORDER BY id FOR UPDATE"
+                if dialect == "postgresql"
+                else marks
+            )
             async with self._driver.connection() as conn:
                 await conn.execute(
                     "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL,"
-                    f" {stamp_set(self._driver.dialect)}"
-                    f" WHERE id IN ({', '.join(['?'] * len(chunk))})",
+                    f" {stamp_set(dialect)} WHERE id IN ({rows})",
                     *chunk,
                 )
 

@@ -148,10 +148,10 @@ class OutgoingSql:
         prepared = [_prepared(turn, now) for turn in turns]
         numbered: dict[int, _Numbered | None] = {}
         async with self._driver.transaction() as conn:
-            # In conversation order, as the ingress's batches take the same rows: two
-            # writers of several rows do not wait for each other crosswise.
-            for index in sorted(range(len(prepared)), key=lambda i: prepared[i].conversation.id):
-                numbered[index] = await self._number(conn, prepared[index])
+            if self._driver.dialect == "postgresql" and len(prepared) > 1:
+                await _lock_in_order(conn, prepared)
+            for index, turn in enumerate(prepared):
+                numbered[index] = await self._number(conn, turn)
         return [await self._records(turn, numbered[index]) for index, turn in enumerate(prepared)]
 
     async def _number(self, conn: Conn, turn: Turn) -> _Numbered | None:
@@ -279,6 +279,21 @@ async def record_replies_at_once(conn: Conn, turn: Turn) -> Row | None:
         [json.dumps(payload) for _, payload in replies],
         turn.partitions,
     )
+
+
+async def _lock_in_order(conn: Conn, turns: Sequence[Turn]) -> None:
+    """Take the rows a batch of turns writes, conversations then messages, each in id order:
+    the order every writer of several of them takes them in (the ingress's inserts its
+    conversations', the queued marks their messages'), so two never wait on each other
+    crosswise (a deadlock PostgreSQL would end by failing one)."""
+    for table, ids in (
+        ("conversations", sorted({turn.conversation.id for turn in turns})),
+        ("messages", sorted(turn.inbound_id for turn in turns)),
+    ):
+        marks = ", ".join(["?"] * len(ids))
+        await conn.fetchall(
+            f"SELECT id FROM {table} WHERE id IN ({marks}) ORDER BY id FOR UPDATE", *ids
+        )
 
 
 def _prepared(turn: TurnReplies, now: datetime) -> Turn:
