@@ -147,11 +147,16 @@ class OutgoingSql:
         now = utcnow()
         prepared = [_prepared(turn, now) for turn in turns]
         numbered: dict[int, _Numbered | None] = {}
-        async with self._driver.transaction() as conn:
-            if self._driver.dialect == "postgresql" and len(prepared) > 1:
-                await _lock_in_order(conn, prepared)
-            for index, turn in enumerate(prepared):
-                numbered[index] = await self._number(conn, turn)
+        if self._driver.dialect == "postgresql" and len(prepared) == 1:
+            # One statement: its own transaction, without a BEGIN and a COMMIT round trip.
+            async with self._driver.connection() as conn:
+                numbered[0] = await self._number(conn, prepared[0])
+        else:
+            async with self._driver.transaction() as conn:
+                if self._driver.dialect == "postgresql":
+                    await _lock_in_order(conn, prepared)
+                for index, turn in enumerate(prepared):
+                    numbered[index] = await self._number(conn, turn)
         return [await self._records(turn, numbered[index]) for index, turn in enumerate(prepared)]
 
     async def _number(self, conn: Conn, turn: Turn) -> _Numbered | None:
