@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aio_pika
 import aiohttp
@@ -177,13 +177,15 @@ class StoreResult:
         """How the case is named in the tables."""
         return f"{self.store} {self.mode} {self.bot}"
 
+    # Whether a reply out of its conversation's order fails the case (Relay's promise).
+    keeps_order: ClassVar[bool] = True
+
     @property
     def failed(self) -> bool:
-        """Anything lost, refused, repeated or reordered."""
+        """Anything lost, refused, repeated or (where order is kept) reordered."""
         phases = (self.full, self.half)
-        return any(p.errors or p.missing for p in phases) or bool(
-            self.duplicates or self.out_of_order
-        )
+        reordered = self.out_of_order and self.keeps_order
+        return any(p.errors or p.missing for p in phases) or bool(self.duplicates or reordered)
 
 
 @dataclass
@@ -191,6 +193,7 @@ class CeleryResult(StoreResult):
     """The Celery yardstick's figures (store `none`, mode `celery`). It numbers nothing, so
     `out_of_order` is both phases' `reordered`: a figure, not a failure (it keeps no order)."""
 
+    keeps_order: ClassVar[bool] = False
     queue: str = ""
     concurrency: int = CELERY_CONCURRENCY
     prefetch_multiplier: int = CELERY_PREFETCH
@@ -199,12 +202,6 @@ class CeleryResult(StoreResult):
     def case(self) -> str:
         """How the case is named in the tables."""
         return f"celery prefork {self.bot}"
-
-    @property
-    def failed(self) -> bool:
-        """Anything lost, refused or repeated."""
-        phases = (self.full, self.half)
-        return any(p.errors or p.missing for p in phases) or bool(self.duplicates)
 
 
 # ---------------------------------------------------------------------------- client

@@ -72,14 +72,22 @@ async def redelivered_after_close(connection: Any, name: str) -> list[bytes]:
     return taken
 
 
-async def test_a_settled_head_goes_as_one_multiple_ack(queue: tuple[Any, str]):
-    connection, name = queue
+async def tracked(
+    connection: Any, name: str
+) -> tuple[AbstractChannel, list[AbstractIncomingMessage], Acks]:
+    """Every message of the queue taken on a channel of its own, each met by its `Acks`."""
     channel = await connection.channel()
     taken = await take_all(channel, name)
-    sent = await counting_acks(channel)
     acks = Acks()
     for message in taken:
         acks.delivered(message)
+    return channel, taken, acks
+
+
+async def test_a_settled_head_goes_as_one_multiple_ack(queue: tuple[Any, str]):
+    connection, name = queue
+    channel, taken, acks = await tracked(connection, name)
+    sent = await counting_acks(channel)
     # Settled in one turn of the loop, in any order: one ack for all.
     await asyncio.gather(*(acks.ack(message) for message in reversed(taken)))
     assert sent == [True]
@@ -89,12 +97,8 @@ async def test_a_settled_head_goes_as_one_multiple_ack(queue: tuple[Any, str]):
 
 async def test_a_delivery_in_hand_keeps_the_acks_behind_it_single(queue: tuple[Any, str]):
     connection, name = queue
-    channel = await connection.channel()
-    taken = await take_all(channel, name)
+    channel, taken, acks = await tracked(connection, name)
     sent = await counting_acks(channel)
-    acks = Acks()
-    for message in taken:
-        acks.delivered(message)
     in_hand = taken[4]
     rest = [message for message in taken if message is not in_hand]
     await asyncio.gather(*(acks.ack(message) for message in rest))
@@ -107,12 +111,8 @@ async def test_a_delivery_in_hand_keeps_the_acks_behind_it_single(queue: tuple[A
 
 async def test_a_nacked_delivery_no_longer_holds_the_head(queue: tuple[Any, str]):
     connection, name = queue
-    channel = await connection.channel()
-    taken = await take_all(channel, name)
+    channel, taken, acks = await tracked(connection, name)
     sent = await counting_acks(channel)
-    acks = Acks()
-    for message in taken:
-        acks.delivered(message)
     await acks.nack(taken[0])
     await asyncio.gather(*(acks.ack(message) for message in taken[1:]))
     assert sent == [True]
@@ -122,11 +122,7 @@ async def test_a_nacked_delivery_no_longer_holds_the_head(queue: tuple[Any, str]
 
 async def test_an_ack_on_a_closed_channel_raises_to_its_caller(queue: tuple[Any, str]):
     connection, name = queue
-    channel = await connection.channel()
-    taken = await take_all(channel, name)
-    acks = Acks()
-    for message in taken:
-        acks.delivered(message)
+    channel, taken, acks = await tracked(connection, name)
     await channel.close()
     results = await asyncio.gather(
         *(acks.ack(message) for message in taken), return_exceptions=True
