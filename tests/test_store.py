@@ -194,7 +194,7 @@ async def test_a_write_behind_that_fails_is_tried_again():
             raise StoreUnavailable("the database is restarting")
         written.append(list(items))
 
-    behind = WriteBehind(flaky, "test", gather=0.05, retry_for=5.0)
+    behind = WriteBehind(flaky, "test", retry_for=5.0)
     told: list[str] = []
     for item in ("a", "b", "c"):
         behind.add(item, lambda item=item: told.append(item))

@@ -115,25 +115,17 @@ class WriteBehind(Generic[T]):
 
     For marks whose loss costs only repeated work that is safe to repeat (a message marked
     queued: lost, the outbox publishes it again under the same id after its lease), so the
-    caller goes on at once. Nobody waiting, a batch may wait for company: it is what came in
-    the `gather` seconds after its first item, and while the last batch was written (on
-    SQLite, where every commit takes the one write lock and a disk flush, each commit saved
-    leaves the lock to the writes a message waits for). A failed batch is tried again with
-    pauses for up to `retry_for` seconds, then given up (logged).
+    caller goes on at once. A batch is what came while the last one was written; a failed
+    batch is tried again with pauses for up to `retry_for` seconds, then given up (logged).
     `then`, if given with an item, runs once the item is written (news of a row now visible).
     `flush` writes what waits; the store calls it as it closes.
     """
 
     def __init__(
-        self,
-        write: Callable[[Sequence[T]], Awaitable[None]],
-        name: str,
-        gather: float = 0.0,
-        retry_for: float = 30.0,
+        self, write: Callable[[Sequence[T]], Awaitable[None]], name: str, retry_for: float = 30.0
     ) -> None:
         self._write = write
         self._name = name
-        self._gather = gather
         self._retry_for = retry_for
         self._waiting: list[tuple[T, Callable[[], None] | None]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -159,8 +151,6 @@ class WriteBehind(Generic[T]):
             log.warning("write_behind_given_up", name=self._name, items=len(self._waiting))
 
     async def _drain(self) -> None:
-        if self._gather:
-            await asyncio.sleep(self._gather)
         while self._waiting:
             batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
             if await self._written([item for item, _ in batch]):

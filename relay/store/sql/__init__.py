@@ -25,9 +25,6 @@ from relay.store.sql.tokens import TokensSql
 __all__ = ["SqlStore"]
 
 CLOSE_FLUSH_SECONDS = 5.0  # what a closing store gives its marks still to be written
-# How long queued marks gather before they are written: nobody waits for them, and the
-# outbox looks at a pending row only after a lease of many seconds.
-MARKS_GATHER_SECONDS = 0.05
 
 
 class SqlStore(
@@ -51,7 +48,7 @@ class SqlStore(
         self._driver = driver
         self._known = KnownRows()
         self._new_messages = GroupCommit(self._write_new_messages, "insert-inbound")
-        self._queued_marks = WriteBehind(self.mark_queued, "mark-queued", MARKS_GATHER_SECONDS)
+        self._queued_marks = WriteBehind(self.mark_queued, "mark-queued")
 
     @property
     def driver(self) -> Driver:
