@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
 
@@ -23,7 +22,6 @@ from relay.store import (
     open_store,
     schema,
 )
-from relay.store.batching import WriteBehind
 from relay.store.postgres import translated
 from relay.store.schema import MIGRATIONS_TEMPLATE, apply_migrations
 from relay.wire import InboundRequest, utcnow
@@ -157,56 +155,6 @@ async def test_concurrent_duplicates_create_exactly_one_message(
         users = await conn.fetchall("SELECT id FROM users WHERE integration_id = ?", integration_id)
     assert len(rows) == 1
     assert len(users) == 1
-
-
-async def test_marks_written_behind_land_in_batches_then_tell(
-    store: SqlStore, settings: Settings, database_url: str
-):
-    # What a publisher marks without waiting: written soon, each `then` once its row is, and
-    # what is still to write when the store closes is written first.
-    integration_id, _ = await make_integration(store, settings)
-    accepted = [
-        await store.accept_incoming(integration_id, inbound(f"behind-{n}"), lease(), None)
-        for n in range(30)
-    ]
-    told: list[str] = []
-    closing = await open_store(database_url)
-    ids = [done.bundle.message.id for done in accepted if isinstance(done, Accepted)]
-    assert len(ids) == 30
-    for id_ in ids:
-        closing.mark_queued_soon(id_, lambda id_=id_: told.append(id_))  # type: ignore[misc]
-    await closing.close()
-    assert sorted(told) == sorted(ids)
-    for n in range(30):
-        found = await store.find_incoming(integration_id, f"msg-behind-{n}")
-        assert found is not None
-        assert found.state == "queued"
-
-
-async def test_a_write_behind_that_fails_is_tried_again():
-    written: list[list[str]] = []
-    failures = 2
-
-    async def flaky(items: Sequence[str]) -> None:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StoreUnavailable("the database is restarting")
-        written.append(list(items))
-
-    behind = WriteBehind(flaky, "test", retry_for=5.0)
-    told: list[str] = []
-    for item in ("a", "b", "c"):
-        behind.add(item, lambda item=item: told.append(item))
-    await behind.flush(within=5.0)
-    assert written == [["a", "b", "c"]]
-    assert told == ["a", "b", "c"]
-    # Past its time to retry, a batch is given up (the outbox repeats what it marked).
-    failures = 1_000
-    behind = WriteBehind(flaky, "test", retry_for=0.2)
-    behind.add("lost", lambda: told.append("lost"))
-    await behind.flush(within=5.0)
-    assert "lost" not in told
 
 
 async def test_mark_queued_settles_the_message(store: SqlStore, settings: Settings):
@@ -591,8 +539,7 @@ async def test_a_batch_with_a_turn_never_accepted_raises_and_the_rest_stand(
     gone = await store.accept_incoming(
         integration_id, inbound("batch-gone", conversationId="batch-gone"), lease(), None
     )
-    assert isinstance(kept, Accepted)
-    assert isinstance(gone, Accepted)
+    assert isinstance(kept, Accepted) and isinstance(gone, Accepted)
     assert await store.discard_pending(gone)
     kept_turn = TurnReplies(
         replying(integration_id, kept), kept.bundle.message.id, [("text", {"text": "k"})], 8

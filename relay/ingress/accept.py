@@ -34,7 +34,7 @@ from relay.ingress.publisher import InboundPublisher
 from relay.metrics import Metrics
 from relay.pipeline.unpublishable import Burial, Unpublishable
 from relay.retry import pauses
-from relay.store import Accepted, Inbound, Vanished
+from relay.store import Accepted, Inbound, StoreError, Vanished
 from relay.wire import InboundRequest, MessageBundle, utcnow
 
 log = structlog.get_logger(__name__)
@@ -133,10 +133,12 @@ class Acceptor:
             log.error("message_unpublishable", message_id=message_id, reason=str(error))
             await asyncio.shield(self._store.discard_pending(accepted))
             raise InvalidBody("the message cannot be queued", details=str(error)) from error
-        # The broker holds it: it is accepted. Should the mark be lost, the row stays
-        # pending and the outbox publishes it again after the lease (consumers deduplicate
-        # on the relay id).
-        self.publisher.mark_queued(integration_id, accepted.bundle)
+        try:
+            await self.publisher.mark_queued(integration_id, accepted.bundle)
+        except StoreError as error:
+            # The broker holds it: it is accepted. The row stays pending, so the outbox
+            # publishes it again after the lease (consumers deduplicate on the relay id).
+            log.error("mark_queued_failed", message_id=message_id, error=str(error))
         self._metrics.inbound.labels("accepted").inc()
         return accepted.bundle
 

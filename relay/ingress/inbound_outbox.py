@@ -77,7 +77,7 @@ class InboundOutbox:
             # Left pending: the lease just taken runs out and a later sweep tries again.
             log.warning("outbox_publish_failed", message_id=message.id, error=str(error))
             raise
-        self._publisher.mark_queued(pending.integration_id, pending.bundle)
+        await self._publisher.mark_queued(pending.integration_id, pending.bundle)
         log.info(
             "outbox_published",
             message_id=message.id,

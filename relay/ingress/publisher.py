@@ -4,10 +4,13 @@ marked queued in the store. The acceptor publishes what a request wrote; the inb
 
 from __future__ import annotations
 
+import asyncio
+
 from relay.broker import Broker
 from relay.metrics import Metrics
 from relay.pipeline.unpublishable import envelope_bytes
 from relay.store import Queued
+from relay.store.batching import GroupCommit
 from relay.wire import (
     FIRST_COPY_HEADER,
     REQUEST_ID_HEADER,
@@ -21,7 +24,7 @@ class InboundPublisher:
     """Puts inbound messages on the broker and marks them queued (in batches)."""
 
     def __init__(self, store: Queued, broker: Broker, metrics: Metrics) -> None:
-        self._store = store
+        self._queued = GroupCommit(store.mark_queued, "mark-inbound-queued")
         self._broker = broker
         self._metrics = metrics
 
@@ -65,11 +68,8 @@ class InboundPublisher:
             )
         self._metrics.published.labels("inbound").inc()
 
-    def mark_queued(self, integration_id: str, bundle: MessageBundle) -> None:
-        """The publish was confirmed: mark the message queued, in the background (its
-        request is answered meanwhile), then tell whoever waits on its conversation (it is
-        visible in the history once marked)."""
-        conversation = bundle.conversation.id
-        self._store.mark_queued_soon(
-            bundle.message.id, lambda: self._broker.news.announce(integration_id, conversation)
-        )
+    async def mark_queued(self, integration_id: str, bundle: MessageBundle) -> None:
+        """The publish was confirmed: mark the message queued and tell the bot workers of
+        its conversation. Shielded: a cancelled request must not leave it pending."""
+        await asyncio.shield(self._queued.add(bundle.message.id))
+        self._broker.news.announce(integration_id, bundle.conversation.id)

@@ -17,6 +17,7 @@ from relay.lru import Lru
 from relay.metrics import Metrics
 from relay.pipeline.unpublishable import Burial, Unpublishable, envelope_bytes
 from relay.store import ConversationRecord, Outgoing, OutgoingRecord
+from relay.store.batching import GroupCommit
 from relay.store.records import Unreadable
 from relay.views import delivery_id, webhook_body
 from relay.wire import OutboundEnvelope, utcnow
@@ -35,6 +36,7 @@ class ReplyPublisher:
 
     def __init__(self, store: Outgoing, broker: Broker, metrics: Metrics) -> None:
         self._store = store
+        self._queued = GroupCommit(store.mark_queued, "mark-responses-queued")
         self._broker = broker
         self._metrics = metrics
         self._burial = Burial(store, broker, metrics, "outbound")
@@ -87,11 +89,10 @@ class ReplyPublisher:
                         conversation_id=record.conversation_id,
                     )
         finally:
-            # Marked in the background, with others (also those confirmed before a failure):
-            # should the marks be lost, the outbox publishes them again after their lease,
-            # under the same webhook-ids.
-            for id_ in published:
-                self._store.mark_queued_soon(id_)
+            # Marked together, in one write (also those confirmed before a failure): should
+            # the marks be lost, they are published again with the same webhook-ids (a turn's
+            # message comes back unacked; the outbox takes a pushed response).
+            await asyncio.shield(asyncio.gather(*(self._queued.add(id_) for id_ in published)))
 
     async def bury_unreadable(self, row: Unreadable) -> None:
         """End a stored response that can never be published: dead, in the dead-letter queue

@@ -15,12 +15,6 @@ import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-import structlog
-
-from relay.retry import pauses
-
-log = structlog.get_logger(__name__)
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -108,68 +102,3 @@ def _fail(done: asyncio.Future[R], error: BaseException) -> None:
         done.set_exception(error)
     else:
         done.cancel()
-
-
-class WriteBehind(Generic[T]):
-    """Writes nobody waits for, written in batches in the background.
-
-    For marks whose loss costs only repeated work that is safe to repeat (a message marked
-    queued: lost, the outbox publishes it again under the same id after its lease), so the
-    caller goes on at once. A batch is what came while the last one was written; a failed
-    batch is tried again with pauses for up to `retry_for` seconds, then given up (logged).
-    `then`, if given with an item, runs once the item is written (news of a row now visible).
-    `flush` writes what waits; the store calls it as it closes.
-    """
-
-    def __init__(
-        self, write: Callable[[Sequence[T]], Awaitable[None]], name: str, retry_for: float = 30.0
-    ) -> None:
-        self._write = write
-        self._name = name
-        self._retry_for = retry_for
-        self._waiting: list[tuple[T, Callable[[], None] | None]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    def add(self, item: T, then: Callable[[], None] | None = None) -> None:
-        """Have `item` written soon (`then` called once it is)."""
-        self._waiting.append((item, then))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(
-                self._drain(), name=self._name, context=contextvars.Context()
-            )
-
-    async def flush(self, within: float) -> None:
-        """Write what waits, for up to `within` seconds (what is left then is given up)."""
-        writer = self._writer
-        if writer is None or writer.done():
-            return
-        try:
-            async with asyncio.timeout(within):
-                await asyncio.shield(writer)
-        except TimeoutError:
-            writer.cancel()
-            log.warning("write_behind_given_up", name=self._name, items=len(self._waiting))
-
-    async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[:BATCH_LIMIT], self._waiting[BATCH_LIMIT:]
-            if await self._written([item for item, _ in batch]):
-                for _, then in batch:
-                    if then is not None:
-                        then()
-
-    async def _written(self, items: list[T]) -> bool:
-        deadline = asyncio.get_running_loop().time() + self._retry_for
-        for pause in pauses(0.1, 2.0):
-            try:
-                await self._write(items)
-                return True
-            except Exception as error:
-                if asyncio.get_running_loop().time() + pause > deadline:
-                    log.error(
-                        "write_behind_failed", name=self._name, items=len(items), error=str(error)
-                    )
-                    return False
-                log.warning("write_behind_retrying", name=self._name, error=str(error))
-                await asyncio.sleep(pause)
-        return False

@@ -124,11 +124,6 @@ class Queued(Protocol):
     async def mark_queued(self, message_ids: Sequence[str]) -> None:
         """The broker confirmed the messages: they are accepted for good."""
 
-    def mark_queued_soon(self, message_id: str, then: Callable[[], None] | None = None) -> None:
-        """`mark_queued`, written in the background with others (`then` once it is): for a
-        publisher that need not wait, as a lost mark only has the outbox publish the message
-        again under its id, after its lease."""
-
     async def end_unpublished(self, message_id: str, dead_at: datetime) -> None:
         """A pending message that can never be published: dead, no longer pending (so no
         outbox takes it again and no conversation waits behind it)."""

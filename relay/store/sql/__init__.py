@@ -3,9 +3,7 @@ module per role, `SqlStore` all of them over one driver."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from relay.store.batching import GroupCommit, WriteBehind
+from relay.store.batching import GroupCommit
 from relay.store.driver import Driver
 from relay.store.sql.attempts import AttemptsSql
 from relay.store.sql.dead_letters import DeadLettersSql
@@ -23,8 +21,6 @@ from relay.store.sql.search import SearchSql
 from relay.store.sql.tokens import TokensSql
 
 __all__ = ["SqlStore"]
-
-CLOSE_FLUSH_SECONDS = 5.0  # what a closing store gives its marks still to be written
 
 
 class SqlStore(
@@ -48,7 +44,6 @@ class SqlStore(
         self._driver = driver
         self._known = KnownRows()
         self._new_messages = GroupCommit(self._write_new_messages, "insert-inbound")
-        self._queued_marks = WriteBehind(self.mark_queued, "mark-queued")
 
     @property
     def driver(self) -> Driver:
@@ -64,9 +59,5 @@ class SqlStore(
         async with self._driver.connection() as conn:
             await conn.fetchone("SELECT 1 AS ok")
 
-    def mark_queued_soon(self, message_id: str, then: Callable[[], None] | None = None) -> None:
-        self._queued_marks.add(message_id, then)
-
     async def close(self) -> None:
-        await self._queued_marks.flush(CLOSE_FLUSH_SECONDS)
         await self._driver.close()
