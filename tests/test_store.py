@@ -539,7 +539,8 @@ async def test_a_batch_with_a_turn_never_accepted_raises_and_the_rest_stand(
     gone = await store.accept_incoming(
         integration_id, inbound("batch-gone", conversationId="batch-gone"), lease(), None
     )
-    assert isinstance(kept, Accepted) and isinstance(gone, Accepted)
+    assert isinstance(kept, Accepted)
+    assert isinstance(gone, Accepted)
     assert await store.discard_pending(gone)
     kept_turn = TurnReplies(
         replying(integration_id, kept), kept.bundle.message.id, [("text", {"text": "k"})], 8
