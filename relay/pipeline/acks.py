@@ -55,12 +55,14 @@ class Acks:
 
     def _flush(self) -> None:
         self._flushing = False
-        head: list[Settled] = []
+        head: list[Settled] = []  # settled, nothing in hand before them
+        behind: list[Settled] = []  # settled, behind a delivery still in hand
+        in_hand = False
         for entry in self._open.values():
             if entry is None:
-                break
-            head.append(entry)
-        behind = [entry for entry in self._open.values() if entry is not None][len(head) :]
+                in_hand = True
+            else:
+                (behind if in_hand else head).append(entry)
         for message, _ in [*head, *behind]:
             del self._open[message.delivery_tag or 0]
         if head:
