@@ -70,11 +70,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Every store, bot and run mode against the raw two-hop chain, then the ingress alone: about
-# 10 minutes. Run it on an otherwise idle machine.
+# Every store, bot and run mode against the raw two-hop chain and the Celery relay, each
+# case then profiled (py-spy: where each process's CPU goes, its stacks in bench-profiles/),
+# then the HTTP floor and the ingress alone: about 15 minutes. Run it on an idle machine.
+BENCH_PROFILES := bench-profiles
 bench: install
 	@scripts/ensure-services --postgres
-	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+	$(BIN)/python -m bench.e2e --profile $(BENCH_PROFILES) $(BENCH_ARGS)
 	$(BIN)/python -m bench.http_floor
 	$(BIN)/python -m bench.ingress_load
 
@@ -92,4 +94,4 @@ docs-build: install
 	$(DOCS) build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) bench-profiles .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

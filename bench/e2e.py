@@ -78,6 +78,7 @@ from bench.common import (
     spawn,
     stop_process,
 )
+from bench.profile import Profiles, print_summaries
 from bench.raw import RawResult, raw_ceiling
 from relay.broker import topology_of
 from relay.broker.topology import Topology
@@ -86,6 +87,7 @@ from relay.settings import Settings
 from relay.store import open_store
 
 RAW_BODY_BYTES = 1200  # the raw chain's body when no inbound envelope was sampled
+PROFILED_MESSAGES = 2000  # --profile: the profiled phase's messages (at most --messages)
 WARM_UP = 200  # messages through the whole pipeline before measuring (connections, caches)
 BOTS = {"one-reply": "bench.bots:one_reply", "echo": "echo"}
 MODES = ("services", "run")
@@ -171,6 +173,8 @@ class StoreResult:
     database: dict[str, float] = field(default_factory=dict)
     ratio: float = 0.0  # delivered msgs/s / the raw two-hop chain's msgs/s
     celery_ratio: float | None = None  # delivered msgs/s / the Celery relay's (if it ran)
+    # --profile: each process's CPU by layer (%) and busiest frames in a profiled phase.
+    profile: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def case(self) -> str:
@@ -564,6 +568,7 @@ class Options:
     json: bool
     settings: dict[str, str]  # RELAY_* values for the services
     celery: bool = True  # the Celery yardstick after the raw chain
+    profile: Path | None = None  # where --profile keeps each process's folded stacks
 
 
 def run_settings(database_url: str, bot: str, options: Options) -> Settings:
@@ -693,7 +698,8 @@ async def run_case(case: Case, options: Options) -> tuple[StoreResult, Settings,
         inbox = Inbox(receiver.base_url)
         stack.push_async_callback(inbox.close)
         counters = PostgresCounters(url) if case.store == "postgresql" else None
-        measured = await measure(services, receiver, client, inbox, options, counters)
+        label = "-".join((case.store, case.mode, case.bot))
+        measured = await measure(services, receiver, client, inbox, options, counters, label)
     result = StoreResult(
         store=case.store,
         bot=case.bot,
@@ -744,11 +750,29 @@ async def measure(
     inbox: Inbox,
     options: Options,
     counters: PostgresCounters | None,
+    label: str,
 ) -> dict[str, Any]:
     """Warm up, full load, half load; the figures, memory, CPU and the services' counters."""
     groups = process_groups(services)
-    measured = await run_phases(groups, receiver, client, inbox, options, counters)
+    measured = await run_phases(groups, receiver, client, inbox, options, counters, label)
     return measured | {"metrics": await scrape(services)}
+
+
+async def profiled_phase(
+    groups: Mapping[str, Sequence[int]], client: Client, inbox: Inbox, options: Options, label: str
+) -> dict[str, dict[str, Any]]:
+    """--profile: one more full-load phase with py-spy on each process (after the measured
+    ones, which it would slow); each process's CPU by layer and its busiest frames."""
+    if options.profile is None:
+        return {}
+    profiles = Profiles(options.profile, label)
+    await profiles.start(groups)
+    count = min(options.messages, PROFILED_MESSAGES)
+    try:
+        await full_load(client, inbox, messages(f"{label}-prof", count, options.conversations))
+    finally:
+        found = await profiles.stop()
+    return found
 
 
 async def run_phases(
@@ -758,10 +782,11 @@ async def run_phases(
     inbox: Inbox,
     options: Options,
     counters: PostgresCounters | None,
+    label: str,
 ) -> dict[str, Any]:
-    """Warm up, full load, half load; the figures, and the memory and CPU of each group of
-    processes (the relay's: Relay's services, or the Celery yardstick's), the receiver, the
-    client and the shared servers."""
+    """Warm up, full load, half load, then --profile's phase; the figures, and the memory and
+    CPU of each group of processes (the relay's: Relay's services, or the Celery
+    yardstick's), the receiver, the client and the shared servers."""
     tag = uuid.uuid4().hex[:6]
     warm = messages(f"{tag}-warm", WARM_UP, min(options.conversations, WARM_UP), prefix="w")
     await full_load(client, inbox, warm)
@@ -779,6 +804,7 @@ async def run_phases(
     half_meter.start()
     half = await half_load(client, inbox, batch, max(full.delivered_per_second / 2, 1.0))
     half_meter.stop()
+    profile = await profiled_phase(groups, client, inbox, options, label)
     await asyncio.sleep(SETTLE_SECONDS)
     await inbox.fetch()
     resources = {
@@ -805,6 +831,7 @@ async def run_phases(
         "other_cpu_percent_full_load": meter.other_percent,
         "machine_iowait_percent_full_load": meter.iowait_percent,
         "database": database_figures,
+        "profile": profile,
     }
 
 
@@ -844,7 +871,7 @@ async def run_celery(options: Options) -> CeleryResult:
         inbox = Inbox(receiver.base_url, ordered=False)
         stack.push_async_callback(inbox.close)
         groups = {"ingress": [ingress.pid], "worker": [worker.pid, *children_of(worker.pid)]}
-        measured = await run_phases(groups, receiver, client, inbox, options, None)
+        measured = await run_phases(groups, receiver, client, inbox, options, None, "celery")
     result = CeleryResult(
         store="none", bot="one-reply", mode="celery", inbound_envelope_bytes=0, **measured
     )
@@ -980,6 +1007,14 @@ def print_report(
     print(f"\nraw two-hop chain: {raw.per_second} msgs/s; {_raw_line(raw)}")
     if celery:
         print(f"celery relay: {celery.full.delivered_per_second} msgs/s; {_celery_line(celery)}")
+    _print_ends(relay, results)
+
+
+def _print_ends(relay: Sequence[StoreResult], results: Sequence[StoreResult]) -> None:
+    """Each case's profile (with --profile) and Relay's counters at the end."""
+    for r in results:
+        if r.profile:
+            print_summaries(f"{r.case}: where each process's CPU goes (profiled phase)", r.profile)
     for r in relay:
         print(f"\n{r.case}: counters at the end")
         for name, counters in r.metrics.items():
@@ -1048,7 +1083,8 @@ def report_json(
     options: Options,
 ) -> str:
     """One JSON document with the configuration and every figure."""
-    config = {k: v for k, v in asdict(options).items() if k != "json"}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+    config.pop("json")
     cases = [_case_json(r) for r in results]
     document = {
         "config": config,
@@ -1142,6 +1178,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="leave out the Celery yardstick (and the e2e/celery ratio)",
     )
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FOLDER",
+        help="after the measured phases, one more full-load phase with py-spy on each process:"
+        " its CPU by layer in the report, its folded stacks in FOLDER",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -1177,6 +1220,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         args.json,
         dict(pairs),
         args.celery,
+        args.profile,
     )
 
 

@@ -531,6 +531,32 @@ async def test_turns_of_several_conversations_are_recorded_together(
     assert {await store.inbound_state(id_) for id_ in (a_id, b_id, c_id)} == {"handled"}
 
 
+async def test_turns_of_one_conversation_in_a_batch_are_numbered_in_turn(
+    store: SqlStore, settings: Settings
+):
+    # Not what a lane makes (one turn of its conversation at a time), but a batch that has
+    # it is still written whole, each turn's replies after the one before.
+    integration_id, _ = await make_integration(store, settings)
+    turns = []
+    for n in (1, 2):
+        accepted = await store.accept_incoming(
+            integration_id, inbound(f"same-{n}", conversationId="same"), lease(), None
+        )
+        assert isinstance(accepted, Accepted)
+        turns.append((replying(integration_id, accepted), accepted.bundle.message.id))
+    (first, first_id), (second, second_id) = turns
+    recorded = await store.record_turns(
+        [
+            TurnReplies(first, first_id, [("text", {"text": "1a"}), ("text", {"text": "1b"})], 8),
+            TurnReplies(second, second_id, [("text", {"text": "2a"})], 8),
+        ]
+    )
+    assert [[(r.payload["text"], r.sequence) for r in records] for records in recorded] == [
+        [("1a", 1), ("1b", 2)],
+        [("2a", 3)],
+    ]
+
+
 async def test_a_batch_with_a_turn_never_accepted_raises_and_the_rest_stand(
     store: SqlStore, settings: Settings
 ):

@@ -15,7 +15,7 @@ from relay.store import ConversationRecord, SqlStore, Watermark, open_store
 from relay.store.postgres import drop_schema
 from relay.store.schema import migrations, statements
 from relay.store.sql.common import new_id
-from relay.store.sql.outgoing import Turn, record_replies_at_once
+from relay.store.sql.outgoing import Turn, record_replies_at_once, record_turns_at_once
 from relay.wire import InboundRequest, utcnow
 
 
@@ -204,24 +204,44 @@ def _undo_v6(dialect: str) -> list[str]:
     return ["DROP INDEX messages_items", *drops]
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one turn", "a batch of turns"])
 async def test_replies_never_sort_before_the_message_they_answer(
-    store: SqlStore, database_url: str
+    store: SqlStore, database_url: str, batched: bool
 ) -> None:
     """The message's ingress marks it queued in a transaction that took its id after the
     bot's turn took its own (the turn then waits for that row): the replies still come
-    after the message in the history."""
+    after the message in the history, whether the turn is stored alone or in a batch."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite's writers take turns: no transaction ids to interleave")
     integration_id = await integration(store)
-    bundle = await accept(store, integration_id, "interleaved", 1)
+    tag = uuid.uuid4().hex[:6]
+    bundle = await accept(store, integration_id, f"interleaved-{tag}", 1)
+    other = await accept(store, integration_id, f"alongside-{tag}", 1)
+    await store.mark_queued([other.message.id])
     conversation = conversation_record(bundle, integration_id)
     turn = Turn(conversation, bundle.message.id, [("text", {"text": "r"})], [new_id()], utcnow(), 8)
+    alongside = Turn(
+        conversation_record(other, integration_id),
+        other.message.id,
+        [("text", {"text": "o1"}), ("text", {"text": "o2"})],
+        [new_id(), new_id()],
+        utcnow(),
+        8,
+    )
     async with store.driver.transaction() as bot:
         # The turn's transaction has its id first...
         await bot.fetchone("SELECT pg_current_xact_id() AS xid")
         # ...the ingress's mark (a later id) stamps the message and commits...
         await store.mark_queued([bundle.message.id])
         # ...and only then does the turn store its reply.
-        assert await record_replies_at_once(bot, turn) is not None
+        if batched:
+            numbered = await record_turns_at_once(bot, [turn, alongside])
+            assert [(n.first, n.partitions) for n in numbered.values() if n] == [(1, 8), (1, 8)]
+        else:
+            assert await record_replies_at_once(bot, turn) is not None
     page = await store.history("conversation", conversation.id, None, 10)
     assert [item.direction for item in page.items] == ["incoming", "outgoing"]
+    if batched:
+        page = await store.history("conversation", alongside.conversation.id, None, 10)
+        texts = [(item.direction, item.sequence, item.payload.get("text")) for item in page.items]
+        assert texts == [("incoming", None, "m1"), ("outgoing", 1, "o1"), ("outgoing", 2, "o2")]

@@ -91,6 +91,54 @@ SELECT (SELECT count(*) FROM handled) AS handled,
 )
 
 
+# PostgreSQL only: a batch of turns (of different conversations, their rows locked in id
+# order first) as one statement: each message marked handled, its conversation's counter
+# moved past its replies, the replies inserted, as the statement above does for one turn.
+# A row per turn: whether it was handled now, and where its replies start.
+_RECORD_TURNS_AT_ONCE = """
+WITH turn AS (
+    SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $5::int[])
+        AS t(inbound_id, conversation_id, replies, partitions)
+), handled AS (
+    UPDATE messages m SET handled_at = $1, state = 'queued', lease_until = NULL,
+        lease_owner = NULL, {stamp}
+    FROM turn
+    WHERE m.id = turn.inbound_id AND m.direction = 'incoming' AND m.handled_at IS NULL
+    RETURNING m.id, m.txid, turn.conversation_id, turn.replies, turn.partitions
+), counter AS (
+    UPDATE conversations c SET next_sequence = c.next_sequence + h.replies,
+        outbound_partitions = COALESCE(c.outbound_partitions, h.partitions)
+    FROM handled h
+    WHERE c.id = h.conversation_id AND h.replies > 0
+    RETURNING h.id AS inbound_id, h.txid, h.replies, c.next_sequence,
+        c.outbound_partitions AS partitions
+), inserted AS (
+    INSERT INTO messages (id, integration_id, conversation_id, user_id, direction, type, text,
+        payload, fingerprint, state, sequence, reply_to, idempotency_key, created_at,
+        updated_at, partitions, {stamp_columns})
+    SELECT r.id, r.integration_id, r.conversation_id, r.user_id, 'outgoing', r.type, r.text,
+        r.payload, '', 'pending', k.next_sequence - k.replies + r.n, r.inbound_id, NULL, $1, $1,
+        k.partitions, GREATEST(pg_current_xact_id()::text::bigint, k.txid),
+        nextval('message_items')
+    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+            $12::text[], $13::text[], $14::int[])
+        WITH ORDINALITY AS r(id, inbound_id, integration_id, conversation_id, user_id, type,
+            text, payload, n, place)
+    JOIN counter k ON k.inbound_id = r.inbound_id
+    ORDER BY r.place
+    RETURNING reply_to
+)
+SELECT turn.inbound_id, h.id IS NOT NULL AS handled, k.next_sequence, k.partitions,
+    (SELECT count(*) FROM inserted WHERE reply_to = turn.inbound_id) AS inserted
+FROM turn
+LEFT JOIN handled h ON h.id = turn.inbound_id
+LEFT JOIN counter k ON k.inbound_id = turn.inbound_id
+""".format(
+    stamp=stamp_set("postgresql"),
+    stamp_columns=stamp_values("postgresql")[0],
+)
+
+
 @dataclass(frozen=True)
 class Turn:
     """A turn's replies about to be stored, with the ids and time they get."""
@@ -151,6 +199,10 @@ class OutgoingSql:
             # One statement: its own transaction, without a BEGIN and a COMMIT round trip.
             async with self._driver.connection() as conn:
                 numbered[0] = await self._number(conn, prepared[0])
+        elif self._driver.dialect == "postgresql" and _one_per_conversation(prepared):
+            async with self._driver.transaction() as conn:
+                await _lock_in_order(conn, prepared)
+                numbered = await record_turns_at_once(conn, prepared)
         else:
             async with self._driver.transaction() as conn:
                 if self._driver.dialect == "postgresql":
@@ -301,6 +353,39 @@ async def _lock_in_order(conn: Conn, turns: Sequence[Turn]) -> None:
         )
 
 
+def _one_per_conversation(turns: Sequence[Turn]) -> bool:
+    """Whether no two turns share a conversation or a message (a lane runs one turn of its
+    conversation at a time; a batch that breaks this is written turn by turn)."""
+    return (
+        len({t.conversation.id for t in turns}) == len({t.inbound_id for t in turns}) == len(turns)
+    )
+
+
+async def record_turns_at_once(conn: Conn, turns: Sequence[Turn]) -> dict[int, _Numbered | None]:
+    """`_RECORD_TURNS_AT_ONCE` for a batch: where each turn's replies start (by its place in
+    the batch), None for a message handled before."""
+    replies = [(turn, n, reply) for turn in turns for n, reply in enumerate(turn.replies, 1)]
+    rows = await conn.fetchall(
+        _RECORD_TURNS_AT_ONCE,
+        turns[0].now,
+        [turn.inbound_id for turn in turns],
+        [turn.conversation.id for turn in turns],
+        [len(turn.replies) for turn in turns],
+        [turn.partitions for turn in turns],
+        [turn.ids[n - 1] for turn, n, _ in replies],
+        [turn.inbound_id for turn, _, _ in replies],
+        [turn.conversation.integration_id for turn, _, _ in replies],
+        [turn.conversation.id for turn, _, _ in replies],
+        [turn.conversation.user_id for turn, _, _ in replies],
+        [type_ for _, _, (type_, _) in replies],
+        [str(payload.get("text", "")) for _, _, (_, payload) in replies],
+        [json.dumps(payload) for _, _, (_, payload) in replies],
+        [n for _, n, _ in replies],
+    )
+    by_id = {row["inbound_id"]: row for row in rows}
+    return {index: _numbered(turn, by_id.get(turn.inbound_id)) for index, turn in enumerate(turns)}
+
+
 def _prepared(turn: TurnReplies, now: datetime) -> Turn:
     ids = [new_id() for _ in turn.replies]
     return Turn(turn.conversation, turn.inbound_id, turn.replies, ids, now, turn.partitions)
@@ -329,7 +414,12 @@ def _new_records(turn: Turn, numbered: _Numbered) -> list[OutgoingRecord]:
 async def _record_replies_at_once(conn: Conn, turn: Turn) -> _Numbered | None:
     """`OutgoingSql._number` as one statement, PostgreSQL's data-modifying WITH: one round
     trip instead of five, on every turn."""
-    row = await record_replies_at_once(conn, turn)
+    return _numbered(turn, await record_replies_at_once(conn, turn))
+
+
+def _numbered(turn: Turn, row: Row | None) -> _Numbered | None:
+    """Where a turn's replies start, from its row of a statement above (None: its message
+    was handled before, or is not there)."""
     replies = turn.replies
     if row is None or not row["handled"]:
         return None
