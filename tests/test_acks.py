@@ -129,3 +129,31 @@ async def test_an_ack_on_a_closed_channel_raises_to_its_caller(queue: tuple[Any,
     )
     assert all(isinstance(result, Exception) for result in results)
     assert len(await redelivered_after_close(connection, name)) == COUNT
+
+
+async def test_acks_go_out_in_the_order_they_were_decided(queue: tuple[Any, str]):
+    # aiormq writes acks without the channel's lock through a queue of ten frames: while it
+    # is full, a later ack can be written first. Here the first ack's write is held back (as
+    # a full queue does): the second, a `multiple` ack past it, must still go after it, or
+    # it settles the first's deliveries and the broker closes the channel on the first.
+    connection, name = queue
+    channel, taken, acks = await tracked(connection, name)
+    raw: Any = await channel.get_underlay_channel()
+    real = raw.basic_ack
+    written: list[tuple[int, bool]] = []
+
+    async def held_back_once(delivery_tag: int, multiple: bool = False, **kwargs: Any) -> None:
+        if not written and delivery_tag == 2:
+            await asyncio.sleep(0.2)  # the full queue
+        written.append((delivery_tag, multiple))
+        await real(delivery_tag=delivery_tag, multiple=multiple, **kwargs)
+
+    raw.basic_ack = held_back_once
+    first = asyncio.gather(acks.ack(taken[0]), acks.ack(taken[1]))
+    await asyncio.sleep(0)  # the first flush goes out in this turn of the loop
+    second = asyncio.gather(*(acks.ack(message) for message in taken[2:]))
+    await asyncio.gather(first, second)
+    assert written == [(2, True), (COUNT, True)]
+    assert not channel.is_closed
+    await channel.close()
+    assert await redelivered_after_close(connection, name) == []
