@@ -614,6 +614,30 @@ async def test_the_operator_commands(
     assert "--all" in refused.err
 
 
+async def test_attempts_added_together_are_written_in_one_batch_even_if_the_caller_leaves(
+    store: SqlStore,
+):
+    counting = CountingStore(store)
+    log = GroupCommit(counting.record_attempts, "attempt-log")
+    records = [attempt_record(f"together-{n}") for n in range(5)]
+    await log.add_all(records)
+    assert counting.batches == [5]
+    await log.add_all([])  # nothing to write: no batch
+    assert counting.batches == [5]
+    # A caller cancelled while its items wait: they are written all the same (what the
+    # ingress's queued marks and a turn's replies' marks rely on, unshielded).
+    late = [attempt_record(f"left-{n}") for n in range(3)]
+    waiting = asyncio.ensure_future(log.add_all(late))
+    await asyncio.sleep(0)  # the items joined the batch
+    waiting.cancel()
+
+    async def written() -> bool:
+        return all([await store.list_attempts(r.delivery_id) == [r] for r in late])
+
+    await eventually(written)
+    assert counting.batches == [5, 3]
+
+
 class CountingStore:
     """The real store, with its attempt-log writes counted (or refused)."""
 

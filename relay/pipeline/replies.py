@@ -92,7 +92,8 @@ class ReplyPublisher:
             # Marked together, in one write (also those confirmed before a failure): should
             # the marks be lost, they are published again with the same webhook-ids (a turn's
             # message comes back unacked; the outbox takes a pushed response).
-            await asyncio.shield(asyncio.gather(*(self._queued.add(id_) for id_ in published)))
+            # (Written even if this is cancelled: they joined the batch before the wait.)
+            await self._queued.add_all(published)
 
     async def bury_unreadable(self, row: Unreadable) -> None:
         """End a stored response that can never be published: dead, in the dead-letter queue

@@ -35,15 +35,32 @@ class GroupCall(Generic[T, R]):
         self._writer: asyncio.Task[None] | None = None
 
     async def add(self, item: T) -> R:
-        """Write `item` with whatever else is waiting; raises what the write raised."""
+        """Write `item` with whatever else is waiting; raises what the write raised.
+
+        The item is written even if the caller is cancelled while it waits (it joined the
+        batch before the first wait): no need to shield the call."""
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
+        self._start()
+        return await done
+
+    async def add_all(self, items: Sequence[T]) -> list[R]:
+        """`add` for several items, which join the same batch (up to its limit); their
+        results in order, or the first error raised."""
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        waiting = [(item, loop.create_future()) for item in items]
+        self._waiting.extend(waiting)
+        self._start()
+        return list(await asyncio.gather(*(done for _, done in waiting)))
+
+    def _start(self) -> None:
         if self._writer is None or self._writer.done():
             # A context of its own: the first writer's log context is not the batch's.
             self._writer = asyncio.create_task(
                 self._drain(), name=self._name, context=contextvars.Context()
             )
-        return await done
 
     async def _drain(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
@@ -88,6 +105,10 @@ class GroupCommit(Generic[T]):
     async def add(self, item: T) -> None:
         """Write `item` with whatever else is waiting; raises what the write raised."""
         await self._call.add(item)
+
+    async def add_all(self, items: Sequence[T]) -> None:
+        """Write `items` together, with whatever else is waiting."""
+        await self._call.add_all(items)
 
 
 def _settle(done: asyncio.Future[R], result: R) -> None:
