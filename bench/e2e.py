@@ -87,6 +87,9 @@ from relay.settings import Settings
 from relay.store import open_store
 
 RAW_BODY_BYTES = 1200  # the raw chain's body when no inbound envelope was sampled
+TRICKLE_MESSAGES = 50  # the no-load phase: one message at a time
+TRICKLE_PAUSE_SECONDS = 0.02  # between one message's arrival and the next POST
+TRICKLE_WAIT_SECONDS = 10.0  # for one message to arrive before the next is sent anyway
 PROFILED_MESSAGES = 2000  # --profile: the profiled phase's messages (at most --messages)
 WARM_UP = 200  # messages through the whole pipeline before measuring (connections, caches)
 BOTS = {"one-reply": "bench.bots:one_reply", "echo": "echo"}
@@ -159,6 +162,7 @@ class StoreResult:
     mode: str
     full: Phase
     half: Phase
+    trickle: Phase  # one message at a time: the latency without load
     duplicates: int
     out_of_order: int  # responses with a sequence not above the conversation's last
     out_of_order_examples: list[dict[str, Any]]
@@ -187,7 +191,7 @@ class StoreResult:
     @property
     def failed(self) -> bool:
         """Anything lost, refused, repeated or (where order is kept) reordered."""
-        phases = (self.full, self.half)
+        phases = (self.full, self.half, self.trickle)
         reordered = self.out_of_order and self.keeps_order
         return any(p.errors or p.missing for p in phases) or bool(self.duplicates or reordered)
 
@@ -445,6 +449,21 @@ async def half_load(
     figures.sent_per_second = round(sent_rate, 1)
     figures.pacing_lag_max_ms = round(lag * 1000, 1)
     return figures
+
+
+async def one_at_a_time(client: Client, inbox: Inbox, batch: Sequence[tuple[str, bytes]]) -> Phase:
+    """No load: each message posted once the one before it arrived (and a pause), so its
+    latency is the pipeline's own, without any queue in front of it."""
+    posts = []
+    for uid, body in batch:
+        post = await client.post(uid, body)
+        posts.append(post)
+        deadline = time.monotonic() + TRICKLE_WAIT_SECONDS
+        while post.status == 200 and uid not in inbox.texts and time.monotonic() < deadline:
+            if not await inbox.fetch():
+                await asyncio.sleep(0.002)
+        await asyncio.sleep(TRICKLE_PAUSE_SECONDS)
+    return phase_figures(posts, inbox)
 
 
 # ---------------------------------------------------------------------------- CPU and memory
@@ -804,6 +823,9 @@ async def run_phases(
     half_meter.start()
     half = await half_load(client, inbox, batch, max(full.delivered_per_second / 2, 1.0))
     half_meter.stop()
+    trickle = await one_at_a_time(
+        client, inbox, messages(f"{tag}-one", TRICKLE_MESSAGES, options.conversations)
+    )
     profile = await profiled_phase(groups, client, inbox, options, label)
     await asyncio.sleep(SETTLE_SECONDS)
     await inbox.fetch()
@@ -822,6 +844,7 @@ async def run_phases(
     return {
         "full": full,
         "half": half,
+        "trickle": trickle,
         "duplicates": inbox.duplicates,
         "out_of_order": inbox.out_of_order,
         "out_of_order_examples": inbox.disorder,
@@ -950,6 +973,8 @@ def print_report(
             "half p50": r.half.latency_p50_ms,
             "half p95": r.half.latency_p95_ms,
             "half p99": r.half.latency_p99_ms,
+            "1-by-1 p50": r.trickle.latency_p50_ms,
+            "1-by-1 p99": r.trickle.latency_p99_ms,
             "e2e/raw": r.ratio,
             "e2e/celery": r.celery_ratio,
         }
@@ -957,15 +982,15 @@ def print_report(
     ]
     columns = [c for c in rows[0] if c != "e2e/celery" or celery]
     print(table(rows, columns))
-    print("\nchecks (full + half load)")
+    print("\nchecks (full load, half load, one at a time)")
     checks = [
         {
             "case": r.case,
-            "posted": r.full.messages + r.half.messages,
-            "accepted": r.full.accepted + r.half.accepted,
-            "errors": _merge(r.full.errors, r.half.errors) or 0,
-            "delivered": r.full.delivered + r.half.delivered,
-            "missing": r.full.missing + r.half.missing,
+            "posted": sum(p.messages for p in (r.full, r.half, r.trickle)),
+            "accepted": sum(p.accepted for p in (r.full, r.half, r.trickle)),
+            "errors": _merge(r.full.errors, r.half.errors, r.trickle.errors) or 0,
+            "delivered": sum(p.delivered for p in (r.full, r.half, r.trickle)),
+            "missing": sum(p.missing for p in (r.full, r.half, r.trickle)),
             "duplicates": r.duplicates,
             "out of order": r.out_of_order,
             "half sent/s": r.half.sent_per_second,
@@ -1015,11 +1040,38 @@ def _print_ends(relay: Sequence[StoreResult], results: Sequence[StoreResult]) ->
     for r in results:
         if r.profile:
             print_summaries(f"{r.case}: where each process's CPU goes (profiled phase)", r.profile)
+    for r in results:
+        if layered := layer_rows(r):
+            print(
+                f"\n{r.case}: CPU ms per user message by layer (each process's full-load CPU"
+                " per message, shared out as its profile's samples)"
+            )
+            print(table(layered, list(layered[0])))
     for r in relay:
         print(f"\n{r.case}: counters at the end")
         for name, counters in r.metrics.items():
             shown = ", ".join(f"{k} {v:g}" for k, v in counters.items())
             print(f"  {name}: {shown}")
+
+
+def layer_rows(result: StoreResult) -> list[dict[str, Any]]:
+    """The case's CPU per message by layer and process (its full-load figure, in the
+    shares of its profile), with the processes' total: one row per layer."""
+    shares = {
+        name: found["layers"]
+        for name, found in result.profile.items()
+        if name in result.resources and found["samples"]
+    }
+    layers = list(dict.fromkeys(layer for each in shares.values() for layer in each))
+    rows = []
+    for layer in layers:
+        row: dict[str, Any] = {"layer": layer}
+        for name, each in shares.items():
+            per_message = result.resources[name].cpu_ms_per_message
+            row[name] = round(per_message * each.get(layer, 0.0) / 100, 3)
+        row["total"] = round(sum(v for k, v in row.items() if k in shares), 3)
+        rows.append(row)
+    return sorted(rows, key=lambda row: -row["total"])
 
 
 def _merge(*counts: Mapping[str, int]) -> dict[str, int]:

@@ -26,6 +26,9 @@ from typing import Any
 RATE_HZ = 100
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
+# The loop's own C code, and compiled code it calls directly, which py-spy cannot see into:
+# uvloop's socket reads and writes and callbacks, asyncpg's (Cython) protocol.
+LOOP = "event loop (uvloop: sockets, callbacks; asyncpg's Cython protocol)"
 # The first folder of a frame's file (py-spy shortens paths to the import root) -> layer.
 LAYERS = {
     "relay": "Relay",
@@ -51,11 +54,11 @@ LAYERS = {
     "hmac": "signatures (standardwebhooks, hmac)",
     "hashlib": "signatures (standardwebhooks, hmac)",
     "base64": "signatures (standardwebhooks, hmac)",
-    "asyncio": "event loop (uvloop, asyncio: sockets, callbacks)",
-    "uvloop": "event loop (uvloop, asyncio: sockets, callbacks)",
-    "threading": "event loop (uvloop, asyncio: sockets, callbacks)",
-    "concurrent": "event loop (uvloop, asyncio: sockets, callbacks)",
-    "contextlib": "event loop (uvloop, asyncio: sockets, callbacks)",
+    "asyncio": LOOP,
+    "uvloop": LOOP,
+    "threading": LOOP,
+    "concurrent": LOOP,
+    "contextlib": LOOP,
 }
 OTHER = "other (stdlib: json, uuid, datetime, ...)"
 # aiosqlite's thread blocks in SimpleQueue.get, C code py-spy does not always see as idle:

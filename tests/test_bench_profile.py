@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from bench.profile import OTHER, Profiles, breakdown, layer_of
+from bench.e2e import Resources, layer_rows
+from bench.profile import LOOP, OTHER, Profiles, breakdown, layer_of
 
 FOLDED = [
     "<module> (relay:6);main (relay/commands/main.py:76);Runner.run (asyncio/runners.py:118) 40",
@@ -27,7 +30,7 @@ def test_samples_are_summed_by_the_layer_of_their_innermost_frame():
     result = breakdown(FOLDED)
     assert result.samples == 105
     assert result.shares() == {
-        "event loop (uvloop, asyncio: sockets, callbacks)": 38.1,
+        LOOP: 38.1,
         "aiohttp (HTTP in and out)": 19.0,
         "aio-pika, aiormq, pamqp (AMQP)": 14.3,
         "Relay": 9.5,
@@ -68,3 +71,21 @@ async def test_a_busy_process_is_sampled_and_its_stacks_kept(tmp_path: Path):
     assert summary["samples"] >= 50  # 1.5 s at 100 Hz, allowing for a slow start
     assert max(summary["layers"], key=summary["layers"].get) == OTHER
     assert any("json" in frame for frame, _ in summary["frames"])
+
+
+def test_each_process_s_cpu_per_message_is_shared_out_by_its_layers():
+    case: Any = SimpleNamespace(
+        profile={
+            "ingress": {"samples": 10, "layers": {"Relay": 50.0, "aiohttp": 50.0}},
+            "bot-worker": {"samples": 10, "layers": {"Relay": 100.0}},
+            "receiver": {"samples": 0, "layers": {}},  # not sampled: left out
+        },
+        resources={
+            "ingress": Resources(80.0, 1.0, 40.0, 1.2, 2.0),
+            "bot-worker": Resources(80.0, 1.0, 40.0, 1.0, 2.0),
+        },
+    )
+    assert layer_rows(case) == [
+        {"layer": "Relay", "ingress": 0.6, "bot-worker": 1.0, "total": 1.6},
+        {"layer": "aiohttp", "ingress": 0.6, "bot-worker": 0.0, "total": 0.6},
+    ]
