@@ -802,10 +802,12 @@ async def run_phases(
     options: Options,
     counters: PostgresCounters | None,
     label: str,
+    profiled: bool = True,
 ) -> dict[str, Any]:
-    """Warm up, full load, half load, then --profile's phase; the figures, and the memory and
-    CPU of each group of processes (the relay's: Relay's services, or the Celery
-    yardstick's), the receiver, the client and the shared servers."""
+    """Warm up, full load, half load, one at a time, then --profile's phase (if
+    `profiled`); the figures, and the memory and CPU of each group of processes (the
+    relay's: Relay's services, or the Celery yardstick's), the receiver, the client and
+    the shared servers."""
     tag = uuid.uuid4().hex[:6]
     warm = messages(f"{tag}-warm", WARM_UP, min(options.conversations, WARM_UP), prefix="w")
     await full_load(client, inbox, warm)
@@ -826,7 +828,7 @@ async def run_phases(
     trickle = await one_at_a_time(
         client, inbox, messages(f"{tag}-one", TRICKLE_MESSAGES, options.conversations)
     )
-    profile = await profiled_phase(groups, client, inbox, options, label)
+    profile = await profiled_phase(groups, client, inbox, options, label) if profiled else {}
     await asyncio.sleep(SETTLE_SECONDS)
     await inbox.fetch()
     resources = {
@@ -894,7 +896,10 @@ async def run_celery(options: Options) -> CeleryResult:
         inbox = Inbox(receiver.base_url, ordered=False)
         stack.push_async_callback(inbox.close)
         groups = {"ingress": [ingress.pid], "worker": [worker.pid, *children_of(worker.pid)]}
-        measured = await run_phases(groups, receiver, client, inbox, options, None, "celery")
+        # Not profiled: py-spy would sample the prefork parent, not the processes that work.
+        measured = await run_phases(
+            groups, receiver, client, inbox, options, None, "celery", profiled=False
+        )
     result = CeleryResult(
         store="none", bot="one-reply", mode="celery", inbound_envelope_bytes=0, **measured
     )
