@@ -16,6 +16,7 @@ from relay.store.records import (
     Accepted,
     AttemptQuery,
     AttemptRecord,
+    BotChoice,
     ConversationRecord,
     DeadLetter,
     DeadLetterFilter,
@@ -66,9 +67,14 @@ class Integrations(IntegrationLookup, Protocol):
     """Integrations and their tokens, as the admin commands manage them."""
 
     async def create_integration(
-        self, name: str, response_url: str, signing_secret: str
+        self, name: str, response_url: str, signing_secret: str, bot: BotChoice | None = None
     ) -> IntegrationRecord:
-        """Create an integration."""
+        """Create an integration (naming its bot, or with the deployment's default)."""
+
+    async def set_bot(self, integration_id: str, bot: BotChoice | None) -> bool:
+        """Name the integration's bot (None: the deployment's default, RELAY_BOT); its
+        credentials are stored sealed when the store has keys. False if there is no such
+        integration."""
 
     async def list_integrations(
         self, after: str | None = None, limit: int | None = None

@@ -18,6 +18,26 @@ AnyTokenKind = Literal["integration", "bot", "admin"]
 MessageState = Literal["pending", "queued"]
 
 
+class BotChoice(BaseModel):
+    """The bot an integration names: an adapter (`echo`, `http`, `botframework`, or a
+    Python plugin's `module:function`), its URL where it has one, and its credentials. The
+    credentials are write-only: never in a view, a repr or a log line, and sealed at rest
+    like the signing secret (`relay.store.secrets`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    adapter: str
+    url: str | None = None
+    secret: str | None = Field(default=None, repr=False)  # the `http` adapter's
+    app_id: str | None = Field(default=None, repr=False)  # Bot Framework's
+    app_password: str | None = Field(default=None, repr=False)
+
+    def credentials(self) -> dict[str, str]:
+        """The credentials given, by name (what the store seals as one value)."""
+        found = {"secret": self.secret, "app_id": self.app_id, "app_password": self.app_password}
+        return {name: value for name, value in found.items() if value is not None}
+
+
 class IntegrationRecord(BaseModel):
     """An integration: one back end with its response endpoint and signing secret (as the
     store read it: decrypted, `relay.store.secrets`)."""
@@ -38,6 +58,11 @@ class IntegrationRecord(BaseModel):
     # RELAY_SECRET_KEYS), naming the integration: `signing_secret` is empty then, and
     # `signing_secrets` raises. Nothing else about the integration is affected.
     secret_unreadable: str | None = None
+    # The bot it names; None: the deployment's default (RELAY_BOT).
+    bot: BotChoice | None = None
+    # Why the bot's stored credentials could not be decrypted (as `secret_unreadable`): the
+    # bot is named without them then.
+    bot_unreadable: str | None = None
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The secrets to sign with now: the current one, and the previous during its grace;

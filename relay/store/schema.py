@@ -217,6 +217,14 @@ ALTER TABLE conversations ADD COLUMN inbound_sequence INTEGER NOT NULL DEFAULT 0
 ALTER TABLE messages ADD COLUMN inbound_sequence INTEGER
 """
 
+# A bot per integration (relay.store.sql.integrations): the adapter it names (NULL: the
+# deployment's RELAY_BOT), the adapter's URL, and its credentials as one sealed JSON object.
+_V11 = """
+ALTER TABLE integrations ADD COLUMN bot_adapter TEXT;
+ALTER TABLE integrations ADD COLUMN bot_url TEXT;
+ALTER TABLE integrations ADD COLUMN bot_credentials TEXT
+"""
+
 # A version is one script for both dialects, or one per dialect.
 MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
     _V1,
@@ -229,6 +237,7 @@ MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
     _V8,
     _V9,
     _V10,
+    _V11,
 ]
 
 

@@ -4,11 +4,13 @@ written and opened as they are read (`relay.store.secrets`). Their tokens:
 
 from __future__ import annotations
 
+import json
 import secrets
 from datetime import datetime
+from typing import Any
 
 from relay.store.driver import Driver, Row, StoreError
-from relay.store.records import IntegrationRecord
+from relay.store.records import BotChoice, IntegrationRecord
 from relay.store.secrets import SecretBox, SecretUnreadable
 from relay.store.sql.common import new_id
 from relay.wire import utcnow
@@ -16,7 +18,8 @@ from relay.wire import utcnow
 # Every column of an integration but its bot secret, which only `bot_secret` reads.
 _INTEGRATION = (
     "SELECT id, name, response_url, signing_secret, created_at, disabled_at,"
-    " previous_secret, previous_secret_until FROM integrations"
+    " previous_secret, previous_secret_until, bot_adapter, bot_url, bot_credentials"
+    " FROM integrations"
 )
 
 
@@ -34,7 +37,7 @@ class IntegrationsSql:
         self._secrets = box
 
     async def create_integration(
-        self, name: str, response_url: str, signing_secret: str
+        self, name: str, response_url: str, signing_secret: str, bot: BotChoice | None = None
     ) -> IntegrationRecord:
         record = IntegrationRecord(
             id=new_id(),
@@ -42,18 +45,38 @@ class IntegrationsSql:
             response_url=response_url,
             signing_secret=signing_secret,
             created_at=utcnow(),
+            bot=bot,
         )
         async with self._driver.transaction() as conn:
             await conn.execute(
-                "INSERT INTO integrations (id, name, response_url, signing_secret, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO integrations (id, name, response_url, signing_secret, created_at,"
+                " bot_adapter, bot_url, bot_credentials) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 record.id,
                 record.name,
                 record.response_url,
                 self._secrets.seal(signing_secret),
                 record.created_at,
+                *self._bot_columns(bot),
             )
         return record
+
+    async def set_bot(self, integration_id: str, bot: BotChoice | None) -> bool:
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                "UPDATE integrations SET bot_adapter = ?, bot_url = ?, bot_credentials = ?"
+                " WHERE id = ?",
+                *self._bot_columns(bot),
+                integration_id,
+            )
+        return changed == 1
+
+    def _bot_columns(self, bot: BotChoice | None) -> tuple[str | None, str | None, str | None]:
+        """(adapter, URL, sealed credentials) as stored; all None for the default bot."""
+        if bot is None:
+            return None, None, None
+        credentials = bot.credentials()
+        sealed = self._secrets.seal(json.dumps(credentials)) if credentials else None
+        return bot.adapter, bot.url, sealed
 
     async def get_integration(self, integration_id: str) -> IntegrationRecord | None:
         async with self._driver.connection() as conn:
@@ -64,7 +87,7 @@ class IntegrationsSql:
         """The record of a row, its secrets opened. A signing secret no key opens marks the
         record `secret_unreadable` rather than failing the read: the integration still
         authenticates and lists, only signing with it fails (naming it)."""
-        fields = {**row, "previous_secret": self._previous_secret(row)}
+        fields = {**row, "previous_secret": self._previous_secret(row), **self._bot(row)}
         try:
             fields["signing_secret"] = self._secrets.open(
                 row["signing_secret"], f"the signing secret of integration {row['id']}"
@@ -72,6 +95,20 @@ class IntegrationsSql:
         except SecretUnreadable as error:
             fields.update(signing_secret="", secret_unreadable=str(error))
         return IntegrationRecord.model_validate(fields)
+
+    def _bot(self, row: Row) -> dict[str, Any]:
+        """The record's `bot` (and `bot_unreadable`) from its row, the credentials opened."""
+        if row["bot_adapter"] is None:
+            return {"bot": None}
+        bot: dict[str, Any] = {"adapter": row["bot_adapter"], "url": row["bot_url"]}
+        stored = row["bot_credentials"]
+        if stored is None:
+            return {"bot": BotChoice(**bot)}
+        try:
+            opened = self._secrets.open(stored, f"the bot credentials of integration {row['id']}")
+        except SecretUnreadable as error:
+            return {"bot": BotChoice(**bot), "bot_unreadable": str(error)}
+        return {"bot": BotChoice(**bot, **json.loads(opened))}
 
     def _previous_secret(self, row: Row) -> str | None:
         stored: str | None = row["previous_secret"]

@@ -11,6 +11,7 @@ _SECRET_COLUMNS = (
     ("signing_secret", "the signing secret"),
     ("previous_secret", "the previous signing secret"),
     ("bot_secret", "the bot secret"),
+    ("bot_credentials", "the bot credentials"),
 )
 _RESEAL_PAGE = 500
 
@@ -40,7 +41,8 @@ class ResealSql:
     async def _secret_rows(self, after: str) -> list[Row]:
         async with self._driver.connection() as conn:
             return await conn.fetchall(
-                "SELECT id, signing_secret, previous_secret, bot_secret FROM integrations"
+                "SELECT id, signing_secret, previous_secret, bot_secret, bot_credentials"
+                " FROM integrations"
                 " WHERE id > ? ORDER BY id LIMIT ?",
                 after,
                 _RESEAL_PAGE,

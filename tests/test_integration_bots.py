@@ -1,0 +1,111 @@
+"""An integration names its bot (`BotChoice`), on both stores: no bot named means the
+deployment's default (RELAY_BOT); the bot's credentials are write-only and sealed at rest
+with RELAY_SECRET_KEYS, resealed by `relay secrets reencrypt`, and a key that is gone leaves
+the bot named without them, saying whose credentials could not be read."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from relay.auth import new_signing_secret
+from relay.store import BotChoice, SecretBox, SqlStore, open_store
+from relay.store.secrets import MARK, new_key
+
+KEY, OTHER_KEY = new_key(), new_key()
+FRAMEWORK = BotChoice(
+    adapter="botframework",
+    url="http://127.0.0.1:9/api/messages",
+    app_id="app-id-CANARY",
+    app_password="app-password-CANARY",
+)
+
+
+@contextlib.asynccontextmanager
+async def keyed(database_url: str, *keys: str) -> AsyncIterator[SqlStore]:
+    opened = await open_store(database_url, secrets=SecretBox.of(keys))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def stored_bot(store: SqlStore, integration_id: str) -> dict[str, str | None]:
+    async with store.driver.connection() as conn:
+        row = await conn.fetchone(
+            "SELECT bot_adapter, bot_url, bot_credentials FROM integrations WHERE id = ?",
+            integration_id,
+        )
+    assert row is not None
+    return row
+
+
+async def test_an_integration_names_its_bot_or_takes_the_default(store: SqlStore):
+    plain = await store.create_integration("default", "http://127.0.0.1:9/", new_signing_secret())
+    assert plain.bot is None
+    read = await store.get_integration(plain.id)
+    assert read is not None
+    assert read.bot is None
+    echo = BotChoice(adapter="echo")
+    named = await store.create_integration(
+        "named", "http://127.0.0.1:9/", new_signing_secret(), bot=echo
+    )
+    again = await store.get_integration(named.id)
+    assert again is not None
+    assert again.bot == echo
+    assert again == named
+    # Changed, given credentials, and back to the default.
+    http = BotChoice(adapter="http", url="http://127.0.0.1:9/bot", secret="bot-secret-CANARY")
+    assert await store.set_bot(named.id, http)
+    changed = await store.get_integration(named.id)
+    assert changed is not None
+    assert changed.bot == http
+    assert changed.bot.credentials() == {"secret": "bot-secret-CANARY"}
+    assert "CANARY" not in repr(changed)
+    [listed] = [r for r in await store.list_integrations() if r.id == named.id]
+    assert listed.bot == http
+    assert await store.set_bot(named.id, None)
+    cleared = await store.get_integration(named.id)
+    assert cleared is not None
+    assert cleared.bot is None
+    assert await stored_bot(store, named.id) == {
+        "bot_adapter": None,
+        "bot_url": None,
+        "bot_credentials": None,
+    }
+    assert not await store.set_bot("no-such-integration", echo)
+
+
+async def test_with_keys_the_bot_s_credentials_are_sealed_and_reencrypted(database_url: str):
+    async with keyed(database_url, KEY) as store:
+        record = await store.create_integration(
+            "framework", "http://127.0.0.1:9/", new_signing_secret(), bot=FRAMEWORK
+        )
+        raw = await stored_bot(store, record.id)
+        assert raw["bot_adapter"] == "botframework"
+        assert raw["bot_url"] == FRAMEWORK.url
+        sealed = raw["bot_credentials"]
+        assert sealed is not None
+        assert sealed.startswith(MARK)
+        assert "CANARY" not in sealed
+        read = await store.get_integration(record.id)
+        assert read is not None
+        assert read.bot == FRAMEWORK
+    async with keyed(database_url, OTHER_KEY, KEY) as rotating:
+        done = await rotating.reseal_secrets()
+        assert [line for line in done.unreadable if record.id in line] == []
+        assert (await stored_bot(rotating, record.id))["bot_credentials"] != sealed
+    async with keyed(database_url, OTHER_KEY) as rotated:
+        read = await rotated.get_integration(record.id)
+        assert read is not None
+        assert read.bot == FRAMEWORK
+    # The old key alone no longer opens them: the bot is named, without its credentials.
+    async with keyed(database_url, KEY) as lost:
+        read = await lost.get_integration(record.id)
+        assert read is not None
+        assert read.bot == BotChoice(adapter="botframework", url=FRAMEWORK.url)
+        assert read.bot_unreadable is not None
+        assert record.id in read.bot_unreadable
+        assert "CANARY" not in read.bot_unreadable
+        # Its signing secret (sealed with the old key, resealed too) is unreadable as well.
+        assert read.secret_unreadable is not None
