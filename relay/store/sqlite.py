@@ -8,15 +8,14 @@ services on one machine) share the file by waiting for its write lock.
 That wait is Relay's, not SQLite's: SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20,
 25 ms... between tries, so under three processes' steady writes a commit that needed the
 lock for half a millisecond waited 8 or 18 ms, the file idle meanwhile. A statement that
-finds the file locked is tried again after 0.2 ms, then 0.5, 1 and every 2 ms, for up
-to the same 10 s.
+finds the file locked is tried again after 0.2 ms, the pause doubling up to every 2 ms,
+for up to the same 10 s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -27,6 +26,7 @@ from typing import Any
 
 import aiosqlite
 
+from relay.retry import pauses
 from relay.store.driver import IntegrityViolation, Row, StoreUnavailable
 
 _PRAGMAS = (
@@ -42,7 +42,7 @@ _PRAGMAS = (
     "PRAGMA busy_timeout=0",
 )
 LOCKED_FOR = 10.0  # seconds a statement waits for the file's write lock, at most
-_PAUSES = (0.0002, 0.0005, 0.001, 0.002)  # between tries; the last one repeats
+_PAUSES = (0.0002, 0.002)  # between tries: the first, doubling up to the second
 
 
 def sqlite_path(url: str) -> str:
@@ -99,14 +99,14 @@ class _SqliteConn:
         in a transaction begun so, this process holds the lock)."""
         params = [to_db(a) for a in args]
         deadline = time.monotonic() + LOCKED_FOR
-        for tried in itertools.count():
+        for pause in pauses(*_PAUSES):
             try:
                 return await self._db.execute_fetchall(sql, params)
             except sqlite3.OperationalError as error:
                 if not _locked(error) or time.monotonic() >= deadline:
                     raise
-            await asyncio.sleep(_PAUSES[min(tried, len(_PAUSES) - 1)])
-        raise AssertionError("unreachable")  # pragma: no cover
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover: the pauses never end
 
 
 def _locked(error: sqlite3.OperationalError) -> bool:
