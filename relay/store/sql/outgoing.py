@@ -51,50 +51,13 @@ def _mark_handled(dialect: str) -> str:
     )
 
 
-# PostgreSQL only: mark, number and insert in one statement (every part runs, or none).
+# PostgreSQL only: turns of different conversations (a batch's rows locked in id order
+# first) marked, numbered and inserted in one statement (every part runs, or none): each
+# message marked handled, its conversation's counter moved past its replies, the replies
+# inserted. A row per turn: whether it was handled now, and where its replies start.
 # The replies are stamped no earlier than the message they answer: its ingress may have
 # stamped it (marking it queued) in a transaction that took its id after this one did, and
 # this statement then waited for that one's row lock; the replies would sort before it.
-_RECORD_REPLIES_AT_ONCE = """
-WITH handled AS (
-    UPDATE messages SET handled_at = $1, state = 'queued', lease_until = NULL,
-        lease_owner = NULL, {stamp}
-    WHERE id = $2 AND direction = 'incoming' AND handled_at IS NULL
-    RETURNING id, txid
-), counter AS (
-    UPDATE conversations SET next_sequence = next_sequence + $3,
-        outbound_partitions = COALESCE(outbound_partitions, $11)
-    WHERE id = $4 AND $3 > 0 AND EXISTS (SELECT 1 FROM handled)
-    RETURNING next_sequence, outbound_partitions AS partitions
-), inserted AS (
-    INSERT INTO messages (id, integration_id, conversation_id, user_id, direction, type, text,
-        payload, fingerprint, state, sequence, reply_to, idempotency_key, created_at,
-        updated_at, partitions, {stamp_columns})
-    SELECT r.id, $5, $4, $6, 'outgoing', r.type, r.text, r.payload, '', 'pending',
-        counter.next_sequence - $3 + r.n, $2, NULL, $1, $1, counter.partitions,
-        {stamp_values}
-    FROM counter,
-        unnest($7::text[], $8::text[], $9::text[], $10::text[])
-        WITH ORDINALITY AS r(id, type, text, payload, n)
-    ORDER BY r.n
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM handled) AS handled,
-    (SELECT next_sequence FROM counter) AS next_sequence,
-    (SELECT partitions FROM counter) AS partitions,
-    (SELECT count(*) FROM inserted) AS inserted
-""".format(
-    stamp=stamp_set("postgresql"),
-    stamp_columns=stamp_values("postgresql")[0],
-    stamp_values="GREATEST(pg_current_xact_id()::text::bigint, (SELECT txid FROM handled)),"
-    " nextval('message_items')",
-)
-
-
-# PostgreSQL only: a batch of turns (of different conversations, their rows locked in id
-# order first) as one statement: each message marked handled, its conversation's counter
-# moved past its replies, the replies inserted, as the statement above does for one turn.
-# A row per turn: whether it was handled now, and where its replies start.
 _RECORD_TURNS_AT_ONCE = """
 WITH turn AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $5::int[])
@@ -195,13 +158,13 @@ class OutgoingSql:
         now = utcnow()
         prepared = [_prepared(turn, now) for turn in turns]
         numbered: dict[int, _Numbered | None] = {}
-        if self._driver.dialect == "postgresql" and len(prepared) == 1:
-            # One statement: its own transaction, without a BEGIN and a COMMIT round trip.
-            async with self._driver.connection() as conn:
-                numbered[0] = await self._number(conn, prepared[0])
-        elif self._driver.dialect == "postgresql" and _one_per_conversation(prepared):
-            async with self._driver.transaction() as conn:
-                await _lock_in_order(conn, prepared)
+        if self._driver.dialect == "postgresql" and _one_per_conversation(prepared):
+            # One statement. A turn alone: its own transaction, without a BEGIN and a COMMIT
+            # round trip (its rows alone, no order to keep).
+            alone = len(prepared) == 1
+            async with (self._driver.connection if alone else self._driver.transaction)() as conn:
+                if not alone:
+                    await _lock_in_order(conn, prepared)
                 numbered = await record_turns_at_once(conn, prepared)
         else:
             async with self._driver.transaction() as conn:
@@ -215,7 +178,7 @@ class OutgoingSql:
         """Mark the turn's message handled, number and insert its replies: where they start,
         or None if the message was handled before (or is not there)."""
         if self._driver.dialect == "postgresql":
-            return await _record_replies_at_once(conn, turn)
+            return (await record_turns_at_once(conn, [turn]))[0]
         if not await conn.execute(_mark_handled(self._driver.dialect), turn.now, turn.inbound_id):
             return None
         return await _insert_outgoing(
@@ -319,25 +282,6 @@ class OutgoingSql:
         return ConversationRecord.model_validate(row) if row else None
 
 
-async def record_replies_at_once(conn: Conn, turn: Turn) -> Row | None:
-    """The statement of `OutgoingSql._record_replies_at_once` on `conn` (PostgreSQL)."""
-    replies, conversation = turn.replies, turn.conversation
-    return await conn.fetchone(
-        _RECORD_REPLIES_AT_ONCE,
-        turn.now,
-        turn.inbound_id,
-        len(replies),
-        conversation.id,
-        conversation.integration_id,
-        conversation.user_id,
-        turn.ids,
-        [type_ for type_, _ in replies],
-        [str(payload.get("text", "")) for _, payload in replies],
-        [json.dumps(payload) for _, payload in replies],
-        turn.partitions,
-    )
-
-
 async def _lock_in_order(conn: Conn, turns: Sequence[Turn]) -> None:
     """Take the rows a batch of turns writes, conversations then messages, each in id order:
     the order every writer of several of them takes them in (the ingress's inserts its
@@ -411,15 +355,9 @@ def _new_records(turn: Turn, numbered: _Numbered) -> list[OutgoingRecord]:
     ]
 
 
-async def _record_replies_at_once(conn: Conn, turn: Turn) -> _Numbered | None:
-    """`OutgoingSql._number` as one statement, PostgreSQL's data-modifying WITH: one round
-    trip instead of five, on every turn."""
-    return _numbered(turn, await record_replies_at_once(conn, turn))
-
-
 def _numbered(turn: Turn, row: Row | None) -> _Numbered | None:
-    """Where a turn's replies start, from its row of a statement above (None: its message
-    was handled before, or is not there)."""
+    """Where a turn's replies start, from its row of `_RECORD_TURNS_AT_ONCE` (None: its
+    message was handled before, or is not there)."""
     replies = turn.replies
     if row is None or not row["handled"]:
         return None
