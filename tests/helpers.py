@@ -23,7 +23,7 @@ from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.dlq_keeper import Keeper
 from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
-from relay.store import AttemptRecord, SqlStore, Store, open_store
+from relay.store import AttemptRecord, SecretBox, SqlStore, Store, open_store
 from relay.wire import InboundEnvelope, OutboundEnvelope, utcnow
 from workers.bot.adapters import BotAdapter, load_adapter
 from workers.bot.worker import bot_worker
@@ -372,3 +372,25 @@ async def admin_call(
             return 204, None
         assert answer.content_type == "application/json", text
         return answer.status, await answer.json(content_type=None)
+
+
+@contextlib.asynccontextmanager
+async def keyed(database_url: str, *keys: str) -> AsyncIterator[SqlStore]:
+    """The database as a process with these RELAY_SECRET_KEYS sees it."""
+    opened = await open_store(database_url, secrets=SecretBox.of(keys))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def integration_columns(
+    store: SqlStore, integration_id: str, *columns: str
+) -> dict[str, Any]:
+    """Columns of an integration's row as the database holds them (secrets as sealed)."""
+    async with store.driver.connection() as conn:
+        row = await conn.fetchone(
+            f"SELECT {', '.join(columns)} FROM integrations WHERE id = ?", integration_id
+        )
+    assert row is not None
+    return row

@@ -5,12 +5,12 @@ the bot named without them, saying whose credentials could not be read."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from typing import Any
 
 from relay.auth import new_signing_secret
-from relay.store import BotChoice, SecretBox, SqlStore, open_store
+from relay.store import BotChoice, SqlStore
 from relay.store.secrets import MARK, new_key
+from tests.helpers import integration_columns, keyed
 
 KEY, OTHER_KEY = new_key(), new_key()
 FRAMEWORK = BotChoice(
@@ -21,23 +21,10 @@ FRAMEWORK = BotChoice(
 )
 
 
-@contextlib.asynccontextmanager
-async def keyed(database_url: str, *keys: str) -> AsyncIterator[SqlStore]:
-    opened = await open_store(database_url, secrets=SecretBox.of(keys))
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-async def stored_bot(store: SqlStore, integration_id: str) -> dict[str, str | None]:
-    async with store.driver.connection() as conn:
-        row = await conn.fetchone(
-            "SELECT bot_adapter, bot_url, bot_credentials FROM integrations WHERE id = ?",
-            integration_id,
-        )
-    assert row is not None
-    return row
+async def stored_bot(store: SqlStore, integration_id: str) -> dict[str, Any]:
+    return await integration_columns(
+        store, integration_id, "bot_adapter", "bot_url", "bot_credentials"
+    )
 
 
 async def test_an_integration_names_its_bot_or_takes_the_default(store: SqlStore):

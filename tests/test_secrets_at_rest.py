@@ -7,10 +7,8 @@ sealed secret, by a delivery worker in this process and by `relay run`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,15 @@ from standardwebhooks import Webhook
 from relay import admin
 from relay.auth import new_signing_secret
 from relay.settings import Settings
-from relay.store import SecretBox, SecretUnreadable, SqlStore, open_store
+from relay.store import SecretBox, SecretUnreadable, SqlStore
 from relay.store.secrets import MARK, new_key
 from relay.wire import utcnow
 from tests.fleet import fleet
 from tests.helpers import (
     Ingress,
     eventually,
+    integration_columns,
+    keyed,
     make_integration,
     message,
     push_text,
@@ -40,25 +40,11 @@ from tests.test_cli import relay
 OLD_KEY, NEW_KEY = new_key(), new_key()
 
 
-@contextlib.asynccontextmanager
-async def keyed(database_url: str, *keys: str) -> AsyncIterator[SqlStore]:
-    """The module's database as a process with these keys sees it."""
-    opened = await open_store(database_url, secrets=SecretBox.of(keys))
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def stored(store: SqlStore, integration_id: str) -> dict[str, Any]:
     """The secret columns of an integration as the database holds them."""
-    async with store.driver.connection() as conn:
-        row = await conn.fetchone(
-            "SELECT signing_secret, previous_secret, bot_secret FROM integrations WHERE id = ?",
-            integration_id,
-        )
-    assert row is not None
-    return row
+    return await integration_columns(
+        store, integration_id, "signing_secret", "previous_secret", "bot_secret"
+    )
 
 
 def naming(problems: list[str], integration_id: str) -> list[str]:
