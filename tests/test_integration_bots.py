@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.auth import new_signing_secret
-from relay.store import BotChoice, SqlStore
+from relay.store import BotChoice, DeliveryOptions, SqlStore
 from relay.store.secrets import MARK, new_key
 from tests.helpers import integration_columns, keyed
 
@@ -96,3 +96,36 @@ async def test_with_keys_the_bot_s_credentials_are_sealed_and_reencrypted(databa
         assert "CANARY" not in read.bot_unreadable
         # Its signing secret (sealed with the old key, resealed too) is unreadable as well.
         assert read.secret_unreadable is not None
+
+
+async def test_an_integration_keeps_its_delivery_options(store: SqlStore):
+    plain = await store.create_integration("plain", "http://127.0.0.1:9/", new_signing_secret())
+    assert plain.delivery == DeliveryOptions()
+    assert plain.delivery.expiring_types == {"typing": 30.0}
+    assert plain.delivery.delivery_rate is None
+    paced = DeliveryOptions(
+        operations_url="http://127.0.0.1:9/ops",
+        delivery_rate=2.5,
+        delivery_burst=4,
+        expiring_types={"typing": 5, "custom": 60},
+    )
+    made = await store.create_integration(
+        "paced", "http://127.0.0.1:9/", new_signing_secret(), delivery=paced
+    )
+    read = await store.get_integration(made.id)
+    assert read is not None
+    assert read.delivery == paced == made.delivery
+    assert read.delivery.burst() == 4
+    # Replaced whole; no type expiring is kept as such, not as the default.
+    assert await store.set_delivery(made.id, DeliveryOptions(expiring_types={}))
+    cleared = await store.get_integration(made.id)
+    assert cleared is not None
+    assert cleared.delivery == DeliveryOptions(expiring_types={})
+    # The default is stored as NULL, so a later change of the default reaches it.
+    assert await store.set_delivery(made.id, DeliveryOptions(delivery_rate=3))
+    columns = await integration_columns(store, made.id, "expiring_types", "delivery_rate")
+    assert columns == {"expiring_types": None, "delivery_rate": 3}
+    default_burst = await store.get_integration(made.id)
+    assert default_burst is not None
+    assert default_burst.delivery.burst() == 3
+    assert not await store.set_delivery("no-such-integration", DeliveryOptions())

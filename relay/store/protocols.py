@@ -21,6 +21,7 @@ from relay.store.records import (
     DeadLetter,
     DeadLetterFilter,
     DeadPosition,
+    DeliveryOptions,
     FoundAttempt,
     HistoryPage,
     InboundState,
@@ -67,14 +68,23 @@ class Integrations(IntegrationLookup, Protocol):
     """Integrations and their tokens, as the admin commands manage them."""
 
     async def create_integration(
-        self, name: str, response_url: str, signing_secret: str, bot: BotChoice | None = None
+        self,
+        name: str,
+        response_url: str,
+        signing_secret: str,
+        bot: BotChoice | None = None,
+        delivery: DeliveryOptions | None = None,
     ) -> IntegrationRecord:
-        """Create an integration (naming its bot, or with the deployment's default)."""
+        """Create an integration (naming its bot, or with the deployment's default; with
+        its delivery options, or the defaults)."""
 
     async def set_bot(self, integration_id: str, bot: BotChoice | None) -> bool:
         """Name the integration's bot (None: the deployment's default, RELAY_BOT); its
         credentials are stored sealed when the store has keys. False if there is no such
         integration."""
+
+    async def set_delivery(self, integration_id: str, delivery: DeliveryOptions) -> bool:
+        """Replace the integration's delivery options; False if there is no such one."""
 
     async def list_integrations(
         self, after: str | None = None, limit: int | None = None

@@ -38,6 +38,30 @@ class BotChoice(BaseModel):
         return {name: value for name, value in found.items() if value is not None}
 
 
+# The types dropped when undelivered past so many seconds, for an integration naming none.
+DEFAULT_EXPIRING_TYPES: dict[str, float] = {"typing": 30.0}
+
+
+class DeliveryOptions(BaseModel):
+    """How an integration's responses are delivered, beyond where: the operations URL that
+    hears of failures, the pace (responses per second to the response URL, with a burst;
+    None: unpaced), and the seconds after which an undelivered response of a type is
+    dropped rather than delivered late."""
+
+    model_config = ConfigDict(frozen=True)
+
+    operations_url: str | None = None
+    delivery_rate: float | None = None
+    delivery_burst: int | None = None
+    expiring_types: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EXPIRING_TYPES))
+
+    def burst(self) -> int:
+        """The burst of a paced integration: as given, else one second's worth."""
+        if self.delivery_burst is not None:
+            return self.delivery_burst
+        return max(1, round(self.delivery_rate or 1))
+
+
 class IntegrationRecord(BaseModel):
     """An integration: one back end with its response endpoint and signing secret (as the
     store read it: decrypted, `relay.store.secrets`)."""
@@ -63,6 +87,7 @@ class IntegrationRecord(BaseModel):
     # Why the bot's stored credentials could not be decrypted (as `secret_unreadable`): the
     # bot is named without them then.
     bot_unreadable: str | None = None
+    delivery: DeliveryOptions = DeliveryOptions()
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The secrets to sign with now: the current one, and the previous during its grace;

@@ -225,6 +225,32 @@ ALTER TABLE integrations ADD COLUMN bot_url TEXT;
 ALTER TABLE integrations ADD COLUMN bot_credentials TEXT
 """
 
+# Per-integration delivery options (relay.store.sql.integrations): where operations events
+# go, the pace of deliveries (responses per second and burst; NULL: unpaced), and the
+# seconds after which an undelivered response of a type is dropped (JSON; NULL: the default,
+# typing after 30 s). Conversation tokens (relay.store.sql.conversation_tokens): what a
+# browser holds for one user of one conversation, stored as a hash, as integration tokens.
+_V12 = """
+ALTER TABLE integrations ADD COLUMN operations_url TEXT;
+ALTER TABLE integrations ADD COLUMN delivery_rate DOUBLE PRECISION;
+ALTER TABLE integrations ADD COLUMN delivery_burst INTEGER;
+ALTER TABLE integrations ADD COLUMN expiring_types TEXT;
+CREATE TABLE conversation_tokens (
+    id TEXT PRIMARY KEY,
+    integration_id TEXT NOT NULL REFERENCES integrations(id) ON DELETE CASCADE,
+    conversation_external_id TEXT NOT NULL,
+    user_external_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    expires_at {ts} NOT NULL,
+    created_at {ts} NOT NULL,
+    revoked_at {ts}
+);
+CREATE INDEX conversation_tokens_conversation
+    ON conversation_tokens (integration_id, conversation_external_id)
+"""
+
 # A version is one script for both dialects, or one per dialect.
 MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
     _V1,
@@ -238,6 +264,7 @@ MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
     _V9,
     _V10,
     _V11,
+    _V12,
 ]
 
 

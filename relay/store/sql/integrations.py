@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from relay.store.driver import Driver, Row, StoreError
-from relay.store.records import BotChoice, IntegrationRecord
+from relay.store.records import BotChoice, DeliveryOptions, IntegrationRecord
 from relay.store.secrets import SecretBox, SecretUnreadable
 from relay.store.sql.common import new_id
 from relay.wire import utcnow
@@ -18,7 +18,8 @@ from relay.wire import utcnow
 # Every column of an integration but its bot secret, which only `bot_secret` reads.
 _INTEGRATION = (
     "SELECT id, name, response_url, signing_secret, created_at, disabled_at,"
-    " previous_secret, previous_secret_until, bot_adapter, bot_url, bot_credentials"
+    " previous_secret, previous_secret_until, bot_adapter, bot_url, bot_credentials,"
+    " operations_url, delivery_rate, delivery_burst, expiring_types"
     " FROM integrations"
 )
 
@@ -37,7 +38,12 @@ class IntegrationsSql:
         self._secrets = box
 
     async def create_integration(
-        self, name: str, response_url: str, signing_secret: str, bot: BotChoice | None = None
+        self,
+        name: str,
+        response_url: str,
+        signing_secret: str,
+        bot: BotChoice | None = None,
+        delivery: DeliveryOptions | None = None,
     ) -> IntegrationRecord:
         record = IntegrationRecord(
             id=new_id(),
@@ -46,19 +52,33 @@ class IntegrationsSql:
             signing_secret=signing_secret,
             created_at=utcnow(),
             bot=bot,
+            delivery=delivery or DeliveryOptions(),
         )
         async with self._driver.transaction() as conn:
             await conn.execute(
                 "INSERT INTO integrations (id, name, response_url, signing_secret, created_at,"
-                " bot_adapter, bot_url, bot_credentials) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " bot_adapter, bot_url, bot_credentials, operations_url, delivery_rate,"
+                " delivery_burst, expiring_types)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 record.id,
                 record.name,
                 record.response_url,
                 self._secrets.seal(signing_secret),
                 record.created_at,
                 *self._bot_columns(bot),
+                *_delivery_columns(record.delivery),
             )
         return record
+
+    async def set_delivery(self, integration_id: str, delivery: DeliveryOptions) -> bool:
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                "UPDATE integrations SET operations_url = ?, delivery_rate = ?,"
+                " delivery_burst = ?, expiring_types = ? WHERE id = ?",
+                *_delivery_columns(delivery),
+                integration_id,
+            )
+        return changed == 1
 
     async def set_bot(self, integration_id: str, bot: BotChoice | None) -> bool:
         async with self._driver.connection() as conn:
@@ -87,7 +107,12 @@ class IntegrationsSql:
         """The record of a row, its secrets opened. A signing secret no key opens marks the
         record `secret_unreadable` rather than failing the read: the integration still
         authenticates and lists, only signing with it fails (naming it)."""
-        fields = {**row, "previous_secret": self._previous_secret(row), **self._bot(row)}
+        fields = {
+            **row,
+            "previous_secret": self._previous_secret(row),
+            **self._bot(row),
+            "delivery": _delivery(row),
+        }
         try:
             fields["signing_secret"] = self._secrets.open(
                 row["signing_secret"], f"the signing secret of integration {row['id']}"
@@ -190,3 +215,24 @@ class IntegrationsSql:
             raise StoreError(f"no integration {integration_id}")
         whose = f"the bot secret of integration {integration_id}"
         return self._secrets.open(row["bot_secret"], whose)
+
+
+def _delivery_columns(
+    delivery: DeliveryOptions,
+) -> tuple[str | None, float | None, int | None, str | None]:
+    """(operations URL, rate, burst, expiring types as JSON) as stored; the default expiring
+    types are stored as NULL, so a later change of the default reaches them."""
+    expiring = delivery.expiring_types
+    stored = None if expiring == DeliveryOptions().expiring_types else json.dumps(expiring)
+    return delivery.operations_url, delivery.delivery_rate, delivery.delivery_burst, stored
+
+
+def _delivery(row: Row) -> DeliveryOptions:
+    """The delivery options of an integration's row."""
+    stored = row["expiring_types"]
+    return DeliveryOptions(
+        operations_url=row["operations_url"],
+        delivery_rate=row["delivery_rate"],
+        delivery_burst=row["delivery_burst"],
+        **({} if stored is None else {"expiring_types": json.loads(stored)}),
+    )
