@@ -31,6 +31,7 @@ from relay.store.records import (
     Pruned,
     Resealed,
     SentResponse,
+    Taken,
     TokenKind,
     TokenRecord,
     TurnRecord,
@@ -389,6 +390,16 @@ class DeadLetterStore(Protocol):
         """How many letters each stage keeps, and when the oldest died (unix seconds)."""
 
 
+class RateBuckets(Protocol):
+    """Token buckets shared by every process on the store (`relay.rates`)."""
+
+    async def take_tokens(
+        self, key: str, rate: float, burst: float, wanted: int, now: float
+    ) -> Taken:
+        """Take up to `wanted` tokens from the bucket `key` (refilled at `rate` per second up
+        to `burst` since its last take, by the Unix time `now`; new buckets start full)."""
+
+
 class Store(
     StoreHandle,
     Integrations,
@@ -403,6 +414,7 @@ class Store(
     Recovery,
     Retention,
     DeadLetterStore,
+    RateBuckets,
     Protocol,
 ):
     """Persistent state of the relay, every role at once. Implemented for SQLite and PostgreSQL."""

@@ -101,6 +101,15 @@ class IntegrationRecord(BaseModel):
 
 
 @dataclass(frozen=True)
+class Taken:
+    """What a shared token bucket gave (`take_tokens`): `granted` tokens (up to those
+    wanted), and when none, the seconds until one is there."""
+
+    granted: int
+    wait: float
+
+
+@dataclass(frozen=True)
 class Resealed:
     """What sealing every stored secret again did (`relay secrets reencrypt`)."""
 

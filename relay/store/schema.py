@@ -251,6 +251,17 @@ CREATE INDEX conversation_tokens_conversation
     ON conversation_tokens (integration_id, conversation_external_id)
 """
 
+# Token buckets shared by every process on the store (relay.store.sql.rate_buckets): the
+# ingress's rate limit per integration across ingresses, the delivery pace per integration
+# across delivery workers. `stamp` is a Unix time (seconds), as the processes' clocks say.
+_V13 = """
+CREATE TABLE rate_buckets (
+    key TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    stamp DOUBLE PRECISION NOT NULL
+)
+"""
+
 # A version is one script for both dialects, or one per dialect.
 MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
     _V1,
@@ -265,6 +276,7 @@ MIGRATIONS_TEMPLATE: list[str | dict[str, str]] = [
     _V10,
     _V11,
     _V12,
+    _V13,
 ]
 
 

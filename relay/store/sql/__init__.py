@@ -14,6 +14,7 @@ from relay.store.sql.integrations import IntegrationsSql
 from relay.store.sql.new_messages import KnownRows
 from relay.store.sql.outgoing import OutgoingSql
 from relay.store.sql.parking import ParkingSql
+from relay.store.sql.rate_buckets import RateBucketsSql
 from relay.store.sql.recovery import RecoverySql
 from relay.store.sql.reseal import ResealSql
 from relay.store.sql.retention import RetentionSql
@@ -37,6 +38,7 @@ class SqlStore(
     RecoverySql,
     RetentionSql,
     DeadLettersSql,
+    RateBucketsSql,
 ):
     """`Store` over a `Driver`; every statement here runs on SQLite and PostgreSQL."""
 
