@@ -7,14 +7,33 @@ import hashlib
 import hmac
 import secrets
 
+from relay.wire.tokens import ConversationScope
+
 TOKEN_PREFIX = "rly_"
 REPLY_PREFIX = "rlyr_"
+# Conversation tokens, by scope: the prefix says where a token is looked up (an integration
+# token is never looked for among them, nor one of them among an integration's).
 READ_PREFIX = "rlyv_"
+CONVERSE_PREFIX = "rlyc_"
+CONVERSATION_PREFIXES: dict[ConversationScope, str] = {
+    "read": READ_PREFIX,
+    "converse": CONVERSE_PREFIX,
+}
 
 
 def new_token() -> str:
     """A fresh bearer token (256 random bits)."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_conversation_token(scope: ConversationScope) -> str:
+    """A fresh conversation token of `scope` (256 random bits, like every bearer token)."""
+    return CONVERSATION_PREFIXES[scope] + secrets.token_urlsafe(32)
+
+
+def is_conversation_token(token: str) -> bool:
+    """Whether `token` has the form of a conversation token (of either scope)."""
+    return token.startswith((READ_PREFIX, CONVERSE_PREFIX))
 
 
 def new_signing_secret() -> str:
@@ -61,22 +80,6 @@ def reply_token(secret: str, conversation_id: str, expires: int) -> str:
 def reply_token_valid(secret: str, token: str, conversation_id: str, now: float) -> bool:
     """True if `token` is a live reply token for this conversation."""
     return _scoped_valid(REPLY_PREFIX, secret, token, conversation_id, now)
-
-
-def read_token(secret: str, conversation_id: str, expires: int) -> str:
-    """A token that lets a browser read one conversation's history and events until
-    `expires`: a reply token's form under a key of its own, so neither passes for the
-    other."""
-    return _scoped_token(READ_PREFIX, _read_key(secret), conversation_id, expires)
-
-
-def read_token_valid(secret: str, token: str, conversation_id: str, now: float) -> bool:
-    """True if `token` is a live read token for this conversation."""
-    return _scoped_valid(READ_PREFIX, _read_key(secret), token, conversation_id, now)
-
-
-def _read_key(secret: str) -> str:
-    return f"{secret}|read"
 
 
 def _scoped_token(prefix: str, secret: str, conversation_id: str, expires: int) -> str:

@@ -35,6 +35,8 @@ class Metrics:
     partitions_held: Gauge
     oldest_unstarted: Gauge
     breaker_state: Gauge
+    delivery_paced: Counter
+    responses_expired: Counter
     queue_messages: Gauge
     queue_consumers: Gauge
     queue_members: Gauge
@@ -189,6 +191,19 @@ def _stages(m: Metrics) -> None:
         "Circuit of each endpoint: 0 closed, 1 half open, 2 open.",
         ["endpoint"],
     )
+    m.delivery_paced = _counter(
+        m,
+        "relay_delivery_paced",
+        "Responses that waited for their integration's pace (deliveryRate): briefly in their"
+        " lane (lane), or in the delay queues (queue).",
+        ["wait"],
+    )
+    m.responses_expired = _counter(
+        m,
+        "relay_responses_expired",
+        "Responses dropped undelivered past their type's time to live (expiringTypes).",
+        ["type"],
+    )
 
 
 def _queues(m: Metrics) -> None:
@@ -263,7 +278,8 @@ def _limits(m: Metrics) -> None:
         m,
         "relay_event_streams_dropped",
         "Event streams closed by the ingress, by reason (slow: the reader did not keep up;"
-        " full: over a stream limit, named in relay_limit_refusals; stopping).",
+        " full: over a stream limit, named in relay_limit_refusals; revoked: its conversation"
+        " token was revoked or expired; stopping).",
         ["reason"],
     )
     m.waits = _counter(

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     bot_worker_port: int = Field(default=8081, ge=0, le=65535)
     bot_timeout: float = Field(default=10.0, gt=0)
     bot_concurrency: int = Field(default=32, ge=1, le=1024)
+    # Turns of one integration's bot in flight at once, so that a slow bot cannot take every
+    # one of the worker's turns from the other integrations' bots.
+    bot_integration_concurrency: int = Field(default=16, ge=1, le=1024)
     # Waits between attempts at a failing bot; after the last one, the dead-letter queue.
     bot_retry_delays: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0]
@@ -99,15 +102,16 @@ class Settings(BaseSettings):
     otlp_endpoint: str = ""
     otlp_service_name: str = Field(default="relay", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
-    # The conversation API (`relay.ingress.conversations`): a read token's lifetime, the
-    # longest silence on an event stream, how long a write to a stream may wait for its
-    # reader before the stream is dropped, and how many streams one ingress serves.
+    # The conversation API (`relay.ingress.conversations`): a conversation token's lifetime
+    # when its mint names none (`relay.ingress.conversation_tokens`), the longest silence on
+    # an event stream, how long a write to a stream may wait for its reader before the
+    # stream is dropped, and how many streams one ingress serves.
     read_token_seconds: float = Field(default=3600.0, gt=0)
     stream_keepalive: float = Field(default=15.0, gt=0, le=15.0)
     stream_write_timeout: float = Field(default=10.0, gt=0)
     stream_limit: int = Field(default=1000, ge=1)
     # Fair shares of one ingress (`relay.ingress.limits`): event streams per integration and
-    # per credential (integration token or read token), concurrent `?wait` requests per
+    # per credential (integration token or conversation token), concurrent `?wait` requests per
     # ingress and per integration, and the bytes of one history page.
     stream_limit_per_integration: int = Field(default=100, ge=1)
     stream_limit_per_token: int = Field(default=10, ge=1)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from relay.store.records import (
+    BotChoice,
     DeadLetter,
     FoundAttempt,
     HistoryRow,
@@ -23,6 +24,7 @@ from relay.store.records import (
 from relay.wire import ConversationItem, ItemDelivery, OutgoingMessage, WebhookResponse
 from relay.wire.admin import (
     AttemptView,
+    BotView,
     DeadLetterView,
     IntegrationView,
     SecretRotated,
@@ -74,7 +76,23 @@ def integration_view(record: IntegrationRecord, public_base_url: str) -> Integra
         enabled=record.disabled_at is None,
         createdAt=record.created_at,
         disabledAt=record.disabled_at,
+        bot=bot_view(record.bot),
+        operationsUrl=record.delivery.operations_url,
+        deliveryRate=record.delivery.delivery_rate,
+        deliveryBurst=record.delivery.delivery_burst,
+        expiringTypes=record.delivery.expiring_types,
     )
+
+
+_CREDENTIAL_NAMES = {"secret": "secret", "app_id": "appId", "app_password": "appPassword"}
+
+
+def bot_view(bot: BotChoice | None) -> BotView | None:
+    """The bot an integration names (None: RELAY_BOT), with the names of its credentials."""
+    if bot is None:
+        return None
+    names = [_CREDENTIAL_NAMES[name] for name in bot.credentials()]
+    return BotView.model_validate({"adapter": bot.adapter, "url": bot.url, "credentials": names})
 
 
 def rotation_view(rotated: Rotated) -> SecretRotated:
@@ -146,7 +164,8 @@ def response_id(webhook_id: str) -> str | None:
 def history_item(row: HistoryRow) -> ConversationItem:
     """A history row as the API shows it."""
     outgoing = row.direction == "outgoing"
-    state = "delivered" if row.delivered else "dead" if row.dead else None
+    state = "delivered" if row.delivered else "expired" if row.expired else None
+    state = state or ("dead" if row.dead else None)
     state = state or ("failed" if row.attempts else "pending")
     return ConversationItem(
         id=str(row.watermark),

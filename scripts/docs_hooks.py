@@ -71,8 +71,11 @@ NOTES: dict[str, str] = {
     " [Changing the partition count](operating/scaling.md#changing-the-partition-count))",
     "publish_timeout": "seconds to wait for the broker's confirm (then a `503`)",
     "outbox_interval": "seconds between outbox sweeps",
-    "rate_limit_per_second": "messages accepted per integration per second, per ingress"
-    " process (`0`: no limit)",
+    "rate_limit_per_second": "messages accepted per integration per second, across every"
+    " ingress (`0`: no limit); its bot pushes, reads and conversation tokens have a bucket"
+    " each at the same rate",
+    "bot_integration_concurrency": "turns of one integration's bot in flight in a bot worker"
+    " at once (see [Many bots and tenants](tenants.md#a-bot-per-integration))",
     "rate_limit_burst": "the burst above that rate",
     "auth_cache_seconds": "how long an ingress caches integrations and token hashes (a"
     " revocation takes effect within this; admin tokens are looked up on every request)",
@@ -100,13 +103,13 @@ NOTES: dict[str, str] = {
     "otlp_service_name": "the service name each process reports, suffixed with its role",
     "trace_sample_ratio": "the share of new traces sampled (a back end's sampled"
     " `traceparent` is always kept)",
-    "read_token_seconds": "lifetime of a conversation read token",
+    "read_token_seconds": "lifetime of a conversation token whose mint names none",
     "stream_keepalive": "the longest silence on an event stream (a keep-alive comment then)",
     "stream_write_timeout": "seconds a write may wait for a stream's reader before the stream"
     " is dropped",
     "stream_limit": "event streams one ingress serves at once (then a `503`)",
     "stream_limit_per_integration": "event streams per integration, per ingress",
-    "stream_limit_per_token": "event streams per credential (integration or read token),"
+    "stream_limit_per_token": "event streams per credential (integration or conversation token),"
     " per ingress",
     "wait_limit": "`?wait` requests waiting at once, per ingress",
     "wait_limit_per_integration": "`?wait` requests waiting at once per integration, per ingress",

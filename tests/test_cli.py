@@ -20,6 +20,8 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from relay.admin import AdminError
+from relay.commands.integration_flags import patch_of
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.wire import utcnow
@@ -36,16 +38,19 @@ class Run:
     err: str
 
 
-async def relay(settings: Settings, *args: str, env: dict[str, str] | None = None) -> Run:
+async def relay(
+    settings: Settings, *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> Run:
     """Run one `relay` command against the module's database and broker."""
     process = await asyncio.create_subprocess_exec(
         *RELAY,
         *args,
         env=relay_env(settings, env),
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
     assert process.returncode is not None
     return Run(process.returncode, out.decode(), err.decode())
 
@@ -207,6 +212,91 @@ async def test_integrations_create_refuses_an_endpoint_that_fails(
     assert run.out == ""
     listed = json.loads((await relay(settings, "integrations", "list", "--json")).out)
     assert "broken" not in [item["name"] for item in listed]
+
+
+async def test_integrations_name_their_bot_and_delivery_options_by_flags(
+    settings: Settings, store: SqlStore
+):
+    made = await relay(
+        settings,
+        "integrations",
+        "create",
+        "--name",
+        "flagged",
+        "--response-url",
+        "http://127.0.0.1:9/responses",
+        "--no-verify",
+        "--bot",
+        "botframework",
+        "--bot-url",
+        "http://127.0.0.1:9/api/messages",
+        "--bot-app-id",
+        "-",
+        "--bot-app-password",
+        "-",
+        "--operations-url",
+        "http://127.0.0.1:9/ops",
+        "--delivery-rate",
+        "20",
+        "--delivery-burst",
+        "5",
+        "--expiring",
+        "typing=10",
+        "--expiring",
+        "custom=60",
+        stdin="app-id-CANARY\napp-password-CANARY\n",
+    )
+    assert made.code == 0, made.err
+    integration_id = json.loads(made.out)["id"]
+    record = await store.get_integration(integration_id)
+    assert record is not None
+    assert record.bot is not None
+    assert (record.bot.app_id, record.bot.app_password) == ("app-id-CANARY", "app-password-CANARY")
+    assert record.delivery.delivery_rate == 20
+    assert record.delivery.expiring_types == {"typing": 10, "custom": 60}
+    shown = await relay(settings, "integrations", "show", integration_id)
+    assert "CANARY" not in shown.out
+    assert json.loads(shown.out)["bot"]["credentials"] == ["appId", "appPassword"]
+    changed = await relay(
+        settings,
+        "integrations",
+        "update",
+        integration_id,
+        "--bot",
+        "default",
+        "--delivery-rate",
+        "none",
+        "--expiring",
+        "none",
+        "--operations-url",
+        "none",
+    )
+    assert changed.code == 0, changed.err
+    view = json.loads(changed.out)
+    assert (view["bot"], view["deliveryRate"], view["deliveryBurst"]) == (None, None, None)
+    assert (view["expiringTypes"], view["operationsUrl"]) == ({}, None)
+    refused = await relay(settings, "integrations", "update", integration_id, "--bot", "http")
+    assert refused.code == 1
+    assert "needs its url" in refused.err
+
+
+def test_the_bot_and_delivery_flags_say_what_is_wrong_before_any_connection():
+    from relay.commands.main import build_parser
+
+    parser = build_parser()
+    for flags, says in [
+        (["--bot", "not an adapter!"], "bot.adapter"),
+        (["--delivery-rate", "0"], "deliveryRate"),
+        (["--delivery-rate", "fast"], "not a number"),
+        (["--expiring", "typing"], "TYPE=SECONDS"),
+        (["--bot-url", "http://127.0.0.1:9/"], "go with --bot"),
+        (["--bot", "http", "--bot-secret", "secret-CANARY", "--bot-url", "x"], "bot.url"),
+    ]:
+        args = parser.parse_args(["integrations", "update", "some-id", *flags])
+        with pytest.raises(AdminError) as refused:
+            patch_of(args)
+        assert says in str(refused.value), (flags, refused.value)
+        assert "CANARY" not in str(refused.value)
 
 
 async def test_integrations_create_refuses_an_unreachable_endpoint_unless_told(settings: Settings):

@@ -3,7 +3,8 @@ driven by Playwright with that executable, as the chat page's test does): a wron
 refused; with an admin token, find the dead letters of an endpoint that failed, replay one,
 purge one, replay the rest, and see them delivered in the conversation's timeline, in the
 attempts and at the endpoint; resend one; recover the purged one; give the integration a
-new signing secret, shown once. Both stores.
+new signing secret, shown once; give it its own bot and a pace, and take them back. Both
+stores.
 
 `RELAY_SCREENSHOT=docs/console.png pytest tests/test_console_page.py` also saves a picture
 of the populated console (the docs' admin page, docs/api/admin.md).
@@ -147,6 +148,35 @@ async def test_log_in_find_dead_letters_replay_and_purge_them_and_see_them_deliv
             await expect(page.locator("#secret-box")).to_be_hidden()
             assert await page.locator("#secret-value").input_value() == ""
             assert secret.removeprefix("whsec_") not in await page.content()
+
+            # Its own bot and a pace: the bot's secret is written, never shown again.
+            await act(page, row, "Settings")
+            form = page.locator("#settings-form")
+            await form.locator("[name=adapter]").fill("http")
+            await form.locator("[name=botUrl]").fill("http://127.0.0.1:9/bot")
+            await form.locator("[name=secret]").fill("bot-secret-CANARY")
+            await form.locator("[name=deliveryRate]").fill("5")
+            await form.locator("[name=expiringTypes]").fill("typing=10, custom=60")
+            await form.get_by_role("button", name="Save").click()
+            await idle(page)
+            await expect(page.locator("#notice")).to_have_text("console-shop: settings saved.")
+            await expect(row).to_contain_text("(secret set)")
+            await expect(row).to_contain_text("5/s, burst 5")
+            await expect(row).to_contain_text("expire: typing=10, custom=60")
+            record = await store.get_integration(integration_id)
+            assert record is not None
+            assert record.bot is not None
+            assert (record.bot.adapter, record.bot.secret) == ("http", "bot-secret-CANARY")
+            assert record.delivery.delivery_rate == 5
+            assert "bot-secret-CANARY" not in await page.content()
+            # Back to the deployment's bot, unpaced.
+            await act(page, row, "Settings")
+            await form.locator("[name=adapter]").fill("")
+            await form.locator("[name=deliveryRate]").fill("")
+            await form.get_by_role("button", name="Save").click()
+            await idle(page)
+            await expect(row).to_contain_text("RELAY_BOT")
+            await expect(row).to_contain_text("unpaced")
 
             await page.click("#logout")
             await expect(page.locator("#login")).to_be_visible()

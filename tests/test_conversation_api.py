@@ -311,6 +311,7 @@ async def test_history_refuses_bad_queries_unknown_conversations_and_strangers(
 async def read_token(ingress: Ingress, integration: Integration, conv: str) -> dict[str, Any]:
     async with ingress.http.post(
         f"{ingress.url}/webhooks/{integration[0]}/conversations/{conv}/tokens",
+        json={"userId": "reader"},
         headers=bearer(integration[1]),
     ) as answer:
         assert answer.status == 201, await answer.text()
@@ -351,6 +352,7 @@ async def test_a_read_token_reads_one_conversation_and_nothing_else(
         assert refused.status == 401
     async with ingress.http.post(
         f"{ingress.url}/webhooks/{integration[0]}/conversations/nowhere/tokens",
+        json={"userId": "reader"},
         headers=bearer(integration[1]),
     ) as unknown:
         assert unknown.status == 404

@@ -17,7 +17,7 @@ from relay.ssrf import EndpointRefused, GuardedResolver, check_url, is_public
 from relay.wire import DUE_HEADER, OutboundEnvelope
 from workers.delivery.attempt_log import record
 from workers.delivery.backoff import jittered, next_delay, parse_retry_after
-from workers.delivery.breaker import Breakers, State, endpoint_of
+from relay.pipeline.breaker import Breakers, State, endpoint_of
 from workers.delivery.judging import permanent, wait_for
 from workers.delivery.sender import Sent
 

@@ -1,7 +1,8 @@
 """Fair limits per tenant on a real ingress (both stores, the real broker): event streams per
 token, per integration and per ingress; a stream's slot freed soon after its reader leaves;
 `?wait` requests per integration and per ingress (the message accepted once either way);
-history pages bounded in bytes; failed authentications limited per client address.
+history pages bounded in bytes; failed authentications limited per client address; an
+integration's rate limit counted across ingresses.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from relay.service.app import METRICS_KEY
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.wire import utcnow
-from tests.helpers import Ingress, Queues, eventually, make_integration, message, start_ingress
+from tests.helpers import (
+    Ingress,
+    Queues,
+    eventually,
+    make_integration,
+    message,
+    push_text,
+    start_ingress,
+)
 from tests.sse import open_stream
 
 Integration = tuple[str, str]
@@ -115,7 +124,8 @@ async def make_token(store: SqlStore, integration_id: str) -> tuple[str, str]:
 
 async def read_token(ingress: Ingress, integration: Integration, conv: str) -> str:
     url = f"{ingress.url}/webhooks/{integration[0]}/conversations/{conv}/tokens"
-    async with ingress.http.post(url, headers=bearer(integration[1])) as answer:
+    body = {"userId": "reader"}
+    async with ingress.http.post(url, json=body, headers=bearer(integration[1])) as answer:
         assert answer.status == 201, await answer.text()
         token: str = (await answer.json())["token"]
         return token
@@ -398,3 +408,40 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(
             statuses.append(status)
         # Not a trusted proxy: what it forwards is ignored, the peer is the client.
         assert statuses == [401, 401, 429]
+
+
+# -- the integration's rate limit -------------------------------------------------------------
+
+
+async def test_the_rate_limit_is_counted_across_ingresses_per_integration(
+    settings: Settings, store: SqlStore
+):
+    """Two ingresses on one store share an integration's bucket: its burst is spent across
+    both, then both answer 429 with Retry-After and nothing is accepted. Another integration,
+    and the same integration's bot pushes and reads, have buckets of their own."""
+    limited = settings.model_copy(update={"rate_limit_per_second": 0.05, "rate_limit_burst": 3})
+    first = await make_integration(store, settings, name="rate-limited")
+    second = await make_integration(store, settings, name="rate-other")
+    bot_token, _ = await admin.create_token(store, first[0], "bot")
+    conv = f"conv-{uuid.uuid4().hex[:8]}"
+    async with start_ingress(limited) as one, start_ingress(limited) as two:
+        for n, ingress in enumerate([one, two, one]):
+            await accepted(ingress, first, message(f"{conv}-{n}", conversationId=conv))
+        conversation = await store.find_conversation(first[0], conv)
+        assert conversation is not None
+        for ingress in (one, two):
+            async with ingress.http.post(
+                f"{ingress.url}/webhooks/{first[0]}",
+                json=message(f"{conv}-over", conversationId=conv),
+                headers=bearer(first[1]),
+            ) as answer:
+                assert answer.status == 429
+                assert 1 <= int(answer.headers["Retry-After"]) <= 20  # a token per 20 s
+                error = (await answer.json())["error"]
+            assert error["code"] == "rate_limited"
+            await accepted(ingress, second, message(f"{conv}-{ingress.url}"))
+            pushed = await push_text(ingress, conversation, bot_token, "hi")
+            assert pushed["payload"] == {"text": "hi"}
+        _, page = await history_page(one, first, conv, "")
+    assert len(page["messages"]) == 5  # three accepted, two pushed: nothing over the limit
+    assert await store.find_incoming(first[0], f"msg-{conv}-over") is None

@@ -1,6 +1,7 @@
 """The mechanisms under the fair limits, each on its own: counted slots per key, the client
-address behind proxies, token buckets bounded in memory, the directory's bounded cache
-(both stores), and history pages bounded in bytes (both stores)."""
+address behind proxies, token buckets bounded in memory and shared ones asked no more than
+they must (both stores), the directory's bounded cache (both stores), and history pages
+bounded in bytes (both stores)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
+from relay.errors import RateLimited
 from relay.ingress.clients import client_address
 from relay.ingress.conversations import item_json
 from relay.ingress.limits import Claim, Slots, take_all
 from relay.ingress.paging import READ_ROWS, Scope, read_page
-from relay.ingress.ratelimit import RateLimiter
+from relay.ingress.ratelimit import IntegrationLimit, RateLimiter
+from relay.rates import SharedRates
 from relay.settings import Settings
-from relay.store import IntegrationRecord, SqlStore, TokenKind
+from relay.store import IntegrationRecord, SqlStore, Taken, TokenKind
 from relay.store.directory import Directory
 from tests.helpers import make_integration, start_ingress
 
@@ -105,6 +108,76 @@ def test_a_limiter_keeps_a_bounded_number_of_buckets_least_recent_out():
     assert limiter.wait("a") > 0
     assert limiter.wait("b") == 0  # forgotten: a full bucket again
     assert len(limiter._buckets) == 2
+
+
+class CountingBuckets:
+    """The real store's shared buckets, counting the calls made to them."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+        self.keys: list[str] = []
+
+    async def take_tokens(
+        self, key: str, rate: float, burst: float, wanted: int, now: float
+    ) -> Taken:
+        self.keys.append(key)
+        return await self._store.take_tokens(key, rate, burst, wanted, now)
+
+
+async def test_an_empty_shared_bucket_is_not_asked_again_before_its_next_token(store: SqlStore):
+    """A client over its rate costs the store one call per token at a low rate (a lease of
+    one), not one per refusal; the store is asked again at the latest after a lease's life
+    (should the rate have changed)."""
+    buckets, clock = CountingBuckets(store), [1_800_000_000.0]
+    rates = SharedRates(buckets, lease_seconds=0.1, lease_life=1.0, clock=lambda: clock[0])
+    key = f"empty-{uuid.uuid4().hex[:8]}"
+    assert [await rates.take(key, 2.0, 2) for _ in range(2)] == [0.0, 0.0]  # the burst
+    waits = [await rates.take(key, 2.0, 2) for _ in range(50)]
+    assert waits[0] == pytest.approx(0.5)
+    assert all(0 < wait <= 0.5 for wait in waits)
+    assert len(buckets.keys) == 3  # two leases of one token, one refusal from the store
+    clock[0] += 0.5
+    assert await rates.take(key, 2.0, 2) == 0.0  # the next token, from the store
+    assert len(buckets.keys) == 4
+    slow = f"slow-{uuid.uuid4().hex[:8]}"
+    assert await rates.take(slow, 0.01, 1) == 0.0
+    assert await rates.take(slow, 0.01, 1) == pytest.approx(100)
+    clock[0] += 1.0
+    assert await rates.take(slow, 0.01, 1) == pytest.approx(99)  # asked again: still empty
+    assert len(buckets.keys) == 7
+
+
+async def test_a_flood_over_a_high_rate_asks_the_store_once_per_lease_time(store: SqlStore):
+    """At 100 per second (leases of 10 over 0.1 s), a process flooded with requests asks an
+    empty bucket again only once a lease's worth has come: a lease and at most one refusal
+    from the store each tenth of a second, however many requests it refuses."""
+    buckets, clock = CountingBuckets(store), [1_800_000_000.0]
+    rates = SharedRates(buckets, lease_seconds=0.1, lease_life=1.0, clock=lambda: clock[0])
+    key = f"flood-{uuid.uuid4().hex[:8]}"
+    granted = 0
+    for _ in range(1000):  # 1,000 requests a second for a second
+        clock[0] += 0.001
+        wait = await rates.take(key, 100.0, 10)
+        granted += wait == 0
+        assert wait >= 0
+    assert len(buckets.keys) <= 22, len(buckets.keys)  # not 1,000
+    assert 100 <= granted <= 110, granted  # the burst and the rate: it holds, and no less
+
+
+async def test_an_integration_limit_of_zero_never_asks_the_store(store: SqlStore):
+    buckets = CountingBuckets(store)
+    off = IntegrationLimit(SharedRates(buckets), rate=0, burst=1)
+    for _ in range(100):
+        await off.enforce("integration")
+    assert buckets.keys == []
+    on = IntegrationLimit(SharedRates(buckets), rate=0.01, burst=1)
+    integration = f"i-{uuid.uuid4().hex[:8]}"
+    await on.enforce(integration)
+    with pytest.raises(RateLimited) as refused:
+        await on.enforce(integration)
+    assert refused.value.headers == {"Retry-After": "100"}
+    # The ingress's buckets are named apart from the delivery pace's.
+    assert buckets.keys == [f"ingress:{integration}"] * 2
 
 
 # -- the directory -------------------------------------------------------------------------

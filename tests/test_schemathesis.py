@@ -74,6 +74,8 @@ async def config_for(base: str, store: SqlStore, settings: Settings, path: Path)
     integration_id, token = await make_integration(store, settings, name="schemathesis")
     bot_token, _ = await admin.create_token(store, integration_id, "bot")
     admin_token, _ = await admin.create_token(store, None, "admin")
+    # One of its own for PATCH, which may disable it, name another bot, pace it...
+    patched_id, _ = await make_integration(store, settings, name="schemathesis-patched")
     async with aiohttp.ClientSession() as http:
         async with http.post(
             f"{base}/webhooks/{integration_id}",
@@ -108,7 +110,10 @@ headers = {{ Authorization = {toml_string(f"Bearer {token}")} }}
 parameters = {{ "query.wait" = 0.01 }}
 
 [[operations]]
-include-operation-id = ["conversationHistory", "createReadToken"]
+include-operation-id = [
+    "conversationHistory", "createConversationToken", "revokeConversationTokens",
+    "revokeConversationToken",
+]
 headers = {{ Authorization = {toml_string(f"Bearer {token}")} }}
 parameters = {{ "path.conversationId" = "conv-1" }}
 
@@ -120,6 +125,12 @@ headers = {{ Authorization = {toml_string(f"Bearer {admin_token}")} }}
 [[operations]]
 include-operation-id = ["adminCreateIntegration", "adminChangeIntegration"]
 headers = {{ Authorization = {toml_string(f"Bearer {admin_token}")} }}
+checks = {{ positive_data_acceptance = {{ expected-statuses = ["2xx", 401, 404, 422] }} }}
+
+[[operations]]
+include-operation-id = "adminChangeIntegration"
+headers = {{ Authorization = {toml_string(f"Bearer {admin_token}")} }}
+parameters = {{ "path.id" = {toml_string(patched_id)} }}
 checks = {{ positive_data_acceptance = {{ expected-statuses = ["2xx", 401, 404, 422] }} }}
 
 # A cursor this API did not give out is refused; a generator cannot make a real one.

@@ -25,18 +25,23 @@ TEST_EVENT = {"type": "test", "payload": "test"}
 async def check_endpoint(settings: Settings, response_url: str, secret: str, verify: bool) -> None:
     """AdminError unless `response_url` is one deliveries may use and (if `verify`) answers
     a signed test event with a 2xx."""
-    try:
-        # Always, even unverified: deliveries would refuse this scheme on every attempt.
-        check_scheme(response_url, settings.https_only)
-    except EndpointRefused as error:
-        raise AdminError(f"the response URL {_shown(response_url)}: {error}") from error
-    try:
-        # And a host written so that the HTTP client would read another.
-        client_host(response_url)
-    except EndpointRefused as error:
-        raise _refused(_shown(response_url), error) from error
+    check_shape(settings, response_url, "response")
     if verify:
         await verify_endpoint(response_url, secret, settings)
+
+
+def check_shape(settings: Settings, url: str, role: str) -> None:
+    """AdminError unless `url` has a scheme deliveries use and a host the HTTP client reads
+    as written (checked always, even unverified: deliveries would refuse it on every
+    attempt). `role`: which endpoint, for the message (`response`, `operations`)."""
+    try:
+        check_scheme(url, settings.https_only)
+    except EndpointRefused as error:
+        raise AdminError(f"the {role} URL {_shown(url)}: {error}") from error
+    try:
+        client_host(url)
+    except EndpointRefused as error:
+        raise _refused(_shown(url), error, role) from error
 
 
 async def verify_endpoint(url: str, secret: str, settings: Settings, seconds: float = 10.0) -> None:
@@ -69,9 +74,9 @@ async def verify_endpoint(url: str, secret: str, settings: Settings, seconds: fl
         raise AdminError(f"the response endpoint {shown} answered {status} to a test event")
 
 
-def _refused(shown: str, error: EndpointRefused) -> AdminError:
+def _refused(shown: str, error: EndpointRefused, role: str = "response") -> AdminError:
     return AdminError(
-        f"the response endpoint {shown} is refused: {error} "
+        f"the {role} endpoint {shown} is refused: {error} "
         "(RELAY_ALLOWED_ENDPOINT_NETWORKS lists networks deliveries may reach)"
     )
 

@@ -6,13 +6,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import structlog
+
+from relay.admin.bots import check_bot
+from relay.admin.changes import check_delivery
 from relay.admin.endpoints import check_endpoint
 from relay.admin.errors import AdminError
 from relay.auth import hash_token, new_signing_secret, new_token
+from relay.broker import BrokerUnavailable
+from relay.broker.operations import OperationsEvents
 from relay.settings import Settings
-from relay.store import AnyTokenKind, IntegrationRecord, Integrations, TokenRecord
+from relay.store import (
+    AnyTokenKind,
+    Attempts,
+    BotChoice,
+    DeliveryOptions,
+    IntegrationRecord,
+    Integrations,
+    TokenRecord,
+)
 from relay.wire import utcnow
 from relay.wire.admin import MAX_ROTATION_GRACE_SECONDS
+from relay.wire.operations import integration_disabled
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,13 +43,39 @@ class Rotated:
 
 
 async def create_integration(
-    store: Integrations, settings: Settings, name: str, response_url: str, verify: bool
+    store: Integrations,
+    settings: Settings,
+    name: str,
+    response_url: str,
+    verify: bool,
+    bot: BotChoice | None = None,
+    delivery: DeliveryOptions | None = None,
 ) -> IntegrationRecord:
     """Create an integration after checking its response endpoint answers (unless not
-    `verify`); its scheme must be one deliveries use (https:// only with RELAY_HTTPS_ONLY)."""
+    `verify`); its scheme must be one deliveries use (https:// only with RELAY_HTTPS_ONLY).
+    Its bot (None: RELAY_BOT) and delivery options are checked first."""
+    if bot is not None:
+        check_bot(bot)
+    delivery = delivery or DeliveryOptions()
+    check_delivery(settings, delivery)
     secret = new_signing_secret()
     await check_endpoint(settings, response_url, secret, verify)
-    return await store.create_integration(name, response_url, secret)
+    return await store.create_integration(name, response_url, secret, bot, delivery)
+
+
+async def disable_integration(
+    store: Attempts, events: OperationsEvents, integration_id: str
+) -> None:
+    """Disable the integration (its POSTs answered 410, its responses dead-lettered) and
+    tell its operations URL, once: only the request that disabled it tells. The event is
+    queued with the broker's confirm; a broker away loses it (logged), never the disable."""
+    at = utcnow()
+    if not await store.disable(integration_id, at):
+        return  # disabled already (or deleted)
+    try:
+        await events.publish(integration_disabled(integration_id, "operator", at))
+    except BrokerUnavailable as error:
+        log.warning("operations_event_not_queued", integration_id=integration_id, error=str(error))
 
 
 async def rotate_secret(store: Integrations, integration_id: str, grace: float) -> Rotated:

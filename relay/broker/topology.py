@@ -14,6 +14,11 @@ Retries wait in the broker, never in a sleeping consumer: each delay of a stage 
 exchange and a queue with one fixed TTL (expiry happens at the head, so one TTL per queue)
 that dead-letters back into the stage exchange. The message keeps its routing key, the
 partition number, so it returns to its own partition.
+
+Operations events (`relay.wire.operations`) have a queue of their own, `{prefix}.operations`
+behind the fanout exchange of the same name, with delay queues of the outbound delays
+(`{prefix}.operations.delay.{ms}ms`) for their retries: they never pass through a stage's
+partitions, so a back end's operations endpoint never holds a conversation's deliveries.
 """
 
 from __future__ import annotations
@@ -108,6 +113,20 @@ class Topology:
         return f"{self.prefix}.{stage}.{self.generation}presence"
 
     @property
+    def operations_exchange(self) -> str:
+        """The fanout exchange operations events are published to, and their queue's name."""
+        return f"{self.prefix}.operations"
+
+    def operations_delay(self, seconds: float) -> str:
+        """The exchange (and queue) that holds operations events for `seconds`."""
+        return f"{self.prefix}.operations.delay.{round(seconds * 1000)}ms"
+
+    def operations_queues(self) -> list[str]:
+        """The operations events' queue and its delay queues."""
+        delays = self.stage_delays("outbound")
+        return [self.operations_exchange, *(self.operations_delay(d) for d in delays)]
+
+    @property
     def news_exchange(self) -> str:
         """The fanout exchange conversations with news are announced on (`relay.broker.news`)."""
         return f"{self.prefix}.news"
@@ -192,6 +211,7 @@ async def declare(
         meant = await declare_dead_queue(channel, name, dead, stage, dead_queue_arguments(version))
         if not meant and otherwise is not None:
             otherwise.append(name)
+    exchanges.update(await _declare_operations(channel, topology, version))
     return exchanges
 
 
@@ -225,6 +245,24 @@ async def exists(channel: AbstractChannel, name: str) -> bool:
     return True
 
 
+async def _declare_operations(
+    channel: AbstractChannel, topology: Topology, version: BrokerVersion
+) -> dict[str, AbstractExchange]:
+    """The operations events' exchange and queue, and their delay queues, by name. Events
+    are consumed by competing consumers in no order; one given back more than the delivery
+    limit times (a worker crashing on it over and over) is dropped."""
+    name = topology.operations_exchange
+    exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+    arguments = {"x-delivery-limit": topology.delivery_limit, **LEADER_LOCATOR}
+    queue = await _declare_quorum(channel, name, {"x-queue-type": "quorum", **arguments})
+    await queue.bind(exchange)
+    exchanges = {name: exchange}
+    for seconds in topology.stage_delays("outbound"):
+        delay = topology.operations_delay(seconds)
+        exchanges[delay] = await _declare_delay_queue(channel, delay, seconds, name, version)
+    return exchanges
+
+
 async def _declare_delay(
     channel: AbstractChannel,
     topology: Topology,
@@ -233,6 +271,13 @@ async def _declare_delay(
     version: BrokerVersion,
 ) -> AbstractExchange:
     name = topology.delay_exchange(stage, seconds)
+    return await _declare_delay_queue(channel, name, seconds, topology.exchange(stage), version)
+
+
+async def _declare_delay_queue(
+    channel: AbstractChannel, name: str, seconds: float, back_to: str, version: BrokerVersion
+) -> AbstractExchange:
+    """A fanout exchange and its queue holding messages `seconds`, then back to `back_to`."""
     exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
     queue = await _declare_quorum(
         channel,
@@ -240,7 +285,7 @@ async def _declare_delay(
         {
             "x-queue-type": "quorum",
             "x-message-ttl": round(seconds * 1000),
-            "x-dead-letter-exchange": topology.exchange(stage),
+            "x-dead-letter-exchange": back_to,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
             **LEADER_LOCATOR,
@@ -283,5 +328,8 @@ async def delete(channel: AbstractChannel, topology: Topology) -> None:
         await channel.exchange_delete(topology.presence_exchange(stage))
         for seconds in topology.stage_delays(stage):
             await channel.exchange_delete(topology.delay_exchange(stage, seconds))
+    for name in topology.operations_queues():
+        await channel.queue_delete(name)
+        await channel.exchange_delete(name)
     await channel.exchange_delete(topology.dead_exchange())
     await channel.exchange_delete(topology.news_exchange)

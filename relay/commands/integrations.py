@@ -1,5 +1,5 @@
-"""`relay integrations create | list | show | rotate-secret | enable`: through the same
-operations (`relay.admin`) and views (`relay.views`) as the admin API."""
+"""`relay integrations create | update | list | show | rotate-secret | enable`: through the
+same operations (`relay.admin`) and views (`relay.views`) as the admin API."""
 
 from __future__ import annotations
 
@@ -8,25 +8,60 @@ import argparse
 from relay import admin, views
 from relay.admin import AdminError
 from relay.commands.common import Commands, add_json, group, on_store, using_store
+from relay.commands.integration_flags import add_flags, patch_of
 from relay.commands.output import plain, print_json, show
 from relay.settings import Settings
-from relay.store import SqlStore
-from relay.wire.admin import ROTATION_GRACE_SECONDS
+from relay.store import IntegrationRecord, SqlStore
+from relay.wire.admin import ROTATION_GRACE_SECONDS, IntegrationPatch
 
 LIST_COLUMNS = ["id", "name", "responseUrl", "createdAt"]
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-@on_store
-async def create(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
-    record = await admin.create_integration(
-        store, settings, args.name, args.response_url, verify=not args.no_verify
+async def create(settings: Settings, args: argparse.Namespace) -> int:
+    patch = patch_of(args)  # before the store: a typo costs no connection
+    bot = admin.bot_given(patch)
+    record = await using_store(
+        settings,
+        lambda store: admin.create_integration(
+            store,
+            settings,
+            args.name,
+            args.response_url,
+            verify=not args.no_verify,
+            bot=None if isinstance(bot, admin.Unchanged) else bot,
+            delivery=admin.delivery_options(admin.delivery_given(patch)),
+        ),
     )
     view = plain(views.integration_view(record, settings.public_base_url))
     # The signing secret is shown here, once: no listing shows it again.
     shown = {k: view[k] for k in ("id", "name", "webhookUrl")}
     print_json({**shown, "signingSecret": record.signing_secret})
     return 0
+
+
+async def update(settings: Settings, args: argparse.Namespace) -> int:
+    patch = patch_of(args)
+    if not patch.model_fields_set:
+        raise AdminError("nothing to change: give --bot, --operations-url, --delivery-rate...")
+    record = await using_store(settings, lambda store: _update(store, settings, args, patch))
+    print_json(plain(views.integration_view(record, settings.public_base_url)))
+    return 0
+
+
+async def _update(
+    store: SqlStore, settings: Settings, args: argparse.Namespace, patch: IntegrationPatch
+) -> IntegrationRecord:
+    record = await store.get_integration(args.integration_id)
+    if record is None:
+        raise AdminError(f"no integration {args.integration_id}")
+    delivery = admin.delivery_given(patch)
+    settled = admin.settle_change(settings, record, delivery, admin.bot_given(patch))
+    await admin.apply_change(store, record, settled)
+    changed = await store.get_integration(record.id)
+    if changed is None:
+        raise AdminError(f"no integration {args.integration_id}")  # deleted meanwhile
+    return changed
 
 
 @on_store
@@ -86,7 +121,11 @@ def add_to(commands: Commands[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="do not POST a test event to the response endpoint first",
     )
+    add_flags(made)
     made.set_defaults(run=create)
+    updating = _one(actions, "update", "change an integration's bot or delivery options")
+    add_flags(updating)
+    updating.set_defaults(run=update)
     listed = actions.add_parser("list", help="list integrations")
     add_json(listed)
     listed.set_defaults(run=listing)

@@ -41,4 +41,6 @@ def plain(view: BaseModel) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return plain(value)
     return value.isoformat() if isinstance(value, datetime) else value

@@ -31,7 +31,7 @@ _INGRESS = (
     ("RELAY_AUTH_CACHE_SECONDS", "how long tokens and integrations are cached"),
     ("RELAY_OUTBOX_LEASE", "seconds before an unconfirmed message is published again"),
     ("RELAY_OUTBOX_INTERVAL", "seconds between outbox sweeps"),
-    ("RELAY_READ_TOKEN_SECONDS", "lifetime of a conversation read token"),
+    ("RELAY_READ_TOKEN_SECONDS", "lifetime of a conversation token whose mint names none"),
     ("RELAY_STREAM_KEEPALIVE", "longest silence on an event stream"),
     ("RELAY_STREAM_WRITE_TIMEOUT", "seconds a stream's reader may fall behind"),
     ("RELAY_STREAM_LIMIT", "event streams served at once"),

@@ -26,18 +26,21 @@ from relay.ingress.admin import admin_app
 from relay.ingress.admin.common import AdminKeys
 from relay.ingress.clients import AuthFailures
 from relay.ingress.connector import CONNECTOR_PREFIX, add_connector_routes
+from relay.ingress.conversation_tokens import ConversationTokenApi
 from relay.ingress.conversations import ConversationApi
 from relay.ingress.events import EventStreams
+from relay.ingress.grants import Grants
 from relay.ingress.handlers import WebhookHandler
 from relay.ingress.openapi import openapi_handler
 from relay.ingress.pages import static_page
 from relay.ingress.push import PushHandler
-from relay.ingress.ratelimit import RateLimiter
+from relay.ingress.ratelimit import IntegrationLimit
 from relay.ingress.waiting import ReplyWaiter
 from relay.ingress.watchers import Watchers
 from relay.metrics import Metrics
 from relay.pipeline.outbox import sweep_forever
 from relay.pipeline.replies import ReplyPublisher
+from relay.rates import SharedRates
 from relay.service.app import METRICS_KEY, create_service_app, observe, route_label
 from relay.service.lifecycle import dependencies, queue_gauges
 from relay.service.listeners import listening, settings_context
@@ -54,6 +57,7 @@ HANDLER_KEY = web.AppKey("webhook_handler", WebhookHandler)
 PUSH_KEY = web.AppKey("push_handler", PushHandler)
 REPLIES_KEY = web.AppKey("replies", ReplyPublisher)
 CONVERSATIONS_KEY = web.AppKey("conversations", ConversationApi)
+TOKENS_KEY = web.AppKey("conversation_tokens", ConversationTokenApi)
 STREAMS_KEY = web.AppKey("event_streams", EventStreams)
 WATCHERS_KEY = web.AppKey("watchers", Watchers)
 FEED_KEY = web.AppKey("news_feed", NewsFeed)
@@ -142,12 +146,15 @@ async def _admin_listener(ingress: web.Application, settings: Settings) -> Async
 
 
 def add_conversation_routes(app: web.Application) -> None:
-    """The conversation API: history, read tokens and event streams."""
+    """The conversation API: history, conversation tokens and event streams."""
     integration = "/webhooks/{integrationId}"
     conversation = f"{integration}/conversations/{{conversationId}}"
     api, streams = CONVERSATIONS_KEY, STREAMS_KEY
     app.router.add_get(f"{conversation}/messages", _routed(api, lambda a: a.messages))
-    app.router.add_post(f"{conversation}/tokens", _routed(api, lambda a: a.read_token))
+    tokens = f"{conversation}/tokens"
+    app.router.add_post(tokens, _routed(TOKENS_KEY, lambda t: t.create))
+    app.router.add_delete(tokens, _routed(TOKENS_KEY, lambda t: t.revoke_all))
+    app.router.add_delete(f"{tokens}/{{tokenId}}", _routed(TOKENS_KEY, lambda t: t.revoke_one))
     # No HEAD: a stream's handler runs until its reader leaves, and a HEAD reads nothing.
     for path, stream in [
         (f"{conversation}/events", _routed(streams, lambda s: s.conversation)),
@@ -197,15 +204,17 @@ async def _stop_watchers(app: web.Application) -> None:
 def _add_handlers(app: web.Application, settings: Settings, store: Store) -> None:
     """The request handlers, over the resources started before them."""
     directory = Directory(store, settings.auth_cache_seconds, settings.directory_cache_size)
-    limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    limiter = IntegrationLimit(
+        SharedRates(store), settings.rate_limit_per_second, settings.rate_limit_burst
+    )
     metrics, watchers = app[METRICS_KEY], app[WATCHERS_KEY]
     waiter = ReplyWaiter(store, watchers, metrics, settings)
-    app[HANDLER_KEY] = WebhookHandler(directory, limiter, app[ACCEPTOR_KEY], waiter)
+    grants = Grants(store)
+    app[HANDLER_KEY] = WebhookHandler(directory, limiter, app[ACCEPTOR_KEY], waiter, grants)
     app[PUSH_KEY] = PushHandler(store, directory, limiter, app[REPLIES_KEY])
-    api = ConversationApi(
-        store, directory, limiter, settings.read_token_seconds, settings.history_page_bytes
-    )
+    api = ConversationApi(store, directory, limiter, grants, settings.history_page_bytes)
     app[CONVERSATIONS_KEY] = api
+    app[TOKENS_KEY] = ConversationTokenApi(store, directory, limiter, settings.read_token_seconds)
     app[STREAMS_KEY] = EventStreams(api, watchers, metrics, settings)
 
 

@@ -1,10 +1,11 @@
-"""The conversation API's reads: who may read a conversation, its history after a
-watermark, and read tokens for browsers (`GET .../messages`, `POST .../tokens`).
+"""The conversation API's reads: who may read a conversation, and its history after a
+watermark (`GET .../messages`).
 
-An integration token reads every conversation of its integration; a read token (made by
-`POST .../tokens`, valid one hour) reads one conversation's history and events, and is
-the only token accepted in the query (`?token=`), because a browser's `EventSource` cannot
-set headers. Tokens in the query are never logged (the ingress logs no URLs).
+An integration token reads every conversation of its integration; a conversation token
+(`relay.ingress.conversation_tokens`, either scope) reads its own conversation's history and
+events, and is the only token accepted in the query (`?token=`), because a browser's
+`EventSource` cannot set headers. Tokens in the query are never logged (the ingress logs no
+URLs).
 
 A history page holds at most `limit` items and `RELAY_HISTORY_PAGE_BYTES` of them
 (`relay.ingress.paging`); its watermark is that of its last item either way.
@@ -12,43 +13,34 @@ A history page holds at most `limit` items and `RELAY_HISTORY_PAGE_BYTES` of the
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Literal
 
 from aiohttp import web
 
-from relay.auth import READ_PREFIX, hash_token, read_token, read_token_valid, token_matches
+from relay.auth import hash_token, is_conversation_token, token_matches
 from relay.errors import InvalidQuery, NotFound, Unauthorized
+from relay.ingress.grants import Grants
 from relay.ingress.handlers import addressed_integration, plausible_id, request_token
 from relay.ingress.paging import read_page
-from relay.ingress.ratelimit import RateLimiter
+from relay.ingress.ratelimit import IntegrationLimit
 from relay.store import History, HistoryRow, IntegrationRecord, Watermark
 from relay.store.directory import Directory
 from relay.views import history_item
-from relay.wire import ReadTokenAnswer
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
-
-
-class ReaderStore(History, Protocol):
-    """The store as the conversation API reads it: history, and the secret read tokens are
-    signed with."""
-
-    async def bot_secret(self, integration_id: str) -> str:
-        """The integration's secret for conversation-scoped tokens (made on first use)."""
 
 
 @dataclass(frozen=True)
 class Reader:
     """Who reads, and which conversation (None: the integration's every conversation);
-    `credential` is the hash of the token it read with (never the token itself)."""
+    `credential` is the hash of the token it read with (never the token itself), `revocable`
+    whether that is a conversation token, which may be revoked or expire while it reads."""
 
     integration: IntegrationRecord
     conversation_id: str | None
     credential: str
+    revocable: bool = False
 
     @property
     def scope(self) -> tuple[Literal["conversation", "integration"], str]:
@@ -87,25 +79,25 @@ def parse_limit(text: str | None) -> int:
 
 
 class ConversationApi:
-    """Authorizes readers and answers history and read-token requests."""
+    """Authorizes readers and answers history requests."""
 
     def __init__(
         self,
-        store: ReaderStore,
+        store: History,
         directory: Directory,
-        limiter: RateLimiter,
-        read_token_seconds: float,
+        limiter: IntegrationLimit,
+        grants: Grants,
         page_bytes: int,
     ) -> None:
         self.store = store
         self._directory = directory
         self._limiter = limiter
-        self._token_seconds = read_token_seconds
+        self._grants = grants
         self.page_bytes = page_bytes
 
     async def messages(self, request: web.Request) -> web.Response:
         """`GET .../conversations/{conversationId}/messages?after=W&limit=N`."""
-        reader = await self.authorize(request, read_token_ok=True)
+        reader = await self.authorize(request, conversation_token_ok=True)
         after = parse_watermark(request.query.get("after"), "after")
         limit = parse_limit(request.query.get("limit"))
         page = await read_page(self.store, reader.scope, after, limit, self.page_bytes, item_json)
@@ -114,51 +106,43 @@ class ConversationApi:
         body = b'{"messages":[%s],"watermark":"%s"}' % (b",".join(page.chunks), watermark)
         return web.Response(body=body, content_type="application/json", charset="utf-8")
 
-    async def read_token(self, request: web.Request) -> web.Response:
-        """`POST .../conversations/{conversationId}/tokens`: a read token for one hour."""
-        reader = await self.authorize(request, read_token_ok=False)
-        assert reader.conversation_id is not None
-        # Rounded up: truncating would cut a short lifetime by up to a second.
-        expires = math.ceil(time.time() + self._token_seconds)
-        secret = await self.store.bot_secret(reader.integration.id)
-        answer = ReadTokenAnswer(
-            token=read_token(secret, reader.conversation_id, expires),
-            expiresAt=datetime.fromtimestamp(expires, UTC),
-        )
-        return web.json_response(text=answer.model_dump_json(), status=201)
-
     async def authorize(
-        self, request: web.Request, *, read_token_ok: bool, whole_integration: bool = False
+        self, request: web.Request, *, conversation_token_ok: bool, whole_integration: bool = False
     ) -> Reader:
         """The reader of the request's conversation (or integration), or a 401/404/429.
 
-        A read token is checked against the conversation it names before anything says
-        whether the conversation exists; an integration token learns that (404).
+        A conversation token is checked against the conversation it was made for before
+        anything says whether that conversation exists (404: a `converse` token made before
+        the first message); an integration token learns that too.
         """
         integration, hashes = await addressed_integration(self._directory, request)
         token = request_token(request)
-        if read_token_ok and token is None:
+        if conversation_token_ok and token is None:
             token = request.query.get("token")
-        if read_token_ok and token is not None and token.startswith(READ_PREFIX):
-            conversation_id = await self._conversation(integration, request)
-            secret = await self.store.bot_secret(integration.id)
-            if conversation_id is None or not read_token_valid(
-                secret, token, conversation_id, time.time()
-            ):
-                raise Unauthorized("missing, invalid or expired token")
-            self._limiter.enforce(f"read:{integration.id}")
-            return Reader(integration, conversation_id, hash_token(token))
-        if request.query.get("token") is not None or not token_matches(token, hashes):
-            # Only a read token goes in the query: an integration token there is refused.
+        revocable = False
+        if conversation_token_ok and token is not None and is_conversation_token(token):
+            await self._grants.reading(integration, token, request.match_info["conversationId"])
+            revocable = True
+        elif request.query.get("token") is not None or not token_matches(token, hashes):
+            # Only a conversation token goes in the query: an integration token there is
+            # refused.
             raise Unauthorized("missing or invalid token")
-        self._limiter.enforce(f"read:{integration.id}")
-        assert token is not None  # it matched a hash
+        await self._limiter.enforce(f"read:{integration.id}")
+        assert token is not None  # a conversation token's, or it matched a hash
         if whole_integration:
             return Reader(integration, None, hash_token(token))
         conversation_id = await self._conversation(integration, request)
         if conversation_id is None:
             raise NotFound("unknown conversation")
-        return Reader(integration, conversation_id, hash_token(token))
+        return Reader(integration, conversation_id, hash_token(token), revocable)
+
+    async def still_reads(self, reader: Reader) -> bool:
+        """Whether the reader's token still holds: a conversation token may have been revoked
+        or have expired since (an integration token's revocation counts from the next
+        request)."""
+        return not reader.revocable or await self._grants.holds(
+            reader.integration, reader.credential
+        )
 
     async def _conversation(
         self, integration: IntegrationRecord, request: web.Request

@@ -11,7 +11,9 @@ after that one, once: the history's order is the order of visibility
 A stream holds no more than one page of items (`relay.ingress.paging`: at most `PAGE`
 items and `history_page_bytes` of them): it reads the next only once the last is written.
 A reader that does not take what is written within `stream_write_timeout` is disconnected
-(it may resume), so a slow reader costs a socket's buffers, never memory without bound.
+(it may resume), so a slow reader costs a socket's buffers, never memory without bound. A
+stream opened with a conversation token ends within a keep-alive once the token is revoked
+or expires (it is checked again then; a reconnect is refused).
 
 Streams are fair shares (`relay.ingress.limits`): one holds a slot of the ingress
 (`stream_limit`), of its integration (`stream_limit_per_integration`) and of the token it
@@ -66,6 +68,10 @@ class _ReaderLeft(Exception):
     """The reader's connection closed while the stream was quiet."""
 
 
+class _Revoked(Exception):
+    """The conversation token the stream was opened with was revoked, or expired."""
+
+
 class StreamSlots:
     """The stream slots of one ingress: of the whole, per integration, per credential."""
 
@@ -101,7 +107,7 @@ class EventStreams:
 
     async def conversation(self, request: web.Request) -> web.StreamResponse:
         """One conversation's items; without a watermark, from its first."""
-        reader = await self._api.authorize(request, read_token_ok=True)
+        reader = await self._api.authorize(request, conversation_token_ok=True)
         after = _resume_point(request)
         assert reader.conversation_id is not None
         with self._slot(reader), self._watchers.conversation(reader.conversation_id) as watch:
@@ -109,7 +115,9 @@ class EventStreams:
 
     async def integration(self, request: web.Request) -> web.StreamResponse:
         """Every conversation's items; without a watermark, from now."""
-        reader = await self._api.authorize(request, read_token_ok=False, whole_integration=True)
+        reader = await self._api.authorize(
+            request, conversation_token_ok=False, whole_integration=True
+        )
         after = _resume_point(request)
         with self._slot(reader), self._watchers.integration(reader.integration.id) as watch:
             # Registered first: news from here on wakes the stream, none is missed.
@@ -136,6 +144,9 @@ class EventStreams:
             log.warning("event_stream_slow_reader", integration_id=reader.integration.id)
         except (ConnectionResetError, _ReaderLeft):
             pass  # the reader left
+        except _Revoked:
+            self._metrics.streams_dropped.labels("revoked").inc()
+            log.info("event_stream_revoked", integration_id=reader.integration.id)
         return response
 
     async def _follow(
@@ -146,11 +157,11 @@ class EventStreams:
         after: Watermark | None,
         watch: Watch,
     ) -> None:
-        """Write what is after `after`, then whatever comes, until the reader leaves or the
-        ingress stops."""
+        """Write what is after `after`, then whatever comes, until the reader leaves, its
+        token no longer holds or the ingress stops."""
         held_back = pauses(0.02, 1.0)
         loop = asyncio.get_running_loop()
-        written = loop.time()  # when the reader was last written to
+        written = checked = loop.time()  # when the reader was last written to, its token checked
         while not watch.stopping:
             page = await read_page(
                 self._api.store, reader.scope, after, PAGE, self._api.page_bytes, _event
@@ -168,7 +179,19 @@ class EventStreams:
             else:
                 held_back, wait = pauses(0.02, 1.0), self._keepalive
             written = await self._quiet(request, response, watch, wait, written)
+            checked = await self._recheck(reader, checked)
         self._metrics.streams_dropped.labels("stopping").inc()
+
+    async def _recheck(self, reader: Reader, checked: float) -> float:
+        """When the reader's token was last checked: again once a keep-alive has passed since
+        (_Revoked if it no longer holds), so a revoked or expired conversation token's stream
+        ends within a keep-alive."""
+        now = asyncio.get_running_loop().time()
+        if now - checked < self._keepalive:
+            return checked
+        if not await self._api.still_reads(reader):
+            raise _Revoked
+        return now
 
     async def _quiet(
         self,

@@ -1,4 +1,6 @@
-"""The back end's endpoint: `POST /webhooks/{integrationId}`."""
+"""The back end's endpoint: `POST /webhooks/{integrationId}`, with an integration token, or
+with a browser's `converse` token for a message of its conversation and user
+(`relay.ingress.grants`)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,15 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from relay.auth import bearer_token, token_matches
+from relay.auth import bearer_token, is_conversation_token, token_matches
 from relay.errors import Unauthorized, invalid_fields
 from relay.ingress.accept import Acceptor
 from relay.ingress.body import parse_json_object
 from relay.ingress.clients import UnknownTarget
-from relay.ingress.ratelimit import RateLimiter
+from relay.ingress.grants import Grants, admit
+from relay.ingress.ratelimit import IntegrationLimit
 from relay.ingress.waiting import WAIT_LIMITED_HEADER, ReplyWaiter, parse_wait
-from relay.store import IntegrationRecord
+from relay.store import ConversationGrant, IntegrationRecord
 from relay.store.directory import Directory
 from relay.wire import InboundRequest
 from relay.wire.contract import storable_text
@@ -54,19 +57,27 @@ class WebhookHandler:
     """Authenticates, validates, rate-limits and accepts inbound messages."""
 
     def __init__(
-        self, directory: Directory, limiter: RateLimiter, acceptor: Acceptor, waiter: ReplyWaiter
+        self,
+        directory: Directory,
+        limiter: IntegrationLimit,
+        acceptor: Acceptor,
+        waiter: ReplyWaiter,
+        grants: Grants,
     ) -> None:
         self._directory = directory
         self._limiter = limiter
         self._acceptor = acceptor
         self._waiter = waiter
+        self._grants = grants
 
     async def post_message(self, request: web.Request) -> web.Response:
         """Accept one user message; the answer holds the user, conversation and message."""
-        integration = await self._authenticate(request)
-        self._limiter.enforce(integration.id)
+        integration, grant = await self._authenticate(request)
+        await self._limiter.enforce(integration.id)
         seconds = parse_wait(request.query.get("wait"))
         inbound = validate_inbound(parse_json_object(await request.read()))
+        if grant is not None:
+            admit(grant, inbound)
         structlog.contextvars.bind_contextvars(
             external_message_id=inbound.messageId,
             external_conversation_id=inbound.conversationId,
@@ -83,11 +94,18 @@ class WebhookHandler:
             return web.json_response(text=waited.answer.model_dump_json(), headers=headers)
         return web.json_response(text=bundle.model_dump_json())
 
-    async def _authenticate(self, request: web.Request) -> IntegrationRecord:
+    async def _authenticate(
+        self, request: web.Request
+    ) -> tuple[IntegrationRecord, ConversationGrant | None]:
+        """The integration, and the grant of a browser's `converse` token (None: the back
+        end's integration token); or a 401."""
         integration, hashes = await addressed_integration(self._directory, request)
-        if not token_matches(request_token(request), hashes):
+        token = request_token(request)
+        if token is not None and is_conversation_token(token):
+            return integration, await self._grants.conversing(integration, token)
+        if not token_matches(token, hashes):
             raise Unauthorized("missing or invalid token")
-        return integration
+        return integration, None
 
 
 async def addressed_integration(

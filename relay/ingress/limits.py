@@ -5,6 +5,10 @@ credential's while it runs; a `?wait` request one of the ingress's and of its
 integration's. `take_all` takes a slot of every pool or of none, in one step (no await
 between the look and the take), so two requests never both get the last slot. A key
 holds memory only while it holds a slot.
+
+These stay in the process, unlike an integration's rate limit (`relay.ingress.ratelimit`,
+counted in the store across ingresses): what they share out, open streams and waiting
+requests, is this ingress's own connections and memory.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from relay.wire import (
     InboundRequest,
     MessageBundle,
     PushAnswer,
-    ReadTokenAnswer,
     WaitedAnswer,
+    WebhookResponse,
 )
 from relay.wire.admin import (
     AttemptView,
@@ -44,6 +44,7 @@ from relay.wire.admin import (
     IntegrationCreated,
     IntegrationPatch,
     IntegrationView,
+    PacedView,
     Page,
     QueueView,
     Recovery,
@@ -56,13 +57,21 @@ from relay.wire.admin import (
     TokenView,
 )
 from relay.wire.botframework import Activity, ResourceResponse
+from relay.wire.operations import (
+    CircuitClosedEvent,
+    CircuitOpenedEvent,
+    IntegrationDisabledEvent,
+    ResponseDeadEvent,
+)
+from relay.wire.tokens import ConversationTokenAnswer, ConversationTokenRequest
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 _WEBHOOK_ERRORS = {
     "400": "The body is not a JSON object of the expected shape (`details` names each field),"
     " or `wait` is out of range.",
-    "401": "Missing or wrong token.",
+    "401": "Missing or wrong token: an integration token, or a `converse` conversation token "
+    "for a message of its own conversation and user.",
     "404": "Unknown integration.",
     "409": "The messageId was used before with a different body.",
     "413": "The body is larger than the limit.",
@@ -87,16 +96,23 @@ _PUSH_ERRORS = {
 }
 _READ_ERRORS = {
     "400": "A query parameter is not valid (`after`, `limit`, `Last-Event-ID`).",
-    "401": "Missing or wrong token: an integration token, or the conversation's read token.",
+    "401": "Missing or wrong token: an integration token, or a conversation token of this "
+    "conversation.",
     "404": "Unknown integration, or a conversation the integration does not have.",
     "429": "Over the integration's rate limit; see `Retry-After`.",
 }
 _MODELS: list[type[BaseModel]] = [
+    WebhookResponse,
+    ResponseDeadEvent,
+    CircuitOpenedEvent,
+    CircuitClosedEvent,
+    IntegrationDisabledEvent,
     InboundRequest,
     MessageBundle,
     WaitedAnswer,
     HistoryAnswer,
-    ReadTokenAnswer,
+    ConversationTokenRequest,
+    ConversationTokenAnswer,
     ErrorBody,
     PushAnswer,
     Activity,
@@ -112,6 +128,7 @@ _MODELS: list[type[BaseModel]] = [
     Page[IntegrationView],
     Page[TokenView],
     Page[QueueView],
+    Page[PacedView],
     Page[AttemptView],
     Page[DeadLetterView],
     DeadLetterSelection,
@@ -296,7 +313,9 @@ def _conversation_routes() -> dict[str, Any]:
     integration = _path_id("integrationId", "The integration's id.")
     conversation = _path_id("conversationId", "The caller's id of the conversation.")
     after = _query("after", "Only items after this watermark.", _WATERMARK)
-    token = _query("token", "The conversation's read token (for browsers).", {"type": "string"})
+    token = _query(
+        "token", "A conversation token of this conversation (for browsers).", {"type": "string"}
+    )
     resume = {
         "name": LAST_EVENT_ID_HEADER,
         "in": "header",
@@ -321,7 +340,6 @@ def _conversation_routes() -> dict[str, Any]:
     limit = _query(
         "limit", "Items at most.", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}
     )
-    created = {"description": "A read token.", "content": _json(schema_ref("ReadTokenAnswer"))}
     return {
         f"{base}/conversations/{{conversationId}}/messages": {
             "get": {
@@ -330,17 +348,6 @@ def _conversation_routes() -> dict[str, Any]:
                 "security": readers,
                 "parameters": [integration, conversation, after, limit, token],
                 "responses": _responses(history, _READ_ERRORS),
-            }
-        },
-        f"{base}/conversations/{{conversationId}}/tokens": {
-            "post": {
-                "summary": "A read token for one conversation (one hour)",
-                "operationId": "createReadToken",
-                "security": [{"bearer": []}],
-                "parameters": [integration, conversation],
-                "responses": _responses(
-                    {"201": created}, {k: v for k, v in _READ_ERRORS.items() if k != "400"}
-                ),
             }
         },
         f"{base}/conversations/{{conversationId}}/events": {
@@ -359,6 +366,67 @@ def _conversation_routes() -> dict[str, Any]:
                 "security": [{"bearer": []}],
                 "parameters": [integration, after, resume],
                 "responses": _responses(_EVENTS, full),
+            }
+        },
+    }
+
+
+_TOKEN_ERRORS = {
+    "400": "The body is not valid; `details` names each field.",
+    "401": "Missing or wrong token: an integration token (a conversation token never mints "
+    "or revokes).",
+    "404": "Unknown integration; a `read` token for a conversation with no message yet.",
+    "429": "Over the integration's rate limit; see `Retry-After`.",
+}
+
+
+def _token_routes() -> dict[str, Any]:
+    """Conversation tokens (`relay.ingress.conversation_tokens`): minted and revoked with an
+    integration token."""
+    integration = _path_id("integrationId", "The integration's id.")
+    conversation = _path_id("conversationId", "The caller's id of the conversation.")
+    token_id = _path_id("tokenId", "The token's id (the `id` of its mint's answer).")
+    created = {
+        "description": "The token (in this answer only), its id and its expiry.",
+        "content": _json(schema_ref("ConversationTokenAnswer")),
+    }
+    revoked = {"204": {"description": "Revoked."}}
+    unauthorized = {"401": _TOKEN_ERRORS["401"], "429": _TOKEN_ERRORS["429"]}
+    tokens = "/webhooks/{integrationId}/conversations/{conversationId}/tokens"
+    return {
+        tokens: {
+            "post": {
+                "summary": "A token a browser may hold, for one user of one conversation",
+                "operationId": "createConversationToken",
+                "security": [{"bearer": []}],
+                "parameters": [integration, conversation],
+                "requestBody": {
+                    "required": True,
+                    "content": _json(schema_ref("ConversationTokenRequest")),
+                },
+                "responses": _responses({"201": created}, _TOKEN_ERRORS),
+            },
+            "delete": {
+                "summary": "Revoke every token of the conversation",
+                "operationId": "revokeConversationTokens",
+                "security": [{"bearer": []}],
+                "parameters": [integration, conversation],
+                "responses": _responses(revoked, {**unauthorized, "404": "Unknown integration."}),
+            },
+        },
+        f"{tokens}/{{tokenId}}": {
+            "delete": {
+                "summary": "Revoke one token of the conversation",
+                "operationId": "revokeConversationToken",
+                "security": [{"bearer": []}],
+                "parameters": [integration, conversation, token_id],
+                "responses": _responses(
+                    revoked,
+                    {
+                        **unauthorized,
+                        "404": "Unknown integration, or no such live token of this conversation.",
+                    },
+                ),
             }
         },
     }
@@ -648,6 +716,14 @@ def _admin_routes() -> dict[str, Any]:
                 "adminQueues", "Every relay queue", ("200", "Page_QueueView_"), errors=("401",)
             )
         },
+        f"{base}/queues/paced": {
+            "get": operation(
+                "adminPacedIntegrations",
+                "The paced integrations (deliveryRate set) and how many responses of each wait",
+                ("200", "Page_PacedView_"),
+                errors=("401",),
+            )
+        },
     }
 
 
@@ -722,6 +798,70 @@ def _admin_recovery_routes() -> dict[str, Any]:
     }
 
 
+_SIGNATURE_HEADERS = [
+    {
+        "name": name,
+        "in": "header",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+    for name, description in (
+        ("webhook-id", "The same on every attempt of one response or event: deduplicate on it."),
+        ("webhook-timestamp", "Unix seconds when this attempt was signed."),
+        (
+            "webhook-signature",
+            "`v1,<base64 HMAC-SHA256>` with the integration's signing secret"
+            " (two during a rotation's grace period), per Standard Webhooks.",
+        ),
+    )
+]
+
+
+def _webhook(operation_id: str, summary: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": _SIGNATURE_HEADERS,
+            "requestBody": {"required": True, "content": _json(schema)},
+            "responses": {
+                "200": {
+                    "description": "Taken: any 2xx. Another status is retried (a 410"
+                    " disables the integration)."
+                }
+            },
+        }
+    }
+
+
+def _webhooks() -> dict[str, Any]:
+    """What Relay POSTs to a back end: each response to its `responseUrl`, and operations
+    events to its `operationsUrl`, signed alike."""
+    events = [
+        schema_ref(name)
+        for name in (
+            "ResponseDeadEvent",
+            "CircuitOpenedEvent",
+            "CircuitClosedEvent",
+            "IntegrationDisabledEvent",
+        )
+    ]
+    return {
+        "response": _webhook(
+            "responseWebhook",
+            "A bot response, to the integration's responseUrl",
+            schema_ref("WebhookResponse"),
+        ),
+        "operationsEvent": _webhook(
+            "operationsEventWebhook",
+            "An operations event (a response given up on, a circuit opened or closed, the"
+            " integration disabled), to the integration's operationsUrl",
+            {"oneOf": events},
+        ),
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the ingress."""
@@ -731,12 +871,14 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/webhooks/{integrationId}": {"post": _post_message()},
             **_conversation_routes(),
+            **_token_routes(),
             "/bot/conversations/{conversationId}/messages": {"post": _push_message()},
             **_connector_routes(),
             **_service_routes(),
             **_admin_routes(),
             **_admin_recovery_routes(),
         },
+        "webhooks": _webhooks(),
         "components": {
             "schemas": _schemas(),
             "securitySchemes": {

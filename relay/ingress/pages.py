@@ -2,9 +2,11 @@
 build step, nothing from elsewhere; neither holds a secret):
 
 - `GET /chat`: a local page to talk to the bot through the conversation API (served when
-  `RELAY_CHAT_PAGE=true`, which `make run` sets). The user types the integration token into
-  its sign-in form; the page keeps it in the tab's session storage only, never in its
-  address or history (`#integration=ID` may name the integration, which is no secret).
+  `RELAY_CHAT_PAGE=true`, which `make run` sets), with a conversation token
+  (`relay.ingress.conversation_tokens`), never an integration token. It is opened at
+  `/chat#integration=ID&conversation=C&user=U&token=T` (`make run` mints the token and
+  prints that address); the fragment is sent to no server, and the page moves the token into
+  the tab's session storage and drops it from the address and its history at once.
 - `GET /console`: the operator page over the admin API, always served. The operator types
   an admin token, which the page keeps in the tab's session storage and sends as a bearer
   token to `/admin/v1` only.

@@ -21,7 +21,7 @@ from relay.errors import InvalidBody, Unauthorized, invalid_fields
 from relay.ingress.body import parse_json_object
 from relay.ingress.clients import UnknownTarget
 from relay.ingress.handlers import plausible_id, request_token
-from relay.ingress.ratelimit import RateLimiter
+from relay.ingress.ratelimit import IntegrationLimit
 from relay.payloads import InvalidPayload, validate_outgoing
 from relay.pipeline.replies import ReplyPublisher
 from relay.store import ConversationRecord, Conversations
@@ -85,7 +85,7 @@ class PushHandler:
         self,
         store: Conversations,
         directory: Directory,
-        limiter: RateLimiter,
+        limiter: IntegrationLimit,
         replies: ReplyPublisher,
     ) -> None:
         self._store = store
@@ -96,7 +96,7 @@ class PushHandler:
     async def post_message(self, request: web.Request) -> web.Response:
         """Store and queue one bot message; 201 with it (the same one for a repeated key)."""
         conversation = await self.authenticate(request)
-        self._limiter.enforce(f"bot:{conversation.integration_id}")
+        await self._limiter.enforce(f"bot:{conversation.integration_id}")
         reply = validate_reply(parse_json_object(await request.read()))
         key = idempotency_key(request)
         record, created = await self._replies.push(conversation, reply.type, reply.payload, key)

@@ -1,4 +1,11 @@
-"""Token buckets per key, in the memory of one ingress process."""
+"""Token buckets: an integration's rate limit, held across every ingress through the store
+(`IntegrationLimit`), and a client address's budget, in one process's memory (`RateLimiter`).
+
+The store holds the shared count, not the broker: every ingress already writes each accepted
+message to the store (no new dependency, the same on a plain broker, SQLite and PostgreSQL),
+and `relay.rates` takes tokens in leases, so the count costs one store write per lease, not
+one per request.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from dataclasses import dataclass
 
 from relay.errors import RateLimited
 from relay.lru import Lru
+from relay.rates import SharedRates
 
 # Buckets one limiter keeps, least recently used first out: a flood of new keys (client
 # addresses, say) costs a bounded memory; a bucket pushed out starts full again.
@@ -24,8 +32,10 @@ class _Bucket:
 class RateLimiter:
     """Allows `rate` requests per second with bursts of `burst`; rate 0 disables it.
 
-    The limit holds per ingress process: with K ingress replicas an integration may send
-    up to K times the rate (documented in docs/operating/security.md, Fair limits).
+    In this process's memory: the budget of failed authentications per client address
+    (`relay.ingress.clients`), which guards the ingress a client is connected to and is
+    checked before anything is looked up, so a flood of bad tokens never reaches the store.
+    With K ingress replicas a client may fail up to K times as often.
     """
 
     def __init__(
@@ -61,14 +71,6 @@ class RateLimiter:
         """Seconds until `bucket`, short of a whole token, has one."""
         return (1 - bucket.tokens) / self._rate
 
-    def enforce(self, key: str) -> None:
-        """Take one token for `key`, or raise a 429 saying when to retry."""
-        wait = self.check(key)
-        if wait:
-            raise RateLimited(
-                "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
-            )
-
     def _refilled(self, key: str) -> _Bucket:
         now = self._clock()
         bucket = self._buckets.get(key)
@@ -78,6 +80,33 @@ class RateLimiter:
         bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._rate)
         bucket.stamp = now
         return bucket
+
+
+class IntegrationLimit:
+    """An integration's requests: `rate` per second with bursts of `burst`, counted across
+    every ingress on the store (rate 0: no limit). Each key (the integration's messages, its
+    bot's pushes, its reads) is a bucket of its own.
+
+    The count is in the store: when the store cannot be reached, a request that needs a new
+    lease fails (`StoreUnavailable`: 503, `Retry-After: 1`), as the store write it was about
+    to make would have.
+    """
+
+    def __init__(self, rates: SharedRates, rate: float, burst: int) -> None:
+        self._rates = rates
+        self._rate = rate
+        self._burst = burst
+
+    async def enforce(self, key: str) -> None:
+        """Take one token for `key`, or raise a 429 saying when to retry."""
+        if self._rate <= 0:
+            return
+        # Named apart from the other users of the store's buckets (the delivery pace).
+        wait = await self._rates.take(f"ingress:{key}", self._rate, self._burst)
+        if wait:
+            raise RateLimited(
+                "over the integration's rate limit", headers={"Retry-After": retry_after(wait)}
+            )
 
 
 def retry_after(seconds: float) -> str:

@@ -63,22 +63,10 @@ class Keeper:
         await cancel_and_wait(task)
 
     async def _keep_forever(self) -> None:
-        await self._broker.wait_connected()
-        connection = self._broker.connection
-        if connection is None or connection.is_closed:
-            raise ConnectionError("not connected to the broker")
-        channel = await connection.channel()
-        try:
-            await channel.set_qos(prefetch_count=PREFETCH)
-            queue = await channel.declare_queue(
-                self._broker.topology.dead_queue(self._stage), passive=True
-            )
-            async with queue.iterator() as messages:
-                async for message in messages:
-                    await self._keep(message)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        queue = self._broker.topology.dead_queue(self._stage)
+        async with self._broker.consuming(queue, PREFETCH) as messages:
+            async for message in messages:
+                await self._keep(message)
 
     async def _keep(self, message: AbstractIncomingMessage) -> None:
         letter = read(self._stage, message, time.time())

@@ -17,7 +17,9 @@ from relay.store.records import (
     AttemptQuery,
     AttemptRecord,
     BotChoice,
+    ConversationGrant,
     ConversationRecord,
+    ConversationTokenRecord,
     DeadLetter,
     DeadLetterFilter,
     DeadPosition,
@@ -267,7 +269,7 @@ class ParkingQueries(Protocol):
 
     async def undelivered(self, conversation_id: str, since: datetime) -> list[Unfinished]:
         """The conversation's responses created since `since` that no attempt has finished
-        with and that were not dead-lettered, by sequence."""
+        with and that were not dead-lettered or expired, by sequence."""
 
     async def mark_retrying(self, message_id: str, retry_at: datetime) -> None:
         """An incoming message's failed turn is tried again at `retry_at`."""
@@ -275,6 +277,16 @@ class ParkingQueries(Protocol):
     async def mark_dead(self, message_id: str, dead_at: datetime) -> None:
         """A message (incoming, or a response) was dead-lettered: nothing more is to come
         for it, and nothing waits behind it."""
+
+    async def mark_expired(self, message_id: str, expired_at: datetime) -> None:
+        """A response was dropped undelivered past its type's time to live (state `expired`):
+        nothing more is to come for it, and nothing waits behind it."""
+
+    async def waiting_responses(
+        self, integration_ids: list[str], since: datetime
+    ) -> dict[str, int]:
+        """How many responses of each integration created since `since` no attempt has
+        finished with (not delivered, dead-lettered or expired yet)."""
 
 
 class Attempts(Protocol):
@@ -291,6 +303,10 @@ class Attempts(Protocol):
 
     async def set_disabled(self, integration_id: str, disabled_at: datetime | None) -> bool:
         """Disable the integration's endpoint (410 Gone), or enable it again with None."""
+
+    async def disable(self, integration_id: str, disabled_at: datetime) -> bool:
+        """Disable the integration's endpoint unless it is disabled already: True only for
+        the call that disabled it (whoever tells of it, tells once)."""
 
 
 class Generations(Protocol):
@@ -400,6 +416,24 @@ class RateBuckets(Protocol):
         to `burst` since its last take, by the Unix time `now`; new buckets start full)."""
 
 
+class ConversationTokens(Protocol):
+    """Conversation tokens a browser holds (`relay.ingress.conversation_tokens`), by hash."""
+
+    async def create_conversation_token(
+        self, grant: ConversationGrant, token_hash: str, prefix: str
+    ) -> ConversationTokenRecord:
+        """Record a token of `grant` by its hash."""
+
+    async def find_conversation_token(self, token_hash: str) -> ConversationTokenRecord | None:
+        """The token with this hash, revoked or expired too (None: no such token)."""
+
+    async def revoke_conversation_tokens(
+        self, integration_id: str, conversation_id: str, token_id: str | None = None
+    ) -> int:
+        """Revoke the tokens of the integration's conversation (the caller's id) not revoked
+        yet: every one, or only the one with the id `token_id`; how many."""
+
+
 class Store(
     StoreHandle,
     Integrations,
@@ -415,6 +449,7 @@ class Store(
     Retention,
     DeadLetterStore,
     RateBuckets,
+    ConversationTokens,
     Protocol,
 ):
     """Persistent state of the relay, every role at once. Implemented for SQLite and PostgreSQL."""

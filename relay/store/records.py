@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from relay.broker.topology import StageName
 from relay.store.secrets import SecretUnreadable
 from relay.wire import MessageBundle
+from relay.wire.tokens import ConversationScope
 
 TokenKind = Literal["integration", "bot"]
 # An integration's token kinds, and the operator's (of no integration).
@@ -299,6 +300,7 @@ class HistoryRow(BaseModel):
     attempts: int  # delivery attempts (responses)
     delivered: bool  # an attempt was answered 2xx
     dead: bool  # dead-lettered
+    expired: bool = False  # dropped undelivered past its type's time to live
 
 
 @dataclass(frozen=True)
@@ -370,9 +372,19 @@ class FoundAttempt(AttemptRecord):
 
 
 # What retention deletes, in the order it goes: responses before the messages they answer,
-# attempts once their response is gone, users and conversations once no message names them.
-PruneKind = Literal["responses", "messages", "attempts", "conversations", "users"]
-PRUNE_KINDS: tuple[PruneKind, ...] = ("responses", "messages", "attempts", "conversations", "users")
+# attempts once their response is gone, users and conversations once no message names them;
+# conversation tokens expired or revoked before the cutoff.
+PruneKind = Literal[
+    "responses", "messages", "attempts", "conversations", "users", "conversation_tokens"
+]
+PRUNE_KINDS: tuple[PruneKind, ...] = (
+    "responses",
+    "messages",
+    "attempts",
+    "conversations",
+    "users",
+    "conversation_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -439,3 +451,31 @@ class DeadLetterFilter:
             and (self.conversation_id is None or letter.conversation_id == self.conversation_id)
             and (self.ids is None or letter.id in self.ids)
         )
+
+
+@dataclass(frozen=True)
+class ConversationGrant:
+    """What a conversation token lets its holder do: read one conversation of one
+    integration (the caller's ids) and, with `converse`, post `user_id`'s messages to it,
+    until `expires_at`."""
+
+    integration_id: str
+    conversation_id: str
+    user_id: str
+    scope: ConversationScope
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ConversationTokenRecord:
+    """A conversation token's metadata; the token itself is never stored, only its hash."""
+
+    id: str
+    grant: ConversationGrant
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def live(self, now: datetime) -> bool:
+        """Neither revoked nor expired at `now`."""
+        return self.revoked_at is None and now < self.grant.expires_at

@@ -285,7 +285,8 @@ class WaitedAnswer(MessageBundle):
 class ItemDelivery(BaseModel):
     """How far a response's delivery got."""
 
-    state: Literal["pending", "delivered", "failed", "dead"]
+    # expired: dropped undelivered past its type's time to live (`expiringTypes`).
+    state: Literal["pending", "delivered", "failed", "dead", "expired"]
     attempts: int
 
 
@@ -314,10 +315,3 @@ class HistoryAnswer(BaseModel):
 
     messages: list[ConversationItem]
     watermark: str
-
-
-class ReadTokenAnswer(BaseModel):
-    """The answer of `POST .../conversations/{conversationId}/tokens`."""
-
-    token: str
-    expiresAt: Timestamp

@@ -17,13 +17,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 
+from relay.payloads import TYPE_NAME_PATTERN
 from relay.wire import ConversationItem, Timestamp
+from relay.wire.contract import whole
 
 T = TypeVar("T")
 URL_PATTERN = r"^https?://[^/?#\s]+"  # what deliveries can use; the check does the rest
+# `echo`, `http`, `botframework`, a `relay.bots` entry point's name, or `module:function`.
+BOT_ADAPTER_PATTERN = r"^[A-Za-z_][\w.-]*(:[A-Za-z_]\w*)?$"
+MAX_DELIVERY_RATE = 10_000.0  # responses per second: beyond any one endpoint
+MAX_EXPIRY_SECONDS = 7 * 86400  # a response older than a week is dropped by its age anyway
+MAX_EXPIRING_TYPES = 100
 
 
 class Page(BaseModel, Generic[T]):
@@ -33,9 +41,17 @@ class Page(BaseModel, Generic[T]):
     nextCursor: str | None
 
 
+class BotView(BaseModel):
+    """The bot an integration names, as shown: never its credentials, only which are set."""
+
+    adapter: str
+    url: str | None
+    credentials: list[Literal["secret", "appId", "appPassword"]]
+
+
 class IntegrationView(BaseModel):
     """An integration as the admin API lists and shows it: never its signing secret, which
-    only its creation and a rotation answer."""
+    only its creation and a rotation answer, nor its bot's credentials."""
 
     id: str
     name: str
@@ -44,6 +60,11 @@ class IntegrationView(BaseModel):
     enabled: bool
     createdAt: Timestamp
     disabledAt: Timestamp | None
+    bot: BotView | None  # null: the deployment's RELAY_BOT
+    operationsUrl: str | None
+    deliveryRate: float | None  # null: unpaced
+    deliveryBurst: int | None
+    expiringTypes: dict[str, float]
 
 
 class IntegrationCreated(IntegrationView):
@@ -52,28 +73,80 @@ class IntegrationCreated(IntegrationView):
     signingSecret: str
 
 
-class IntegrationCreate(BaseModel):
-    """`POST /integrations`: the response endpoint is checked with a signed test event
-    first, unless `verify` is false."""
+class BotSpec(BaseModel):
+    """An integration's bot as written: the adapter, its URL (`http`, `botframework`) and
+    its credentials, which are never answered (`secret`: sent to an `http` bot as its
+    bearer token; `appId`, `appPassword`: a Bot Framework bot's app registration)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter: str = Field(min_length=1, max_length=200, pattern=BOT_ADAPTER_PATTERN)
+    url: str | None = Field(default=None, min_length=1, max_length=2048, pattern=URL_PATTERN)
+    secret: str | None = Field(default=None, min_length=1, max_length=1000, repr=False)
+    appId: str | None = Field(default=None, min_length=1, max_length=200, repr=False)
+    appPassword: str | None = Field(default=None, min_length=1, max_length=1000, repr=False)
+
+
+# The schema pydantic would give (`patternProperties`) admits keys that match no pattern;
+# this one says what the model checks: every key a type name, every value its seconds.
+ExpiringTypes = Annotated[
+    dict[
+        Annotated[str, Field(pattern=TYPE_NAME_PATTERN)],
+        Annotated[float, Field(gt=0, le=MAX_EXPIRY_SECONDS)],
+    ],
+    Field(max_length=MAX_EXPIRING_TYPES),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": TYPE_NAME_PATTERN},
+            "additionalProperties": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": MAX_EXPIRY_SECONDS,
+            },
+            "maxProperties": MAX_EXPIRING_TYPES,
+        }
+    ),
+]
+
+
+class DeliveryFields(BaseModel):
+    """How responses are delivered, beyond where (in a create: absent is the default; in a
+    patch: absent is unchanged, null is the default)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    operationsUrl: str | None = Field(
+        default=None, min_length=1, max_length=2048, pattern=URL_PATTERN
+    )
+    deliveryRate: float | None = Field(default=None, gt=0, le=MAX_DELIVERY_RATE)
+    deliveryBurst: (
+        Annotated[int, Field(ge=1, le=int(MAX_DELIVERY_RATE)), BeforeValidator(whole)] | None
+    ) = None
+    expiringTypes: ExpiringTypes | None = None
+
+
+class IntegrationCreate(DeliveryFields):
+    """`POST /integrations`: the response endpoint is checked with a signed test event
+    first, unless `verify` is false. No `bot`: the deployment's RELAY_BOT."""
 
     name: str = Field(min_length=1, max_length=200)
     responseUrl: str = Field(min_length=1, max_length=2048, pattern=URL_PATTERN)
     verify: bool = True
+    bot: BotSpec | None = None
 
 
-class IntegrationPatch(BaseModel):
-    """`PATCH /integrations/{id}`: a new response URL (checked again) and/or enabled."""
+class IntegrationPatch(DeliveryFields):
+    """`PATCH /integrations/{id}`: a new response URL (checked again), enabled, a bot (null:
+    back to RELAY_BOT; the credentials a bot of the same adapter had are kept unless
+    given), delivery options. Absent: unchanged (an empty patch changes nothing)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    # Absent or null: unchanged (an empty patch changes nothing).
     responseUrl: str | None = Field(
         default=None, min_length=1, max_length=2048, pattern=URL_PATTERN
     )
     enabled: bool | None = None
     verify: bool = True
+    bot: BotSpec | None = None
 
 
 # How long a rotated-out signing secret still signs (as well as the new one), by default
@@ -242,3 +315,15 @@ class Timeline(BaseModel):
     messages: list[ConversationItem]
     attempts: list[AttemptView]
     watermark: str
+
+
+class PacedView(BaseModel):
+    """A paced integration (`deliveryRate` set), as `GET /queues/paced` and `relay queues`
+    show it: its pace, and how many of its responses wait (no attempt has finished with
+    them: waiting for their turn, their endpoint, or a retry)."""
+
+    integrationId: str
+    name: str
+    deliveryRate: float
+    deliveryBurst: int  # as given, else one second's worth
+    waiting: int

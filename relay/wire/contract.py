@@ -42,6 +42,14 @@ def storable_text(value: str) -> str:
     return value
 
 
+def whole(value: Any) -> Any:
+    """A float that is a whole number as the int it is (for a strict int field's
+    `BeforeValidator`): JSON Schema calls 600.0 an integer, so a client following
+    /openapi.json may send one; any other float (600.5) or type stays for the strict check
+    to refuse."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def problem(field: str, message: str) -> Problem:
     """One entry of an error's `details`."""
     return {"field": field, "message": message}

@@ -10,18 +10,26 @@ from relay.settings import Settings
 from relay.store import Store
 from relay.wire import InboundEnvelope
 from workers.bot.adapters import load_adapter
-from workers.bot.worker import bot_worker
+from workers.bot.bots import Bots
+from workers.bot.worker import BotTurns
 
 
 def bot_worker_context(settings: Settings) -> Context:
     """A cleanup context that runs a bot worker for as long as the application runs."""
 
     def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[MakeWorker, Closer]:
-        adapter = load_adapter(settings)
+        bots = Bots(settings, store, load_adapter(settings))
 
         def make(topology: Topology) -> StageWorker[InboundEnvelope]:
-            return bot_worker(settings, store, broker, adapter, metrics, topology)
+            return StageWorker(
+                BotTurns(settings, store, broker, bots, metrics),
+                broker,
+                metrics,
+                settings.bot_concurrency,
+                settings,
+                topology,
+            )
 
-        return make, adapter.close
+        return make, bots.close
 
     return worker_context(settings, "bot", build)

@@ -39,6 +39,7 @@ from relay.settings import Settings
 from relay.store import (
     ConversationRecord,
     Conversations,
+    IntegrationLookup,
     Outgoing,
     ParkingQueries,
     StoreError,
@@ -50,6 +51,7 @@ from relay.store.batching import GroupCall
 from relay.tracing import ids, note
 from relay.wire import FIRST_COPY_HEADER, InboundEnvelope, utcnow
 from workers.bot.adapters.base import BotAdapter, BotContext, BotFailure
+from workers.bot.bots import Bots
 
 log = structlog.get_logger(__name__)
 
@@ -59,9 +61,9 @@ PARKING_LOOKBACK = timedelta(days=1)
 MAX_CACHED_SECRETS = 10_000
 
 
-class BotStore(Turns, ParkingQueries, Conversations, Outgoing, Protocol):
+class BotStore(Turns, ParkingQueries, Conversations, Outgoing, IntegrationLookup, Protocol):
     """The store as the bot worker uses it: turns, the parking queries, the conversation's
-    bot secret, and the replies it publishes."""
+    bot secret, the replies it publishes, and the bot each integration names."""
 
 
 def bot_worker(
@@ -73,8 +75,9 @@ def bot_worker(
     topology: Topology | None = None,
 ) -> StageWorker[InboundEnvelope]:
     """The stage worker that consumes every inbound partition (of `topology`, by default
-    the broker's) with the bot's turns; one per partition count per process."""
-    turns = BotTurns(settings, store, broker, adapter, metrics)
+    the broker's) with the bots' turns; one per partition count per process. `adapter`: the
+    bot of the integrations that name none (RELAY_BOT's); the others' are made as met."""
+    turns = BotTurns(settings, store, broker, Bots(settings, store, adapter), metrics)
     return StageWorker(turns, broker, metrics, settings.bot_concurrency, settings, topology)
 
 
@@ -90,14 +93,14 @@ class BotTurns:
         settings: Settings,
         store: BotStore,
         broker: Broker,
-        adapter: BotAdapter,
+        bots: Bots,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._broker = broker
         self._store = store
-        self._adapter = adapter
+        self._bots = bots
         self._replies = ReplyPublisher(store, broker, metrics)
         # The turns of the lanes that finish together are stored together: one commit.
         self._recorded = GroupCall(store.record_turns, "record-turns")
@@ -157,10 +160,10 @@ class BotTurns:
         if state == "missing":
             return Verdict(Outcome.DROP, reason="never accepted")
         if state in ("pending", "queued"):
-            try:
-                replies = await self._run_turn(envelope, conversation)
-            except BotFailure as failure:
-                return await self._failed(conversation, message_id, failure, attempt)
+            turn = await self._turn(envelope, conversation, attempt)
+            if isinstance(turn, Verdict):
+                return turn
+            replies = turn
         else:
             replies = []  # handled before: the stored replies are all there is
         try:
@@ -182,6 +185,32 @@ class BotTurns:
         await self._replies.publish(records, envelope.acceptedAt)
         return Verdict(Outcome.DONE)
 
+    async def _turn(
+        self, envelope: InboundEnvelope, conversation: ConversationRecord, attempt: int
+    ) -> list[tuple[str, dict[str, object]]] | Verdict:
+        """The turn's replies, behind its integration's gate; or what becomes of the message
+        if the bot did not answer (retried, dead) or its gate is shut (a wait)."""
+        integration_id = envelope.integrationId
+        message_id = envelope.bundle.message.id
+        try:
+            adapter = await self._bots.of(integration_id)
+        except BotFailure as failure:
+            return await self._failed(conversation, message_id, failure, attempt)
+        wait = await self._bots.gates.take(integration_id)
+        if wait is not None:
+            return self._wait(wait, f"the bot of integration {integration_id} is busy or down")
+        answered = False
+        try:
+            replies = await self._run_turn(adapter, envelope, conversation)
+            answered = True
+            return replies
+        except BotFailure as failure:
+            # A bot that refused the message (permanent) answered: it is not down.
+            answered = failure.permanent
+            return await self._failed(conversation, message_id, failure, attempt)
+        finally:
+            await self._bots.gates.give_back(integration_id, answered)
+
     async def _failed(
         self, conversation: ConversationRecord, message_id: str, failure: BotFailure, attempt: int
     ) -> Verdict:
@@ -197,14 +226,20 @@ class BotTurns:
         await self._store.mark_retrying(message_id, utcnow() + timedelta(seconds=delay))
         return Verdict(Outcome.RETRY, delay=delay, reason=str(failure))
 
+    def _wait(self, seconds: float, reason: str) -> Verdict:
+        """Wait in the broker (the shortest delay queue that covers `seconds`, or the
+        longest), holding the conversation's order, counting no attempt."""
+        delay = next((d for d in self._delays if d >= seconds), self._delays[-1])
+        return Verdict(Outcome.WAIT, delay=delay, reason=reason, holds_order=True)
+
     async def _run_turn(
-        self, envelope: InboundEnvelope, conversation: ConversationRecord
+        self, adapter: BotAdapter, envelope: InboundEnvelope, conversation: ConversationRecord
     ) -> list[tuple[str, dict[str, object]]]:
         context = await self._context(envelope, conversation)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.bot_timeout):
-                await self._adapter.handle(envelope, context)
+                await adapter.handle(envelope, context)
         except TimeoutError as error:
             raise BotFailure(f"the bot took longer than {self._settings.bot_timeout}s") from error
         except BotFailure:

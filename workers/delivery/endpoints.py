@@ -1,14 +1,14 @@
 """The endpoints a delivery worker sends to, as slots: a delivery takes its endpoint's slot
-before the POST and gives it back with the outcome (`workers.delivery.breaker` keeps the
-circuits and the caps; here the waiting for a busy endpoint, and the breaker metric)."""
+before the POST and gives it back with the outcome (`relay.pipeline.breaker` keeps the
+circuits and the caps and waits for a busy endpoint; here the breaker metric, and the
+news of a circuit opened or closed, for the back ends' operations URLs)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from relay.metrics import Metrics
-from workers.delivery.breaker import Breakers, State
+from relay.pipeline.breaker import Breakers, Slots, State
+from relay.store import IntegrationRecord
+from workers.delivery.telling import CircuitNews
 
 BUSY_WAIT = 5.0  # seconds a response waits in its lane for a busy endpoint's slot
 
@@ -18,31 +18,25 @@ _STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 class Endpoints:
     """In-flight slots per endpoint, behind each endpoint's circuit breaker."""
 
-    def __init__(self, breakers: Breakers, metrics: Metrics) -> None:
-        self._breakers = breakers
+    def __init__(self, breakers: Breakers, metrics: Metrics, news: CircuitNews) -> None:
+        self._slots = Slots(breakers, BUSY_WAIT)
         self._metrics = metrics
-        self._slot_freed = asyncio.Condition()
+        self._news = news
 
-    async def take(self, endpoint: str) -> float | None:
-        """An in-flight slot of the endpoint: None once taken, else the seconds to wait in the
-        broker. A busy endpoint is waited for here, briefly: slots free up within
-        milliseconds under load, and a round trip through a delay queue per response would
-        cost the broker more than the delivery itself."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BUSY_WAIT
-        async with self._slot_freed:
-            while True:
-                wait = self._breakers.acquire(endpoint)
-                left = deadline - loop.time()
-                if wait is None or self._breakers.state(endpoint) is not State.CLOSED or left <= 0:
-                    return wait
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), left)
+    async def take(self, endpoint: str, integration: IntegrationRecord) -> float | None:
+        """An in-flight slot of the endpoint for a delivery of `integration`: None once
+        taken, else the seconds to wait in the broker (a busy endpoint is waited for here,
+        briefly; an open circuit holding the delivery is told)."""
+        wait = await self._slots.take(endpoint)
+        if wait is not None and self._slots.state(endpoint) is not State.CLOSED:
+            self._news.held(endpoint, integration)
+        return wait
 
-    async def give_back(self, endpoint: str, success: bool) -> None:
-        """Return the endpoint's slot with the attempt's outcome (its circuit learns it)."""
-        self._breakers.release(endpoint, success=success)
-        async with self._slot_freed:
-            self._slot_freed.notify_all()
-        value = _STATE_VALUE[self._breakers.state(endpoint).value]
+    async def give_back(self, endpoint: str, integration: IntegrationRecord, success: bool) -> None:
+        """Return the endpoint's slot with the outcome of a delivery of `integration` (its
+        circuit learns it, and a circuit it opened or closed is told)."""
+        change = await self._slots.give_back(endpoint, success)
+        if change is not None:
+            self._news.changed(endpoint, integration, change)
+        value = _STATE_VALUE[self._slots.state(endpoint).value]
         self._metrics.breaker_state.labels(endpoint).set(value)

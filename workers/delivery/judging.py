@@ -2,7 +2,8 @@
 the endpoint; another 4xx (but 408, 409, 425, 429) dead-letters; anything else retries on
 the schedule, with jitter, `Retry-After` (clamped) and an overload penalty, until attempts
 or age run out. Waits are spent in the outbound delay queues, the time they end carried in
-a header (`wait_for`)."""
+a header (`wait_for`). A response given up on, and an integration disabled, are told to the
+back end's operations URL (`workers.delivery.telling`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from relay.store import Attempts, IntegrationRecord
 from relay.wire import ATTEMPTS_HEADER, DUE_HEADER, LAST_STATUS_HEADER, OutboundEnvelope, utcnow
 from workers.delivery.backoff import next_delay, parse_retry_after
 from workers.delivery.sender import Sent
+from workers.delivery.telling import Teller
 
 log = structlog.get_logger(__name__)
 
@@ -36,16 +38,34 @@ def wait_for(seconds: float, reason: str, queues: Sequence[float]) -> Verdict:
     return Verdict(Outcome.WAIT, delay=delay, reason=reason, holds_order=True, headers=headers)
 
 
+def retry_delay(settings: Settings, following: int, sent: Sent) -> float:
+    """Seconds before attempt `following` after a send that got `sent`: the schedule's, or
+    the endpoint's `Retry-After`, and at least the overload penalty after a timeout or a 429
+    (the endpoint is struggling)."""
+    return next_delay(
+        settings.delivery_retry_schedule[following],
+        parse_retry_after(sent.retry_after, utcnow()),
+        overloaded=sent.timed_out or sent.status == 429,
+        penalty=settings.delivery_overload_penalty,
+    )
+
+
 class Judge:
     """Turns an attempt's answer into a verdict, and counts it."""
 
     def __init__(
-        self, settings: Settings, store: Attempts, metrics: Metrics, queues: Sequence[float]
+        self,
+        settings: Settings,
+        store: Attempts,
+        metrics: Metrics,
+        queues: Sequence[float],
+        teller: Teller,
     ) -> None:
         self._settings = settings
         self._store = store
         self._metrics = metrics
         self._queues = queues  # the delay queues' seconds, in order
+        self._teller = teller
 
     async def judge(
         self, envelope: OutboundEnvelope, integration: IntegrationRecord, sent: Sent
@@ -60,12 +80,26 @@ class Judge:
             ATTEMPTS_HEADER: envelope.attempt + 1,
         }
         if sent.status == 410:
-            await self._store.set_disabled(integration.id, utcnow())
-            log.warning("endpoint_disabled", integration_id=integration.id)
+            now = utcnow()
+            if await self._store.disable(integration.id, now):
+                log.warning("endpoint_disabled", integration_id=integration.id)
+                await self._teller.disabled(integration, now)
             return Verdict(Outcome.DEAD, reason="410 Gone: endpoint disabled", headers=headers)
         if sent.refused or permanent(sent.status):
             return Verdict(Outcome.DEAD, reason=reason, headers=headers)
         return self._retry_or_dead(envelope, sent, reason, headers)
+
+    async def tell(
+        self,
+        envelope: OutboundEnvelope,
+        verdict: Verdict,
+        integration: IntegrationRecord | None = None,
+    ) -> Verdict:
+        """The verdict on `envelope`, once a death (whatever decided it) is told to the
+        integration's operations URL (queued, with the broker's confirm, before the verdict
+        is settled)."""
+        await self._teller.dead(envelope, verdict, integration)
+        return verdict
 
     def _retry_or_dead(
         self,
@@ -83,12 +117,7 @@ class Judge:
                 reason=f"gave up after {following} attempts: {reason}",
                 headers=headers,
             )
-        seconds = next_delay(
-            schedule[following],
-            parse_retry_after(sent.retry_after, utcnow()),
-            overloaded=sent.timed_out or sent.status == 429,
-            penalty=self._settings.delivery_overload_penalty,
-        )
+        seconds = retry_delay(self._settings, following, sent)
         body = envelope.model_copy(update={"attempt": following}).model_dump_json().encode()
         delay, due = due_in(seconds, self._queues)
         return Verdict(Outcome.RETRY, delay=delay, reason=reason, body=body, headers=due)

@@ -1,4 +1,5 @@
-"""The delivery worker as a service."""
+"""The delivery worker as a service: the stage worker, and beside it the operations
+dispatcher (`workers.delivery.operations`) with an HTTP pool of its own."""
 
 from __future__ import annotations
 
@@ -9,24 +10,37 @@ from relay.service.lifecycle import Closer, Context, MakeWorker, worker_context
 from relay.settings import Settings
 from relay.store import Store
 from relay.wire import OutboundEnvelope
+from workers.delivery.operations import OperationsDispatcher
 from workers.delivery.sender import Sender
 from workers.delivery.worker import delivery_worker
+
+
+def sender_of(settings: Settings) -> Sender:
+    """A guarded, pooled sender with the settings' timeouts."""
+    return Sender(
+        settings.allowed_endpoint_networks,
+        settings.https_only,
+        settings.delivery_connect_timeout,
+        settings.delivery_timeout,
+    )
 
 
 def delivery_worker_context(settings: Settings) -> Context:
     """A cleanup context that runs a delivery worker for as long as the application runs."""
 
     def build(store: Store, broker: Broker, metrics: Metrics) -> tuple[MakeWorker, Closer]:
-        sender = Sender(
-            settings.allowed_endpoint_networks,
-            settings.https_only,
-            settings.delivery_connect_timeout,
-            settings.delivery_timeout,
-        )
+        sender, operations_sender = sender_of(settings), sender_of(settings)
+        dispatcher = OperationsDispatcher(settings, store, broker, operations_sender, metrics)
+        dispatcher.start()
 
         def make(topology: Topology) -> StageWorker[OutboundEnvelope]:
             return delivery_worker(settings, store, broker, sender, metrics, topology)
 
-        return make, sender.close
+        async def close() -> None:
+            await dispatcher.stop()
+            await operations_sender.close()
+            await sender.close()
+
+        return make, close
 
     return worker_context(settings, "delivery", build)

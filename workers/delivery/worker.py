@@ -3,11 +3,15 @@
 `Deliveries` is the outbound stage's handler (`relay.pipeline.handler.StageHandler`);
 `delivery_worker` gives it to a `StageWorker`, which consumes the outbound partitions in
 order. Its parts: `Endpoints` (an endpoint's in-flight slots and circuit breaker), `Judge`
-(an attempt's answer into a verdict, `workers.delivery.judging`) and `AttemptLog`.
+(an attempt's answer into a verdict, `workers.delivery.judging`), `AttemptLog`, `Pace`
+(each integration's rate) and `Expiry` (the types that expire).
 
-Per response: wait if it is not due yet (its retry time, carried in a header), or if its
-endpoint's circuit is open or its in-flight cap is reached; otherwise POST it signed, log
-the attempt, and let the `Judge` decide what its answer makes of it.
+Per response: drop it if it is past its type's time to live (`workers.delivery.expiry`);
+wait if it is not due yet (its retry time, carried in a header), if its integration's pace
+says its turn has not come (`workers.delivery.pace`), or if its endpoint's circuit is open
+or its in-flight cap is reached; otherwise POST it signed, let the `Judge` decide what its
+answer makes of it, and log the attempt. A wait that would end past the response's time to
+live drops it instead.
 
 Order per conversation: a response that waits holds its conversation (parking), so the
 later responses wait behind it in the delay queues and leave after it. The attempt log
@@ -29,16 +33,20 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.broker import Broker, StageName
+from relay.broker.operations import OperationsEvents
 from relay.broker.topology import Topology
 from relay.metrics import Metrics
+from relay.pipeline.breaker import Breakers, endpoint_of
 from relay.pipeline.settle import Outcome, Verdict
 from relay.pipeline.stage import StageWorker
+from relay.rates import SharedRates
 from relay.settings import Settings
 from relay.store import (
     Attempts,
     IntegrationLookup,
     IntegrationRecord,
     ParkingQueries,
+    RateBuckets,
     StoreError,
     Unfinished,
 )
@@ -47,19 +55,21 @@ from relay.tracing import ids, note
 from relay.views import delivery_id, response_id
 from relay.wire import DUE_HEADER, OutboundEnvelope, utcnow
 from workers.delivery.attempt_log import AttemptLog
-from workers.delivery.breaker import Breakers, endpoint_of
 from workers.delivery.endpoints import Endpoints
+from workers.delivery.expiry import Expiry
 from workers.delivery.judging import Judge, wait_for
+from workers.delivery.pace import Pace
 from workers.delivery.sender import Sender, Sent
+from workers.delivery.telling import CircuitNews, Teller
 
 log = structlog.get_logger(__name__)
 
 UNREADABLE_SECRET_WAIT = 60.0  # seconds a response waits for its signing secret's key
 
 
-class DeliveryStore(Attempts, ParkingQueries, IntegrationLookup, Protocol):
-    """The store as the delivery worker uses it: the attempt log, the parking queries, and
-    the integration of each response (through the directory)."""
+class DeliveryStore(Attempts, ParkingQueries, IntegrationLookup, RateBuckets, Protocol):
+    """The store as the delivery worker uses it: the attempt log, the parking queries, the
+    integration of each response (through the directory), and the paces' shared buckets."""
 
 
 def delivery_worker(
@@ -76,13 +86,16 @@ def delivery_worker(
         settings.breaker_threshold, settings.breaker_cooldown, settings.endpoint_concurrency
     )
     queues = sorted(settings.delivery_delay_queues)  # where waits are spent
+    events = OperationsEvents(broker)  # what the back ends' operations URLs are told
     deliveries = Deliveries(
         settings,
         store,
         sender,
-        Endpoints(breakers, metrics),
-        Judge(settings, store, metrics, queues),
+        Endpoints(breakers, metrics, CircuitNews(events, settings.breaker_cooldown)),
+        Judge(settings, store, metrics, queues, Teller(events)),
         AttemptLog(store),
+        Pace(SharedRates(store), metrics),
+        Expiry(store, metrics),
         queues,
     )
     concurrency = settings.delivery_concurrency
@@ -103,6 +116,8 @@ class Deliveries:
         endpoints: Endpoints,
         judge: Judge,
         attempts: AttemptLog,
+        pace: Pace,
+        expiry: Expiry,
         queues: Sequence[float],
     ) -> None:
         self._settings = settings
@@ -111,6 +126,8 @@ class Deliveries:
         self._endpoints = endpoints
         self._judge = judge
         self._attempts = attempts
+        self._pace = pace
+        self._expiry = expiry
         self._directory = Directory(
             store, settings.auth_cache_seconds, settings.directory_cache_size
         )
@@ -132,7 +149,7 @@ class Deliveries:
 
     async def unfinished(self, envelope: OutboundEnvelope) -> list[Unfinished]:
         """The conversation's responses that no attempt has finished with (by the attempt
-        log) and that were not dead-lettered."""
+        log) and that were not dead-lettered or expired."""
         return await self._store.undelivered(
             envelope.body.botpressConversationId,
             utcnow() - timedelta(seconds=self._settings.delivery_max_age),
@@ -157,9 +174,6 @@ class Deliveries:
             age = (utcnow() - envelope.createdAt).total_seconds()
             if age > self._settings.delivery_max_age:
                 return await self._dead(envelope, f"older than {self._settings.delivery_max_age}s")
-            due = (message.headers or {}).get(DUE_HEADER)
-            if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
-                return wait_for(left, "not due yet", self._queues)
             try:
                 integration = (
                     await self._directory.lookup(envelope.integrationId, "integration")
@@ -168,17 +182,45 @@ class Deliveries:
                 return Verdict(Outcome.AGAIN, reason=str(error))
             if integration is None or integration.disabled_at is not None:
                 return await self._dead(envelope, "the integration's endpoint is disabled")
-            if integration.secret_unreadable is not None:
-                # Its key is missing from RELAY_SECRET_KEYS: an operator's fix, not the
-                # endpoint's fault. Wait (in the broker), counting no failed attempt.
-                log.error(
-                    "signing_secret_unreadable",
-                    integration_id=integration.id,
-                    error=integration.secret_unreadable,
-                )
-                reason = integration.secret_unreadable
-                return wait_for(UNREADABLE_SECRET_WAIT, reason, self._queues)
-            return await self._attempt(envelope, integration)
+            expired = await self._expiry.now(envelope, integration)
+            return expired or await self._consider(message, envelope, integration)
+
+    async def _consider(
+        self,
+        message: AbstractIncomingMessage,
+        envelope: OutboundEnvelope,
+        integration: IntegrationRecord,
+    ) -> Verdict:
+        """A wait, or an attempt and its verdict (logged); a drop in place of a wait that
+        would end past the response's time to live."""
+        verdict, sent = self._not_yet(message, integration), None
+        if verdict is None:
+            verdict, sent = await self._attempt(envelope, integration)
+        verdict = await self._expiry.instead(envelope, integration, verdict)
+        if sent is not None and not await self._attempts.add(envelope, sent, verdict):
+            # The log is what tells a worker meeting the conversation later that this
+            # response is finished: unlogged, it is sent again (same webhook-id) later.
+            return Verdict(Outcome.AGAIN, reason="the attempt could not be logged")
+        return await self._judge.tell(envelope, verdict, integration)
+
+    def _not_yet(
+        self, message: AbstractIncomingMessage, integration: IntegrationRecord
+    ) -> Verdict | None:
+        """A wait if the response is not due yet, or its signing secret unreadable."""
+        due = (message.headers or {}).get(DUE_HEADER)
+        if isinstance(due, int) and (left := due / 1000 - time.time()) > 0.01:
+            return wait_for(left, "not due yet", self._queues)
+        if integration.secret_unreadable is not None:
+            # Its key is missing from RELAY_SECRET_KEYS: an operator's fix, not the
+            # endpoint's fault. Wait (in the broker), counting no failed attempt.
+            log.error(
+                "signing_secret_unreadable",
+                integration_id=integration.id,
+                error=integration.secret_unreadable,
+            )
+            reason = integration.secret_unreadable
+            return wait_for(UNREADABLE_SECRET_WAIT, reason, self._queues)
+        return None
 
     async def _dead(self, envelope: OutboundEnvelope, reason: str) -> Verdict:
         """Dead-letter a response no attempt finished with, noted in the store first: a
@@ -187,13 +229,22 @@ class Deliveries:
             await self._store.mark_dead(envelope.body.botpressMessageId, utcnow())
         except StoreError as error:
             return Verdict(Outcome.AGAIN, reason=str(error))
-        return Verdict(Outcome.DEAD, reason=reason)
+        return await self._judge.tell(envelope, Verdict(Outcome.DEAD, reason=reason))
 
-    async def _attempt(self, envelope: OutboundEnvelope, integration: IntegrationRecord) -> Verdict:
+    async def _attempt(
+        self, envelope: OutboundEnvelope, integration: IntegrationRecord
+    ) -> tuple[Verdict, Sent | None]:
+        """Its turn (the pace, the endpoint's slot), the POST and its verdict; or a wait."""
+        try:
+            paced = await self._pace.turn(integration)
+        except StoreError as error:
+            return Verdict(Outcome.AGAIN, reason=str(error)), None
+        if paced is not None:
+            return wait_for(paced, "its integration's pace", self._queues), None
         endpoint = endpoint_of(integration.response_url)
-        wait = await self._endpoints.take(endpoint)
+        wait = await self._endpoints.take(endpoint, integration)
         if wait is not None:
-            return wait_for(wait, f"endpoint {endpoint} is open or busy", self._queues)
+            return wait_for(wait, f"endpoint {endpoint} is open or busy", self._queues), None
         sent: Sent | None = None
         try:
             sent = await self._sender.send(
@@ -203,10 +254,5 @@ class Deliveries:
                 integration.signing_secrets(utcnow()),
             )
         finally:
-            await self._endpoints.give_back(endpoint, success=bool(sent and sent.ok))
-        verdict = await self._judge.judge(envelope, integration, sent)
-        if not await self._attempts.add(envelope, sent, verdict):
-            # The log is what tells a worker meeting the conversation later that this
-            # response is finished: unlogged, it is sent again (same webhook-id) later.
-            return Verdict(Outcome.AGAIN, reason="the attempt could not be logged")
-        return verdict
+            await self._endpoints.give_back(endpoint, integration, success=bool(sent and sent.ok))
+        return await self._judge.judge(envelope, integration, sent), sent

@@ -40,7 +40,7 @@ def admin_app(settings: Settings, keys: AdminKeys) -> web.Application:
 
     app = web.Application(middlewares=[admin_only])
     app[SETTINGS_KEY] = settings
-    integrations.IntegrationRoutes(keys.store).add_to(app)
+    integrations.IntegrationRoutes(keys.store, keys.broker).add_to(app)
     queues.add_routes(app, keys)
     attempts.add_routes(app, keys.store)
     dead_letters.add_routes(app, keys)

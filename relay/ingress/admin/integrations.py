@@ -9,6 +9,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay import admin
+from relay.broker import Broker
+from relay.broker.operations import OperationsEvents
 from relay.errors import Conflict, NotFound, Unprocessable
 from relay.ingress.admin.common import (
     SETTINGS_KEY,
@@ -19,7 +21,11 @@ from relay.ingress.admin.common import (
     page_size,
 )
 from relay.ingress.handlers import plausible_id
-from relay.store import IntegrationRecord, SecretUnreadable, Store
+from relay.store import (
+    IntegrationRecord,
+    SecretUnreadable,
+    Store,
+)
 from relay.views import integration_view, rotation_view, token_view
 from relay.wire import utcnow
 from relay.wire.admin import (
@@ -38,8 +44,9 @@ from relay.wire.admin import (
 class IntegrationRoutes:
     """The handlers, each reaching the store through the parent application's key."""
 
-    def __init__(self, store_key: web.AppKey[Store]) -> None:
+    def __init__(self, store_key: web.AppKey[Store], broker_key: web.AppKey[Broker]) -> None:
         self._store_key = store_key
+        self._broker_key = broker_key
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/integrations", self.listing)
@@ -75,7 +82,13 @@ class IntegrationRoutes:
         settings = request.app[SETTINGS_KEY]
         try:
             record = await admin.create_integration(
-                self._store(request), settings, body.name, body.responseUrl, verify=body.verify
+                self._store(request),
+                settings,
+                body.name,
+                body.responseUrl,
+                verify=body.verify,
+                bot=None if body.bot is None else admin.bot_choice(body.bot),
+                delivery=admin.delivery_options(admin.delivery_given(body)),
             )
         except admin.AdminError as error:
             raise Unprocessable(str(error)) from error
@@ -89,22 +102,29 @@ class IntegrationRoutes:
         return json_answer(_view(request, await self._integration(request)))
 
     async def change(self, request: web.Request) -> web.Response:
-        """`PATCH /integrations/{id}`: a new response URL (checked again), enabled or not."""
+        """`PATCH /integrations/{id}`: a new response URL (checked again), enabled or not, its
+        bot, its delivery options. Everything is checked before anything is written."""
         record = await self._integration(request)
         body = await body_of(request, IntegrationPatch)
         settings = request.app[SETTINGS_KEY]
         store = self._store(request)
-        if body.responseUrl is not None:
-            try:
+        try:
+            settled = admin.settle_change(
+                settings, record, admin.delivery_given(body), admin.bot_given(body)
+            )
+            if body.responseUrl is not None:
                 secret = _current_secret(record) if body.verify else ""
                 await admin.check_endpoint(settings, body.responseUrl, secret, body.verify)
-            except admin.AdminError as error:
-                raise Unprocessable(str(error)) from error
+        except admin.AdminError as error:
+            raise Unprocessable(str(error)) from error
+        if body.responseUrl is not None:
             await store.set_response_url(record.id, body.responseUrl)
-        if body.enabled is not None:
-            await store.set_disabled(
-                record.id, None if body.enabled else (record.disabled_at or utcnow())
-            )
+        await admin.apply_change(store, record, settled)
+        if body.enabled:
+            await store.set_disabled(record.id, None)
+        elif body.enabled is False:
+            events = OperationsEvents(request.config_dict[self._broker_key])
+            await admin.disable_integration(store, events, record.id)
         return json_answer(_view(request, await self._integration(request)))
 
     async def rotate(self, request: web.Request) -> web.Response:

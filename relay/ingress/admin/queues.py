@@ -1,4 +1,5 @@
-"""`GET /queues`: every relay queue of every partition count in use, as `relay queues`."""
+"""`GET /queues`: every relay queue of every partition count in use, as `relay queues`;
+`GET /queues/paced`: the paced integrations and how many of their responses wait."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from relay.admin.pacing import paced_integrations
 from relay.broker import queues
 from relay.broker.presence import QueueAges
 from relay.broker.queues import QueueStat
 from relay.errors import Unavailable
 from relay.ingress.admin.common import SETTINGS_KEY, AdminKeys, json_answer
-from relay.wire.admin import Page, QueueView
+from relay.wire.admin import PacedView, Page, QueueView
 
 
 def _age(
@@ -30,7 +32,7 @@ def _age(
 
 
 def add_routes(app: web.Application, keys: AdminKeys) -> None:
-    """The route; the broker connection is the ingress's own."""
+    """The routes; the broker connection is the ingress's own."""
 
     async def look(request: web.Request) -> web.Response:
         broker = request.config_dict[keys.broker]
@@ -54,4 +56,10 @@ def add_routes(app: web.Application, keys: AdminKeys) -> None:
         ]
         return json_answer(Page[QueueView](items=items, nextCursor=None))
 
+    async def paced(request: web.Request) -> web.Response:
+        max_age = request.app[SETTINGS_KEY].delivery_max_age
+        items = await paced_integrations(request.config_dict[keys.store], max_age)
+        return json_answer(Page[PacedView](items=items, nextCursor=None))
+
     app.router.add_get("/queues", look)
+    app.router.add_get("/queues/paced", paced)

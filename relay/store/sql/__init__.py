@@ -6,6 +6,8 @@ from __future__ import annotations
 from relay.store.batching import GroupCommit
 from relay.store.driver import Driver
 from relay.store.sql.attempts import AttemptsSql
+from relay.store.sql.bot_secrets import BotSecretsSql
+from relay.store.sql.conversation_tokens import ConversationTokensSql
 from relay.store.sql.dead_letters import DeadLettersSql
 from relay.store.sql.generations import GenerationsSql
 from relay.store.sql.history import HistorySql
@@ -26,6 +28,7 @@ __all__ = ["SqlStore"]
 
 class SqlStore(
     IntegrationsSql,
+    BotSecretsSql,
     TokensSql,
     ResealSql,
     InboundSql,
@@ -39,6 +42,7 @@ class SqlStore(
     RetentionSql,
     DeadLettersSql,
     RateBucketsSql,
+    ConversationTokensSql,
 ):
     """`Store` over a `Driver`; every statement here runs on SQLite and PostgreSQL."""
 

@@ -51,3 +51,12 @@ class AttemptsSql:
                 "UPDATE integrations SET disabled_at = ? WHERE id = ?", disabled_at, integration_id
             )
         return changed == 1
+
+    async def disable(self, integration_id: str, disabled_at: datetime) -> bool:
+        async with self._driver.connection() as conn:
+            changed = await conn.execute(
+                "UPDATE integrations SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL",
+                disabled_at,
+                integration_id,
+            )
+        return changed == 1

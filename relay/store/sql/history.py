@@ -64,7 +64,7 @@ def _history_select(dialect: str, scope: Scope) -> str:
     item = _ITEM[dialect]
     page = f"""
 SELECT m.id, m.external_id, m.direction, m.type, m.payload, m.created_at, m.sequence,
-       m.conversation_id, c.external_id AS conversation_external_id, m.dead_at,
+       m.conversation_id, c.external_id AS conversation_external_id, m.dead_at, m.state,
        m.txid, {item} AS item, {_HORIZON[dialect]} AS horizon, {_SIZE[dialect]} AS size,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id) AS attempts,
        (SELECT count(*) FROM delivery_attempts a WHERE a.message_id = m.id
@@ -102,6 +102,7 @@ def _history_row(row: Row) -> HistoryRow:
         delivered=bool(row["delivered"]),
         # Dead-lettered: marked so, or an attempt that failed with no retry planned.
         dead=row["dead_at"] is not None or bool(row["given_up"]),
+        expired=row["state"] == "expired",
     )
 
 

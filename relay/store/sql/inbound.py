@@ -203,8 +203,10 @@ class InboundSql:
                 else marks
             )
             async with self._driver.connection() as conn:
+                # A response a delivery worker already dropped as expired stays so.
                 await conn.execute(
-                    "UPDATE messages SET state = 'queued', lease_until = NULL, lease_owner = NULL,"
+                    "UPDATE messages SET state = CASE WHEN state = 'expired' THEN state"
+                    " ELSE 'queued' END, lease_until = NULL, lease_owner = NULL,"
                     f" {stamp_set(dialect)} WHERE id IN ({rows})",
                     *chunk,
                 )

@@ -5,11 +5,10 @@ written and opened as they are read (`relay.store.secrets`). Their tokens:
 from __future__ import annotations
 
 import json
-import secrets
 from datetime import datetime
 from typing import Any
 
-from relay.store.driver import Driver, Row, StoreError
+from relay.store.driver import Driver, Row
 from relay.store.records import BotChoice, DeliveryOptions, IntegrationRecord
 from relay.store.secrets import SecretBox, SecretUnreadable
 from relay.store.sql.common import new_id
@@ -198,23 +197,6 @@ class IntegrationsSql:
             )
             row = await conn.fetchone(f"{_INTEGRATION} WHERE id = ?", integration_id)
         return self._integration(row) if row else None
-
-    async def bot_secret(self, integration_id: str) -> str:
-        select = "SELECT bot_secret FROM integrations WHERE id = ?"
-        async with self._driver.connection() as conn:
-            row = await conn.fetchone(select, integration_id)
-            if row is not None and row["bot_secret"] is None:
-                # Made on first use; whoever writes first wins, everyone reads the winner's.
-                await conn.execute(
-                    "UPDATE integrations SET bot_secret = ? WHERE id = ? AND bot_secret IS NULL",
-                    self._secrets.seal(secrets.token_urlsafe(32)),
-                    integration_id,
-                )
-                row = await conn.fetchone(select, integration_id)
-        if row is None:
-            raise StoreError(f"no integration {integration_id}")
-        whose = f"the bot secret of integration {integration_id}"
-        return self._secrets.open(row["bot_secret"], whose)
 
 
 def _delivery_columns(

@@ -1,6 +1,6 @@
 """Responses to send again: one by its id (`resend`), and an integration's given up since a
 time (`recover`). Given up: dead-lettered, or its last attempt failed with no retry planned,
-and no attempt delivered it."""
+and no attempt delivered it; not expired (`expiringTypes`)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ class RecoverySql:
         async with self._driver.connection() as conn:
             rows = await conn.fetchall(
                 f"{OUTGOING_SELECT} WHERE m.integration_id = ? AND m.direction = 'outgoing'"
-                f" AND {_GIVEN_UP_SINCE} AND NOT {_DELIVERED}"
+                # An expired response was dropped on purpose: too late to be worth sending.
+                f" AND m.state <> 'expired' AND {_GIVEN_UP_SINCE} AND NOT {_DELIVERED}"
                 " ORDER BY m.conversation_id, m.sequence",
                 integration_id,
                 since,

@@ -85,6 +85,13 @@ _DELETE_ATTEMPTS = (
     " ORDER BY a.created_at LIMIT ?)"
 )
 
+# A conversation token is settled once expired or revoked: it is kept until the cutoff only
+# so that what a browser was let do stays known as long as what it did.
+_DELETE_CONVERSATION_TOKENS = (
+    "DELETE FROM conversation_tokens WHERE id IN (SELECT t.id FROM conversation_tokens t"
+    " WHERE t.expires_at < ? OR t.revoked_at < ? LIMIT ?)"
+)
+
 
 class RetentionSql:
     """`Retention` over a `Driver`."""
@@ -118,6 +125,8 @@ class RetentionSql:
             return await self._prune_unused(kind, cutoff, batch, after)
         if kind == "attempts":
             sql, cutoffs = _DELETE_ATTEMPTS, 1
+        elif kind == "conversation_tokens":
+            sql, cutoffs = _DELETE_CONVERSATION_TOKENS, 2
         else:
             sql = _delete_settled(kind, self._driver.dialect)
             cutoffs = 1 + _SETTLED[kind].count("?")

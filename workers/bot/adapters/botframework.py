@@ -51,6 +51,7 @@ import aiohttp
 from pydantic import BaseModel, Field, ValidationError
 
 from relay.settings import Settings
+from relay.store import BotChoice
 from relay.wire import InboundEnvelope, utcnow
 from relay.wire.botframework import Activity, ChannelAccount, ConversationAccount
 from workers.bot.adapters.base import BotContext, BotFailure, post_to_bot
@@ -145,22 +146,24 @@ class TokenSource:
 class BotFrameworkBot:
     """POSTs each message as an Activity to a Bot Framework bot; replies come via the connector."""
 
-    def __init__(self, settings: Settings, token_url: str = TOKEN_URL) -> None:
-        if not settings.bot_url.startswith(("http://", "https://")):
-            raise ValueError("RELAY_BOT_URL must be an http(s) URL for RELAY_BOT=botframework")
-        self._url = settings.bot_url
+    def __init__(
+        self, settings: Settings, token_url: str = TOKEN_URL, bot: BotChoice | None = None
+    ) -> None:
+        """`bot`: an integration's Bot Framework bot (None: the deployment's, RELAY_BOT_URL
+        with RELAY_BOTFRAMEWORK_APP_ID and _PASSWORD)."""
+        url = bot.url if bot is not None else settings.bot_url
+        app_id = bot.app_id if bot is not None else settings.botframework_app_id
+        password = bot.app_password if bot is not None else settings.botframework_app_password
+        if not url or not url.startswith(("http://", "https://")):
+            raise ValueError("a Bot Framework bot needs an http(s) URL (RELAY_BOT_URL, or its url)")
+        self._url = url
         self._public_base_url = settings.public_base_url
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.bot_timeout)
         )
         self._tokens: TokenSource | None = None
-        if settings.botframework_app_id and settings.botframework_app_password:
-            self._tokens = TokenSource(
-                self._http,
-                settings.botframework_app_id,
-                settings.botframework_app_password,
-                token_url,
-            )
+        if app_id and password:
+            self._tokens = TokenSource(self._http, app_id, password, token_url)
 
     async def handle(self, envelope: InboundEnvelope, context: BotContext) -> None:
         """Hand the message to the bot; BotFailure if it did not take it."""

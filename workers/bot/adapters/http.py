@@ -1,4 +1,5 @@
-"""Bots behind a URL (`RELAY_BOT=http`, `RELAY_BOT_URL`).
+"""Bots behind a URL (`RELAY_BOT=http`, `RELAY_BOT_URL`, or an integration's `http` bot,
+whose `secret`, if given, is sent as `Authorization: Bearer`).
 
 Each message is POSTed as JSON: `{integrationId, user, conversation, message, text,
 replyUrl, botToken}`. A JSON list in the answer becomes the replies at once; an empty answer
@@ -59,10 +60,12 @@ def replies_of(answer: Any) -> list[tuple[str, Any]]:
 class HttpBot:
     """POSTs each message to the bot's URL over a shared connection pool."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, secret: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError("RELAY_BOT_URL must be an http(s) URL for RELAY_BOT=http")
+            raise ValueError("an http bot needs an http(s) URL (RELAY_BOT_URL, or its bot's url)")
         self._url = url
+        # The bot's secret, when it has one, is its proof that the POST comes from Relay.
+        self._headers = {} if secret is None else {"Authorization": f"Bearer {secret}"}
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def handle(self, envelope: InboundEnvelope, context: BotContext) -> None:
@@ -74,7 +77,7 @@ class HttpBot:
             "replyUrl": context.reply_url,
             "botToken": context.reply_token,
         }
-        raw = await post_to_bot(self._http, self._url, body)
+        raw = await post_to_bot(self._http, self._url, body, self._headers)
         try:
             answer = json.loads(raw) if raw.strip() else None
         except ValueError as error:
