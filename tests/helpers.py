@@ -23,7 +23,7 @@ from relay.pipeline.dlq import DeadLetters
 from relay.pipeline.dlq_keeper import Keeper
 from relay.pipeline.stage import StageWorker
 from relay.settings import Settings
-from relay.store import AttemptRecord, SecretBox, SqlStore, Store, open_store
+from relay.store import AttemptRecord, DeliveryOptions, SecretBox, SqlStore, Store, open_store
 from relay.wire import InboundEnvelope, OutboundEnvelope, utcnow
 from workers.bot.adapters import BotAdapter, load_adapter
 from workers.bot.worker import bot_worker
@@ -192,9 +192,12 @@ async def make_integration(
     settings: Settings,
     name: str = "test",
     response_url: str = "http://127.0.0.1:9/r",
+    delivery: DeliveryOptions | None = None,
 ) -> tuple[str, str]:
     """A new integration and a token for it: (integration id, token)."""
-    record = await admin.create_integration(store, settings, name, response_url, verify=False)
+    record = await admin.create_integration(
+        store, settings, name, response_url, verify=False, delivery=delivery
+    )
     token, _ = await admin.create_token(store, record.id, "integration")
     return record.id, token
 

@@ -55,7 +55,7 @@ import pytest
 from relay.broker import partition_of, topology_of
 from relay.broker.topology import delete
 from relay.settings import Settings
-from relay.store import open_store
+from relay.store import DeliveryOptions, open_store
 from relay.store.postgres import drop_schema
 from tests import private_broker, private_postgres
 from tests.conversations import (
@@ -380,8 +380,14 @@ async def run_scenario(
     settings = scene.settings(via_proxy)
     store = await open_store(settings.database_url)
     try:
+        # Nothing expires: the checks want every response delivered, whatever the outage
+        # (a typing indicator past 30 s is dropped by default: tests/test_expiring_types.py).
         integration_id, token = await make_integration(
-            store, settings, "faults", scene.endpoint.url(scene.name)
+            store,
+            settings,
+            "faults",
+            scene.endpoint.url(scene.name),
+            DeliveryOptions(expiring_types={}),
         )
     finally:
         await store.close()
