@@ -551,6 +551,8 @@ def test_every_option_of_every_command_says_what_it_does():
         assert {name for name, _ in listed} <= names, role
 
 
+# Nothing here reads a store: one is enough.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_version_service_help_and_quiet_interactive_commands(settings: Settings):
     version = await relay(settings, "--version")
     assert (version.code, version.out.split()[0]) == (0, "relay")

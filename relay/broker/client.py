@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractQueueIterator,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from relay.aio import cancel_and_wait, cancelled_from_outside
 from relay.broker.addresses import Addresses, ClusterConnection
@@ -90,26 +85,6 @@ class Broker:
     async def wait_connected(self) -> None:
         """Wait until the first connection is up (callers bound the wait)."""
         await self._connected.wait()
-
-    @contextlib.asynccontextmanager
-    async def consuming(self, queue: str, prefetch: int) -> AsyncIterator[AbstractQueueIterator]:
-        """The messages of `queue` (declared already), `prefetch` in hand at a time, on a
-        channel of their own, closed at the end (what is in hand then goes back to the
-        queue); once connected. ConnectionError if the connection is down: the caller
-        tries again (`relay.aio.keep_trying`)."""
-        await self.wait_connected()
-        connection = self.connection
-        if connection is None or connection.is_closed:
-            raise ConnectionError("not connected to the broker")
-        channel = await connection.channel()
-        try:
-            await channel.set_qos(prefetch_count=prefetch)
-            declared = await channel.declare_queue(queue, passive=True)
-            async with declared.iterator() as messages:
-                yield messages
-        finally:
-            if not channel.is_closed:
-                await channel.close()
 
     async def _connect_forever(self) -> None:
         for delay in pauses(0.5, 10.0):

@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from relay.aio import cancel_and_wait
 from relay.broker import CONNECTION_ERRORS, Broker, StageName
+from relay.broker.consuming import consuming
 from relay.metrics import Metrics
 from relay.pipeline.dlq import read
 from relay.retry import keep_trying, pauses
@@ -64,7 +65,7 @@ class Keeper:
 
     async def _keep_forever(self) -> None:
         queue = self._broker.topology.dead_queue(self._stage)
-        async with self._broker.consuming(queue, PREFETCH) as messages:
+        async with consuming(self._broker, queue, PREFETCH) as messages:
             async for message in messages:
                 await self._keep(message)
 

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from relay.aio import cancel_and_wait
 from relay.broker import CONNECTION_ERRORS, Broker, BrokerUnavailable
+from relay.broker.consuming import consuming
 from relay.metrics import Metrics
 from relay.pipeline.background import Background
 from relay.pipeline.breaker import Breakers, endpoint_of
@@ -151,7 +152,7 @@ class OperationsDispatcher:
 
     async def _consume_forever(self) -> None:
         queue = self._broker.topology.operations_exchange  # the queue bears its name
-        async with self._broker.consuming(queue, CONCURRENCY) as messages:
+        async with consuming(self._broker, queue, CONCURRENCY) as messages:
             async for message in messages:
                 self._handling.spawn(self._handle(message), "operations-event")
 
