@@ -11,13 +11,13 @@ from email.utils import format_datetime
 
 import pytest
 
+from relay.pipeline.breaker import Breakers, State, endpoint_of
 from relay.pipeline.delays import hop
 from relay.pipeline.settle import Outcome, Verdict
 from relay.ssrf import EndpointRefused, GuardedResolver, check_url, is_public
 from relay.wire import DUE_HEADER, OutboundEnvelope
 from workers.delivery.attempt_log import record
 from workers.delivery.backoff import jittered, next_delay, parse_retry_after
-from relay.pipeline.breaker import Breakers, State, endpoint_of
 from workers.delivery.judging import permanent, wait_for
 from workers.delivery.sender import Sent
 

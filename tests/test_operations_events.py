@@ -17,6 +17,7 @@ from standardwebhooks import Webhook
 
 from relay import admin
 from relay.metrics import Metrics
+from relay.pipeline.breaker import Breakers, Change, endpoint_of
 from relay.settings import Settings
 from relay.store import DeliveryOptions, SqlStore, open_store
 from relay.wire import OutboundEnvelope, WebhookResponse, utcnow
@@ -34,7 +35,6 @@ from tests.helpers import (
 from tests.receivers import Hit, Receiver
 from tests.ssrf_forms import Listener, listening
 from tests.test_cli import relay_processes
-from relay.pipeline.breaker import Breakers, Change, endpoint_of
 from workers.delivery.operations import OperationsDispatcher
 from workers.delivery.service import sender_of
 
