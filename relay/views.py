@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from relay.store.records import (
     BotChoice,
+    ConversationTokenRecord,
     DeadLetter,
     FoundAttempt,
     HistoryRow,
@@ -27,9 +28,11 @@ from relay.wire.admin import (
     BotView,
     DeadLetterView,
     IntegrationView,
+    PacedView,
     SecretRotated,
     TokenView,
 )
+from relay.wire.tokens import ConversationTokenAnswer
 
 if TYPE_CHECKING:
     # Only its type: the pipeline shows responses through this module, and a worker need
@@ -113,6 +116,25 @@ def token_view(record: TokenRecord) -> TokenView:
         prefix=record.prefix,
         createdAt=record.created_at,
         revokedAt=record.revoked_at,
+    )
+
+
+def conversation_token_answer(
+    token: str, record: ConversationTokenRecord
+) -> ConversationTokenAnswer:
+    """A conversation token just minted: the token itself (shown this once), its id and when
+    it expires."""
+    return ConversationTokenAnswer(id=record.id, token=token, expiresAt=record.grant.expires_at)
+
+
+def paced_view(integration: IntegrationRecord, waiting: int) -> PacedView:
+    """A paced integration's pace, with how many of its responses wait."""
+    return PacedView(
+        integrationId=integration.id,
+        name=integration.name,
+        deliveryRate=integration.delivery.delivery_rate or 0.0,
+        deliveryBurst=integration.delivery.burst(),
+        waiting=waiting,
     )
 
 

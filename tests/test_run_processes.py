@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relay.commands.supervise import child_environment, split_roles
+from relay.service.supervisor import child_environment, split_roles
 from relay.settings import Settings
 from relay.store import SqlStore
 from tests.fleet import Fleet, Service, fleet

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from relay.store import IntegrationRecord
+from relay.views import paced_view
 from relay.wire import utcnow
 from relay.wire.admin import PacedView
 
@@ -31,13 +32,4 @@ async def paced_integrations(store: PacingStore, max_age: float) -> list[PacedVi
     paced = [i for i in await store.list_integrations() if i.delivery.delivery_rate is not None]
     since = utcnow() - timedelta(seconds=max_age)
     waiting = await store.waiting_responses([i.id for i in paced], since) if paced else {}
-    return [
-        PacedView(
-            integrationId=integration.id,
-            name=integration.name,
-            deliveryRate=integration.delivery.delivery_rate or 0.0,
-            deliveryBurst=integration.delivery.burst(),
-            waiting=waiting.get(integration.id, 0),
-        )
-        for integration in paced
-    ]
+    return [paced_view(integration, waiting.get(integration.id, 0)) for integration in paced]

@@ -1,6 +1,6 @@
 """The services: `relay ingress`, `relay bot-worker`, `relay delivery-worker`, and `relay run`
 (all three on one machine: the ingress in this process and each worker in a process of its
-own, `relay.commands.supervise`, or all in one process with `RELAY_RUN_PROCESSES=1`). Each
+own, `relay.service.supervisor`, or all in one process with `RELAY_RUN_PROCESSES=1`). Each
 serves until SIGTERM, then stops gracefully.
 """
 
@@ -15,12 +15,12 @@ from aiohttp import web
 
 from relay.commands.common import Command, Commands
 from relay.commands.settings_help import settings_epilog
-from relay.commands.supervise import Workers, announce_started, follow_parent, split_roles
 from relay.ingress.app import create_app
 from relay.metrics import Metrics
 from relay.service.app import READINESS_KEY, create_service_app
 from relay.service.lifecycle import Context
 from relay.service.runner import serve
+from relay.service.supervisor import Workers, announce_started, follow_parent, split_roles
 from relay.settings import Settings
 from workers.bot.service import bot_worker_context
 from workers.delivery.service import delivery_worker_context

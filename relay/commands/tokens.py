@@ -17,7 +17,8 @@ from relay.commands.output import plain, print_json, show
 from relay.ingress.conversation_tokens import mint
 from relay.settings import Settings
 from relay.store import SqlStore
-from relay.wire.tokens import ConversationTokenAnswer, ConversationTokenRequest
+from relay.views import conversation_token_answer
+from relay.wire.tokens import ConversationTokenRequest
 
 LIST_COLUMNS = ["id", "kind", "prefix", "createdAt", "revokedAt"]
 
@@ -74,9 +75,7 @@ async def conversation(store: SqlStore, settings: Settings, args: argparse.Names
         )
     token, record = minted
     if args.json:
-        answer = ConversationTokenAnswer(
-            id=record.id, token=token, expiresAt=record.grant.expires_at
-        )
+        answer = conversation_token_answer(token, record)
         print(answer.model_dump_json(indent=2))
         return 0
     print(token)  # alone on stdout, as `relay tokens create`

@@ -33,8 +33,9 @@ from relay.store import (
     IntegrationRecord,
 )
 from relay.store.directory import Directory
+from relay.views import conversation_token_answer
 from relay.wire import utcnow
-from relay.wire.tokens import ConversationTokenAnswer, ConversationTokenRequest
+from relay.wire.tokens import ConversationTokenRequest
 
 
 class TokenStore(ConversationTokens, History, Protocol):
@@ -101,9 +102,7 @@ class ConversationTokenApi:
         if minted is None:
             raise NotFound("unknown conversation")
         token, record = minted
-        answer = ConversationTokenAnswer(
-            id=record.id, token=token, expiresAt=record.grant.expires_at
-        )
+        answer = conversation_token_answer(token, record)
         return web.json_response(text=answer.model_dump_json(), status=201)
 
     async def revoke_all(self, request: web.Request) -> web.Response:
