@@ -112,6 +112,16 @@ async def row(store: SqlStore, message_id: str) -> dict[str, Any]:
     return dict(found)
 
 
+async def ended_dead(store: SqlStore, message_id: str) -> None:
+    """Wait for the row to be marked dead: a burial publishes the letter first, then marks
+    the row, so the letter can be kept (and seen) before the mark is written."""
+
+    async def marked() -> bool:
+        return (await row(store, message_id))["dead_at"] is not None
+
+    await eventually(marked, timeout=15)
+
+
 def only(stage: StageName, letter_id: str) -> DeadLetterFilter:
     return DeadLetterFilter(stage, ids=frozenset({letter_id}))
 
@@ -159,9 +169,8 @@ async def test_a_poison_inbound_row_holds_up_neither_sweep(
     dead = await dead_letter_of(store, "inbound", poison)
     assert dead.reason.startswith("could not be published")
     assert dead.integration_id == integration_id
-    ended = await row(store, poison)
-    assert ended["state"] == "queued"
-    assert ended["dead_at"] is not None
+    await ended_dead(store, poison)
+    assert (await row(store, poison))["state"] == "queued"
     published = {item["_message_id"] for item in await queues.take("inbound")}
     assert fine in published
     assert poison not in published
@@ -175,7 +184,7 @@ async def test_an_unreadable_inbound_row_is_ended_too(
     await set_columns(store, corrupt, payload="{not json")
     dead = await dead_letter_of(store, "inbound", corrupt)
     assert "cannot be read" in dead.reason
-    assert (await row(store, corrupt))["dead_at"] is not None
+    await ended_dead(store, corrupt)
 
 
 async def test_a_poison_response_ends_dead_and_the_next_one_goes_readers_see_both(
@@ -198,7 +207,7 @@ async def test_a_poison_response_ends_dead_and_the_next_one_goes_readers_see_bot
         return (await row(store, fine.id))["state"] == "queued"
 
     await eventually(fine_published, timeout=15)
-    assert (await row(store, poison.id))["dead_at"] is not None
+    await ended_dead(store, poison.id)
 
     path = f"/webhooks/{integration_id}/conversations/{conversation.external_id}"
     headers = {"Authorization": f"Bearer {token}"}
