@@ -6,23 +6,29 @@ and tries again, rather than giving it back: a message given back counts towards
 queue's delivery limit on RabbitMQ 4. Every worker service of the stage runs one (they
 share the queue as competing consumers: the store's upsert makes a letter carried twice
 one row).
+
+A letter the broker dead-lettered (past a partition queue's delivery limit) was told to no
+one on its way there: a keeper given a `Telling` tells of it once it is kept (the delivery
+worker's tells the integration's operations URL). Those a stage dead-lettered itself it told
+of when it gave them up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from relay.aio import cancel_and_wait
-from relay.broker import CONNECTION_ERRORS, Broker, StageName
+from relay.broker import CONNECTION_ERRORS, Broker, BrokerUnavailable, StageName
 from relay.broker.consuming import consuming
 from relay.metrics import Metrics
 from relay.pipeline.dlq import read
 from relay.retry import keep_trying, pauses
-from relay.store import DeadLetterStore, StoreError
+from relay.store import DeadLetter, DeadLetterStore, StoreError
 from relay.wire import REASON_HEADER
 
 log = structlog.get_logger(__name__)
@@ -40,16 +46,31 @@ def cause_of(message: AbstractIncomingMessage) -> str:
     return "relay" if REASON_HEADER in (message.headers or {}) else "broker"
 
 
+class Telling(Protocol):
+    """Who hears of a letter the broker dead-lettered."""
+
+    async def broker_dead(self, message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+        """Tell of `letter` (read from `message`), kept in the store; BrokerUnavailable if
+        what tells of it could not be queued."""
+
+
 class Keeper:
-    """Keeps one stage's dead letters while started."""
+    """Keeps one stage's dead letters while started (telling `telling` of those the broker
+    dead-lettered)."""
 
     def __init__(
-        self, store: DeadLetterStore, broker: Broker, stage: StageName, metrics: Metrics
+        self,
+        store: DeadLetterStore,
+        broker: Broker,
+        stage: StageName,
+        metrics: Metrics,
+        telling: Telling | None = None,
     ) -> None:
         self._store = store
         self._broker = broker
         self._stage = stage
         self._metrics = metrics
+        self._telling = telling
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -78,8 +99,12 @@ class Keeper:
             except StoreError as error:
                 log.warning("dead_letter_keep_failed", error=str(error), retry_in=delay)
             await asyncio.sleep(delay)
-        await message.ack()
         cause = cause_of(message)
+        if cause == "broker":
+            # Told before the ack: a keeper stopped in between leaves the letter to be kept
+            # and told again, under the same event id (its receiver deduplicates).
+            await self._tell(message, letter)
+        await message.ack()
         self._metrics.dead_letters_kept.labels(self._stage, cause).inc()
         log.info(
             "dead_letter_kept",
@@ -90,3 +115,18 @@ class Keeper:
             reason=letter.reason,
             cause=cause,
         )
+
+    async def _tell(self, message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+        if self._telling is None:
+            return
+        try:
+            await self._telling.broker_dead(message, letter)
+        except BrokerUnavailable as error:
+            # The letter is kept all the same (the store has it): only its event is lost,
+            # as any event is while the broker is away.
+            log.warning(
+                "dead_letter_not_told",
+                **{ID_FIELD[self._stage]: letter.id},
+                integration_id=letter.integration_id,
+                error=str(error),
+            )

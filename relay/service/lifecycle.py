@@ -16,7 +16,7 @@ from aiohttp import web
 from relay.aio import cancel_and_wait
 from relay.broker import Broker, Topology, topology_of
 from relay.metrics import Metrics
-from relay.pipeline.dlq_keeper import Keeper
+from relay.pipeline.dlq_keeper import Keeper, Telling
 from relay.pipeline.generations import Generations, register_forever
 from relay.pipeline.stage import StageWorker
 from relay.service.app import (
@@ -39,6 +39,8 @@ Closer = Callable[[], Awaitable[None]]
 # A stage worker consuming the partition queues of a topology (one per partition count).
 MakeWorker = Callable[[Topology], StageWorker[Any]]
 WorkerFactory = Callable[[Store, Broker, Metrics], tuple[MakeWorker, Closer]]
+# Who the stage's dead-letter keeper tells of the letters the broker dead-lettered.
+TellingFactory = Callable[[Store, Broker], Telling]
 Context = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
 
 
@@ -100,9 +102,13 @@ async def queue_gauges(
             await app[WATCHER_KEY].stop()
 
 
-def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Context:
+def worker_context(
+    settings: Settings, name: str, factory: WorkerFactory, telling: TellingFactory | None = None
+) -> Context:
     """A cleanup context that runs the worker `factory` builds while the application runs
-    (giving the application its settings first, with `/metrics` on its own port if set)."""
+    (giving the application its settings first, with `/metrics` on its own port if set);
+    its dead-letter keeper tells what `telling` builds of the letters the broker
+    dead-lettered."""
 
     @contextlib.asynccontextmanager
     async def running(app: web.Application) -> AsyncIterator[None]:
@@ -118,7 +124,8 @@ def worker_context(settings: Settings, name: str, factory: WorkerFactory) -> Con
             app[READINESS_KEY].append((f"{name}_partitions", stall_check(worker)))
             await worker.start(settings.startup_wait)
             # The stage's dead letters, from their queue into the store.
-            keeper = Keeper(store, broker, own.stage, app[METRICS_KEY])
+            told = telling(store, broker) if telling is not None else None
+            keeper = Keeper(store, broker, own.stage, app[METRICS_KEY], told)
             keeper.start()
             # Retention and the dead-letter bounds: whichever janitor holds the turn works.
             janitor = Janitor(settings, store, app[METRICS_KEY])

@@ -22,7 +22,9 @@ DisabledReason = Literal["gone", "operator"]  # a `410 Gone` from the endpoint, 
 
 
 class ResponseDead(BaseModel):
-    """A response Relay gave up on: dead-lettered, never to be delivered (unless replayed)."""
+    """A response given up on: dead-lettered by a delivery worker (its attempts spent, or a
+    4xx), or by the broker (past its queue's delivery limit); never to be delivered unless
+    replayed."""
 
     integrationId: str
     webhookId: str  # the response's own `webhook-id`

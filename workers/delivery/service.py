@@ -1,9 +1,11 @@
 """The delivery worker as a service: the stage worker, and beside it the operations
-dispatcher (`workers.delivery.operations`) with an HTTP pool of its own."""
+dispatcher (`workers.delivery.operations`) with an HTTP pool of its own; its dead-letter
+keeper tells of the responses the broker dead-lettered (`BrokerDeaths`)."""
 
 from __future__ import annotations
 
 from relay.broker import Broker, Topology
+from relay.broker.operations import OperationsEvents
 from relay.metrics import Metrics
 from relay.pipeline.stage import StageWorker
 from relay.service.lifecycle import Closer, Context, MakeWorker, worker_context
@@ -12,6 +14,7 @@ from relay.store import Store
 from relay.wire import OutboundEnvelope
 from workers.delivery.operations import OperationsDispatcher
 from workers.delivery.sender import Sender
+from workers.delivery.telling import BrokerDeaths
 from workers.delivery.worker import delivery_worker
 
 
@@ -43,4 +46,7 @@ def delivery_worker_context(settings: Settings) -> Context:
 
         return make, close
 
-    return worker_context(settings, "delivery", build)
+    def telling(store: Store, broker: Broker) -> BrokerDeaths:
+        return BrokerDeaths(store, OperationsEvents(broker))
+
+    return worker_context(settings, "delivery", build, telling)

@@ -1,5 +1,7 @@
-"""What the delivery path tells a back end's operations URL: a response given up on, its
-integration disabled by a `410 Gone`, an endpoint's circuit opened and closed.
+"""What the delivery path tells a back end's operations URL: a response given up on (by a
+delivery worker, or by the broker past a partition queue's delivery limit: told once its
+dead letter is kept), its integration disabled by a `410 Gone`, an endpoint's circuit opened
+and closed.
 
 Only queued from here (`relay.broker.operations`), never sent: the operations endpoint is
 POSTed by the operations dispatcher (`workers.delivery.operations`), off the conversations'
@@ -12,12 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
 
 from relay.broker import BrokerUnavailable
 from relay.broker.operations import OperationsEvents
 from relay.pipeline.breaker import Change
 from relay.pipeline.settle import Outcome, Verdict
-from relay.store import IntegrationRecord
+from relay.store import DeadLetter, IntegrationLookup, IntegrationRecord, StoreError
 from relay.wire import ATTEMPTS_HEADER, LAST_STATUS_HEADER, OutboundEnvelope, utcnow
 from relay.wire.operations import (
     OperationsEnvelope,
@@ -74,6 +78,39 @@ class Teller:
         except BrokerUnavailable as error:
             log.warning("operations_event_delayed", webhook_id=event.webhookId, error=str(error))
             self._events.publish_soon(event)
+
+
+class BrokerDeaths:
+    """Tells of the responses the broker dead-lettered, once the outbound keeper
+    (`relay.pipeline.dlq_keeper`, as its `Telling`) has kept them: as `Teller.dead` tells
+    of those a worker gives up on, with the same event id (a letter kept twice tells the
+    same `webhook-id`)."""
+
+    def __init__(self, store: IntegrationLookup, events: OperationsEvents) -> None:
+        self._store = store
+        self._events = events
+
+    async def broker_dead(self, message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+        """Queue `relay.response.dead` for the response `letter` holds (BrokerUnavailable if
+        the broker will not take it); an envelope that cannot be read tells nothing (no
+        integration can be known)."""
+        try:
+            envelope = OutboundEnvelope.model_validate_json(message.body)
+        except ValidationError:
+            return
+        if not listening(await self._integration(envelope.integrationId)):
+            return
+        reason, status, attempts = letter.reason, letter.last_status, letter.attempts
+        await self._events.publish(response_dead(envelope, reason, status, attempts, utcnow()))
+
+    async def _integration(self, integration_id: str) -> IntegrationRecord | None:
+        """The integration, or None (unknown, or the store away: the dispatcher looks again
+        when it sends, and drops the event of one with no operations URL)."""
+        try:
+            return await self._store.get_integration(integration_id)
+        except StoreError as error:
+            log.warning("integration_unknown", integration_id=integration_id, error=str(error))
+            return None
 
 
 @dataclass
