@@ -10,13 +10,26 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from aio_pika.abc import AbstractRobustConnection
+
 from relay import admin
 from relay.auth import hash_token
 from relay.broker import topology_of
+from relay.broker.operations import OperationsEvents
+from relay.broker.topology import delete
 from relay.settings import Settings
 from relay.store import SqlStore
 from relay.wire import utcnow
-from tests.helpers import Ingress, attempt_record, eventually, make_integration, message
+from relay.wire.operations import integration_disabled
+from tests.helpers import (
+    Ingress,
+    attempt_record,
+    connected_broker,
+    eventually,
+    make_integration,
+    message,
+    start_ingress,
+)
 from tests.helpers import admin_call as call
 from tests.receivers import Receiver
 
@@ -250,6 +263,37 @@ async def test_queues_show_every_relay_queue(
     assert f"{settings.queue_prefix}.outbound.dead" in names
     first = page["items"][0]
     assert set(first) >= {"name", "stage", "kind", "ready", "consumers"}
+
+
+async def test_queues_show_the_operations_queues_with_their_depth(
+    admin_token: str, settings: Settings, amqp: AbstractRobustConnection
+):
+    # An ingress on a prefix of the test's own: the module's operations queue holds the
+    # events of the module's other disables.
+    own = settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}-ops"})
+    topology = topology_of(own)
+    queue, *delays = topology.operations_queues()
+    try:
+        async with start_ingress(own) as ingress, connected_broker(own) as broker:
+            events = OperationsEvents(broker)
+            for n in range(2):
+                await events.publish(integration_disabled(f"i{n}", "operator", utcnow()))
+            status, page = await call(ingress, "GET", "/queues", admin_token)
+        assert status == 200
+        found = {q["name"]: q for q in page["items"]}
+        assert set(found) >= set(topology.queue_names())
+        assert (found[queue]["stage"], found[queue]["kind"], found[queue]["ready"]) == (
+            "operations",
+            "operations",
+            2,
+        )
+        assert delays
+        assert [(found[d]["stage"], found[d]["kind"]) for d in delays] == [
+            ("operations", "delay")
+        ] * len(delays)
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology)
 
 
 async def test_attempts_are_found_by_what_an_operator_knows(

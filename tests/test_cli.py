@@ -13,19 +13,31 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from standardwebhooks import Webhook
 
 from relay.admin import AdminError
+from relay.broker import topology_of
+from relay.broker.topology import delete
 from relay.commands.integration_flags import patch_of
 from relay.settings import Settings
-from relay.store import SqlStore
+from relay.store import DeliveryOptions, SqlStore
 from relay.wire import utcnow
-from tests.helpers import eventually, message, until_ready, with_address
+from tests.helpers import (
+    Ingress,
+    admin_call,
+    eventually,
+    make_integration,
+    message,
+    until_ready,
+    with_address,
+)
 from tests.proxy import Proxy
 
 RELAY = [sys.executable, "-m", "relay.commands"]
@@ -417,6 +429,71 @@ async def test_tokens_create_list_and_revoke(settings: Settings, store: SqlStore
     missing = await relay(settings, "tokens", "create", "--integration", "nope")
     assert missing.code == 1
     assert "no integration" in missing.err
+
+
+async def test_integrations_disable_does_what_the_admin_api_s_disable_does(
+    settings: Settings,
+    store: SqlStore,
+    ingress: Ingress,
+    admin_token: str,
+    amqp: AbstractRobustConnection,
+):
+    by_cli, cli_token = await make_integration(store, settings, "off-by-cli")
+    by_api, api_token = await make_integration(store, settings, "off-by-api")
+    operations = DeliveryOptions(operations_url="http://127.0.0.1:9/ops")
+    assert await store.set_delivery(by_cli, operations)
+    # A prefix of the test's own: its operations queue holds only what the command queues.
+    own = settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}-off"})
+    topology = topology_of(own)
+    try:
+        said = []
+        for _ in range(2):  # the second finds it disabled already: nothing to tell
+            run = await relay(own, "integrations", "disable", by_cli)
+            assert run.code == 0, run.err
+            said.append(run.out.strip())
+        assert said == [f"disabled {by_cli}", f"{by_cli} was disabled already: nothing told"]
+        status, _ = await admin_call(
+            ingress, "PATCH", f"/integrations/{by_api}", admin_token, {"enabled": False}
+        )
+        assert status == 200
+
+        # Told once, as the operator's disable: one event in the operations queue.
+        listed = await relay(own, "queues", "--json")
+        depth = {q["name"]: q["ready"] for q in json.loads(listed.out)["queues"]}
+        assert depth[topology.operations_exchange] == 1
+        event = await _take_one(amqp, topology.operations_exchange)
+        assert (event["integrationId"], event["event"]["type"]) == (
+            by_cli,
+            "relay.integration.disabled",
+        )
+        assert event["event"]["data"]["reason"] == "operator"
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology)
+
+    # Disabled alike: the same view, and the ingress answers their messages alike.
+    views = [
+        await admin_call(ingress, "GET", f"/integrations/{i}", admin_token)
+        for i in (by_cli, by_api)
+    ]
+    assert [(status, view["enabled"]) for status, view in views] == [(200, False)] * 2
+    assert all(view["disabledAt"] is not None for _, view in views)
+    cli_answer, _ = await ingress.post(by_cli, cli_token, message(1, conversationId="off-cli"))
+    api_answer, _ = await ingress.post(by_api, api_token, message(1, conversationId="off-api"))
+    assert cli_answer == api_answer
+
+    missing = await relay(settings, "integrations", "disable", "nope")
+    assert (missing.code, missing.err.strip()) == (1, "error: no integration nope")
+
+
+async def _take_one(amqp: AbstractRobustConnection, queue: str) -> dict[str, Any]:
+    """The first message in `queue`, taken."""
+    async with amqp.channel() as channel:
+        declared = await channel.get_queue(queue, ensure=False)
+        got = await declared.get(no_ack=True, fail=True)
+        assert got is not None
+        taken: dict[str, Any] = json.loads(got.body)
+        return taken
 
 
 async def test_bad_configuration_is_refused_with_a_clear_message(settings: Settings):

@@ -16,6 +16,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestServer
 
 from relay.broker import Broker, Topology, declare, queues, topology_of
+from relay.broker.operations import OperationsEvents
+from relay.broker.topology import delete
 from relay.commands.roles import create_all_app
 from relay.metrics import Metrics
 from relay.service.app import METRICS_KEY
@@ -23,7 +25,8 @@ from relay.service.gauges import watch
 from relay.settings import Settings
 from relay.store import DeadLetter, open_store
 from relay.wire import utcnow
-from tests.helpers import eventually
+from relay.wire.operations import integration_disabled
+from tests.helpers import connected_broker, eventually
 from tests.test_cli import RELAY, relay, relay_env
 
 MANAGEMENT_URL = os.environ.get("RELAY_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672/")
@@ -85,7 +88,7 @@ async def test_look_counts_ready_messages_and_consumers_of_every_queue(
     assert stats[topology.queue("outbound", 0)].consumers == 1
     assert stats[topology.queue("inbound", 0)].consumers == 0
     kinds = {stat.kind for stat in stats.values()}
-    assert kinds == {"partition", "delay", "dead"}
+    assert kinds == {"partition", "delay", "dead", "operations"}
 
     metrics = Metrics()
     queues.export(list(stats.values()), metrics)
@@ -120,6 +123,45 @@ async def test_relay_queues_prints_a_table_and_json(
     found = {q["name"]: q for q in json.loads(as_json.out)["queues"]}
     assert found[topology.queue("outbound", 2)]["ready"] == 4
     assert set(found) == {name for name, _, _ in topology.queues()}
+
+
+async def test_the_operations_queues_are_listed_with_their_depth(
+    amqp: AbstractRobustConnection, settings: Settings
+):
+    # A prefix of the test's own: the module's services consume the module's operations queue.
+    own = settings.model_copy(update={"queue_prefix": f"{settings.queue_prefix}-ops"})
+    topology = topology_of(own)
+    try:
+        async with connected_broker(own) as broker:  # declares the topology
+            events = OperationsEvents(broker)
+            for n in range(3):
+                await events.publish(integration_disabled(f"i{n}", "operator", utcnow()))
+        as_json = await relay(own, "queues", "--json")
+        assert as_json.code == 0, as_json.err
+        found = {q["name"]: q for q in json.loads(as_json.out)["queues"]}
+        assert set(found) == set(topology.queue_names())
+        queue, *delays = topology.operations_queues()
+        assert len(delays) == len(own.delivery_delay_queues)
+        assert (found[queue]["stage"], found[queue]["kind"], found[queue]["ready"]) == (
+            "operations",
+            "operations",
+            3,
+        )
+        assert [(found[d]["stage"], found[d]["kind"], found[d]["ready"]) for d in delays] == [
+            ("operations", "delay", 0)
+        ] * len(delays)
+        table = await relay(own, "queues")
+        assert [queue, "operations", "operations", "3"] in [
+            line.split()[:4] for line in table.out.splitlines()
+        ]
+
+        metrics = Metrics()
+        queues.export(await queues.look(amqp, topology), metrics)
+        labels = {"stage": "operations", "queue": queue}
+        assert metrics.registry.get_sample_value("relay_queue_messages", labels) == 3
+    finally:
+        async with amqp.channel() as channel:
+            await delete(channel, topology)
 
 
 async def test_relay_queues_shows_unacked_counts_from_the_management_api(

@@ -65,17 +65,19 @@ async def create_integration(
 
 async def disable_integration(
     store: Attempts, events: OperationsEvents, integration_id: str
-) -> None:
-    """Disable the integration (its POSTs answered 410, its responses dead-lettered) and
-    tell its operations URL, once: only the request that disabled it tells. The event is
-    queued with the broker's confirm; a broker away loses it (logged), never the disable."""
+) -> bool:
+    """Disable the integration's endpoint (its responses dead-lettered, not sent) and
+    tell its operations URL, once: only the request that disabled it tells (True; False if
+    it was disabled already, or is gone). The event is queued with the broker's confirm; a
+    broker away loses it (logged), never the disable."""
     at = utcnow()
     if not await store.disable(integration_id, at):
-        return  # disabled already (or deleted)
+        return False  # disabled already (or deleted)
     try:
         await events.publish(integration_disabled(integration_id, "operator", at))
     except BrokerUnavailable as error:
         log.warning("operations_event_not_queued", integration_id=integration_id, error=str(error))
+    return True
 
 
 async def rotate_secret(store: Integrations, integration_id: str, grace: float) -> Rotated:

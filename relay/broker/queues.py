@@ -22,7 +22,7 @@ import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relay.broker.errors import BROKER_ERRORS
-from relay.broker.topology import QueueKind, Topology
+from relay.broker.topology import QueueKind, QueueStage, Topology
 from relay.metrics import Metrics
 
 LOOK_TIMEOUT = 5.0  # seconds for one queue's answer
@@ -33,7 +33,7 @@ class QueueStat:
     """One relay queue as the broker sees it now."""
 
     name: str
-    stage: str
+    stage: QueueStage  # `operations` for the operations events' queues (no pipeline stage)
     kind: QueueKind
     ready: int | None  # None: the queue does not exist (yet)
     consumers: int | None

@@ -19,6 +19,8 @@ Operations events (`relay.wire.operations`) have a queue of their own, `{prefix}
 behind the fanout exchange of the same name, with delay queues of the outbound delays
 (`{prefix}.operations.delay.{ms}ms`) for their retries: they never pass through a stage's
 partitions, so a back end's operations endpoint never holds a conversation's deliveries.
+Listed (`Topology.queues`) under the stage `operations`, which is no `StageName`: the queue
+of kind `operations`, its delay queues of kind `delay`.
 """
 
 from __future__ import annotations
@@ -51,7 +53,11 @@ BASE_PARTITIONS = 8
 
 StageName = Literal["inbound", "outbound"]
 STAGES: tuple[StageName, ...] = ("inbound", "outbound")
-QueueKind = Literal["partition", "delay", "dead"]
+# What a listed queue belongs to: a stage, or the operations events (`stage="operations"`,
+# as the dispatcher's metrics name them), which pass through no stage.
+QueueStage = Literal["inbound", "outbound", "operations"]
+OPERATIONS: QueueStage = "operations"
+QueueKind = Literal["partition", "delay", "dead", "operations"]
 
 
 def partition_of(conversation_id: str, partitions: int) -> int:
@@ -131,15 +137,19 @@ class Topology:
         """The fanout exchange conversations with news are announced on (`relay.broker.news`)."""
         return f"{self.prefix}.news"
 
-    def queues(self) -> list[tuple[str, StageName, QueueKind]]:
-        """(name, stage, kind) of every queue of the relay, in a stable order."""
-        found: list[tuple[str, StageName, QueueKind]] = []
+    def queues(self) -> list[tuple[str, QueueStage, QueueKind]]:
+        """(name, stage, kind) of every queue of the relay, in a stable order: each stage's,
+        then the operations events' queue and its delay queues."""
+        found: list[tuple[str, QueueStage, QueueKind]] = []
         for stage in STAGES:
             found += [(self.queue(stage, p), stage, "partition") for p in range(self.partitions)]
             found += [
                 (self.delay_exchange(stage, d), stage, "delay") for d in self.stage_delays(stage)
             ]
             found.append((self.dead_queue(stage), stage, "dead"))
+        operations, *delays = self.operations_queues()
+        found.append((operations, OPERATIONS, "operations"))
+        found += [(delay, OPERATIONS, "delay") for delay in delays]
         return found
 
     def queue_names(self) -> list[str]:
@@ -328,8 +338,7 @@ async def delete(channel: AbstractChannel, topology: Topology) -> None:
         await channel.exchange_delete(topology.presence_exchange(stage))
         for seconds in topology.stage_delays(stage):
             await channel.exchange_delete(topology.delay_exchange(stage, seconds))
-    for name in topology.operations_queues():
-        await channel.queue_delete(name)
+    for name in topology.operations_queues():  # their queues are among `queue_names`
         await channel.exchange_delete(name)
     await channel.exchange_delete(topology.dead_exchange())
     await channel.exchange_delete(topology.news_exchange)

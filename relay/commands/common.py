@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractConnection
 
+from relay.admin import AdminError
 from relay.broker import Broker, topology_of
 from relay.broker.addresses import Addresses
 from relay.settings import Settings
@@ -65,11 +66,15 @@ async def broker_connection(settings: Settings) -> AbstractConnection:
 
 
 async def using_broker(settings: Settings, work: Callable[[Broker], Awaitable[T]]) -> T:
-    """`work` with a broker connection (publishing with confirms), closed after."""
+    """`work` with a broker connection (publishing with confirms), closed after; AdminError
+    (nothing done) if the broker cannot be reached within `BROKER_WAIT`."""
     broker = Broker(settings.amqp_url, topology_of(settings), settings.publish_timeout)
     broker.start()
     try:
-        await asyncio.wait_for(broker.wait_connected(), BROKER_WAIT)
+        try:
+            await asyncio.wait_for(broker.wait_connected(), BROKER_WAIT)
+        except TimeoutError as error:
+            raise AdminError(f"broker unreachable within {BROKER_WAIT:g}s: nothing done") from error
         return await work(broker)
     finally:
         await broker.close()

@@ -1,5 +1,5 @@
-"""`relay integrations create | update | list | show | rotate-secret | enable`: through the
-same operations (`relay.admin`) and views (`relay.views`) as the admin API."""
+"""`relay integrations create | update | list | show | rotate-secret | enable | disable`:
+through the same operations (`relay.admin`) and views (`relay.views`) as the admin API."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import argparse
 
 from relay import admin, views
 from relay.admin import AdminError
-from relay.commands.common import Commands, add_json, group, on_store, using_store
+from relay.broker import Broker
+from relay.broker.operations import OperationsEvents
+from relay.commands.common import (
+    Commands,
+    add_json,
+    group,
+    on_store,
+    using_broker,
+    using_store,
+)
 from relay.commands.integration_flags import add_flags, patch_of
 from relay.commands.output import plain, print_json, show
 from relay.settings import Settings
@@ -98,6 +107,27 @@ async def enable(store: SqlStore, _: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def disable(settings: Settings, args: argparse.Namespace) -> int:
+    """As `PATCH /integrations/{id} {"enabled": false}`, through the same operation: the
+    operations event told only by the run that disabled it. The broker is reached first:
+    without it nothing is delivered anyway, and a disable that could not tell never would."""
+
+    async def work(store: SqlStore) -> bool:
+        if await store.get_integration(args.integration_id) is None:
+            raise AdminError(f"no integration {args.integration_id}")
+
+        async def with_broker(broker: Broker) -> bool:
+            events = OperationsEvents(broker)  # `disable_integration` awaits its confirm
+            return await admin.disable_integration(store, events, args.integration_id)
+
+        return await using_broker(settings, with_broker)
+
+    changed = await using_store(settings, work)
+    name = args.integration_id
+    print(f"disabled {name}" if changed else f"{name} was disabled already: nothing told")
+    return 0
+
+
 def parse_duration(text: str) -> float:
     """Seconds of `90`, `90s`, `15m`, `24h` or `7d`."""
     number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
@@ -141,6 +171,11 @@ def add_to(commands: Commands[argparse.ArgumentParser]) -> None:
     )
     rotating.set_defaults(run=rotate)
     _one(actions, "enable", "re-enable an endpoint disabled by a 410").set_defaults(run=enable)
+    _one(
+        actions,
+        "disable",
+        "disable an endpoint (its responses dead-lettered), telling its operations URL",
+    ).set_defaults(run=disable)
 
 
 def _one(

@@ -202,8 +202,9 @@ class QueueView(BaseModel):
     """One relay queue: what waits in it and who consumes it."""
 
     name: str
+    # inbound, outbound, or operations (the operations events' queue and its delay queues)
     stage: str
-    kind: str
+    kind: str  # partition, delay, dead, or operations (the operations events' own queue)
     ready: int | None
     unacked: int | None
     consumers: int | None
