@@ -16,7 +16,16 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiohttp.test_utils import TestServer
 
 from relay import admin
-from relay.broker import STAGES, Broker, StageName, Topology, declare, partition_of, topology_of
+from relay.broker import (
+    STAGES,
+    Broker,
+    StageName,
+    Topology,
+    declare,
+    partition_of,
+    topology_of,
+)
+from relay.broker.topology import delete
 from relay.ingress.app import BROKER_KEY, create_app
 from relay.metrics import Metrics
 from relay.pipeline.dlq import DeadLetters
@@ -213,6 +222,16 @@ def message(n: int | str = 1, **overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+@contextlib.asynccontextmanager
+async def declared(amqp: AbstractRobustConnection, topology: Topology) -> AsyncIterator[Topology]:
+    """`topology`'s queues and exchanges declared for the test, deleted after it."""
+    async with amqp.channel() as channel:
+        await declare(channel, topology)
+    yield topology
+    async with amqp.channel() as channel:
+        await delete(channel, topology)
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,6 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from relay.broker import Broker, BrokerUnavailable, Topology, declare, topology_of
 from relay.broker.operations import OperationsEvents
-from relay.broker.topology import delete
 from relay.metrics import Metrics
 from relay.pipeline.dlq_keeper import Keeper
 from relay.settings import Settings
@@ -35,7 +34,7 @@ from relay.wire import (
     WebhookResponse,
     utcnow,
 )
-from tests.helpers import eventually, make_integration
+from tests.helpers import declared, eventually, make_integration
 from tests.receivers import Hit, Receiver
 from tests.test_cli import relay_processes
 from tests.test_dead_letters import depth, return_until_gone
@@ -57,11 +56,8 @@ async def topology(amqp: AbstractRobustConnection, settings: Settings) -> AsyncI
     the partition queues."""
     prefix = f"{settings.queue_prefix}-{uuid.uuid4().hex[:6]}"
     own = dataclasses.replace(topology_of(settings), prefix=prefix, delivery_limit=2)
-    async with amqp.channel() as channel:
-        await declare(channel, own)
-    yield own
-    async with amqp.channel() as channel:
-        await delete(channel, own)
+    async with declared(amqp, own):
+        yield own
 
 
 @dataclasses.dataclass

@@ -25,18 +25,15 @@ from relay.pipeline.renewal import renew_worn
 from relay.settings import Settings
 from relay.store import DeadLetterFilter, SqlStore
 from relay.wire import REASON_HEADER
-from tests.helpers import eventually
+from tests.helpers import declared, eventually
 
 
 @pytest.fixture
 async def topology(amqp: AbstractRobustConnection, settings: Settings) -> AsyncIterator[Topology]:
     """Queues of the test's own, with a delivery limit of 2 on the partition queues."""
     own = Topology(f"{settings.queue_prefix}-{uuid.uuid4().hex[:6]}", 2, delivery_limit=2)
-    async with amqp.channel() as channel:
-        await declare(channel, own)
-    yield own
-    async with amqp.channel() as channel:
-        await delete(channel, own)
+    async with declared(amqp, own):
+        yield own
 
 
 @pytest.fixture
