@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aio_pika.abc import AbstractQueueIterator
 
+from relay.broker.channels import close_channel
 from relay.broker.client import Broker
 
 
@@ -31,4 +32,4 @@ async def consuming(
             yield messages
     finally:
         if not channel.is_closed:
-            await channel.close()
+            await close_channel(channel)  # a stop's second cancel must not break the connection

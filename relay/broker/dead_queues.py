@@ -22,6 +22,7 @@ import aiormq.exceptions
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+from relay.broker.channels import close_channel
 from relay.broker.errors import CONNECTION_ERRORS
 from relay.broker.version import BrokerVersion
 
@@ -82,4 +83,6 @@ async def probe(channel: AbstractChannel) -> AsyncIterator[aiormq.abc.AbstractCh
         yield probing
     finally:
         with contextlib.suppress(*CONNECTION_ERRORS):
-            await probing.close()
+            # Shielded: a stop cancels the broker's connect task here, and a cancelled
+            # close would break the connection (`close_channel`).
+            await close_channel(probing)

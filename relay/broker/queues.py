@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from relay.broker.channels import close_channel
 from relay.broker.errors import BROKER_ERRORS
 from relay.broker.topology import QueueKind, QueueStage, Topology
 from relay.metrics import Metrics
@@ -87,7 +88,9 @@ async def _close_quietly(channel: AbstractChannel) -> None:
     if not channel.is_closed:
         with contextlib.suppress(*BROKER_ERRORS):
             async with asyncio.timeout(LOOK_TIMEOUT):
-                await channel.close()
+                # Shielded: the gauges are cancelled at stop, and a cancelled close would
+                # break the connection (`close_channel`).
+                await close_channel(channel)
 
 
 MANAGEMENT_COLUMNS = "name,messages_unacknowledged,consumers,leader,members,online"

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from relay.aio import cancel_and_wait, pause
 from relay.broker import CONNECTION_ERRORS, Broker
+from relay.broker.channels import close_channel
 from relay.broker.topology import Topology, declare
 from relay.pipeline.stage import StageWorker
 from relay.store import Generations as GenerationStore
@@ -95,8 +96,13 @@ class Generations(Generic[E]):
         if connection is None:
             return
         # Its queues may not exist yet (the service with that count has not declared them).
-        async with connection.channel() as channel:
+        channel = await connection.channel()
+        try:
             await declare(channel, worker.topology)
+        finally:
+            # A stop may cancel this while the channel closes: that close must not break
+            # the connection (`close_channel`).
+            await close_channel(channel)
         await worker.start(self._wait)
         self._workers[count] = worker
         log.info("partition_count_consumed", stage=worker.stage, partitions=count)
