@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -65,6 +66,10 @@ class Settings(BaseSettings):
     # Turns of one integration's bot in flight at once, so that a slow bot cannot take every
     # one of the worker's turns from the other integrations' bots.
     bot_integration_concurrency: int = Field(default=16, ge=1, le=1024)
+    # The Python modules an integration's own bot (`module:function`, named through the admin
+    # API) may come from, comma-separated: each a module with its submodules; `*`: any.
+    # RELAY_BOT and the `relay.bots` entry points are the operator's own, always allowed.
+    bot_modules: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     # Waits between attempts at a failing bot; after the last one, the dead-letter queue.
     bot_retry_delays: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [1.0, 5.0, 30.0]
@@ -161,6 +166,7 @@ class Settings(BaseSettings):
         "allowed_endpoint_networks",
         "trusted_proxies",
         "secret_keys",
+        "bot_modules",
         "bot_retry_delays",
         "delivery_retry_schedule",
         "delivery_delay_queues",
@@ -229,3 +235,13 @@ def describe_error(error: ValidationError) -> str:
         shown = "" if not field or secret else f" (got {item.get('input')!r})"
         lines.append(f"  {name}: {item['msg']}{shown}")
     return "\n".join(lines)
+
+
+def allows_bot_module(allowed: Sequence[str], adapter: str) -> bool:
+    """Whether RELAY_BOT_MODULES (`allowed`) lets an integration name the bot `adapter`: a
+    built-in adapter or an entry point's name always; `module:function` if its module is one
+    allowed, or inside one."""
+    module, colon, _ = adapter.partition(":")
+    if not colon or "*" in allowed:
+        return True
+    return any(module == name or module.startswith(f"{name}.") for name in allowed)

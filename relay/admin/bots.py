@@ -4,18 +4,24 @@ makes the adapter (`workers.bot.adapters`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from relay.admin.errors import AdminError
+from relay.settings import allows_bot_module
 from relay.store import BotChoice
 
 BUILT_IN = ("echo", "http", "botframework")
 _TAKES_URL = ("http", "botframework")
 
 
-def check_bot(bot: BotChoice) -> None:
+def check_bot(bot: BotChoice, modules: Sequence[str]) -> None:
     """AdminError unless the bot's settings fit its adapter: `http` and `botframework` need
     a URL; a `secret` is `http`'s, `appId` and `appPassword` Bot Framework's (both or
-    neither: none is a bot in no-auth mode); `echo` and a plugin take neither."""
+    neither: none is a bot in no-auth mode); `echo` and a plugin take neither; a plugin's
+    module must be one RELAY_BOT_MODULES (`modules`) allows."""
     name = bot.adapter
+    if not allows_bot_module(modules, name):
+        raise AdminError(f"the bot's module is not one RELAY_BOT_MODULES allows: {name}")
     if name in _TAKES_URL and not bot.url:
         raise AdminError(f"a bot with the {name} adapter needs its url")
     if name not in _TAKES_URL and bot.url:

@@ -83,7 +83,7 @@ def settle_change(
     if not isinstance(bot, Unchanged):
         new_bot = None if bot is None else changed_bot(record.bot, bot)
         if new_bot is not None:
-            check_bot(new_bot)
+            check_bot(new_bot, settings.bot_modules)
     new_delivery = delivery_options(delivery, record.delivery)
     check_delivery(settings, new_delivery)
     return Settled(new_bot, new_delivery)

@@ -55,7 +55,7 @@ async def create_integration(
     `verify`); its scheme must be one deliveries use (https:// only with RELAY_HTTPS_ONLY).
     Its bot (None: RELAY_BOT) and delivery options are checked first."""
     if bot is not None:
-        check_bot(bot)
+        check_bot(bot, settings.bot_modules)
     delivery = delivery or DeliveryOptions()
     check_delivery(settings, delivery)
     secret = new_signing_secret()

@@ -50,6 +50,7 @@ _BOT = (
     ("RELAY_BOT_WORKER_PORT", "port of /healthz, /readyz, /metrics (8081)"),
     ("RELAY_BOT", "the bot adapter: echo, http, botframework, or module:callable"),
     ("RELAY_BOT_URL", "the bot's endpoint (http, botframework)"),
+    ("RELAY_BOT_MODULES", "modules an integration's own Python bot may come from (*: any)"),
     ("RELAY_BOT_TIMEOUT", "seconds a turn may take"),
     ("RELAY_BOT_CONCURRENCY", "conversations handled at once"),
     ("RELAY_BOT_RETRY_DELAYS", "seconds between attempts at a failing bot"),

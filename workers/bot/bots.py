@@ -24,7 +24,7 @@ import structlog
 
 from relay.aio import cancel_and_wait
 from relay.pipeline.breaker import Breakers, Slots
-from relay.settings import Settings
+from relay.settings import Settings, allows_bot_module
 from relay.store import BotChoice, IntegrationLookup
 from relay.store.directory import Directory
 from workers.bot.adapters import BotAdapter, BotFailure, make_adapter
@@ -79,6 +79,13 @@ class Bots:
             # Its credentials' key is missing from RELAY_SECRET_KEYS: an operator's fix.
             raise BotFailure(integration.bot_unreadable)
         bot = integration.bot
+        if not allows_bot_module(self._settings.bot_modules, bot.adapter):
+            # Named before RELAY_BOT_MODULES was narrowed (or through another ingress's
+            # settings): never imported here.
+            raise BotFailure(
+                f"the bot of integration {integration_id} ({bot.adapter}) is from a module"
+                " RELAY_BOT_MODULES does not allow"
+            )
         adapter = self._made.get(bot)
         if adapter is None:
             try:
