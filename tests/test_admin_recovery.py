@@ -32,6 +32,7 @@ from tests.helpers import (
 )
 from tests.helpers import admin_call as call
 from tests.receivers import Hit, Receiver
+from tests.test_cli import relay
 
 
 @pytest.fixture(autouse=True)
@@ -243,6 +244,33 @@ async def test_recovery_sends_what_died_since_then_from_the_store(
         ingress, "POST", "/integrations/nope/recover", admin_token, {"since": later}
     )
     assert status == 404
+
+
+async def test_the_cli_recovers_what_died_since_then(
+    ingress: Ingress, store: SqlStore, settings: Settings, receiver: Receiver, admin_token: str
+):
+    url = receiver.on("cli-recover", *[400] * 2)
+    integration_id, pushed = await respond(ingress, store, settings, url, 2)
+    ids = [f"msg_{p['id']}" for p in pushed]
+    async with start_delivery_worker(settings):
+
+        async def both_dead() -> bool:
+            query = f"integrationId={integration_id}"
+            return len(await dead_letters(ingress, admin_token, query)) == 2
+
+        await eventually(both_dead)
+        command = ("integrations", "recover", integration_id, "--since")
+        naive = await relay(settings, *command, "2026-01-01T00:00")
+        assert naive.code == 1
+        assert "offset" in naive.err
+        assert (await relay(settings, *command, "soon")).code == 1
+        done = await relay(settings, *command, "10m")
+        assert (done.code, done.out.strip()) == (0, "recovered 2"), done.err
+        found = await eventually(lambda: hits(receiver, "cli-recover", 4))
+    delivered = [hit for hit in found if hit.status == 200]
+    assert [hit.headers["webhook-id"] for hit in delivered] == ids  # in their order
+    later = (utcnow() + timedelta(minutes=1)).isoformat()
+    assert (await relay(settings, *command[:3], "--since", later)).out.strip() == "recovered 0"
 
 
 async def test_a_conversations_timeline_shows_items_and_attempts(

@@ -1,12 +1,15 @@
-"""`relay integrations create | update | list | show | rotate-secret | enable | disable`:
-through the same operations (`relay.admin`) and views (`relay.views`) as the admin API."""
+"""`relay integrations create | update | list | show | rotate-secret | enable | disable |
+recover`: through the same operations (`relay.admin`) and views (`relay.views`) as the admin
+API."""
 
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime, timedelta
 
 from relay import admin, views
 from relay.admin import AdminError
+from relay.admin.recovery import recover_integration
 from relay.broker import Broker
 from relay.broker.operations import OperationsEvents
 from relay.commands.common import (
@@ -19,8 +22,11 @@ from relay.commands.common import (
 )
 from relay.commands.integration_flags import add_flags, patch_of
 from relay.commands.output import plain, print_json, show
+from relay.metrics import Metrics
+from relay.pipeline.replies import ReplyPublisher
 from relay.settings import Settings
 from relay.store import IntegrationRecord, SqlStore
+from relay.wire import utcnow
 from relay.wire.admin import ROTATION_GRACE_SECONDS, IntegrationPatch
 
 LIST_COLUMNS = ["id", "name", "responseUrl", "createdAt"]
@@ -128,6 +134,38 @@ async def disable(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def recover(settings: Settings, args: argparse.Namespace) -> int:
+    """As `POST /integrations/{id}/recover {"since"}`, through the same operation: every
+    response given up on since then, sent again under its webhook-id, in each conversation's
+    order; their dead letters go."""
+    since = since_of(args.since)
+
+    async def work(store: SqlStore) -> int:
+        if await store.get_integration(args.integration_id) is None:
+            raise AdminError(f"no integration {args.integration_id}")
+
+        async def with_broker(broker: Broker) -> int:
+            replies = ReplyPublisher(store, broker, Metrics())
+            return await recover_integration(store, replies, args.integration_id, since)
+
+        return await using_broker(settings, with_broker)
+
+    print(f"recovered {await using_store(settings, work)}")
+    return 0
+
+
+def since_of(text: str) -> datetime:
+    """A time in ISO 8601 with its offset (as the admin API's `since`), or a duration ago
+    (`90s`, `15m`, `24h`, `7d`)."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        return utcnow() - timedelta(seconds=parse_duration(text))
+    if at.tzinfo is None:
+        raise AdminError(f"{text!r} needs its offset (…Z or +00:00), or give a duration (24h)")
+    return at.astimezone(UTC)
+
+
 def parse_duration(text: str) -> float:
     """Seconds of `90`, `90s`, `15m`, `24h` or `7d`."""
     number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
@@ -176,6 +214,15 @@ def add_to(commands: Commands[argparse.ArgumentParser]) -> None:
         "disable",
         "disable an endpoint (its responses dead-lettered), telling its operations URL",
     ).set_defaults(run=disable)
+    recovering = _one(
+        actions, "recover", "send again every response given up on since a time, in order"
+    )
+    recovering.add_argument(
+        "--since",
+        required=True,
+        help="a duration ago (90s, 15m, 24h, 7d) or an ISO 8601 time with its offset",
+    )
+    recovering.set_defaults(run=recover)
 
 
 def _one(
