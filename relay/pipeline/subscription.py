@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel
 
+from relay.broker.channels import close_channel
 from relay.broker.errors import BROKER_ERRORS
 from relay.lru import Lru
 from relay.pipeline.acks import Acks
@@ -130,10 +131,11 @@ class Subscription:
         if not self.channel.is_closed:
             # RuntimeError: aiormq's word for a connection that closed meanwhile. Bounded: on
             # a connection gone silent the close waits for an answer that never comes (the
-            # channel dies with the connection anyway).
+            # channel dies with the connection anyway). Shielded: a bound or a stop that cut
+            # the close would break the whole connection (`close_channel`).
             with contextlib.suppress(*BROKER_ERRORS, RuntimeError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await self.channel.close()
+                    await close_channel(self.channel)
 
 
 @dataclass(frozen=True)
