@@ -5,7 +5,9 @@ API."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from relay import admin, views
 from relay.admin import AdminError
@@ -31,6 +33,8 @@ from relay.wire.admin import ROTATION_GRACE_SECONDS, IntegrationPatch
 
 LIST_COLUMNS = ["id", "name", "responseUrl", "createdAt"]
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+T = TypeVar("T")
 
 
 async def create(settings: Settings, args: argparse.Namespace) -> int:
@@ -118,17 +122,11 @@ async def disable(settings: Settings, args: argparse.Namespace) -> int:
     operations event told only by the run that disabled it. The broker is reached first:
     without it nothing is delivered anyway, and a disable that could not tell never would."""
 
-    async def work(store: SqlStore) -> bool:
-        if await store.get_integration(args.integration_id) is None:
-            raise AdminError(f"no integration {args.integration_id}")
+    async def work(store: SqlStore, broker: Broker) -> bool:
+        events = OperationsEvents(broker)  # `disable_integration` awaits its confirm
+        return await admin.disable_integration(store, events, args.integration_id)
 
-        async def with_broker(broker: Broker) -> bool:
-            events = OperationsEvents(broker)  # `disable_integration` awaits its confirm
-            return await admin.disable_integration(store, events, args.integration_id)
-
-        return await using_broker(settings, with_broker)
-
-    changed = await using_store(settings, work)
+    changed = await _with_broker(settings, args.integration_id, work)
     name = args.integration_id
     print(f"disabled {name}" if changed else f"{name} was disabled already: nothing told")
     return 0
@@ -140,18 +138,26 @@ async def recover(settings: Settings, args: argparse.Namespace) -> int:
     order; their dead letters go."""
     since = since_of(args.since)
 
-    async def work(store: SqlStore) -> int:
-        if await store.get_integration(args.integration_id) is None:
-            raise AdminError(f"no integration {args.integration_id}")
+    async def work(store: SqlStore, broker: Broker) -> int:
+        replies = ReplyPublisher(store, broker, Metrics())
+        return await recover_integration(store, replies, args.integration_id, since)
 
-        async def with_broker(broker: Broker) -> int:
-            replies = ReplyPublisher(store, broker, Metrics())
-            return await recover_integration(store, replies, args.integration_id, since)
-
-        return await using_broker(settings, with_broker)
-
-    print(f"recovered {await using_store(settings, work)}")
+    print(f"recovered {await _with_broker(settings, args.integration_id, work)}")
     return 0
+
+
+async def _with_broker(
+    settings: Settings, integration_id: str, work: Callable[[SqlStore, Broker], Awaitable[T]]
+) -> T:
+    """`work` on the store and the broker, for an integration that exists (AdminError if
+    not, before the broker is reached)."""
+
+    async def on_store(store: SqlStore) -> T:
+        if await store.get_integration(integration_id) is None:
+            raise AdminError(f"no integration {integration_id}")
+        return await using_broker(settings, lambda broker: work(store, broker))
+
+    return await using_store(settings, on_store)
 
 
 def since_of(text: str) -> datetime:
