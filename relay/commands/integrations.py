@@ -5,6 +5,7 @@ API."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -166,7 +167,11 @@ def since_of(text: str) -> datetime:
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
-        return utcnow() - timedelta(seconds=parse_duration(text))
+        seconds = parse_duration(text)
+        try:
+            return utcnow() - timedelta(seconds=seconds)
+        except OverflowError as error:
+            raise AdminError(f"{text!r} reaches back before any time there is") from error
     if at.tzinfo is None:
         raise AdminError(f"{text!r} needs its offset (…Z or +00:00), or give a duration (24h)")
     return at.astimezone(UTC)
@@ -179,6 +184,8 @@ def parse_duration(text: str) -> float:
         seconds = float(number) * DURATION_UNITS[unit]
     except ValueError as error:
         raise AdminError(f"not a duration: {text!r} (try 90s, 15m, 24h, 7d)") from error
+    if not math.isfinite(seconds):
+        raise AdminError(f"not a duration: {text!r} (try 90s, 15m, 24h, 7d)")
     if seconds < 0:
         raise AdminError("a duration cannot be negative")
     return seconds
